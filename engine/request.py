@@ -1,0 +1,111 @@
+"""What goes into an engine and what comes out: Request, SamplingParams, Result.
+
+A request's key is a hash of exactly what determines its output (model, prompt, sampling, regex),
+so a stored result can stand in for an engine call and any change to those inputs misses the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import orjson
+import xxhash
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+# A prompt is token ids (preferred: the engine skips tokenization and prefix reuse is exact),
+# plain text, or chat messages (for endpoints that apply their own chat template).
+Prompt = tuple[int, ...] | str | tuple[tuple[tuple[str, str], ...], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def messages_prompt(messages: list[dict[str, str]]) -> Prompt:
+    """Chat messages as a hashable prompt: ((("role", r), ("content", c)), ...)."""
+    return tuple((("role", m["role"]), ("content", m["content"])) for m in messages)
+
+
+def prompt_messages(prompt: Prompt) -> list[dict[str, str]]:
+    return [dict(m) for m in prompt]  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One generation. `model` names model and revision; `group` (not hashed) lets the scheduler
+    submit requests that share a template together so the engine's prefix cache sees them as a run."""
+
+    prompt: Prompt
+    sampling: SamplingParams
+    model: str
+    regex: str | None = None
+    group: str = ""
+    key: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompt, list):
+            object.__setattr__(self, "prompt", tuple(self.prompt))
+        object.__setattr__(self, "key", request_key(self.model, self.prompt, self.sampling, self.regex))
+
+    @property
+    def kind(self) -> Literal["ids", "text", "messages"]:
+        if isinstance(self.prompt, str):
+            return "text"
+        if self.prompt and isinstance(self.prompt[0], tuple):
+            return "messages"
+        return "ids"
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt) if self.kind == "ids" else 0
+
+
+def request_key(model: str, prompt: Prompt, sampling: SamplingParams, regex: str | None) -> bytes:
+    payload = {"model": model, "prompt": prompt, "sampling": sampling.to_dict(), "regex": regex}
+    return xxhash.xxh3_128_digest(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS))
+
+
+@dataclass(slots=True)
+class Result:
+    """An engine's answer, or a recorded failure (`error` set, `finish_reason` "error")."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    attempts: int = 1
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Result:
+        return cls(**orjson.loads(raw))
+
+    @classmethod
+    def failure(cls, error: str, attempts: int = 1) -> Result:
+        return cls(text="", finish_reason="error", attempts=attempts, error=error)
