@@ -135,11 +135,12 @@ def _role_list(items: list, key: str, roles: dict[str, str]) -> list[RawTurn]:
                 f"{where} must be an object, got {type_name(item)}",
                 f"make each element of '{key}' an object with a role and its text",
             )
-        role_key = "from" if "from" in item else "role"
-        text_key = "value" if "value" in item else "content"
-        if role_key not in item or text_key not in item:
+        # Parquet gives a turn every key any turn had, null where it had none: look at values.
+        role_key = "from" if item.get("from") is not None else "role"
+        text_key = "value" if item.get("value") is not None else "content"
+        if item.get(role_key) is None or item.get(text_key) is None:
             raise RowProblem(
-                f"{where} has keys {sorted(item)}; expected from/value or role/content",
+                f"{where} has keys {sorted(present_keys(item))}; expected from/value or role/content",
                 "give every turn a role ('from' or 'role') and its text ('value' or 'content')",
             )
         role = item[role_key]

@@ -39,10 +39,17 @@ def split_array(f: BinaryIO, limit: int, chunk_size: int = 1 << 20) -> Iterator[
     while True:
         if pos >= len(buf) or need_more:
             if eof:
-                if in_str or depth > 0 or buf[start:].strip() or dropped:
+                if in_str or depth > 0:
                     yield row, "bad", "file ends inside this row (missing closing quote, '}' or ']')"
-                else:
-                    yield row, "bad", "file ends before the closing ']' of the array"
+                    return
+                # The last element is complete; only the array's ']' is missing (the file may be cut).
+                if dropped:
+                    yield row, "big", dropped + len(buf) - start
+                    row += 1
+                elif buf[start:].strip():
+                    yield row, "row", bytes(buf[start:])
+                    row += 1
+                yield row, "bad", "file ends before the closing ']' of the array (is it cut short?)"
                 return
             del buf[:start]
             pos -= start
