@@ -73,7 +73,6 @@ def iter_rows(path: str | Path, *, start_offset: int = 0, start_line: int = 1) -
                             last = n
                             yield n, -1, _array_piece(name, n, what, value)
                     return
-                f.seek(0)
             seek = start_offset if start_offset > 0 and not gz else 0
             for item in _lines(f, name, seekable=not gz, seek=seek, start_line=start_line):  # type: ignore[arg-type]
                 last = item[0]
