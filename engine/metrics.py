@@ -1,0 +1,54 @@
+"""Counters the scheduler keeps; derived rates are properties, not stored copies."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from engine.request import Result
+
+
+@dataclass
+class Metrics:
+    submitted: int = 0
+    hits: int = 0
+    deduped: int = 0
+    engine_calls: int = 0
+    retries: int = 0
+    failures: int = 0
+    inflight: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    engine_s: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    def record(self, result: Result, seconds: float) -> None:
+        self.engine_calls += 1
+        self.prompt_tokens += result.prompt_tokens
+        self.completion_tokens += result.completion_tokens
+        self.cached_tokens += result.cached_tokens
+        self.engine_s += seconds
+
+    @property
+    def misses(self) -> int:
+        return self.submitted - self.hits - self.deduped
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.completion_tokens / max(self.elapsed_s, 1e-9)
+
+    @property
+    def cached_ratio(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("started")
+        d.update(misses=self.misses, elapsed_s=round(self.elapsed_s, 3),
+                 output_tokens_per_s=round(self.output_tokens_per_s, 2), cached_ratio=round(self.cached_ratio, 4))
+        return d

@@ -1,0 +1,5 @@
+import sys
+
+from sysgen.cli import main
+
+sys.exit(main())

@@ -1,0 +1,49 @@
+"""Backends built from CLI choices. Heavy imports (torch, sglang, httpx) happen only for the one chosen."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from engine.backend import Backend
+
+log = logging.getLogger(__name__)
+
+
+def resolve_engine(name: str) -> tuple[str, str]:
+    """(backend name, why) for --engine; `auto` looks for CUDA and sglang."""
+    if name != "auto":
+        return name, "chosen with --engine"
+    try:
+        from engine.backends.select import choose_backend
+    except ImportError:
+        return "hf", "auto: GPU backend selection unavailable in this install; using the CPU backend"
+    return choose_backend("auto")
+
+
+def make_backend(name: str, *, model: str | None, url: str | None = None, api_key: str | None = None,
+                 gpu_profile: str | None = None, max_batch: int = 8, **extra: Any) -> Backend:
+    name, why = resolve_engine(name)
+    log.info("engine: %s (%s)", name, why)
+    if name == "hf":
+        from engine.backends.hf import HFBackend
+
+        return HFBackend(model, max_batch=max_batch) if model else HFBackend.default(max_batch=max_batch)
+    if name == "sglang":
+        if not model:
+            raise ValueError("--engine sglang needs --model /path/to/hf/model")
+        from engine.backends.sglang import SGLangBackend
+        from kernels_cfg import load_profile
+
+        return SGLangBackend(model, server_args=load_profile(gpu_profile, **extra.get("profile_kw", {})))
+    if name == "sglang_http":
+        from engine.backends.sglang_http import SGLangHTTPBackend
+
+        return SGLangHTTPBackend(url, model_path=model)
+    if name == "openai":
+        from engine.backends.openai_http import OpenAIBackend
+
+        if not model:
+            raise ValueError("--engine openai needs --model NAME (the endpoint's model name)")
+        return OpenAIBackend(url, model=model, api_key=api_key)
+    raise ValueError(f"unknown engine {name!r}")

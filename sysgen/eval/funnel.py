@@ -1,0 +1,129 @@
+"""Retention per phase (the paper's Table 2) and tag counts (its Table 8), from the records alone.
+
+Every input row ends in exactly one place: data.jsonl (kept) or dropped.jsonl with the phase that
+dropped it. So the survivors of a phase are the rows minus the drops of that phase and the ones
+before it, which works on any output directory and per source, whatever stats.json says.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sysgen.tags import TAGS, VERDICTS
+
+ALL = "all"  # the key of the overall row next to per-source rows
+PHASES: tuple[str, ...] = ("input", "p1", "p2", "p3", "p4")  # the order a row is dropped in
+# Survivors after each phase; "original" is every row the run saw.
+STAGES: tuple[str, ...] = ("original", "read", "p1", "p2", "p3", "p4")
+STAGE_LABELS = {
+    "original": "Original",
+    "read": "Readable",
+    "p1": "P1 generated",
+    "p2": "P2 filtered",
+    "p3": "P3 verified",
+    "p4": "P4 answered",
+}
+
+
+@dataclass(slots=True)
+class Funnel:
+    """Survivors per stage and drops by "phase:reason" for one source (or all of them)."""
+
+    kept: int = 0
+    drops_by_phase: Counter[str] = field(default_factory=Counter)
+    drops_by_reason: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def original(self) -> int:
+        return self.kept + sum(self.drops_by_phase.values())
+
+    @property
+    def counts(self) -> dict[str, int]:
+        left = self.original
+        out = {"original": left}
+        for phase, stage in zip(PHASES, STAGES[1:], strict=True):
+            left -= self.drops_by_phase.get(phase, 0)
+            out[stage] = left
+        return out
+
+    def pct(self, stage: str) -> float:
+        """Survivors of a stage as a percentage of the original rows (0 when there were none)."""
+        return 100.0 * self.counts[stage] / self.original if self.original else 0.0
+
+
+@dataclass(slots=True)
+class TagStats:
+    """Per tag: present after P2 (`generated`), judged Good and kept (`kept`), P3 verdicts, P2 drops."""
+
+    generated: Counter[str] = field(default_factory=Counter)
+    kept: Counter[str] = field(default_factory=Counter)
+    verdicts: dict[str, Counter[str]] = field(default_factory=lambda: {t: Counter() for t in TAGS})
+    p2_dropped: dict[str, Counter[str]] = field(default_factory=lambda: {t: Counter() for t in TAGS})
+    instances: int = 0
+
+    @property
+    def tags(self) -> list[str]:
+        """The fixed eight, then any unknown tag names a run produced (so nothing is hidden)."""
+        extra = sorted(set(self.generated) - set(TAGS))
+        return [*TAGS, *extra]
+
+
+def _source(row: dict[str, Any]) -> str:
+    return str(row.get("source") or "unknown")
+
+
+def funnels(records: Iterable[dict[str, Any]], dropped: Iterable[dict[str, Any]]) -> dict[str, Funnel]:
+    """Funnel per source plus ALL, sources in first-seen order and ALL last."""
+    out: dict[str, Funnel] = {}
+    for rec in records:
+        out.setdefault(_source(rec), Funnel()).kept += 1
+    for row in dropped:
+        phase = str(row.get("phase") or "unknown")
+        if phase not in PHASES:
+            # An unknown phase still counts as a drop; attribute it to the last phase so the
+            # totals stay exact, and keep its name in the reasons.
+            phase_key = PHASES[-1]
+        else:
+            phase_key = phase
+        f = out.setdefault(_source(row), Funnel())
+        f.drops_by_phase[phase_key] += 1
+        f.drops_by_reason[f"{phase}:{row.get('reason') or 'unspecified'}"] += 1
+    total = Funnel()
+    for f in out.values():
+        total.kept += f.kept
+        total.drops_by_phase.update(f.drops_by_phase)
+        total.drops_by_reason.update(f.drops_by_reason)
+    out[ALL] = total
+    return out
+
+
+def tag_stats(records: Iterable[dict[str, Any]]) -> dict[str, TagStats]:
+    """Tag counts per source plus ALL, over the kept records (the tags of dropped rows are not
+    written by the pipeline, as in the paper's Table 8 which counts the final data)."""
+    out: dict[str, TagStats] = {}
+    total = TagStats()
+    for rec in records:
+        for ts in (out.setdefault(_source(rec), TagStats()), total):
+            ts.instances += 1
+            ts.generated.update(k for k, v in (rec.get("tags") or {}).items() if v)
+            ts.kept.update(rec.get("kept_tags") or [])
+            for tag, verdict in (rec.get("verdicts") or {}).items():
+                ts.verdicts.setdefault(tag, Counter())[str(verdict)] += 1
+            for tag, reason in (rec.get("p2_dropped") or {}).items():
+                ts.p2_dropped.setdefault(tag, Counter())[str(reason)] += 1
+    out[ALL] = total
+    return out
+
+
+def duplicate_ids(records: Iterable[dict[str, Any]], dropped: Iterable[dict[str, Any]]) -> list[str]:
+    """Ids that appear more than once across data.jsonl and dropped.jsonl: each row should end in
+    exactly one place, so any id here means a resume wrote twice."""
+    seen = Counter(str(r.get("id")) for r in (*records, *dropped))
+    return sorted(i for i, n in seen.items() if n > 1)
+
+
+__all__ = ["ALL", "STAGES", "STAGE_LABELS", "VERDICTS", "Funnel", "TagStats", "funnels", "tag_stats",
+           "duplicate_ids"]

@@ -1,0 +1,179 @@
+"""LLM judges of the new answers: pairwise vs the original (the paper's Fig. 3), asked in both
+orders to cancel position bias, and system-message alignment (its Fig. 4).
+
+Requests go through whatever `submit` coroutine the caller gives (the engine's Scheduler in the
+CLI, so judgements land in the run's store and a re-run costs nothing); this module builds the
+requests, parses the verdicts and counts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Literal
+
+import xxhash
+
+from engine.request import Prompt, Request, Result, SamplingParams, messages_prompt
+from sysgen.eval.rundir import message
+
+Kind = Literal["original_first", "new_first", "alignment"]
+PAIRWISE_REGEX = r"(A|B|tie)"
+ALIGNMENT_REGEX = r"(yes|no)"
+MAX_NEW_TOKENS = 4
+ANSWER_CHARS = 6000  # per answer, before the token check shrinks it further to fit the context
+Submit = Callable[[Request], Awaitable[Result]]
+
+# A and B only as capitals: a lower-case "a" is the article, not a verdict.
+_PAIRWISE_LENIENT = re.compile(r"\b(A|B|(?i:tie))\b")
+_ALIGNMENT_LENIENT = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+_SLOT = re.compile(r"\{(instruction|system|answer|answer_a|answer_b)\}")
+
+
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    """One judge call's outcome: `verdict` is None when the output could not be parsed or the
+    request failed (`error` says which)."""
+
+    id: str
+    source: str
+    kind: Kind
+    verdict: str | None
+    raw: str
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "source": self.source, "kind": self.kind, "verdict": self.verdict,
+                "raw": self.raw, "error": self.error}
+
+
+def load_prompt(name: str) -> str:
+    """The text of sysgen/prompts/judge_<name>.txt."""
+    return resources.files("sysgen.prompts").joinpath(f"judge_{name}.txt").read_text(encoding="utf-8")
+
+
+def prompt_hash(name: str) -> str:
+    return xxhash.xxh3_64_hexdigest(load_prompt(name).encode())
+
+
+def fill(template: str, **values: str) -> str:
+    """Fill {slot}s in one pass, so braces inside the inserted texts are never treated as slots."""
+    return _SLOT.sub(lambda m: values[m.group(1)] if m.group(1) in values else m.group(0), template)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "\n[... truncated]"
+
+
+def to_prompt(messages: list[dict[str, str]], backend: Any) -> Prompt:
+    """Token ids through the backend's chat template when it takes ids, else chat messages."""
+    tok = getattr(backend, "tokenizer", None)
+    if backend.capabilities.token_ids and tok is not None:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return tuple(int(i) for i in ids)
+    return messages_prompt(messages)
+
+
+def make_request(text: str, backend: Any, regex: str, group: str) -> Request:
+    return Request(
+        prompt=to_prompt([{"role": "user", "content": text}], backend),
+        sampling=SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS),
+        model=backend.model_id,
+        regex=regex if backend.capabilities.regex else None,
+        group=group,
+    )
+
+
+def fitted_request(build: Callable[[int], str], backend: Any, regex: str, group: str) -> Request:
+    """Build with answers clipped to ANSWER_CHARS, halving the clip until the prompt fits the
+    backend's context (token-id prompts only; text endpoints reject what does not fit)."""
+    limit = ANSWER_CHARS
+    while True:
+        req = make_request(build(limit), backend, regex, group)
+        budget = backend.capabilities.max_context - MAX_NEW_TOKENS
+        if req.kind != "ids" or req.prompt_len <= budget or limit < 200:
+            return req
+        limit //= 2
+
+
+def pairwise_request(instruction: str, answer_a: str, answer_b: str, backend: Any) -> Request:
+    template = load_prompt("pairwise")
+    return fitted_request(
+        lambda n: fill(template, instruction=_clip(instruction, n), answer_a=_clip(answer_a, n),
+                       answer_b=_clip(answer_b, n)),
+        backend, PAIRWISE_REGEX, "judge_pairwise")
+
+
+def alignment_request(system: str, instruction: str, answer: str, backend: Any) -> Request:
+    template = load_prompt("alignment")
+    return fitted_request(
+        lambda n: fill(template, system=_clip(system, n), instruction=_clip(instruction, n),
+                       answer=_clip(answer, n)),
+        backend, ALIGNMENT_REGEX, "judge_alignment")
+
+
+def parse_pairwise(text: str) -> str | None:
+    """"A", "B" or "tie" from a judge's output; lenient for unconstrained endpoints (the first of
+    them standing as a word), None when there is none."""
+    m = _PAIRWISE_LENIENT.search(text.strip())
+    if not m:
+        return None
+    word = m.group(1)
+    return "tie" if word.lower() == "tie" else word.upper()
+
+
+def parse_alignment(text: str) -> str | None:
+    m = _ALIGNMENT_LENIENT.search(text.strip())
+    return m.group(1).lower() if m else None
+
+
+def select(records: Sequence[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+    """The first `limit` records taken round-robin across sources, so every source is judged
+    (the paper judged 20 per source); all of them when limit is None."""
+    if limit is None or limit >= len(records):
+        return list(records)
+    queues: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        queues.setdefault(str(rec.get("source") or "unknown"), []).append(rec)
+    out: list[dict[str, Any]] = []
+    while len(out) < limit:
+        for q in queues.values():
+            if q and len(out) < limit:
+                out.append(q.pop(0))
+    return out
+
+
+def plan(records: Iterable[dict[str, Any]], backend: Any, *, pairwise: bool = True,
+         alignment: bool = True) -> list[tuple[dict[str, Any], Kind, Request]]:
+    """Every judge request for these records: two pairwise orders when there is an original
+    answer, one alignment request when there is a system message."""
+    jobs: list[tuple[dict[str, Any], Kind, Request]] = []
+    for rec in records:
+        user, new = message(rec, "user") or "", message(rec, "assistant") or ""
+        original, system = rec.get("original_answer"), message(rec, "system")
+        if pairwise and original and original.strip():
+            jobs.append((rec, "original_first", pairwise_request(user, original, new, backend)))
+            jobs.append((rec, "new_first", pairwise_request(user, new, original, backend)))
+        if alignment and system:
+            jobs.append((rec, "alignment", alignment_request(system, user, new, backend)))
+    return jobs
+
+
+async def run(jobs: Sequence[tuple[dict[str, Any], Kind, Request]], submit: Submit) -> list[Judgement]:
+    """Submit every job at once (the scheduler bounds what is in flight) and parse each verdict."""
+
+    async def one(rec: dict[str, Any], kind: Kind, req: Request) -> Judgement:
+        rid, src = str(rec.get("id")), str(rec.get("source") or "unknown")
+        result = await submit(req)
+        if not result.ok:
+            return Judgement(rid, src, kind, None, result.text, error=result.error or "failed")
+        verdict = parse_alignment(result.text) if kind == "alignment" else parse_pairwise(result.text)
+        return Judgement(rid, src, kind, verdict, result.text,
+                         error=None if verdict else "unparseable")
+
+    return list(await asyncio.gather(*(one(r, k, q) for r, k, q in jobs)))

@@ -1,0 +1,108 @@
+"""One instance's walk through P1 → P2 → P3 → P4, ending in a kept record or a drop with a reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.request import Result
+from sysgen import tags
+from sysgen.datasets.instance import Instance, Rejected
+from sysgen.phases import PhaseSettings, PromptBuilder, p1_request, p3_request, p4_request
+
+
+@dataclass
+class Outcome:
+    """`record` for a kept instance; else `phase` and `reason` of the drop."""
+
+    id: str
+    source: str
+    record: dict[str, Any] | None = None
+    phase: str = ""
+    reason: str = ""
+    detail: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> bool:
+        return self.record is not None
+
+    def to_line(self) -> tuple[str, dict[str, Any]]:
+        if self.record is not None:
+            return "data", self.record
+        return "dropped", {"id": self.id, "source": self.source, "phase": self.phase, "reason": self.reason,
+                           "detail": self.detail[:500], **self.extra}
+
+
+def rejected_outcome(rej: Rejected) -> Outcome:
+    return Outcome(id=f"{rej.path}:{rej.line}", source=rej.path, phase="input", reason="unreadable_row",
+                   detail=rej.reason)
+
+
+def _failed(inst: Instance, phase: str, res: Result, keys: dict, extra: dict | None = None) -> Outcome | None:
+    if not res.ok:
+        reason = "engine_rejected" if (res.error or "").startswith("rejected") else "engine_error"
+        return Outcome(inst.id, inst.source, phase=phase, reason=reason, detail=res.error or "",
+                       extra={"request_keys": keys, **(extra or {})})
+    if res.finish_reason == "length":
+        return Outcome(inst.id, inst.source, phase=phase, reason="truncated",
+                       detail=res.text[-200:], extra={"request_keys": keys, **(extra or {})})
+    return None
+
+
+async def run_instance(inst: Instance, submit, build: PromptBuilder, s: PhaseSettings) -> Outcome:
+    """`submit` is Scheduler.submit (or anything with its signature)."""
+    keys: dict[str, str] = {}
+    req1 = p1_request(inst, build, s)
+    keys["p1"] = req1.key.hex()
+    r1 = await submit(req1)
+    if (out := _failed(inst, "p1", r1, keys)) is not None:
+        return out
+
+    filtered = tags.filter_tags(r1.text)
+    p2 = {"p1_well_formed": filtered.well_formed, "p2_dropped": dict(filtered.dropped)}
+    if not filtered.tags:
+        return Outcome(inst.id, inst.source, phase="p2", reason="no_valid_tags", detail=r1.text[:300],
+                       extra={"request_keys": keys, **p2})
+
+    req3 = p3_request(filtered, build, s)
+    keys["p3"] = req3.key.hex()
+    r3 = await submit(req3)
+    if (out := _failed(inst, "p3", r3, keys, p2)) is not None:
+        return out
+    verdicts = tags.parse_verdicts(r3.text, list(filtered.tags))
+    kept = tags.kept_tags(filtered.tags, verdicts)
+    if not kept:
+        return Outcome(inst.id, inst.source, phase="p3", reason="no_good_tags", detail=r3.text[:200],
+                       extra={"request_keys": keys, "tags": filtered.tags, "verdicts": verdicts, **p2})
+
+    system = tags.strip_tags(kept)
+    req4 = p4_request(inst, system, build, s)
+    keys["p4"] = req4.key.hex()
+    r4 = await submit(req4)
+    if (out := _failed(inst, "p4", r4, keys, p2)) is not None:
+        return out
+    answer = r4.text.strip()
+    if not answer:
+        return Outcome(inst.id, inst.source, phase="p4", reason="empty_answer", extra={"request_keys": keys, **p2})
+
+    record = {
+        "id": inst.id,
+        "source": inst.source,
+        "fmt": inst.fmt,
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": inst.first_user},
+            {"role": "assistant", "content": answer},
+        ],
+        "original_answer": inst.original_answer,
+        "original_system": inst.system,
+        "tags": filtered.tags,
+        "verdicts": verdicts,
+        "kept_tags": list(kept),
+        **p2,
+        "turns": len(inst.turns),
+        "model": s.model_id,
+        "request_keys": keys,
+    }
+    return Outcome(inst.id, inst.source, record=record)

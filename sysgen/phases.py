@@ -1,0 +1,77 @@
+"""The four phases as plain functions: build each phase's Request, interpret its Result.
+
+Every prompt puts the shared template first (the system turn, identical bytes for every instance,
+so the engine's prefix cache reuses it) and the instance's text last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from engine.prefix import ChatPrompter
+from engine.request import Request, SamplingParams, messages_prompt
+from sysgen import prompts, tags
+from sysgen.datasets.instance import Instance
+
+_SPEAKER = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+@dataclass(frozen=True)
+class PhaseSettings:
+    model_id: str
+    constrain: bool = True
+    p1_max_tokens: int = 320
+    p3_max_tokens: int = 48
+    p4_max_tokens: int = 512
+    temperature: float = 0.0
+    seed: int = 0
+    max_turn_chars: int = 3000
+
+
+class PromptBuilder:
+    """Turns (system, user) text into the prompt form the backend takes: token ids when it has a
+    tokenizer (template tokenized once), else chat messages."""
+
+    def __init__(self, tokenizer: Any | None) -> None:
+        self.chat = ChatPrompter(tokenizer) if tokenizer is not None else None
+
+    def __call__(self, system: str | None, user: str):
+        if self.chat is not None:
+            return self.chat.ids(system, user)
+        msgs = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": user}]
+        return messages_prompt(msgs)
+
+
+def show_conversation(inst: Instance, max_chars: int) -> str:
+    """The conversation as P1 sees it. The source's own system turn is left out: P1 writes a new one."""
+    lines = []
+    for t in inst.turns:
+        if t.role == "system":
+            continue
+        text = t.content if len(t.content) <= max_chars else t.content[:max_chars] + " [...]"
+        lines.append(f"{_SPEAKER[t.role]}: {text}")
+    return "\n\n".join(lines)
+
+
+def _sampling(s: PhaseSettings, max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=s.temperature, max_new_tokens=max_tokens, seed=s.seed)
+
+
+def p1_request(inst: Instance, build: PromptBuilder, s: PhaseSettings) -> Request:
+    user = prompts.load("p1_user").format(conversation=show_conversation(inst, s.max_turn_chars))
+    return Request(prompt=build(prompts.load("p1_generate"), user), sampling=_sampling(s, s.p1_max_tokens),
+                   model=s.model_id, regex=tags.p1_regex() if s.constrain else None, group="p1")
+
+
+def p3_request(filtered: tags.Filtered, build: PromptBuilder, s: PhaseSettings) -> Request:
+    user = prompts.load("p3_user").format(filtered=tags.strip_tags(filtered.tags), annotated=filtered.render())
+    return Request(prompt=build(prompts.load("p3_verify"), user), sampling=_sampling(s, s.p3_max_tokens),
+                   model=s.model_id, regex=tags.p3_regex(list(filtered.tags)) if s.constrain else None,
+                   group="p3")
+
+
+def p4_request(inst: Instance, system_message: str, build: PromptBuilder, s: PhaseSettings) -> Request:
+    return Request(prompt=build(system_message, inst.first_user), sampling=_sampling(s, s.p4_max_tokens),
+                   model=s.model_id, regex=None, group="p4")

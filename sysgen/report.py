@@ -1,0 +1,199 @@
+"""`sysgen report DIR`: report.md and PNG figures from any run's output directory.
+
+Funnel and tag counts are recomputed from data.jsonl + dropped.jsonl (so the report is right
+even for a directory stats.json does not describe); stats.json adds model and prompt hashes;
+eval.json, when `sysgen eval` has run, adds the answer metrics and judge results.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sysgen import plots
+from sysgen.eval import funnel as fn
+from sysgen.eval import paper
+from sysgen.eval.evaluate import read_eval
+from sysgen.eval.rundir import RunDir, load_run
+
+REPORT_MD = "report.md"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; the first column left-aligned, the rest right-aligned."""
+    align = [":--"] + ["--:"] * (len(headers) - 1)
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _num(v: Any, digits: int = 1) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and v != v) else f"{v:.{digits}f}"
+
+
+def _group(name: str) -> str:
+    return "**all**" if name == fn.ALL else name
+
+
+def funnel_section(funnels: dict[str, fn.Funnel]) -> list[str]:
+    rows2 = []
+    for g, f in funnels.items():
+        c = f.counts
+        rows2.append([_group(g), f"{c['original']:,} → {c['p2']:,} ({f.pct('p2'):.1f}%) → "
+                                 f"{c['p4']:,} ({f.pct('p4'):.1f}%)"])
+    full = [[_group(g)] + [f"{f.counts[s]:,} ({f.pct(s):.1f}%)" for s in fn.STAGES]
+            for g, f in funnels.items()]
+    reasons = Counter[str]()
+    for g, f in funnels.items():
+        if g != fn.ALL:
+            reasons.update(f.drops_by_reason)
+    groups = [g for g in funnels if g != fn.ALL]
+    drop_rows = [[r] + [funnels[g].drops_by_reason.get(r, 0) for g in groups] + [n]
+                 for r, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))]
+    out = ["## Retention (the paper's Table 2)", "",
+           "Instances: Original → P2 filtering → P4 answer generation (percent of original).", "",
+           table(["source", "Original → P2 → P4"], rows2), "",
+           "Every stage (survivors after each phase, percent of original):", "",
+           table(["source", *[fn.STAGE_LABELS[s] for s in fn.STAGES]], full), "",
+           "![retention funnel](funnel.png)", ""]
+    out += ["### Why instances were dropped", ""]
+    out += [table(["phase:reason", *groups, "all"], drop_rows) if drop_rows else "Nothing was dropped.", ""]
+    return out
+
+
+def tags_section(tag_stats: dict[str, fn.TagStats]) -> list[str]:
+    groups = list(tag_stats)
+    tags = tag_stats[fn.ALL].tags
+    rows = [[t] + [f"{tag_stats[g].generated[t]:,} / {tag_stats[g].kept[t]:,}" for g in groups] for t in tags]
+    rows.append(["instances"] + [f"{tag_stats[g].instances:,}" for g in groups])
+    total = tag_stats[fn.ALL]
+    vrows = [[t] + [total.verdicts.get(t, Counter()).get(v, 0) for v in fn.VERDICTS]
+             + [sum(total.p2_dropped.get(t, Counter()).values())] for t in tags]
+    return ["## Tags (the paper's Table 8)", "",
+            "Over kept instances: cells are *present after P2 / kept (judged Good at P3)*.", "",
+            table(["tag", *[_group(g) for g in groups]], rows), "",
+            "P3 verdicts and P2 removals per tag, all sources:", "",
+            table(["tag", *fn.VERDICTS, "removed at P2"], vrows), "",
+            "![tag counts](tags.png)", ""]
+
+
+def paper_section() -> list[str]:
+    t2 = [[m, f"{o:,} → {p2:,} ({100 * p2 / o:.1f}%) → {p4:,} ({100 * p4 / o:.1f}%)"]
+          for m, o, p2, p4 in paper.TABLE2]
+    t8 = [[t, *(f"{v:,}" for v in vals)] for t, vals in paper.TABLE8.items()]
+    t1 = [[row[0], *row[1:]] for row in paper.TABLE1]
+    return ["## Reference: the paper's numbers (Jeong et al. 2025, arXiv 2502.11330)", "",
+            "Not ours: the SYSGEN paper's tables, for comparison. Its runs used 806,796 instances "
+            "from five datasets and 8B-14B models.", "",
+            "Paper, Table 2:", "", table(["model", "Original → P2 → P4"], t2), "",
+            "Paper, Table 8 (generated tags):", "", table(["tag", *paper.TABLE8_MODELS], t8), "",
+            "Paper, Table 1 (BERTScore model: bert-score default, not ours):", "",
+            table(["model", "R1", "R2", "RL", "BERTScore", "BLEURT", "GLEU", "Len."], t1), ""]
+
+
+def metrics_section(ev: dict[str, Any]) -> list[str]:
+    m = ev.get("metrics") or {}
+    by_source = m.get("by_source") or {}
+    if not by_source:
+        return []
+    rows = []
+    for g, r in by_source.items():
+        ln = r.get("length", {})
+        rows.append([_group(g), r["with_original"], r["without_original"], _num(r.get("rouge1")),
+                     _num(r.get("rouge2")), _num(r.get("rougeL")), _num(r.get("bertscore_f1")),
+                     _num(r.get("bleurt")), _num(r.get("gleu_corpus")), _num(r.get("gleu_sentence_mean")),
+                     f"{_num(ln.get('original_words'), 0)} → {_num(ln.get('new_words'), 0)}",
+                     _num(ln.get("ratio_words"), 2), _num(ln.get("ratio_chars"), 2)])
+    bs, bl = m.get("bertscore", {}), m.get("bleurt", {})
+    notes = [f"- {k}: {v}" for k, v in (m.get("conventions") or {}).items()]
+    notes.append("- BERTScore: " + (f"F1 with model `{bs.get('model')}`, {bs.get('detail')}, no baseline "
+                                    "rescaling" if bs.get("status") == "ok" else f"skipped ({bs.get('reason')})"))
+    notes.append("- BLEURT: " + (f"`{bl.get('model')}` ({bl.get('detail')})" if bl.get("status") == "ok"
+                                 else f"skipped ({bl.get('reason')})"))
+    notes.append("- n/a: no instance in that group has an original answer (prompt-only data); "
+                 "'no orig.' counts them, they only enter the new-answer length.")
+    return ["## Answer quality: new vs original (the paper's Table 1)", "",
+            table(["source", "pairs", "no orig.", "R1", "R2", "RL", "BERTScore", "BLEURT", "GLEU",
+                   "sent. GLEU", "words orig → new", "Len. (words)", "Len. (chars)"], rows), "",
+            *notes, ""]
+
+
+def _rate(d: dict[str, Any] | None) -> str:
+    if not d or d.get("win_rate") is None:
+        return "n/a"
+    return f"{d['win_rate']:.1f}% ({d['wins']}/{d['judged']})"
+
+
+def judges_section(ev: dict[str, Any]) -> list[str]:
+    j = ev.get("judges") or {}
+    if j.get("status") != "ok":
+        return ["## LLM judges", "", f"Not run: {j.get('reason', 'run `sysgen eval DIR`')}.", ""] if j else []
+    pw, al = j.get("pairwise") or {}, j.get("alignment") or {}
+    prow = [[_group(g), _rate(d["original_first"]), _rate(d["new_first"]), _rate(d["combined"]),
+             d["combined"]["ties"], f"{d['consistent']}/{d['instances_both_orders']}",
+             d["combined"]["invalid"], d["combined"]["failed"]] for g, d in pw.items()]
+    arow = [[_group(g), _num(d["yes_rate"]) + "%" if d["yes_rate"] is not None else "n/a", d["yes"], d["no"],
+             d["invalid"], d["failed"]] for g, d in al.items()]
+    out = ["## LLM judges (the paper's Fig. 3 and Fig. 4)", "",
+           f"Judge: `{j.get('model')}` via {j.get('engine')}, temperature 0, "
+           f"{'regex-constrained verdicts' if j.get('regex') else 'verdicts parsed from free text'}; "
+           f"{j.get('instances')} instances judged"
+           + (f" (--judge-limit {j['limit']}, round-robin over sources)" if j.get("limit") else "") + ". "
+           f"Prompt hashes: {', '.join(f'{k} `{v}`' for k, v in (j.get('prompts') or {}).items())}.", "",
+           "Win rate of the new answer over the original, per order and combined (ties count as not a win; "
+           "*same pick* = instances whose two orders chose the same answer):", "",
+           table(["source", "A=original, B=new", "A=new, B=original", "both orders", "ties", "same pick",
+                  "invalid", "failed"], prow) if prow else "No instance had an original answer to compare.", "",
+           "Does the new answer follow its system message?", "",
+           table(["source", "yes rate", "yes", "no", "invalid", "failed"], arow) if arow else "No alignment "
+           "judgements.", ""]
+    if (Path(ev.get("_dir", ".")) / plots.JUDGES_PNG).exists():
+        out += ["![judges](judges.png)", ""]
+    return out
+
+
+def header(run: RunDir, funnels: dict[str, fn.Funnel]) -> list[str]:
+    st = run.stats
+    out = [f"# SYSGEN run report: `{run.path.name}`", "",
+           f"- model: `{run.model}`",
+           f"- instances: {funnels[fn.ALL].original:,} read, {len(run.records):,} kept, "
+           f"{len(run.dropped):,} dropped"]
+    for name, info in (st.get("sources") or {}).items():
+        out.append(f"- source `{name}`: `{info.get('path')}` ({info.get('fmt')})")
+    if st.get("prompts"):
+        out.append("- prompt template hashes: " + ", ".join(f"{k} `{v}`" for k, v in st["prompts"].items()))
+    dups = fn.duplicate_ids(run.records, run.dropped)
+    if dups:
+        out.append(f"- **warning**: {len(dups)} ids appear more than once in data.jsonl + dropped.jsonl "
+                   f"(first: {', '.join(dups[:5])}); every row should end in exactly one place")
+    theirs = (st.get("funnel") or {}).get("p4_kept")
+    if theirs is not None and theirs != len(run.records):
+        out.append(f"- **note**: stats.json says p4_kept={theirs}, data.jsonl holds {len(run.records)} "
+                   "records (a run still in progress or resumed); the tables below count the files")
+    return out + [""]
+
+
+def render(run: RunDir, ev: dict[str, Any] | None = None) -> str:
+    funnels = fn.funnels(run.records, run.dropped)
+    tags = fn.tag_stats(run.records)
+    parts = header(run, funnels) + funnel_section(funnels) + tags_section(tags)
+    if ev:
+        parts += metrics_section(ev) + judges_section({**ev, "_dir": str(run.path)})
+    else:
+        parts += ["## Answer quality and judges", "", "Run `sysgen eval DIR` to add them.", ""]
+    return "\n".join(parts + paper_section())
+
+
+def write_report(out_dir: Path | str) -> Path:
+    """Write DIR/report.md, DIR/funnel.png, DIR/tags.png (and DIR/judges.png after eval)."""
+    run = load_run(out_dir)
+    ev = read_eval(run.path)
+    plots.funnel_png(fn.funnels(run.records, run.dropped), run.path / plots.FUNNEL_PNG)
+    plots.tags_png(fn.tag_stats(run.records), run.path / plots.TAGS_PNG)
+    if ev and (ev.get("judges") or {}).get("status") == "ok":
+        plots.judges_png(ev["judges"], run.path / plots.JUDGES_PNG)
+    path = run.path / REPORT_MD
+    path.write_text(render(run, ev), encoding="utf-8")
+    return path

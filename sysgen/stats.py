@@ -1,0 +1,98 @@
+"""stats.json from a run's own output files, so it covers every run that wrote to the directory.
+
+The funnel counts instances that reached each stage: input → read (a parseable row) → P1 (the
+model produced a complete system message) → P2 kept (at least one valid tag) → P3 kept (at least
+one Good tag) → P4 kept (a complete new answer). input = kept + dropped, always.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from sysgen.tags import TAGS
+
+STAGES = ("input", "read", "p1", "p2_kept", "p3_kept", "p4_kept")
+# The stage an instance dropped in a given phase still reached.
+_REACHED = {"input": 1, "p1": 2, "p2": 3, "p3": 4, "p4": 5}
+
+
+def _iter_jsonl(path: Path):
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                yield orjson.loads(line)
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.funnel = Counter()
+        self.dropped = Counter()
+        self.tags_p2 = Counter()
+        self.tags_kept = Counter()
+        self.p2_drop_reasons = Counter()
+        self.p1_total = 0
+        self.p1_well_formed = 0
+
+    def add_kept(self, rec: dict) -> None:
+        for stage in STAGES:
+            self.funnel[stage] += 1
+        self.tags_p2.update(list(rec.get("tags", {})))
+        self.tags_kept.update(rec.get("kept_tags", []))
+        self._p1(rec)
+
+    def add_dropped(self, rec: dict) -> None:
+        reached = _REACHED.get(rec["phase"], 1)
+        for stage in STAGES[:reached]:
+            self.funnel[stage] += 1
+        self.dropped[f"{rec['phase']}:{rec['reason']}"] += 1
+        self._p1(rec)
+
+    def _p1(self, rec: dict) -> None:
+        if "p1_well_formed" in rec:
+            self.p1_total += 1
+            self.p1_well_formed += bool(rec["p1_well_formed"])
+            self.p2_drop_reasons.update(rec.get("p2_dropped", {}).values())
+
+    def to_dict(self) -> dict[str, Any]:
+        n = self.funnel["input"]
+        return {
+            "input": n,
+            "kept": self.funnel["p4_kept"],
+            "funnel": {s: self.funnel[s] for s in STAGES},
+            "funnel_pct": {s: round(100 * self.funnel[s] / n, 2) if n else 0.0 for s in STAGES},
+            "dropped": dict(sorted(self.dropped.items())),
+            "p1_parse_rate": round(self.p1_well_formed / self.p1_total, 4) if self.p1_total else None,
+            "p2_tag_drops": dict(sorted(self.p2_drop_reasons.items())),
+            "tag_counts": {t: self.tags_p2[t] for t in TAGS},
+            "tag_counts_kept": {t: self.tags_kept[t] for t in TAGS},
+        }
+
+
+def compute(out: Path) -> dict[str, Any]:
+    overall = _Tally()
+    by_source: dict[str, _Tally] = defaultdict(_Tally)
+    for rec in _iter_jsonl(out / "data.jsonl"):
+        overall.add_kept(rec)
+        by_source[rec["source"]].add_kept(rec)
+    for rec in _iter_jsonl(out / "dropped.jsonl"):
+        overall.add_dropped(rec)
+        by_source[rec["source"]].add_dropped(rec)
+    stats = overall.to_dict()
+    stats["accounted"] = stats["kept"] + sum(overall.dropped.values()) == stats["input"]
+    stats["by_source"] = {s: t.to_dict() for s, t in sorted(by_source.items())}
+    return stats
+
+
+def write(out: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    stats = compute(out)
+    stats.update(extra)
+    tmp = out / "stats.json.tmp"
+    tmp.write_bytes(orjson.dumps(stats, option=orjson.OPT_INDENT_2))
+    tmp.replace(out / "stats.json")
+    return stats

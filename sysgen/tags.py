@@ -1,0 +1,126 @@
+"""The eight functionalities: the P1/P3 regexes, P2 parse-filter-reorder, P3 verdicts, P4 stripping.
+
+Tagged form, one phrase per line: `<Role>You are a patient math tutor.</Role>`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cache
+
+TAGS: tuple[str, ...] = ("Role", "Content", "Task", "Action", "Style", "Background", "Tool", "Format")
+VERDICTS: tuple[str, ...] = ("Good", "Bad", "None")
+PHRASE_MAX = 300  # characters per phrase; longer ones are rambling, not a system-message clause
+# Phrase body: no tag brackets, no newline, starts with a non-space so "<Role> </Role>" is impossible.
+PHRASE_RE = rf"[^<>\n ][^<>\n]{{0,{PHRASE_MAX - 1}}}"
+
+
+def _tag_line(tag: str) -> str:
+    return f"<{tag}>{PHRASE_RE}</{tag}>\n"
+
+
+@cache
+def p1_regex() -> str:
+    """Well-formed tag lines, each tag at most once, in the fixed order, at least one.
+
+    "At least one of an ordered optional sequence" has no small flat regex; we branch on which tag
+    comes first: A_i = T_i (T_{i+1})? ... (T_8)?  |  A_{i+1}. That is 36 tag patterns, linear in
+    states for the matcher (each branch is a disjoint literal prefix), and it never admits "".
+    """
+    n = len(TAGS)
+    branches = []
+    for i in range(n):
+        rest = "".join(f"(?:{_tag_line(t)})?" for t in TAGS[i + 1 :])
+        branches.append(_tag_line(TAGS[i]) + rest)
+    return "(?:" + "|".join(branches) + ")"
+
+
+def p3_regex(tags: Sequence[str]) -> str:
+    """One verdict line per present tag, in order: fixed literals the engine can jump over."""
+    return "".join(f"{re.escape(t)}: (?:Good|Bad|None)\n" for t in tags)
+
+
+_LINE = re.compile(r"^\s*<([A-Za-z]+)>(.*?)</([A-Za-z]+)>\s*$")
+_VERDICT = re.compile(r"^\s*\**\s*([A-Za-z]+)\s*\**\s*[:\-]\s*\**\s*(Good|Bad|None)\b", re.IGNORECASE)
+_TAG_BY_LOWER = {t.lower(): t for t in TAGS}
+
+
+@dataclass(frozen=True, slots=True)
+class Filtered:
+    """P2's outcome: surviving tags in the fixed order, and every dropped piece with its reason."""
+
+    tags: dict[str, str]
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (tag or line excerpt, reason)
+    well_formed: bool = True  # every non-blank line was a valid, known, first-seen tag line
+
+    def render(self) -> str:
+        return render_tagged(self.tags)
+
+
+def render_tagged(tags: dict[str, str]) -> str:
+    return "".join(f"<{t}>{tags[t]}</{t}>\n" for t in TAGS if t in tags)
+
+
+def filter_tags(text: str) -> Filtered:
+    """P2: parse tag lines; drop malformed, unknown, mismatched, empty, overlong or duplicate tags;
+    return the rest in the fixed order."""
+    found: dict[str, str] = {}
+    dropped: list[tuple[str, str]] = []
+    for raw in text.splitlines():
+        if not raw.strip():
+            continue
+        m = _LINE.match(raw)
+        if not m:
+            dropped.append((raw.strip()[:60], "malformed"))
+            continue
+        open_tag, phrase, close_tag = m.group(1), m.group(2).strip(), m.group(3)
+        tag = _TAG_BY_LOWER.get(open_tag.lower())
+        if open_tag != close_tag:
+            dropped.append((open_tag, "mismatched_close"))
+        elif tag is None or tag != open_tag:
+            dropped.append((open_tag, "unknown_tag"))
+        elif not phrase:
+            dropped.append((tag, "empty"))
+        elif "<" in phrase or ">" in phrase:
+            dropped.append((tag, "nested_markup"))
+        elif len(phrase) > PHRASE_MAX:
+            dropped.append((tag, "too_long"))
+        elif tag in found:
+            dropped.append((tag, "duplicate"))
+        else:
+            found[tag] = phrase
+    ordered = {t: found[t] for t in TAGS if t in found}
+    return Filtered(tags=ordered, dropped=dropped, well_formed=not dropped and bool(ordered))
+
+
+def parse_verdicts(text: str, tags: Sequence[str]) -> dict[str, str]:
+    """P3: one verdict per present tag. A tag the verifier did not judge gets "None" (not kept)."""
+    wanted = {t.lower(): t for t in tags}
+    out: dict[str, str] = {}
+    for raw in text.splitlines():
+        m = _VERDICT.match(raw)
+        if not m:
+            continue
+        tag = wanted.get(m.group(1).lower())
+        if tag and tag not in out:
+            out[tag] = m.group(2).capitalize()
+    return {t: out.get(t, "None") for t in tags}
+
+
+def kept_tags(tags: dict[str, str], verdicts: dict[str, str]) -> dict[str, str]:
+    return {t: p for t, p in tags.items() if verdicts.get(t) == "Good"}
+
+
+def strip_tags(tags: dict[str, str]) -> str:
+    """P4: the kept phrases, in the fixed order, as one natural paragraph."""
+    sentences = []
+    for t in TAGS:
+        phrase = tags.get(t, "").strip()
+        if not phrase:
+            continue
+        if phrase[-1] not in ".!?:;\"')":
+            phrase += "."
+        sentences.append(phrase[0].upper() + phrase[1:])
+    return " ".join(sentences)
