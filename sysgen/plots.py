@@ -37,6 +37,12 @@ def _grid(n: int, width: float, height: float):
     return plt, fig, list(axes.flat[:n])
 
 
+def _int_ticks():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)  # counts: never a tick at 2.5 instances
+
+
 def _title(group: str) -> str:
     return "All sources" if group == ALL else group
 
@@ -51,6 +57,7 @@ def funnel_png(funnels: dict[str, Funnel], path: Path) -> Path:
         ax.bar_label(bars, labels=[f"{counts[s]:,}\n{f.pct(s):.1f}%" for s in STAGES], fontsize=8, padding=2)
         ax.set_title(f"{_title(group)} (n={f.original:,})", fontsize=11)
         ax.set_ylabel("instances remaining")
+        ax.yaxis.set_major_locator(_int_ticks())
         ax.set_ylim(0, max(1, f.original) * 1.3)  # head-room for the labels
         ax.tick_params(axis="x", labelsize=8)
         ax.spines[["top", "right"]].set_visible(False)
@@ -76,8 +83,10 @@ def tags_png(tag_stats: dict[str, TagStats], path: Path) -> Path:
         ax.bar_label(kept, fontsize=7, padding=1)
         ax.set_xticks(list(x), tags, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel("instances with tag")
+        ax.yaxis.set_major_locator(_int_ticks())
         ax.set_ylim(0, max(1, ts.instances) * 1.2)
-        ax.set_title(f"{_title(group)} ({ts.instances:,} kept instances)", fontsize=11)
+        ax.set_title(f"{_title(group)} ({ts.instances:,} kept instance{'' if ts.instances == 1 else 's'})",
+                     fontsize=11)
         ax.legend(fontsize=8, loc="upper right", frameon=False)
         ax.spines[["top", "right"]].set_visible(False)
     fig.suptitle("Tag counts over kept instances (as the paper's Table 8)", fontsize=13)
@@ -95,7 +104,8 @@ def judges_png(judges: dict[str, Any], path: Path) -> Path | None:
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     groups = list(pairwise)
-    orders = [("original_first", "A=original, B=new", "#90caf9"), ("new_first", "A=new, B=original", "#64b5f6"),
+    orders = [("original_first", "A=original, B=new", "#90caf9"),
+              ("new_first", "A=new, B=original", "#64b5f6"),
               ("combined", "both orders", "#0d47a1")]
     w = 0.27
     for k, (key, label, color) in enumerate(orders):

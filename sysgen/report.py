@@ -80,8 +80,8 @@ def tags_section(tag_stats: dict[str, fn.TagStats]) -> list[str]:
 
 
 def paper_section() -> list[str]:
-    t2 = [[m, f"{o:,} → {p2:,} ({100 * p2 / o:.1f}%) → {p4:,} ({100 * p4 / o:.1f}%)"]
-          for m, o, p2, p4 in paper.TABLE2]
+    t2 = [[m, f"{o:,} → {p2:,} ({p2_pct}%) → {p4:,} ({p4_pct}%)"]
+          for m, o, p2, p2_pct, p4, p4_pct in paper.TABLE2]
     t8 = [[t, *(f"{v:,}" for v in vals)] for t, vals in paper.TABLE8.items()]
     t1 = [[row[0], *row[1:]] for row in paper.TABLE1]
     return ["## Reference: the paper's numbers (Jeong et al. 2025, arXiv 2502.11330)", "",
@@ -89,7 +89,8 @@ def paper_section() -> list[str]:
             "from five datasets and 8B-14B models.", "",
             "Paper, Table 2:", "", table(["model", "Original → P2 → P4"], t2), "",
             "Paper, Table 8 (generated tags):", "", table(["tag", *paper.TABLE8_MODELS], t8), "",
-            "Paper, Table 1 (BERTScore model: bert-score default, not ours):", "",
+            "Paper, Table 1 (its BERTScore and BLEURT models differ from ours: compare trends, "
+            "not values):", "",
             table(["model", "R1", "R2", "RL", "BERTScore", "BLEURT", "GLEU", "Len."], t1), ""]
 
 
@@ -108,8 +109,11 @@ def metrics_section(ev: dict[str, Any]) -> list[str]:
                      _num(ln.get("ratio_words"), 2), _num(ln.get("ratio_chars"), 2)])
     bs, bl = m.get("bertscore", {}), m.get("bleurt", {})
     notes = [f"- {k}: {v}" for k, v in (m.get("conventions") or {}).items()]
-    notes.append("- BERTScore: " + (f"F1 with model `{bs.get('model')}`, {bs.get('detail')}, no baseline "
-                                    "rescaling" if bs.get("status") == "ok" else f"skipped ({bs.get('reason')})"))
+    if bs.get("status") == "ok":
+        notes.append(f"- BERTScore: F1 with model `{bs.get('model')}`, {bs.get('detail')}, "
+                     "no baseline rescaling")
+    else:
+        notes.append(f"- BERTScore: skipped ({bs.get('reason')})")
     notes.append("- BLEURT: " + (f"`{bl.get('model')}` ({bl.get('detail')})" if bl.get("status") == "ok"
                                  else f"skipped ({bl.get('reason')})"))
     notes.append("- n/a: no instance in that group has an original answer (prompt-only data); "
@@ -145,7 +149,8 @@ def judges_section(ev: dict[str, Any]) -> list[str]:
            "Win rate of the new answer over the original, per order and combined (ties count as not a win; "
            "*same pick* = instances whose two orders chose the same answer):", "",
            table(["source", "A=original, B=new", "A=new, B=original", "both orders", "ties", "same pick",
-                  "invalid", "failed"], prow) if prow else "No instance had an original answer to compare.", "",
+                  "invalid", "failed"], prow) if prow else "No instance had an original answer to compare.",
+           "",
            "Does the new answer follow its system message?", "",
            table(["source", "yes rate", "yes", "no", "invalid", "failed"], arow) if arow else "No alignment "
            "judgements.", ""]

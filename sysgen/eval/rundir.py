@@ -85,7 +85,8 @@ def load_run(path: Path | str) -> RunDir:
         try:
             stats = orjson.loads(stats_path.read_bytes())
         except orjson.JSONDecodeError as exc:
-            raise RunDirError(f"{stats_path}: not valid JSON ({exc}); delete it to report without it") from exc
+            raise RunDirError(f"{stats_path}: not valid JSON ({exc}); delete it to report without it") \
+                from exc
     return RunDir(path=root, records=records, dropped=dropped, stats=stats)
 
 

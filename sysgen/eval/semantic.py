@@ -69,7 +69,7 @@ def bertscore(
     # layer table, so num_layers must be given.
     _, _, f1 = score(
         list(candidates), list(references), model_type=str(model), num_layers=num_layers,
-        batch_size=batch_size, device="cpu" if not _cuda() else None, verbose=False,
+        batch_size=batch_size, verbose=False,
     )
     return ModelScores([100.0 * float(v) for v in f1], str(model), f"layer {num_layers}")
 
@@ -112,10 +112,3 @@ def _bleurt_pytorch(candidates: Sequence[str], references: Sequence[str], checkp
             values.extend(float(v) for v in model(**enc).logits.flatten())
     return ModelScores([100.0 * v for v in values], str(checkpoint), "bleurt-pytorch")
 
-
-def _cuda() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
