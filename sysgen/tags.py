@@ -13,8 +13,9 @@ from functools import cache
 TAGS: tuple[str, ...] = ("Role", "Content", "Task", "Action", "Style", "Background", "Tool", "Format")
 VERDICTS: tuple[str, ...] = ("Good", "Bad", "None")
 PHRASE_MAX = 300  # characters per phrase; longer ones are rambling, not a system-message clause
-# Phrase body: no tag brackets, no newline, starts with a non-space so "<Role> </Role>" is impossible.
-PHRASE_RE = rf"[^<>\n ][^<>\n]{{0,{PHRASE_MAX - 1}}}"
+# Phrase body: no tag brackets, no newline, starts with a non-blank so "<Role> </Role>" is impossible.
+PHRASE_RE = rf"[^<>\n \t][^<>\n]{{0,{PHRASE_MAX - 1}}}"
+_BLANK = " \t"  # what P2 strips from a phrase: exactly what PHRASE_RE forbids as a first character
 
 
 def _tag_line(tag: str) -> str:
@@ -68,14 +69,14 @@ def filter_tags(text: str) -> Filtered:
     return the rest in the fixed order."""
     found: dict[str, str] = {}
     dropped: list[tuple[str, str]] = []
-    for raw in text.splitlines():
+    for raw in text.split("\n"):  # only "\n": the regex admits other Unicode line separators in phrases
         if not raw.strip():
             continue
         m = _LINE.match(raw)
         if not m:
             dropped.append((raw.strip()[:60], "malformed"))
             continue
-        open_tag, phrase, close_tag = m.group(1), m.group(2).strip(), m.group(3)
+        open_tag, phrase, close_tag = m.group(1), m.group(2).strip(_BLANK), m.group(3)
         tag = _TAG_BY_LOWER.get(open_tag.lower())
         if open_tag != close_tag:
             dropped.append((open_tag, "mismatched_close"))

