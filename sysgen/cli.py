@@ -110,9 +110,9 @@ def cmd_run(args: argparse.Namespace) -> int:
              "wall_s": round(time.monotonic() - t0, 2)}
     st = stats.write(out, extra)
     sm = counters["scheduler"]
+    rate = "n/a" if st["p1_parse_rate"] is None else f"{100 * st['p1_parse_rate']:.1f}%"
     print(f"sysgen: {st['input']:,} instances → {st['kept']:,} kept "
-          f"({st['funnel_pct']['p4_kept']:.1f}%); P1 parse rate "
-          f"{'n/a' if st['p1_parse_rate'] is None else f'{100 * st['p1_parse_rate']:.1f}%'}; "
+          f"({st['funnel_pct']['p4_kept']:.1f}%); P1 parse rate {rate}; "
           f"engine calls {sm['engine_calls']:,}, store hits {sm['hits']:,}; "
           f"{sm['completion_tokens']:,} output tokens; wrote {out}/data.jsonl", file=sys.stderr)
     if cfg.report:

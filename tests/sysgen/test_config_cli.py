@@ -1,0 +1,39 @@
+import pytest
+
+from sysgen.cli import build_parser, main
+from sysgen.config import RunConfig
+
+
+def test_every_config_field_is_a_flag():
+    args = build_parser().parse_args(["run", "a.jsonl", "b.jsonl", "--out", "o", "--limit", "3", "--no-constrain",
+                                      "--shard", "1/4", "--p4-max-tokens", "64", "--engine", "hf"])
+    assert args.inputs == ["a.jsonl", "b.jsonl"] and args.limit == 3 and args.constrain is False
+    assert args.shard == "1/4" and args.p4_max_tokens == 64 and args.engine == "hf"
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"inputs": ()}, "no input files"),
+    ({"engine": "vllm"}, "unknown"),
+    ({"engine": "sglang_http"}, "needs --url"),
+    ({"shard": "3/2"}, "0 <= i < N"),
+    ({"shard": "x"}, "expected i/N"),
+    ({"limit": -1}, "--limit"),
+    ({"p1_max_tokens": 0}, "--p1-max-tokens"),
+])
+def test_config_errors_say_what_to_fix(kw, msg):
+    base = {"inputs": ("a.jsonl",), "out": "o"}
+    with pytest.raises(ValueError, match=msg):
+        RunConfig(**{**base, **kw})
+
+
+def test_config_is_frozen():
+    cfg = RunConfig(inputs=("a.jsonl",), out="o", shard="1/4")
+    assert cfg.shard_spec == (1, 4)
+    with pytest.raises(AttributeError):
+        cfg.limit = 3  # type: ignore[misc]
+
+
+def test_missing_input_is_reported_before_any_model_loads(tmp_path, capsys):
+    rc = main(["run", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "nope.jsonl does not exist" in capsys.readouterr().err
