@@ -79,7 +79,8 @@ def choose_backend(
             raise ValueError(f"--engine sglang needs SGLang, which is not installed: {SGLANG_INSTALL_HINT}")
         if not has_cuda:
             raise ValueError("--engine sglang needs a CUDA GPU and none was found (nvidia-smi lists none); "
-                             "use --engine hf on this machine, or --engine sglang_http --url URL for a GPU server")
+                             "use --engine hf on this machine, or --engine sglang_http --url URL "
+                             "for a GPU server")
         return "sglang", "engine 'sglang' was asked for and a CUDA GPU and SGLang are both present."
     if has_cuda and has_sglang:
         return "sglang", "a CUDA GPU and SGLang are both present, so the in-process SGLang engine runs."
