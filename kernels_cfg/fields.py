@@ -9,7 +9,7 @@ the one where `ServerArgs` is assembled from namespace classes listed in `_INPUT
 from __future__ import annotations
 
 import ast
-import importlib.util
+import importlib.machinery
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,8 +25,8 @@ class ServerArgField:
 
 def sglang_root() -> Path | None:
     """Directory of the installed `sglang` package, found without importing it."""
-    try:
-        spec = importlib.util.find_spec("sglang")
+    try:  # PathFinder looks at sys.path only, not at an already imported (or stand-in) module
+        spec = importlib.machinery.PathFinder.find_spec("sglang")
     except (ImportError, ValueError):
         return None
     if spec is None or not spec.submodule_search_locations:
@@ -174,3 +174,20 @@ def _input_namespaces(tree: ast.Module) -> list[str]:
                 raise LookupError("_INPUT_NAMESPACES is not a literal list")
             return [e.id for e in node.value.elts if isinstance(e, ast.Name)]
     return []  # older layout: every field is declared on ServerArgs itself
+
+
+def class_field_names(path: Path, class_name: str) -> set[str]:
+    """Annotated attribute names of a class in a source file (msgspec Structs, dataclasses)."""
+    return {f.name for f in _class_fields(_parse(path), class_name, {})}
+
+
+def method_params(path: Path, class_name: str, method: str) -> tuple[set[str], bool]:
+    """(parameter names, accepts **kwargs) of `class_name.method` in a source file."""
+    for node in _parse(path).body:
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            for fn in node.body:
+                if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and fn.name == method:
+                    a = fn.args
+                    names = {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs} - {"self"}
+                    return names, a.kwarg is not None
+    raise LookupError(f"{path}: {class_name}.{method} not found")
