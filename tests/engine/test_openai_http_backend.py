@@ -1,0 +1,135 @@
+"""OpenAIBackend against a real HTTP server on 127.0.0.1 speaking /v1/chat/completions (a stand-in
+with canned answers). The API key must reach the server and appear nowhere else: not in repr,
+errors, or any log line (httpx's included)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from engine.backend import RequestRejected, TransientEngineError
+from engine.backends.openai_http import OpenAIBackend
+from engine.request import Request, SamplingParams, messages_prompt
+
+pytest.importorskip("httpx", reason="the openai backend needs httpx: pip install -e '.[http]'")
+
+KEY = "sk-test-0123456789abcdef-SECRET"
+
+
+class StandInOpenAIServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, status: int = 200) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.status = status
+        self.seen: list[tuple[dict, str | None]] = []
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        srv = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        srv.seen.append((body, self.headers.get("Authorization")))
+        if self.path != "/v1/chat/completions":
+            status, answer = 404, {"error": {"message": "no route"}}
+        elif srv.status == 401:  # real services echo (part of) the key they refuse
+            status, answer = 401, {"error": {"message": f"Incorrect API key provided: {KEY}"}}
+        elif srv.status != 200:
+            status, answer = srv.status, {"error": {"message": "slow down"}}
+        else:
+            status, answer = 200, {"choices": [{"index": 0, "finish_reason": "length", "message": {
+                "role": "assistant", "content": "Verdict: A"}}], "usage": {
+                "prompt_tokens": 20, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 16}}}
+        raw = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+
+def chat() -> Request:
+    return Request(prompt=messages_prompt([{"role": "system", "content": "Judge."},
+                                           {"role": "user", "content": "A or B?"}]),
+                   sampling=SamplingParams(temperature=0.0, max_new_tokens=4, stop=("\n",)), model="judge")
+
+
+def call(url: str, request: Request, key: str | None = KEY):
+    async def go():
+        async with OpenAIBackend(url, model="judge-7b", api_key=key) as b:
+            return await b.generate(request)
+
+    return asyncio.run(go())
+
+
+def test_chat_completion_maps_to_result_and_sends_the_key():
+    with StandInOpenAIServer() as srv:
+        r = call(srv.url, chat())
+    (body, auth), = srv.seen
+    assert auth == f"Bearer {KEY}"
+    assert body["model"] == "judge-7b" and body["messages"][1] == {"role": "user", "content": "A or B?"}
+    assert body["max_tokens"] == 4 and body["stop"] == ["\n"] and body["temperature"] == 0.0
+    assert (r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.cached_tokens) == \
+        ("Verdict: A", "length", 20, 4, 16)
+
+
+def test_string_prompt_is_one_user_message_and_no_key_sends_no_header():
+    with StandInOpenAIServer() as srv:
+        call(srv.url, Request(prompt="Say hi", sampling=SamplingParams(), model="j"), key=None)
+    (body, auth), = srv.seen
+    assert body["messages"] == [{"role": "user", "content": "Say hi"}] and auth is None
+
+
+def test_capabilities_and_model_id():
+    b = OpenAIBackend("http://127.0.0.1:9/", model="gpt-x", api_key=KEY)
+    assert b.capabilities.regex is False and b.capabilities.token_ids is False
+    assert b.model_id == "openai:gpt-x@http://127.0.0.1:9"
+    with pytest.raises(RequestRejected, match="not token ids"):
+        b.payload(Request(prompt=(1, 2), sampling=SamplingParams(), model="m"))
+
+
+@pytest.mark.parametrize("status,error", [(401, RequestRejected), (400, RequestRejected),
+                                          (429, TransientEngineError), (503, TransientEngineError)])
+def test_errors_by_status_never_show_the_key(status, error, caplog):
+    caplog.set_level(logging.DEBUG)
+    with StandInOpenAIServer(status) as srv, pytest.raises(error) as e:
+        call(srv.url, chat())
+    assert str(status) in str(e.value)
+    assert KEY not in str(e.value) and KEY[:8] not in str(e.value)
+    assert KEY not in caplog.text
+
+
+def test_key_absent_from_repr_logs_and_connection_errors(caplog):
+    caplog.set_level(logging.DEBUG)
+    b = OpenAIBackend("http://127.0.0.1:9", model="m", api_key=KEY)
+    assert KEY not in repr(b) and "api_key=<set>" in repr(b)
+    assert KEY not in str(vars(b).get("api_key", ""))
+    async def go():
+        async with b:
+            await b.generate(chat())
+
+    with pytest.raises(TransientEngineError) as e:  # port 9 (discard) has no listener here
+        asyncio.run(go())
+    assert KEY not in str(e.value) and KEY not in repr(e.value)
+    assert KEY not in caplog.text
