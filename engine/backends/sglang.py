@@ -236,7 +236,7 @@ class SGLangBackend(BackendBase):
             raise RequestRejected("a chat-messages prompt needs a tokenizer with a chat template", request)
         ids = self.tokenizer.apply_chat_template(prompt_messages(request.prompt), add_generation_prompt=True,
                                                  tokenize=True)
-        return {"input_ids": list(ids["input_ids"] if isinstance(ids, dict) else ids)}
+        return {"input_ids": list(ids["input_ids"] if hasattr(ids, "keys") else ids)}
 
     def _output(self, task: asyncio.Future, request: Request) -> dict[str, Any]:
         try:

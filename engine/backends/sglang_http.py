@@ -55,25 +55,28 @@ class SGLangHTTPBackend(BackendBase):
     name = "sglang_http"
 
     def __init__(self, base_url: str, *, model_path: str | None, model_id: str | None = None,
-                 max_concurrency: int = 256, timeout_s: float = 600, retries: int = 3,
+                 max_concurrency: int | None = None, timeout_s: float = 600, retries: int = 3,
                  tokenizer: Any = None) -> None:
-        if max_concurrency < 1:
+        if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self.base_url = base_url.rstrip("/")
         self.model_path = model_path
         self.timeout_s = timeout_s
         self.retries = retries
-        self.max_concurrency = max_concurrency
+        # None: sized from the server's running capacity at start (capacity + 128, at least 256),
+        # so an 8-GPU server is not starved by a client-side cap; an int is a hard cap.
+        self._cap = max_concurrency
+        self.max_concurrency = max_concurrency or 256
         self._explicit_model_id = model_id
         fallback = default_model_id(model_path, {}) if model_path else f"sglang@{self.base_url}"
         self.model_id = model_id or fallback
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model_path)
         self.capabilities = Capabilities(regex=True, token_ids=self.tokenizer is not None,
-                                         max_running=max_concurrency, max_context=1 << 20)
+                                         max_running=self.max_concurrency, max_context=1 << 20)
         self.server_info: dict[str, Any] = {}
         self.model_info: dict[str, Any] = {}
         self._client = None
-        self._sem = asyncio.Semaphore(max_concurrency)
+        self._sem = asyncio.Semaphore(self.max_concurrency)
 
     async def __aenter__(self) -> SGLangHTTPBackend:
         await self.start()
@@ -84,8 +87,8 @@ class SGLangHTTPBackend(BackendBase):
         if self._client is not None:
             return
         httpx = _httpx()
-        n = self.max_concurrency
-        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        # The semaphore bounds requests in flight; the pool keeps one connection per request.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         self._client = httpx.AsyncClient(base_url=self.base_url, limits=limits,
                                          timeout=httpx.Timeout(self.timeout_s, connect=10.0))
         self.model_info = await self._get_info("model_info")
@@ -135,6 +138,9 @@ class SGLangHTTPBackend(BackendBase):
             running = running * int(info.get("dp_size") or 1) if ok else None
         context = info.get("context_length") or info.get("max_req_input_len")
         grammar = info.get("grammar_backend")
+        if self._cap is None and running:
+            self.max_concurrency = max(256, running + 128)
+            self._sem = asyncio.Semaphore(self.max_concurrency)
         self.capabilities = Capabilities(
             regex=grammar != "none",
             token_ids=self.tokenizer is not None,
@@ -151,7 +157,7 @@ class SGLangHTTPBackend(BackendBase):
         elif self.tokenizer is not None:
             ids = self.tokenizer.apply_chat_template(prompt_messages(request.prompt),
                                                      add_generation_prompt=True, tokenize=True)
-            body["input_ids"] = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            body["input_ids"] = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         else:
             raise RequestRejected("a chat-messages prompt needs --model (for its chat template) with "
                                   "sglang_http; or use the openai backend", request)

@@ -129,7 +129,7 @@ def test_generate_sends_sglangs_schema_and_maps_meta_info():
     assert body["input_ids"] == [1, 2, 3] and body["sampling_params"]["regex"].startswith("(<Role>")
     assert (result.text, result.finish_reason, result.prompt_tokens, result.cached_tokens) == \
         ("<Role>A tutor.</Role>\n", "stop", 3, 2)
-    assert backend.capabilities.max_running == 200  # 2 DP ranks x 100, capped by max_concurrency 256
+    assert backend.capabilities.max_running == 200  # 2 DP ranks x 100, as /server_info reports
     assert backend.capabilities.max_context == 4096
     assert backend.model_id == "Llama-3.1-8B-Instruct"
     assert backend.capabilities.token_ids is False  # no --model: no tokenizer to make ids with
@@ -146,6 +146,18 @@ def test_router_paths_fallback_and_concurrency_cap():
     assert backend.model_id == "Llama-3.1-8B-Instruct"  # read from /get_model_info
     assert backend.capabilities.max_running == 3
     assert all(r.ok for r in results) and srv.peak <= 3 and len(srv.bodies) == 12
+
+
+def test_client_cap_follows_a_big_servers_capacity_unless_set():
+    info = {"internal_states": [{"effective_max_running_requests_per_dp": 512}] * 8}
+    auto = SGLangHTTPBackend("http://127.0.0.1:1", model_path=None)
+    auto.server_info = info
+    auto._apply_info()
+    assert auto.capabilities.max_running == 8 * 512 and auto.max_concurrency == 8 * 512 + 128
+    capped = SGLangHTTPBackend("http://127.0.0.1:1", model_path=None, max_concurrency=1000)
+    capped.server_info = info
+    capped._apply_info()
+    assert capped.capabilities.max_running == 1000 and capped.max_concurrency == 1000
 
 
 def test_400_is_rejected_with_the_servers_message():
@@ -217,15 +229,20 @@ def test_tokenizer_from_a_local_model_dir(tmp_path):
     vocab = {"[UNK]": 0, "hi": 1, "there": 2}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    fast.save_pretrained(tmp_path)
     with StandInSGLangServer() as srv:
         async def go():
             async with SGLangHTTPBackend(srv.url, model_path=str(tmp_path)) as b:
                 ids = tuple(b.tokenizer.encode("hi there", add_special_tokens=False))
+                chat = Request(prompt=messages_prompt([{"role": "user", "content": "there hi"}]),
+                               sampling=SamplingParams(), model="m")
+                await b.generate(chat)  # the chat template is applied here, ids go out
                 return b, await b.generate(Request(prompt=ids, sampling=SamplingParams(), model="m"))
 
         backend, result = run(go())
     assert backend.capabilities.token_ids and result.ok
-    assert srv.bodies[0]["input_ids"] == [1, 2]
+    assert srv.bodies[0]["input_ids"] == [2, 1] and srv.bodies[1]["input_ids"] == [1, 2]
     # The server's model is what names the results, not the local tokenizer directory.
     assert backend.model_id == "Llama-3.1-8B-Instruct"
