@@ -40,16 +40,22 @@ RECORDS = [
            {"Task": "Good", "Style": "None"}),
 ]
 
+
+
+def drop(rid: str, source: str, phase: str, reason: str) -> dict:
+    return {"id": rid, "source": source, "phase": phase, "reason": reason, "detail": ""}
+
+
 DROPPED = [
-    {"id": "capybara_test:3", "source": "capybara_test", "phase": "p2", "reason": "no_valid_tags", "detail": ""},
-    {"id": "capybara_test:4", "source": "capybara_test", "phase": "p4", "reason": "truncated", "detail": ""},
-    {"id": "gsm_prompts:2", "source": "gsm_prompts", "phase": "p3", "reason": "no_good_tags", "detail": ""},
-    {"id": "gsm.jsonl:7", "source": "gsm_prompts", "phase": "input", "reason": "bad_json", "detail": "line 7"},
+    drop("capybara_test:3", "capybara_test", "p2", "no_valid_tags"),
+    drop("capybara_test:4", "capybara_test", "p4", "truncated"),
+    drop("gsm_prompts:2", "gsm_prompts", "p3", "no_good_tags"),
+    drop("gsm.jsonl:7", "gsm_prompts", "input", "bad_json"),
 ]
 
 STATS = {"model": MODEL, "prompts": {"p1": "aaaa", "p3": "bbbb", "p4": "cccc"},
          "sources": {"capybara_test": {"path": "data/capybara_test.jsonl", "fmt": "capybara"},
-                     "gsm_prompts": {"path": "data/gsm.jsonl", "fmt": "question"}},
+                     "gsm_prompts": {"path": "data/gsm8k_test_first300.jsonl", "fmt": "question"}},
          "funnel": {"p4_kept": 3}}
 
 

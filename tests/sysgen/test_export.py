@@ -1,0 +1,103 @@
+"""Export formats load with `datasets` as they are; the dataset card's front matter is valid."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+try:
+    from tests.sysgen.eval_fixtures import RECORDS, build_run
+except ImportError:  # tests/sysgen is not a package: pytest put its folder on sys.path
+    from eval_fixtures import RECORDS, build_run
+
+from sysgen.card import UNKNOWN, source_license, write_card
+from sysgen.eval.rundir import load_run
+from sysgen.export import export
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "hf-cache"
+
+
+def _load(kind: str, path, cache):
+    import datasets
+
+    return datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=str(cache))
+
+
+def test_messages_jsonl_loads(tmp_path, offline):
+    run = load_run(build_run(tmp_path / "run"))
+    path = export(run, "messages")
+    assert path == run.path / "export" / "messages.jsonl"
+    ds = _load("json", path, offline)
+    assert ds.num_rows == len(RECORDS)
+    assert ds[0]["messages"] == [{"role": m["role"], "content": m["content"]} for m in RECORDS[0]["messages"]]
+    assert ds[2]["id"] == "gsm_prompts:1" and ds[2]["source"] == "gsm_prompts"
+
+
+def test_sharegpt_jsonl_loads(tmp_path, offline):
+    run = load_run(build_run(tmp_path / "run"))
+    path = export(run, "sharegpt", tmp_path / "sg.jsonl")
+    ds = _load("json", path, offline)
+    conv = ds[1]["conversations"]
+    assert [c["from"] for c in conv] == ["system", "human", "gpt"]
+    assert conv[2]["value"] == RECORDS[1]["messages"][2]["content"]
+
+
+def test_parquet_loads_with_struct_messages(tmp_path, offline):
+    import pyarrow.parquet as pq
+
+    run = load_run(build_run(tmp_path / "run"))
+    path = export(run, "parquet")
+    schema = pq.read_schema(path)
+    assert str(schema.field("messages").type) == "list<element: struct<role: string, content: string>>"
+    ds = _load("parquet", path, offline)
+    assert ds.column_names == ["id", "source", "messages"]
+    assert ds[0]["messages"][1] == {"role": "user", "content": RECORDS[0]["messages"][1]["content"]}
+
+
+def test_unknown_role_names_record(tmp_path):
+    bad = {**RECORDS[0], "messages": [{"role": "tool", "content": "x"}]}
+    run = load_run(build_run(tmp_path / "run", records=[bad]))
+    with pytest.raises(ValueError, match=r"record 1 \(id 'capybara_test:1'\): unknown role 'tool'"):
+        export(run, "messages")
+
+
+def _front_matter(text: str) -> dict:
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n", 2)[1])
+
+
+def test_card_front_matter_configs_and_licences(tmp_path):
+    run = load_run(build_run(tmp_path / "run"))
+    export(run, "messages")
+    export(run, "parquet")
+    text = write_card(run).read_text()
+    meta = _front_matter(text)
+    # capybara is MIT; gsm_prompts is matched as GSM8K by its file name: MIT too.
+    assert meta["license"] == "mit"
+    assert meta["task_categories"] == ["text-generation"]
+    paths = {c["config_name"]: c["data_files"][0]["path"] for c in meta["configs"]}
+    assert paths == {"messages": "export/messages.jsonl", "parquet": "export/data.parquet"}
+    assert all((run.path / p).is_file() for p in paths.values())
+    assert "p1 `aaaa`" in text and "| all | 7 (100.0%)" in text and "| Role | 2 / 2" in text
+
+
+def test_card_unknown_licence_and_override(tmp_path):
+    stats = {"sources": {"mystery": {"path": "x/mystery.jsonl", "fmt": "alpaca"}}}
+    rec = {**RECORDS[0], "source": "mystery"}
+    run = load_run(build_run(tmp_path / "run", records=[rec], dropped=[], stats=stats))
+    text = write_card(run).read_text()
+    assert _front_matter(text)["license"] == "other" and UNKNOWN in text
+    assert _front_matter(write_card(run, license="cc-by-4.0").read_text())["license"] == "cc-by-4.0"
+
+
+def test_source_licence_map():
+    assert source_license("meta_math_qa_test") == ("meta-math/MetaMathQA", "mit")
+    assert source_license("slim_orca_dedup_test")[1] == "mit"
+    assert source_license("magicoder_oss_instruct_first500")[1] == "mit"
+    assert source_license("stuff", "data/gsm8k_test_first300.jsonl")[1] == "mit"
+    assert source_license("airoboros") == ("", UNKNOWN)
