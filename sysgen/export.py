@@ -5,6 +5,9 @@
 - sharegpt: JSON lines `{"id", "source", "conversations": [{"from", "value"}, ...]}` with
   from = system | human | gpt;
 - parquet: columns id, source and messages as list<struct<role, content>>.
+
+messages and parquet are what TRL's SFTTrainer takes as conversational data; sharegpt is for
+trainers that read that layout (axolotl, LLaMA-Factory).
 """
 
 from __future__ import annotations

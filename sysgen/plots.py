@@ -87,10 +87,11 @@ def tags_png(tag_stats: dict[str, TagStats], path: Path) -> Path:
         ax.set_ylim(0, max(1, ts.instances) * 1.2)
         ax.set_title(f"{_title(group)} ({ts.instances:,} kept instance{'' if ts.instances == 1 else 's'})",
                      fontsize=11)
-        ax.legend(fontsize=8, loc="upper right", frameon=False)
         ax.spines[["top", "right"]].set_visible(False)
+    # One legend for the figure, above the panels: inside a panel it would cover the tallest bars.
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper right", ncols=2, frameon=False, fontsize=9)
     fig.suptitle("Tag counts over kept instances (as the paper's Table 8)", fontsize=13)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -114,17 +115,19 @@ def judges_png(judges: dict[str, Any], path: Path) -> Path | None:
         left.bar_label(bars, labels=[f"{v:.0f}" for v in vals], fontsize=7, padding=1)
     left.axhline(50, color="#c62828", lw=1, ls="--", label="50%")
     left.set_xticks(range(len(groups)), [_title(g) for g in groups], rotation=20, ha="right", fontsize=8)
-    left.set_ylim(0, 110)
+    left.set_ylim(0, 128)  # head-room above 100% holds the legend, clear of the bars
+    left.set_yticks(range(0, 101, 20))
     left.set_ylabel("new answer judged better (%)")
     left.set_title("Pairwise judge: new vs original (Fig. 3)", fontsize=11)
-    left.legend(fontsize=7, loc="upper right", ncols=2, frameon=False)
+    left.legend(fontsize=7, loc="upper center", ncols=4, frameon=False)
     agroups = list(alignment)
     avals = [alignment[g]["yes_rate"] or 0.0 for g in agroups]
     bars = right.bar([_title(g) for g in agroups], avals, color="#2e7d32")
     right.bar_label(bars, labels=[f"{v:.0f}% (n={alignment[g]['judged']})" for v, g in zip(avals, agroups,
                                                                                              strict=True)],
                     fontsize=7, padding=1)
-    right.set_ylim(0, 110)
+    right.set_ylim(0, 115)
+    right.set_yticks(range(0, 101, 20))
     right.set_ylabel("answers following the system message (%)")
     right.set_title("Alignment judge (Fig. 4)", fontsize=11)
     right.tick_params(axis="x", rotation=20, labelsize=8)

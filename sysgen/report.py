@@ -130,6 +130,17 @@ def _rate(d: dict[str, Any] | None) -> str:
     return f"{d['win_rate']:.1f}% ({d['wins']}/{d['judged']})"
 
 
+def _bias_note(d: dict[str, Any] | None) -> list[str]:
+    if not d or not d["instances_both_orders"]:
+        return []
+    share = d.get("same_letter", 0) / d["instances_both_orders"]
+    if share <= 0.5:
+        return []
+    return [f"**Position bias**: the judge picked the same letter in both orders for {100 * share:.0f}% of "
+            "instances, so the per-order rates mostly reflect the position; only the combined rate means "
+            "something, and a stronger judge (`--judge-engine`, `--judge-model`) would mean more.", ""]
+
+
 def judges_section(ev: dict[str, Any]) -> list[str]:
     j = ev.get("judges") or {}
     if j.get("status") != "ok":
@@ -137,6 +148,7 @@ def judges_section(ev: dict[str, Any]) -> list[str]:
     pw, al = j.get("pairwise") or {}, j.get("alignment") or {}
     prow = [[_group(g), _rate(d["original_first"]), _rate(d["new_first"]), _rate(d["combined"]),
              d["combined"]["ties"], f"{d['consistent']}/{d['instances_both_orders']}",
+             f"{d.get('same_letter', 0)}/{d['instances_both_orders']}",
              d["combined"]["invalid"], d["combined"]["failed"]] for g, d in pw.items()]
     arow = [[_group(g), _num(d["yes_rate"]) + "%" if d["yes_rate"] is not None else "n/a", d["yes"], d["no"],
              d["invalid"], d["failed"]] for g, d in al.items()]
@@ -147,10 +159,11 @@ def judges_section(ev: dict[str, Any]) -> list[str]:
            + (f" (--judge-limit {j['limit']}, round-robin over sources)" if j.get("limit") else "") + ". "
            f"Prompt hashes: {', '.join(f'{k} `{v}`' for k, v in (j.get('prompts') or {}).items())}.", "",
            "Win rate of the new answer over the original, per order and combined (ties count as not a win; "
-           "*same pick* = instances whose two orders chose the same answer):", "",
+           "*same pick* = instances whose two orders chose the same answer, *same letter* = chose the same "
+           "position):", "",
            table(["source", "A=original, B=new", "A=new, B=original", "both orders", "ties", "same pick",
-                  "invalid", "failed"], prow) if prow else "No instance had an original answer to compare.",
-           "",
+                  "same letter", "invalid", "failed"], prow)
+           if prow else "No instance had an original answer to compare.", "", *_bias_note(pw.get("all")),
            "Does the new answer follow its system message?", "",
            table(["source", "yes rate", "yes", "no", "invalid", "failed"], arow) if arow else "No alignment "
            "judgements.", ""]

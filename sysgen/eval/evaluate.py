@@ -73,7 +73,7 @@ def answer_metrics(run: RunDir, cfg: EvalConfig) -> dict[str, Any]:
             extra["bleurt"] = vals
     else:
         out["bleurt"] = {"status": "skipped",
-                         "reason": "no --bleurt-checkpoint given (BLEURT needs a local checkpoint)"}
+                         "reason": "no --bleurt-checkpoint given; BLEURT needs a local checkpoint"}
     out["by_source"] = metrics.by_source(pairs, extra, use_stemmer=cfg.use_stemmer)
     out["conventions"] = {
         "scale": "0-100, mean over instances with an original answer (reference = original)",

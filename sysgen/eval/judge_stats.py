@@ -55,7 +55,7 @@ def pairwise_summary(judgements: Iterable[Judgement]) -> dict[str, dict[str, Any
     """Per source and "all": each order's counts, both combined, and how many instances got the
     same answer (not the same letter) picked in both orders."""
     counts: dict[str, dict[str, WinCount]] = {}
-    by_instance: dict[tuple[str, str], dict[str, str | None]] = {}
+    by_instance: dict[tuple[str, str], dict[str, Judgement]] = {}
     for j in judgements:
         if j.kind == "alignment":
             continue
@@ -64,14 +64,18 @@ def pairwise_summary(judgements: Iterable[Judgement]) -> dict[str, dict[str, Any
                                                                     "combined")})
             group[j.kind].add(j)
             group["combined"].add(j)
-        by_instance.setdefault((j.source, j.id), {})[j.kind] = _winner(j)
+        by_instance.setdefault((j.source, j.id), {})[j.kind] = j
     out: dict[str, dict[str, Any]] = {}
     for src, group in counts.items():
-        pairs = [w for (s, _), w in by_instance.items() if src in (s, "all") and len(w) == 2]
-        consistent = sum(1 for w in pairs if w["original_first"] and w["original_first"] == w["new_first"])
+        pairs = [(w["original_first"], w["new_first"]) for (s, _), w in by_instance.items()
+                 if src in (s, "all") and len(w) == 2]
         out[src] = {k: v.to_dict() for k, v in group.items()}
         out[src]["instances_both_orders"] = len(pairs)
-        out[src]["consistent"] = consistent
+        # Same answer chosen in both orders: a verdict that survives the swap.
+        out[src]["consistent"] = sum(1 for a, b in pairs if _winner(a) and _winner(a) == _winner(b))
+        # Same letter in both orders: the judge followed the position, not the content.
+        out[src]["same_letter"] = sum(1 for a, b in pairs if a.verdict in ("A", "B")
+                                      and a.verdict == b.verdict)
     return _all_last(out)
 
 

@@ -134,6 +134,7 @@ def test_win_rate_arithmetic_over_both_orders():
     assert (both["wins"], both["losses"], both["ties"], both["judged"]) == (3, 1, 1, 5)
     assert both["win_rate"] == pytest.approx(60.0)
     assert (s["all"]["consistent"], s["all"]["instances_both_orders"]) == (1, 3)
+    assert s["all"]["same_letter"] == 1  # instance 2: "A" in both orders
     assert s["s"]["combined"]["win_rate"] == pytest.approx(75.0)
     assert s["t"]["combined"]["judged"] == 1 and s["t"]["combined"]["win_rate"] == 0.0
     assert list(s) == ["s", "t", "all"]
@@ -182,6 +183,7 @@ def test_position_biased_judge_shows_in_the_orders(tmp_path):
     pw = out["pairwise"]["all"]
     assert pw["original_first"]["win_rate"] == 0.0 and pw["new_first"]["win_rate"] == 100.0
     assert pw["combined"]["win_rate"] == 50.0 and pw["consistent"] == 0
+    assert pw["same_letter"] == pw["instances_both_orders"] == 2
 
 
 def test_unconstrained_endpoint_counts_unparseable(tmp_path):
