@@ -41,13 +41,13 @@ def _size_category(n: int) -> str:
     return "1M<n<10M"
 
 
-def _front_matter(run: RunDir, license_id: str, exports: dict[str, Path]) -> list[str]:
+def _front_matter(run: RunDir, kept: int, license_id: str, exports: dict[str, Path]) -> list[str]:
     lines = ["---", f"license: {license_id}"]
     if license_id == "other":
         lines.append("license_name: mixed-see-card")
     lines += ["task_categories:", "- text-generation", "language:", "- en",
               "tags:", "- sysgen", "- system-message", "- synthetic",
-              "size_categories:", f"- {_size_category(len(run.records))}"]
+              "size_categories:", f"- {_size_category(kept)}"]
     if exports:
         lines.append("configs:")
         for i, (fmt, path) in enumerate(exports.items()):
@@ -59,20 +59,20 @@ def _front_matter(run: RunDir, license_id: str, exports: dict[str, Path]) -> lis
 def render_card(run: RunDir, license: str | None = None, exports: dict[str, Path] | None = None) -> str:
     """The card's text. `license` overrides the licence derived from the sources."""
     paths = {name: str(info.get("path", "")) for name, info in (run.stats.get("sources") or {}).items()}
-    per_source = {s: source_license(s, paths.get(s, "")) for s in run.sources}
+    summary = fn.summarize(run.iter_records(), run.iter_dropped())
+    funnels, tags, total = summary.funnels, summary.tags, summary.funnels[fn.ALL]
+    per_source = {s: source_license(s, paths.get(s, "")) for s in summary.sources}
     found = {lic for _, lic in per_source.values()}
     license_id = license or (found.pop() if len(found) == 1 and UNKNOWN not in found else "other")
     exports = exports if exports is not None else existing_exports(run.path)
-    funnels = fn.funnels(run.records, run.dropped)
-    tags = fn.tag_stats(run.records)
-    lines = _front_matter(run, license_id, exports)
+    lines = _front_matter(run, total.kept, license_id, exports)
     lines += ["# SYSGEN system-message data", "",
               "Conversations from public SFT datasets with a generated system message and a new assistant "
               "answer written under it, made with the SYSGEN method (Jeong et al. 2025, arXiv 2502.11330): "
               "P1 generate a tagged system message, P2 filter and reorder its tags, P3 verify each tag, "
               "P4 answer the user's instruction under the kept phrases.", "",
               f"- generator model: `{run.model}`",
-              f"- records: {len(run.records):,} kept of {funnels[fn.ALL].original:,} read"]
+              f"- records: {total.kept:,} kept of {total.original:,} read"]
     if run.stats.get("prompts"):
         hashes = ", ".join(f"{k} `{v}`" for k, v in run.stats["prompts"].items())
         lines.append(f"- prompt template hashes: {hashes}")

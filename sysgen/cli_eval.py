@@ -100,7 +100,9 @@ async def _judge(run: Any, args: argparse.Namespace) -> dict[str, Any]:
         # `sysgen eval` (or one after a crash) asks the engine only for what is missing.
         with Store.open(run.path / "store.db") as store:
             async with Scheduler(backend, store) as sched:
-                return await judge(run, backend, sched.submit, limit=args.judge_limit, engine=name)
+                # Twice the window: the scheduler stays full while finished verdicts are parsed.
+                return await judge(run, backend, sched.submit, limit=args.judge_limit, engine=name,
+                                   concurrency=max(2 * sched.window, 16))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -144,9 +146,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         run = load_run(args.dir)
-        path = export(run, args.format, args.out)
+        path, n = export(run, args.format, args.out)
+        card = write_card(run, license=args.license)
     except (RunDirError, ValueError) as exc:
         return _fail(str(exc))
-    card = write_card(run, license=args.license)
-    print(f"wrote {path} ({len(run.records)} records) and {card}")
+    print(f"wrote {path} ({n:,} records) and {card}")
     return 0

@@ -172,31 +172,29 @@ def judges_section(ev: dict[str, Any]) -> list[str]:
     return out
 
 
-def header(run: RunDir, funnels: dict[str, fn.Funnel]) -> list[str]:
-    st = run.stats
+def header(run: RunDir, summary: fn.Summary) -> list[str]:
+    st, total = run.stats, summary.funnels[fn.ALL]
     out = [f"# SYSGEN run report: `{run.path.name}`", "",
            f"- model: `{run.model}`",
-           f"- instances: {funnels[fn.ALL].original:,} read, {len(run.records):,} kept, "
-           f"{len(run.dropped):,} dropped"]
+           f"- instances: {total.original:,} read, {total.kept:,} kept, "
+           f"{total.original - total.kept:,} dropped"]
     for name, info in (st.get("sources") or {}).items():
         out.append(f"- source `{name}`: `{info.get('path')}` ({info.get('fmt')})")
     if st.get("prompts"):
         out.append("- prompt template hashes: " + ", ".join(f"{k} `{v}`" for k, v in st["prompts"].items()))
-    dups = fn.duplicate_ids(run.records, run.dropped)
+    dups = summary.duplicates
     if dups:
         out.append(f"- **warning**: {len(dups)} ids appear more than once in data.jsonl + dropped.jsonl "
                    f"(first: {', '.join(dups[:5])}); every row should end in exactly one place")
     theirs = (st.get("funnel") or {}).get("p4_kept")
-    if theirs is not None and theirs != len(run.records):
-        out.append(f"- **note**: stats.json says p4_kept={theirs}, data.jsonl holds {len(run.records)} "
+    if theirs is not None and theirs != total.kept:
+        out.append(f"- **note**: stats.json says p4_kept={theirs}, data.jsonl holds {total.kept} "
                    "records (a run still in progress or resumed); the tables below count the files")
     return out + [""]
 
 
-def render(run: RunDir, ev: dict[str, Any] | None = None) -> str:
-    funnels = fn.funnels(run.records, run.dropped)
-    tags = fn.tag_stats(run.records)
-    parts = header(run, funnels) + funnel_section(funnels) + tags_section(tags)
+def render(run: RunDir, summary: fn.Summary, ev: dict[str, Any] | None = None) -> str:
+    parts = header(run, summary) + funnel_section(summary.funnels) + tags_section(summary.tags)
     if ev:
         parts += metrics_section(ev) + judges_section({**ev, "_dir": str(run.path)})
     else:
@@ -208,10 +206,11 @@ def write_report(out_dir: Path | str) -> Path:
     """Write DIR/report.md, DIR/funnel.png, DIR/tags.png (and DIR/judges.png after eval)."""
     run = load_run(out_dir)
     ev = read_eval(run.path)
-    plots.funnel_png(fn.funnels(run.records, run.dropped), run.path / plots.FUNNEL_PNG)
-    plots.tags_png(fn.tag_stats(run.records), run.path / plots.TAGS_PNG)
+    summary = fn.summarize(run.iter_records(), run.iter_dropped())
+    plots.funnel_png(summary.funnels, run.path / plots.FUNNEL_PNG)
+    plots.tags_png(summary.tags, run.path / plots.TAGS_PNG)
     if ev and (ev.get("judges") or {}).get("status") == "ok":
         plots.judges_png(ev["judges"], run.path / plots.JUDGES_PNG)
     path = run.path / REPORT_MD
-    path.write_text(render(run, ev), encoding="utf-8")
+    path.write_text(render(run, summary, ev), encoding="utf-8")
     return path

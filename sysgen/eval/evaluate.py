@@ -87,16 +87,16 @@ def answer_metrics(run: RunDir, cfg: EvalConfig) -> dict[str, Any]:
 
 
 async def judge(run: RunDir, backend: Any, submit: judges.Submit, *, limit: int | None = None,
-                engine: str = "") -> dict[str, Any]:
-    """Run both judges on (up to `limit`) records; writes judgements.jsonl beside the data."""
+                engine: str = "", concurrency: int = 256) -> dict[str, Any]:
+    """Run both judges on (up to `limit`) records; writes judgements.jsonl beside the data.
+    `concurrency` bounds requests awaiting at once: keep it above the scheduler's window."""
     chosen = judges.select(run.records, limit)
-    jobs = judges.plan(chosen, backend)
-    results = await judges.run(jobs, submit)
+    results = await judges.run(judges.iter_plan(chosen, backend), submit, concurrency)
     with (run.path / JUDGEMENTS).open("wb") as fh:
         for j in results:
             fh.write(orjson.dumps(j.to_dict()) + b"\n")
     return {"status": "ok", "engine": engine or getattr(backend, "name", ""),
-            "model": backend.model_id, "instances": len(chosen), "requests": len(jobs),
+            "model": backend.model_id, "instances": len(chosen), "requests": len(results),
             "regex": bool(backend.capabilities.regex), "limit": limit,
             "prompts": {n: judges.prompt_hash(n) for n in ("pairwise", "alignment")},
             **judge_stats.summarize(results)}

@@ -71,59 +71,73 @@ class TagStats:
         return [*TAGS, *extra]
 
 
+@dataclass(slots=True)
+class Summary:
+    """Funnel and tag counts per source plus ALL (sources in first-seen order, ALL last), and the
+    ids found more than once: every row should end in exactly one place, so any such id means a
+    resume wrote twice."""
+
+    funnels: dict[str, Funnel]
+    tags: dict[str, TagStats]
+    duplicates: list[str]
+
+    @property
+    def sources(self) -> list[str]:
+        return [s for s in self.funnels if s != ALL]
+
+
 def _source(row: dict[str, Any]) -> str:
     return str(row.get("source") or "unknown")
 
 
-def funnels(records: Iterable[dict[str, Any]], dropped: Iterable[dict[str, Any]]) -> dict[str, Funnel]:
-    """Funnel per source plus ALL, sources in first-seen order and ALL last."""
-    out: dict[str, Funnel] = {}
+def _add_tags(ts: TagStats, rec: dict[str, Any]) -> None:
+    ts.instances += 1
+    ts.generated.update(k for k, v in (rec.get("tags") or {}).items() if v)
+    ts.kept.update(rec.get("kept_tags") or [])
+    for tag, verdict in (rec.get("verdicts") or {}).items():
+        ts.verdicts.setdefault(tag, Counter())[str(verdict)] += 1
+    for tag, reason in (rec.get("p2_dropped") or {}).items():
+        ts.p2_dropped.setdefault(tag, Counter())[str(reason)] += 1
+
+
+def _add_drop(f: Funnel, row: dict[str, Any]) -> None:
+    phase = str(row.get("phase") or "unknown")
+    # An unknown phase still counts as a drop; it is put at the last phase so the totals stay
+    # exact, and its own name stays in the reasons.
+    f.drops_by_phase[phase if phase in PHASES else PHASES[-1]] += 1
+    f.drops_by_reason[f"{phase}:{row.get('reason') or 'unspecified'}"] += 1
+
+
+def summarize(records: Iterable[dict[str, Any]], dropped: Iterable[dict[str, Any]]) -> Summary:
+    """One pass over each file. Tag counts cover the kept records: the pipeline does not write the
+    tags of dropped rows, and the paper's Table 8 counts the final data too."""
+    funnels: dict[str, Funnel] = {}
+    tags: dict[str, TagStats] = {}
+    ids: Counter[str] = Counter()
+    total_f, total_t = Funnel(), TagStats()
     for rec in records:
-        out.setdefault(_source(rec), Funnel()).kept += 1
+        ids[str(rec.get("id"))] += 1
+        funnels.setdefault(_source(rec), Funnel()).kept += 1
+        total_f.kept += 1
+        _add_tags(tags.setdefault(_source(rec), TagStats()), rec)
+        _add_tags(total_t, rec)
     for row in dropped:
-        phase = str(row.get("phase") or "unknown")
-        if phase not in PHASES:
-            # An unknown phase still counts as a drop; attribute it to the last phase so the
-            # totals stay exact, and keep its name in the reasons.
-            phase_key = PHASES[-1]
-        else:
-            phase_key = phase
-        f = out.setdefault(_source(row), Funnel())
-        f.drops_by_phase[phase_key] += 1
-        f.drops_by_reason[f"{phase}:{row.get('reason') or 'unspecified'}"] += 1
-    total = Funnel()
-    for f in out.values():
-        total.kept += f.kept
-        total.drops_by_phase.update(f.drops_by_phase)
-        total.drops_by_reason.update(f.drops_by_reason)
-    out[ALL] = total
-    return out
+        ids[str(row.get("id"))] += 1
+        _add_drop(funnels.setdefault(_source(row), Funnel()), row)
+        _add_drop(total_f, row)
+    funnels[ALL], tags[ALL] = total_f, total_t
+    return Summary(funnels, tags, sorted(i for i, n in ids.items() if n > 1))
+
+
+def funnels(records: Iterable[dict[str, Any]], dropped: Iterable[dict[str, Any]]) -> dict[str, Funnel]:
+    """Funnel per source plus ALL."""
+    return summarize(records, dropped).funnels
 
 
 def tag_stats(records: Iterable[dict[str, Any]]) -> dict[str, TagStats]:
-    """Tag counts per source plus ALL, over the kept records (the tags of dropped rows are not
-    written by the pipeline, as in the paper's Table 8 which counts the final data)."""
-    out: dict[str, TagStats] = {}
-    total = TagStats()
-    for rec in records:
-        for ts in (out.setdefault(_source(rec), TagStats()), total):
-            ts.instances += 1
-            ts.generated.update(k for k, v in (rec.get("tags") or {}).items() if v)
-            ts.kept.update(rec.get("kept_tags") or [])
-            for tag, verdict in (rec.get("verdicts") or {}).items():
-                ts.verdicts.setdefault(tag, Counter())[str(verdict)] += 1
-            for tag, reason in (rec.get("p2_dropped") or {}).items():
-                ts.p2_dropped.setdefault(tag, Counter())[str(reason)] += 1
-    out[ALL] = total
-    return out
+    """Tag counts per source plus ALL, over kept records."""
+    return summarize(records, ()).tags
 
 
-def duplicate_ids(records: Iterable[dict[str, Any]], dropped: Iterable[dict[str, Any]]) -> list[str]:
-    """Ids that appear more than once across data.jsonl and dropped.jsonl: each row should end in
-    exactly one place, so any id here means a resume wrote twice."""
-    seen = Counter(str(r.get("id")) for r in (*records, *dropped))
-    return sorted(i for i, n in seen.items() if n > 1)
-
-
-__all__ = ["ALL", "STAGES", "STAGE_LABELS", "VERDICTS", "Funnel", "TagStats", "funnels", "tag_stats",
-           "duplicate_ids"]
+__all__ = ["ALL", "STAGES", "STAGE_LABELS", "VERDICTS", "Funnel", "TagStats", "Summary", "summarize",
+           "funnels", "tag_stats"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
@@ -137,35 +138,41 @@ def select(records: Sequence[dict[str, Any]], limit: int | None) -> list[dict[st
     (the paper judged 20 per source); all of them when limit is None."""
     if limit is None or limit >= len(records):
         return list(records)
-    queues: dict[str, list[dict[str, Any]]] = {}
+    queues: dict[str, deque[dict[str, Any]]] = {}
     for rec in records:
-        queues.setdefault(str(rec.get("source") or "unknown"), []).append(rec)
+        queues.setdefault(str(rec.get("source") or "unknown"), deque()).append(rec)
     out: list[dict[str, Any]] = []
     while len(out) < limit:
         for q in queues.values():
             if q and len(out) < limit:
-                out.append(q.pop(0))
+                out.append(q.popleft())
     return out
 
 
-def plan(records: Iterable[dict[str, Any]], backend: Any, *, pairwise: bool = True,
-         alignment: bool = True) -> list[tuple[dict[str, Any], Kind, Request]]:
-    """Every judge request for these records: two pairwise orders when there is an original
-    answer, one alignment request when there is a system message."""
-    jobs: list[tuple[dict[str, Any], Kind, Request]] = []
+Job = tuple[dict[str, Any], Kind, Request]
+
+
+def iter_plan(records: Iterable[dict[str, Any]], backend: Any, *, pairwise: bool = True,
+              alignment: bool = True) -> Iterator[Job]:
+    """Every judge request for these records, built as they are needed: two pairwise orders when
+    there is an original answer, one alignment request when there is a system message."""
     for rec in records:
         user, new = message(rec, "user") or "", message(rec, "assistant") or ""
         original, system = rec.get("original_answer"), message(rec, "system")
         if pairwise and original and original.strip():
-            jobs.append((rec, "original_first", pairwise_request(user, original, new, backend)))
-            jobs.append((rec, "new_first", pairwise_request(user, new, original, backend)))
+            yield rec, "original_first", pairwise_request(user, original, new, backend)
+            yield rec, "new_first", pairwise_request(user, new, original, backend)
         if alignment and system:
-            jobs.append((rec, "alignment", alignment_request(system, user, new, backend)))
-    return jobs
+            yield rec, "alignment", alignment_request(system, user, new, backend)
 
 
-async def run(jobs: Sequence[tuple[dict[str, Any], Kind, Request]], submit: Submit) -> list[Judgement]:
-    """Submit every job at once (the scheduler bounds what is in flight) and parse each verdict."""
+def plan(records: Iterable[dict[str, Any]], backend: Any, **kw: bool) -> list[Job]:
+    return list(iter_plan(records, backend, **kw))
+
+
+async def run(jobs: Iterable[Job], submit: Submit, concurrency: int = 256) -> list[Judgement]:
+    """Submit jobs with at most `concurrency` awaiting at once (built lazily, so a large run never
+    holds every tokenized prompt) and parse each verdict; results in job order."""
 
     async def one(rec: dict[str, Any], kind: Kind, req: Request) -> Judgement:
         rid, src = str(rec.get("id")), str(rec.get("source") or "unknown")
@@ -176,4 +183,14 @@ async def run(jobs: Sequence[tuple[dict[str, Any], Kind, Request]], submit: Subm
         return Judgement(rid, src, kind, verdict, result.text,
                          error=None if verdict else "unparseable")
 
-    return list(await asyncio.gather(*(one(r, k, q) for r, k, q in jobs)))
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    numbered = enumerate(jobs)  # shared by the workers: each takes the next job when free
+    done: dict[int, Judgement] = {}
+
+    async def worker() -> None:
+        for i, (rec, kind, req) in numbered:
+            done[i] = await one(rec, kind, req)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return [done[i] for i in range(len(done))]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -22,29 +23,37 @@ class RunDirError(ValueError):
     """The output directory is missing a file or holds a line we cannot read."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class RunDir:
-    """A run's output: kept records, dropped records and the pipeline's own stats (may be empty)."""
+    """A run's output directory. Records are read from disk on each iter_*() call (a paper-scale
+    run has ~800k of them: report and export stream); `records` loads them once, for eval."""
 
     path: Path
-    records: list[dict[str, Any]]
-    dropped: list[dict[str, Any]]
     stats: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def sources(self) -> list[str]:
-        """Source names in first-seen order, kept and dropped alike."""
-        seen: dict[str, None] = {}
-        for row in (*self.records, *self.dropped):
-            seen.setdefault(str(row.get("source") or "unknown"), None)
-        return list(seen)
+    def iter_records(self) -> Iterator[dict[str, Any]]:
+        data = self.path / DATA
+        for i, rec in enumerate(iter_jsonl(data), 1):
+            if not isinstance(rec.get("messages"), list):
+                raise RunDirError(f"{data}: record {i} (id {rec.get('id')!r}) has no 'messages' list")
+            yield rec
+
+    def iter_dropped(self) -> Iterator[dict[str, Any]]:
+        path = self.path / DROPPED
+        if path.is_file():
+            yield from iter_jsonl(path)
+
+    @cached_property
+    def records(self) -> list[dict[str, Any]]:
+        return list(self.iter_records())
 
     @property
     def model(self) -> str:
+        """The generator model, from stats.json or else the first record."""
         if self.stats.get("model"):
             return str(self.stats["model"])
-        models = sorted({str(r.get("model")) for r in self.records if r.get("model")})
-        return ", ".join(models) if models else "unknown"
+        first = next(self.iter_records(), None)
+        return str(first.get("model") or "unknown") if first else "unknown"
 
 
 def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
@@ -66,19 +75,13 @@ def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def load_run(path: Path | str) -> RunDir:
-    """Load DIR/data.jsonl (required), DIR/dropped.jsonl and DIR/stats.json (optional)."""
+    """Open DIR: data.jsonl must exist (read lazily); stats.json is read now when present."""
     root = Path(path)
     data = root / DATA
     if not data.is_file():
         raise RunDirError(
             f"{data}: not found; pass the --out directory of a `sysgen run` (it holds {DATA})"
         )
-    records = list(iter_jsonl(data))
-    for i, rec in enumerate(records, 1):
-        if not isinstance(rec.get("messages"), list):
-            raise RunDirError(f"{data}: record {i} (id {rec.get('id')!r}) has no 'messages' list")
-    dropped_path = root / DROPPED
-    dropped = list(iter_jsonl(dropped_path)) if dropped_path.is_file() else []
     stats: dict[str, Any] = {}
     stats_path = root / STATS
     if stats_path.is_file():
@@ -87,7 +90,7 @@ def load_run(path: Path | str) -> RunDir:
         except orjson.JSONDecodeError as exc:
             raise RunDirError(f"{stats_path}: not valid JSON ({exc}); delete it to report without it") \
                 from exc
-    return RunDir(path=root, records=records, dropped=dropped, stats=stats)
+    return RunDir(path=root, stats=stats)
 
 
 def message(record: dict[str, Any], role: str) -> str | None:

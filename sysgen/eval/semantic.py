@@ -85,8 +85,10 @@ def bleurt(candidates: Sequence[str], references: Sequence[str], checkpoint: Pat
     if (checkpoint / "config.json").is_file() and importlib.util.find_spec("bleurt_pytorch"):
         return _bleurt_pytorch(candidates, references, checkpoint, batch_size)
     if importlib.util.find_spec("bleurt"):
-        from bleurt import score as bleurt_score  # TensorFlow inside
-
+        try:
+            from bleurt import score as bleurt_score  # TensorFlow inside
+        except ImportError as exc:
+            raise MetricUnavailable(f"Google's bleurt package does not import here ({exc})") from exc
         scorer = bleurt_score.BleurtScorer(str(checkpoint))
         values = scorer.score(references=list(references), candidates=list(candidates), batch_size=batch_size)
         return ModelScores([100.0 * float(v) for v in values], str(checkpoint), "google bleurt (TF)")
@@ -100,7 +102,11 @@ def bleurt(candidates: Sequence[str], references: Sequence[str], checkpoint: Pat
 def _bleurt_pytorch(candidates: Sequence[str], references: Sequence[str], checkpoint: Path,
                     batch_size: int) -> ModelScores:
     import torch
-    from bleurt_pytorch import BleurtForSequenceClassification, BleurtTokenizer
+
+    try:
+        from bleurt_pytorch import BleurtForSequenceClassification, BleurtTokenizer
+    except ImportError as exc:  # 0.0.1 imports helpers that transformers 5 removed
+        raise MetricUnavailable(f"bleurt-pytorch does not import with this transformers ({exc})") from exc
 
     model = BleurtForSequenceClassification.from_pretrained(str(checkpoint)).eval()
     tokenizer = BleurtTokenizer.from_pretrained(str(checkpoint))

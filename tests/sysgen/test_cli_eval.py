@@ -96,8 +96,12 @@ def test_eval_judge_failure_keeps_metrics_and_exits_1(tmp_path, monkeypatch):
 
 def test_eval_no_judges_and_bad_limit(tmp_path):
     out = build_run(tmp_path / "run")
-    assert _main(["eval", str(out), "--no-bertscore", "--no-judges"]) == 0
-    assert orjson.loads((out / "eval.json").read_bytes())["judges"]["reason"] == "--no-judges"
+    assert _main(["eval", str(out), "--no-bertscore", "--no-judges",
+                  "--bleurt-checkpoint", str(tmp_path / "no-such-ckpt")]) == 0
+    ev = orjson.loads((out / "eval.json").read_bytes())
+    assert ev["judges"]["reason"] == "--no-judges"
+    assert ev["metrics"]["bleurt"]["status"] == "skipped" and "not found" in ev["metrics"]["bleurt"]["reason"]
+    assert "BLEURT: skipped" in (out / "report.md").read_text()
     assert _main(["eval", str(out), "--judge-limit", "0"]) == 2
 
 

@@ -30,8 +30,8 @@ def _load(kind: str, path, cache):
 
 def test_messages_jsonl_loads(tmp_path, offline):
     run = load_run(build_run(tmp_path / "run"))
-    path = export(run, "messages")
-    assert path == run.path / "export" / "messages.jsonl"
+    path, n = export(run, "messages")
+    assert path == run.path / "export" / "messages.jsonl" and n == len(RECORDS)
     ds = _load("json", path, offline)
     assert ds.num_rows == len(RECORDS)
     assert ds[0]["messages"] == [{"role": m["role"], "content": m["content"]} for m in RECORDS[0]["messages"]]
@@ -40,7 +40,7 @@ def test_messages_jsonl_loads(tmp_path, offline):
 
 def test_sharegpt_jsonl_loads(tmp_path, offline):
     run = load_run(build_run(tmp_path / "run"))
-    path = export(run, "sharegpt", tmp_path / "sg.jsonl")
+    path, _ = export(run, "sharegpt", tmp_path / "sg.jsonl")
     ds = _load("json", path, offline)
     conv = ds[1]["conversations"]
     assert [c["from"] for c in conv] == ["system", "human", "gpt"]
@@ -51,7 +51,7 @@ def test_parquet_loads_with_struct_messages(tmp_path, offline):
     import pyarrow.parquet as pq
 
     run = load_run(build_run(tmp_path / "run"))
-    path = export(run, "parquet")
+    path, _ = export(run, "parquet")
     schema = pq.read_schema(path)
     assert str(schema.field("messages").type) == "list<element: struct<role: string, content: string>>"
     ds = _load("parquet", path, offline)
@@ -64,6 +64,7 @@ def test_unknown_role_names_record(tmp_path):
     run = load_run(build_run(tmp_path / "run", records=[bad]))
     with pytest.raises(ValueError, match=r"record 1 \(id 'capybara_test:1'\): unknown role 'tool'"):
         export(run, "messages")
+    assert not list((run.path / "export").iterdir())  # no half-written file left behind
 
 
 def _front_matter(text: str) -> dict:
@@ -101,3 +102,15 @@ def test_source_licence_map():
     assert source_license("magicoder_oss_instruct_first500")[1] == "mit"
     assert source_license("stuff", "data/gsm8k_test_first300.jsonl")[1] == "mit"
     assert source_license("airoboros") == ("", UNKNOWN)
+
+
+def test_parquet_written_in_row_groups(tmp_path, monkeypatch, offline):
+    import pyarrow.parquet as pq
+
+    from sysgen import export as export_mod
+
+    monkeypatch.setattr(export_mod, "PARQUET_BATCH", 2)
+    run = load_run(build_run(tmp_path / "run"))
+    path, n = export(run, "parquet")
+    assert n == 3 and pq.ParquetFile(path).num_row_groups == 2
+    assert _load("parquet", path, offline)["id"] == [r["id"] for r in RECORDS]

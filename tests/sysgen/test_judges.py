@@ -195,3 +195,21 @@ def test_unconstrained_endpoint_counts_unparseable(tmp_path):
     assert out["pairwise"]["all"]["combined"]["invalid"] == 4
     assert out["pairwise"]["all"]["combined"]["win_rate"] is None
     assert out["alignment"]["all"]["yes_rate"] == 100.0
+
+
+def test_run_bounds_concurrency_and_keeps_job_order():
+    backend = StandInJudgeBackend(longer_wins)
+    jobs = judges.plan(RECORDS, backend)
+    live, peak = 0, 0
+
+    async def submit(req: Request) -> Result:
+        nonlocal live, peak
+        live += 1
+        peak = max(peak, live)
+        await asyncio.sleep(0.001 * (len(req.prompt) % 3))  # finish out of order
+        live -= 1
+        return await backend.generate(req)
+
+    out = asyncio.run(judges.run(iter(jobs), submit, concurrency=2))
+    assert peak == 2
+    assert [(j.id, j.kind) for j in out] == [(r["id"], k) for r, k, _ in jobs]

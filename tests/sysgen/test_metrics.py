@@ -89,3 +89,13 @@ def test_bertscore_with_local_minilm():
     assert s.model == str(model) and s.detail == "layer 6"
     assert s.values[0] == pytest.approx(100.0, abs=1e-3)  # identical texts
     assert s.values[1] < s.values[2] < 100.0  # unrelated < one word swapped < identical
+
+
+def test_bleurt_without_its_package_says_what_to_install(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("bleurt_pytorch") or importlib.util.find_spec("bleurt"):
+        pytest.skip("a BLEURT package is installed here; this checks the message shown without one")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(semantic.MetricUnavailable, match="pip install bleurt-pytorch"):
+        semantic.bleurt(["a"], ["b"], tmp_path)

@@ -84,8 +84,11 @@ def test_bad_line_names_file_and_line(tmp_path):
     out = build_run(tmp_path / "run")
     with (out / "data.jsonl").open("ab") as fh:
         fh.write(b'{"id": "x", "messa\n')
+    run = load_run(out)  # opens lazily: the bad line surfaces when read
     with pytest.raises(RunDirError, match=r"data\.jsonl:4: not valid JSON"):
-        load_run(out)
+        _ = run.records
+    with pytest.raises(RunDirError, match=r"data\.jsonl:4: not valid JSON"):
+        write_report(out)
 
 
 def test_missing_dir_says_what_to_pass(tmp_path):
