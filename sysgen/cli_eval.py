@@ -95,6 +95,11 @@ async def _judge(run: Any, args: argparse.Namespace) -> dict[str, Any]:
     kw = _judge_backend_args(args, run.stats)
     name = kw.pop("name")
     backend = make_backend(name, **kw)
+    if args.judge_engine == "same" and not args.judge_model and backend.model_id != run.model:
+        # stats.json names the model by id, not by path: a run made with --model DIR is judged by
+        # the engine's default unless --judge-model says otherwise.
+        log.warning("judge model %s differs from the run's model %s; pass --judge-model to choose",
+                    backend.model_id, run.model)
     async with backend:
         # The run's own store: judgements are cached like every other request, so a re-run of
         # `sysgen eval` (or one after a crash) asks the engine only for what is missing.
