@@ -75,9 +75,11 @@ def _event_loop_runner():
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from engine.backend import EngineDied
     from engine.store import Store, StoreError
     from sysgen import prompts, stats
     from sysgen.backend_factory import make_backend
+    from sysgen.datasets import DatasetError
     from sysgen.pipeline import RunInterrupted
 
     try:
@@ -90,11 +92,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
-    backend = make_backend(cfg.engine, model=cfg.model, url=cfg.url, api_key=api_key,
-                           gpu_profile=cfg.gpu_profile, max_batch=cfg.max_batch, fp8=cfg.fp8,
-                           max_inflight=cfg.max_inflight)
+    # The stand-in engine (tests and benchmarks only) takes its latency and injected faults from
+    # the environment, so they never appear among a real run's flags.
+    standin = {"delay": os.environ.get("SYSGEN_STANDIN_DELAY"), "faults": os.environ.get("SYSGEN_STANDIN_FAULTS")}
     resume_hint = "re-run the same command to resume; finished work is kept"
-    with Store.open(out / "store.db") as store:
+    try:
+        backend = make_backend(cfg.engine, model=cfg.model, url=cfg.url, api_key=api_key,
+                               gpu_profile=cfg.gpu_profile, max_batch=cfg.max_batch, fp8=cfg.fp8,
+                               max_inflight=cfg.max_inflight, standin=standin)
+        store = Store.open(out / "store.db")
+    except (ValueError, StoreError) as e:
+        print(f"sysgen run: error: {e}", file=sys.stderr)
+        return 2
+    with store:
         try:
             counters = _event_loop_runner()(_run_async(cfg, backend, store, out))
         except RunInterrupted as e:
@@ -106,7 +116,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"sysgen: store error: {e}\nThe store is intact up to the last commit; {resume_hint} "
                   "once the cause (e.g. a full disk) is fixed.", file=sys.stderr)
             return 1
-    extra = {"model": backend.model_id, "engine": backend.name, "prompts": prompts.digests(),
+        except EngineDied as e:
+            print(f"sysgen: the engine died: {e}\nEverything finished before is committed; {resume_hint} "
+                  "once the engine is fixed.", file=sys.stderr)
+            return 1
+        except DatasetError as e:
+            print(f"sysgen run: error: {e}\nEverything before that row is committed; {resume_hint} once "
+                  "the row is fixed.", file=sys.stderr)
+            return 2
+    from sysgen.datasets import source_name
+
+    config = {**dataclasses.asdict(cfg), "engine": backend.name}  # the resolved engine, never "auto"
+    extra = {"model": backend.model_id, "engine": backend.name, "prompts": prompts.digests(), "config": config,
+             "sources": {source_name(p): {"path": str(Path(p).resolve())} for p in cfg.inputs},
              "constrained": cfg.constrain and backend.capabilities.regex, "this_run": counters,
              "wall_s": round(time.monotonic() - t0, 2)}
     st = stats.write(out, extra)
