@@ -4,28 +4,38 @@ exactly-once append-only output files ("sinks").
 One SQLite file in WAL mode. All writes go through one writer thread fed by a queue and are
 committed in batches. Lines for the sinks are written by that same thread inside the batch, and
 the byte length of every sink is committed in the same transaction as the results and items that
-produced those lines. On open, each sink is truncated back to its committed length, so a crash at
-any moment loses only uncommitted work and never leaves a line twice or half a line.
+produced those lines. On open, each sink is cut back to its committed length, so a crash at any
+moment loses only uncommitted work and never leaves a line twice or half a line.
+
+If the writer fails (disk full, I/O error) it stops: nothing after the last commit is kept, every
+later write raises StoreError, and a re-run resumes from the last commit.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
+import orjson
+
+from engine.keyfilter import KeyFilter
 from engine.request import Result
+from engine.store_writer import Op, commit_batch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+HOT_SIZE = 4096
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB);
 CREATE TABLE IF NOT EXISTS results (id INTEGER PRIMARY KEY, key BLOB NOT NULL UNIQUE, value BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, key BLOB NOT NULL UNIQUE, value BLOB);
+CREATE TABLE IF NOT EXISTS items (key BLOB PRIMARY KEY, value BLOB) WITHOUT ROWID;
 """
 
 
@@ -33,31 +43,42 @@ class StoreError(RuntimeError):
     """The store cannot be used (schema mismatch, disk full, corrupt sink). The run stops cleanly."""
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=60)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA cache_size=-65536")
+    conn.execute("PRAGMA journal_size_limit=67108864")  # truncate the WAL after checkpoints
     return conn
 
 
-class Store:
-    """Open with `Store.open(path)`; use as a context manager or call `close()`."""
+def describe_failure(e: BaseException) -> str:
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "disk is full" in str(e):
+        return f"the disk is full ({e})"
+    return f"{type(e).__name__}: {e}"
 
-    def __init__(self, path: Path, *, commit_every: int = 2000, commit_interval_s: float = 0.5) -> None:
+
+class Store:
+    """Open with `Store.open(path)`; use as a context manager or call `close()`. Reads and writes
+    are called from one thread (the event loop's); the store's own thread does the writing."""
+
+    def __init__(self, path: Path, *, commit_every: int = 10_000, commit_interval_s: float = 1.0) -> None:
         self.path = Path(path)
         self.commit_every = commit_every
         self.commit_interval_s = commit_interval_s
+        self.commits = 0
         self._init_db()
-        self._reader = _connect(self.path)
+        self._reader = connect(self.path)
         self._sinks: dict[str, Path] = {}
         self._recent: dict[bytes, bytes] = {}  # put but not yet committed: still visible to get()
         self._recent_items: set[bytes] = set()
+        self._filter: KeyFilter | None = None  # built at the first get/put, then kept current
+        self._hot: dict[bytes, bytes] = {}  # recently read values: repeated prompts skip SQLite
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._error: BaseException | None = None
-        self._writer = threading.Thread(target=self._write_loop, name="sysgen-store-writer", daemon=True)
+        self._error_raised = False
+        self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
         self._writer.start()
-        self.commits = 0
 
     @classmethod
     def open(cls, path: str | os.PathLike, **kw) -> Store:
@@ -66,36 +87,60 @@ class Store:
         return cls(path, **kw)
 
     def _init_db(self) -> None:
-        conn = _connect(self.path)
+        fix = "Fix: write to a new --out directory, or run the sysgen version that made it."
         try:
+            conn = connect(self.path)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: not a usable store ({e}). {fix}") from e
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if tables and "meta" not in tables:
+                raise StoreError(f"{self.path}: an SQLite file that is not a sysgen store. {fix}")
             conn.executescript(_SCHEMA)
             row = conn.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()
             if row is None:
                 conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             elif int(row[0]) != SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path}: store schema v{int(row[0])}, this sysgen reads v{SCHEMA_VERSION}. "
-                    "Fix: write to a new --out directory, or run the sysgen version that made it."
-                )
+                raise StoreError(f"{self.path}: store schema v{int(row[0])}, this version reads "
+                                 f"v{SCHEMA_VERSION}. {fix}")
         except sqlite3.DatabaseError as e:
-            raise StoreError(f"{self.path}: not a usable sysgen store ({e}). Fix: use a new --out directory.") from e
+            raise StoreError(f"{self.path}: not a usable store ({e}). {fix}") from e
         finally:
             conn.close()
 
-    # ---- reads (caller's thread) ----
+    # ---- reads ----
+    def _key_filter(self) -> KeyFilter:
+        if self._filter is None:
+            n = self._reader.execute("SELECT max(id) FROM results").fetchone()[0] or 0
+            self._filter = KeyFilter(max(1 << 20, 2 * n))
+            self._filter.add_many(k for (k,) in self._reader.execute("SELECT key FROM results"))
+        return self._filter
+
     def get(self, key: bytes) -> Result | None:
         raw = self._recent.get(key)
         if raw is None:
-            row = self._reader.execute("SELECT value FROM results WHERE key=?", (key,)).fetchone()
-            if row is None:
+            if key not in (self._filter or self._key_filter()):
                 return None
-            raw = row[0]
-        return Result.from_json(raw)
+            raw = self._hot.get(key)
+            if raw is None:
+                row = self._reader.execute("SELECT value FROM results WHERE key=?", (key,)).fetchone()
+                if row is None:
+                    return None
+                raw = row[0]
+                if len(self._hot) >= HOT_SIZE:  # first in, first out: cheap, and enough for repeats
+                    del self._hot[next(iter(self._hot))]
+                self._hot[key] = raw
+        return Result(**orjson.loads(raw))
 
     def has_item(self, key: bytes) -> bool:
         if key in self._recent_items:
             return True
         return self._reader.execute("SELECT 1 FROM items WHERE key=?", (key,)).fetchone() is not None
+
+    def last_item(self, lo: bytes, hi: bytes) -> bytes | None:
+        """The greatest committed item key in [lo, hi), or None."""
+        sql = "SELECT max(key) FROM items WHERE key >= ? AND key < ?"
+        return self._reader.execute(sql, (lo, hi)).fetchone()[0]
 
     def get_meta(self, k: str) -> bytes | None:
         row = self._reader.execute("SELECT v FROM meta WHERE k=?", (k,)).fetchone()
@@ -103,29 +148,39 @@ class Store:
 
     def count(self, table: str = "results") -> int:
         if table not in ("results", "items"):
-            raise ValueError(table)
+            raise ValueError(f"count(): no table {table!r}; use 'results' or 'items'")
         return self._reader.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
 
     def iter_results(self) -> Iterator[tuple[bytes, Result]]:
         for key, raw in self._reader.execute("SELECT key, value FROM results ORDER BY id"):
-            yield key, Result.from_json(raw)
+            yield key, Result(**orjson.loads(raw))
+
+    @property
+    def backlog(self) -> int:
+        """Writes queued and not yet taken by the writer: callers slow down when it grows."""
+        return self._q.qsize()
 
     # ---- writes (queued to the writer thread) ----
     def _check(self) -> None:
         if self._error is not None:
-            raise StoreError(f"{self.path}: store writer failed: {self._error}") from self._error
+            self._error_raised = True
+            raise StoreError(f"{self.path}: the store's writer stopped: {describe_failure(self._error)}. "
+                             "Everything committed before that is intact.") from self._error
 
     def put(self, key: bytes, result: Result) -> None:
         self._check()
-        raw = result.to_json()
+        raw = orjson.dumps(result)  # a dataclass: same bytes as Result.to_json, without asdict()
         self._recent[key] = raw
+        self._hot.pop(key, None)
+        (self._filter or self._key_filter()).add(key)
         self._q.put(("r", key, raw))
 
-    def finish_item(self, key: bytes, value: bytes | None = None, lines: Iterable[tuple[str, bytes]] = ()) -> None:
+    def finish_item(self, key: bytes, value: bytes | None = None,
+                    lines: tuple[tuple[str, bytes], ...] = ()) -> None:
         """Mark a work item done and append its output lines to sinks, atomically."""
         self._check()
         self._recent_items.add(key)
-        self._q.put(("i", key, value, tuple(lines)))
+        self._q.put(("i", key, value, lines))
 
     def set_meta(self, k: str, v: bytes | str) -> None:
         self._check()
@@ -147,26 +202,34 @@ class Store:
         self._q.put(("s", name, path))
         return committed
 
-    def reset_sinks(self) -> None:
-        """Empty every registered sink (used when the run's configuration changed)."""
-        for name in list(self._sinks):
-            self._q.put(("t", name))
+    def reset_outputs(self) -> None:
+        """Forget every finished item and empty every sink, atomically (the run's configuration
+        changed, so earlier outputs are not comparable). Stored results stay: they are still valid."""
+        self._check()
+        self._q.put(("reset",))
         self.flush()
 
-    def flush(self, timeout: float | None = 60) -> None:
+    def flush(self, timeout: float | None = 120) -> None:
+        """Commit everything queued so far; raises StoreError if the writer has failed."""
         self._check()
         done = threading.Event()
         self._q.put(("f", done))
-        if not done.wait(timeout):
-            raise StoreError(f"{self.path}: store flush did not finish in {timeout}s")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done.wait(0.05):
+            if not self._writer.is_alive():  # failed after our flush was queued
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise StoreError(f"{self.path}: store flush did not finish in {timeout}s")
         self._check()
 
     def close(self) -> None:
+        """Commit what is queued and stop the writer. Raises a writer failure not yet reported."""
         if self._writer.is_alive():
             self._q.put(("c",))
             self._writer.join()
         self._reader.close()
-        self._check()
+        if self._error is not None and not self._error_raised:
+            self._check()
 
     def __enter__(self) -> Store:
         return self
@@ -175,88 +238,82 @@ class Store:
         self.close()
 
     # ---- the writer thread ----
+    def _open_sink(self, path: Path) -> BinaryIO:
+        return open(path, "ab")  # noqa: SIM115 - owned by the writer thread until it exits
+
     def _write_loop(self) -> None:
-        conn = _connect(self.path)
-        files: dict[str, object] = {}
-        sizes: dict[str, int] = {}
-        pending: list[tuple] = []
+        conn = connect(self.path)
+        files: dict[str, BinaryIO] = {}
+        pending: list[Op] = []
         waiters: list[threading.Event] = []
-        last = time.monotonic()
+        due: float | None = None  # when the oldest pending write must be committed
         closing = False
         try:
             while not closing:
                 try:
-                    op = self._q.get(timeout=self.commit_interval_s)
+                    op = self._q.get(timeout=self.commit_interval_s if due is None
+                                     else max(0.0, due - time.monotonic()))
                 except queue.Empty:
                     op = None
-                if op is not None:
+                while op is not None:  # take whatever is queued without waiting again
                     kind = op[0]
-                    if kind == "s":
-                        files[op[1]] = open(op[2], "ab")  # noqa: SIM115 - owned by this thread
-                        sizes[op[1]] = files[op[1]].tell()
-                        continue
-                    if kind == "t":
-                        files[op[1]].truncate(0)
-                        files[op[1]].seek(0)
-                        sizes[op[1]] = 0
-                        pending.append(("m", f"sink:{op[1]}", "0"))
-                    elif kind == "f":
+                    if kind == "f":
                         waiters.append(op[1])
                     elif kind == "c":
                         closing = True
+                    elif kind == "s":
+                        files[op[1]] = self._open_sink(op[2])
+                    elif kind == "reset":
+                        commit_batch(conn, pending, files, self)
+                        pending = []
+                        self._reset(conn, files)
                     else:
                         pending.append(op)
-                due = len(pending) >= self.commit_every or time.monotonic() - last >= self.commit_interval_s
-                if pending and (due or waiters or closing):
-                    self._commit(conn, pending, files, sizes)
-                    pending = []
-                    last = time.monotonic()
+                        if due is None:
+                            due = time.monotonic() + self.commit_interval_s
+                    if closing or len(pending) >= self.commit_every:
+                        break
+                    try:
+                        op = self._q.get_nowait()
+                    except queue.Empty:
+                        op = None
+                if pending and (waiters or closing or len(pending) >= self.commit_every
+                                or time.monotonic() >= due):
+                    commit_batch(conn, pending, files, self)
+                    pending, due = [], None
                 for w in waiters:
                     w.set()
                 waiters = []
-        except BaseException as e:  # disk full, I/O error: stop accepting work, keep what was committed
+        except BaseException as e:  # disk full, I/O error: stop; the last commit stands
             self._error = e
             for w in waiters:
                 w.set()
-            while True:  # release anyone waiting on a flush queued after the failure
-                try:
-                    op = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if op[0] == "f":
-                    op[1].set()
+            self._release_waiters()
         finally:
             for f in files.values():
-                f.close()
+                try:
+                    f.close()
+                except OSError:
+                    pass
             conn.close()
 
-    def _commit(self, conn: sqlite3.Connection, ops: list[tuple], files: dict, sizes: dict) -> None:
-        results = [(op[1], op[2]) for op in ops if op[0] == "r"]
-        items = [(op[1], op[2]) for op in ops if op[0] == "i"]
-        metas = [(op[1], op[2]) for op in ops if op[0] == "m"]
-        touched = set()
-        for op in ops:
-            if op[0] == "i":
-                for name, line in op[3]:
-                    files[name].write(line)
-                    sizes[name] += len(line)
-                    touched.add(name)
-        for name in touched:
-            files[name].flush()
-            os.fsync(files[name].fileno())
-            metas.append((f"sink:{name}", str(sizes[name])))
-        try:
-            conn.execute("BEGIN")
-            conn.executemany("INSERT OR IGNORE INTO results(key, value) VALUES (?, ?)", results)
-            conn.executemany("INSERT OR IGNORE INTO items(key, value) VALUES (?, ?)", items)
-            conn.executemany("INSERT OR REPLACE INTO meta(k, v) VALUES (?, ?)", metas)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        self.commits += 1
-        for key, _ in results:
-            self._recent.pop(key, None)
-        for key, _ in items:
-            self._recent_items.discard(key)
+    def _reset(self, conn: sqlite3.Connection, files: dict[str, BinaryIO]) -> None:
+        # Commit first, truncate after: a crash in between leaves files longer than committed,
+        # which the next open cuts back. The other order would look like outside tampering.
+        conn.execute("BEGIN")
+        conn.execute("DELETE FROM items")
+        conn.executemany("INSERT OR REPLACE INTO meta(k, v) VALUES (?, '0')", [(f"sink:{n}",) for n in files])
+        conn.execute("COMMIT")
+        for f in files.values():
+            f.truncate(0)
+            f.seek(0)
+        self._recent_items.clear()
+
+    def _release_waiters(self) -> None:
+        while True:  # anyone waiting on a flush queued after the failure
+            try:
+                op = self._q.get_nowait()
+            except queue.Empty:
+                return
+            if op[0] == "f":
+                op[1].set()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
+
 from engine.backend import Backend
 
 log = logging.getLogger(__name__)
@@ -21,7 +23,7 @@ def resolve_engine(name: str) -> tuple[str, str]:
 
 def make_backend(name: str, *, model: str | None, url: str | None = None, api_key: str | None = None,
                  gpu_profile: str | None = None, max_batch: int = 8, fp8: bool = False,
-                 max_inflight: int | None = None) -> Backend:
+                 max_inflight: int | None = None, standin: dict[str, Any] | None = None) -> Backend:
     name, why = resolve_engine(name)
     log.info("engine: %s (%s)", name, why)
     if name == "hf":
@@ -47,4 +49,10 @@ def make_backend(name: str, *, model: str | None, url: str | None = None, api_ke
         if not model:
             raise ValueError("--engine openai needs --model NAME (the endpoint's model name)")
         return OpenAIBackend(url, model=model, api_key=api_key)
+    if name == "standin":
+        # Not a model: canned answers, for tests and benchmarks. Delay and fault injection come
+        # from SYSGEN_STANDIN_DELAY / SYSGEN_STANDIN_FAULTS, read by the CLI (see sysgen/standin.py).
+        from sysgen.standin import make_backend as make_standin
+
+        return make_standin(**(standin or {}))
     raise ValueError(f"unknown engine {name!r}")

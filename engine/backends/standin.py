@@ -21,7 +21,8 @@ class StandInBackend(BackendBase):
                  fault: Callable[[Request, int], Fault] | None = None) -> None:
         self.respond = respond
         self.model_id = model_id
-        self.capabilities = Capabilities(regex=True, token_ids=True, max_running=max_running, max_context=1 << 20)
+        self.capabilities = Capabilities(regex=True, token_ids=True, max_running=max_running,
+                                         max_context=1 << 20)
         self.delay_s = delay_s
         self.fault = fault
         self.calls = 0
@@ -29,8 +30,12 @@ class StandInBackend(BackendBase):
 
     async def generate(self, request: Request) -> Result:
         self.calls += 1
-        n = self._attempts[request.key] = self._attempts.get(request.key, 0) + 1
-        what = self.fault(request, n) if self.fault else None
+        what = None
+        if self.fault is not None:  # attempts are counted only while faults are injected
+            n = self._attempts[request.key] = self._attempts.get(request.key, 0) + 1
+            what = self.fault(request, n)
+            if what is None:
+                self._attempts.pop(request.key, None)
         delay = self.delay_s(request) if callable(self.delay_s) else self.delay_s
         if what == "hang":
             await asyncio.sleep(3600)

@@ -1,0 +1,79 @@
+"""One batch of the store's writes: sink lines appended and synced, then one SQLite transaction
+with the results, the items and the new sink lengths. Runs on the store's writer thread."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections import defaultdict
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from engine.store import Store
+
+Op = tuple  # ("r", key, value) | ("i", key, value, ((sink, line), ...)) | ("m", k, v)
+
+# Many rows per INSERT statement: executemany() releases and re-takes the GIL once per row, and
+# with the event loop holding it every re-take can wait a switch interval (5 ms). One statement
+# per chunk keeps the writer from starving. 2 x 4096 parameters is under SQLite's 32766 limit.
+_CHUNK = 4096
+
+
+def _insert_rows(conn: sqlite3.Connection, head: str, tail: str, rows: list[tuple]) -> None:
+    if not rows:
+        return
+    width = len(rows[0])
+    group = "(" + ",".join("?" * width) + ")"
+    for i in range(0, len(rows), _CHUNK):
+        chunk = rows[i : i + _CHUNK]
+        sql = f"{head} VALUES {','.join([group] * len(chunk))} {tail}"
+        conn.execute(sql, [x for row in chunk for x in row])
+
+
+def commit_batch(conn: sqlite3.Connection, ops: list[Op], files: dict[str, BinaryIO], store: Store) -> None:
+    """Write `ops` durably. Raises on any failure; the caller then stops writing for good, and
+    lines written past the last committed sink length are cut off at the next open."""
+    if not ops:
+        return
+    results: dict[bytes, bytes] = {}
+    items: list[tuple[bytes, bytes | None]] = []
+    metas: list[tuple[str, bytes | str]] = []
+    chunks: dict[str, list[bytes]] = defaultdict(list)
+    for op in ops:
+        kind = op[0]
+        if kind == "r":
+            results[op[1]] = op[2]
+        elif kind == "i":
+            items.append((op[1], op[2]))
+            for name, line in op[3]:
+                chunks[name].append(line)
+        else:
+            metas.append((op[1], op[2]))
+    for name, parts in chunks.items():
+        f = files[name]
+        f.write(b"".join(parts))
+        f.flush()
+        os.fsync(f.fileno())  # the lines must be on disk before the length that covers them
+        metas.append((f"sink:{name}", str(f.tell())))
+    try:
+        conn.execute("BEGIN")
+        # Sorted keys walk the index in order: neighbouring inserts share B-tree pages.
+        _insert_rows(conn, "INSERT INTO results(key, value)",
+                     "ON CONFLICT(key) DO UPDATE SET value=excluded.value", sorted(results.items()))
+        _insert_rows(conn, "INSERT OR IGNORE INTO items(key, value)", "", items)
+        conn.executemany("INSERT OR REPLACE INTO meta(k, v) VALUES (?, ?)", metas)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        raise
+    store.commits += 1
+    recent, recent_items = store._recent, store._recent_items
+    for key, raw in results.items():
+        if recent.get(key) is raw:  # a newer put of the same key stays visible until its commit
+            recent.pop(key, None)
+    for key, _ in items:
+        recent_items.discard(key)

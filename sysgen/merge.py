@@ -1,0 +1,155 @@
+"""`sysgen merge OUT DIR...`: combine the output directories of `--shard i/N` runs into one.
+
+data.jsonl and dropped.jsonl are concatenated, each id once (a kept record wins over a drop of
+the same id); only the bytes each shard's store committed are read, so a shard killed mid-write
+contributes no half line. The stores' results are merged with INSERT OR IGNORE, so a later
+`sysgen run` over the same inputs into OUT answers every request from the store. stats.json is
+recomputed from the merged files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sqlite3
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import xxhash
+
+from engine.store import SCHEMA_VERSION, Store, StoreError
+from sysgen import stats
+
+log = logging.getLogger(__name__)
+SINKS = ("data", "dropped")
+
+
+def _committed_length(shard: Path, sink: str) -> int | None:
+    """The sink length the shard's store committed, or None without a store (read it all)."""
+    db = shard / "store.db"
+    if not db.exists():
+        return None
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT v FROM meta WHERE k=?", (f"sink:{sink}",)).fetchone()
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{db}: not a readable store ({e}). Fix: merge only sysgen output dirs") from e
+    finally:
+        conn.close()
+    return int(row[0]) if row else 0
+
+
+def _lines(path: Path, limit: int | None) -> Iterator[bytes]:
+    if not path.exists():
+        return
+    left = limit if limit is not None else os.path.getsize(path)
+    with open(path, "rb", buffering=1 << 20) as f:
+        for line in f:
+            if left <= 0:
+                return
+            line = line[:left]
+            left -= len(line)
+            if not line.endswith(b"\n"):
+                log.warning("%s: last line is incomplete (the run was cut off); skipped", path)
+                return
+            yield line
+
+
+def _merge_sinks(out: Path, shards: list[Path]) -> dict[str, int]:
+    seen: set[int] = set()  # 128-bit hashes of ids: ~50 bytes an instance, not the records
+    counts = {"duplicates": 0}
+    for sink in SINKS:  # data first: a kept record wins over a drop of the same id
+        tmp = out / f"{sink}.jsonl.merging"
+        n = 0
+        with open(tmp, "wb", buffering=1 << 20) as w:
+            for shard in shards:
+                for line in _lines(shard / f"{sink}.jsonl", _committed_length(shard, sink)):
+                    h = xxhash.xxh3_128_intdigest(orjson.loads(line)["id"].encode())
+                    if h in seen:
+                        counts["duplicates"] += 1
+                        continue
+                    seen.add(h)
+                    w.write(line)
+                    n += 1
+        tmp.replace(out / f"{sink}.jsonl")
+        counts[sink] = n
+    return counts
+
+
+def _check_schema(db: Path) -> None:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{db}: not a sysgen store ({e}). Fix: merge only sysgen output directories") from e
+    finally:
+        conn.close()
+    if row is None or int(row[0]) != SCHEMA_VERSION:
+        found = row[0] if row else "?"
+        raise StoreError(f"{db}: store schema v{found}, this version reads v{SCHEMA_VERSION}. "
+                         "Fix: merge with the sysgen version that wrote the shards")
+
+
+def _merge_stores(out: Path, shards: list[Path]) -> int:
+    dbs = [s / "store.db" for s in shards if (s / "store.db").exists()]
+    for db in dbs:
+        _check_schema(db)
+    with Store.open(out / "store.db"):
+        pass  # creates the schema
+    conn = sqlite3.connect(out / "store.db", isolation_level=None)
+    try:
+        for db in dbs:
+            conn.execute("ATTACH DATABASE ? AS shard", (f"file:{db}?mode=ro",))
+            conn.execute("BEGIN")
+            conn.execute("INSERT OR IGNORE INTO results(key, value) "
+                         "SELECT key, value FROM shard.results ORDER BY id")
+            conn.execute("COMMIT")
+            conn.execute("DETACH DATABASE shard")
+        return conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def merge(out: str | os.PathLike, shards: list[str | os.PathLike]) -> dict:
+    """Merge shard output directories into `out` (created if needed, its outputs replaced).
+    Returns the stats.json written."""
+    out, dirs = Path(out), [Path(s) for s in shards]
+    for d in dirs:
+        if not (d / "data.jsonl").exists() and not (d / "dropped.jsonl").exists():
+            raise ValueError(f"{d}: no data.jsonl or dropped.jsonl. "
+                             "Fix: pass the --out directories of the shard runs")
+        if d.resolve() == out.resolve():
+            raise ValueError(f"{d}: is the merge output too. Fix: merge into a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "store.db").exists():  # a merge replaces OUT's outputs: start its store afresh too
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{out / 'store.db'}{suffix}").unlink(missing_ok=True)
+    counts = _merge_sinks(out, dirs)
+    results = _merge_stores(out, dirs)
+    extra = {"merged_from": [str(d) for d in dirs], "merge": {**counts, "stored_results": results}}
+    return stats.write(out, extra)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    try:
+        st = merge(args.out, args.shards)
+    except (ValueError, StoreError) as e:
+        print(f"sysgen merge: error: {e}", file=sys.stderr)
+        return 2
+    m = st["merge"]
+    print(f"sysgen merge: {len(args.shards)} shards → {args.out}: {m['data']:,} kept, "
+          f"{m['dropped']:,} dropped, "
+          f"{m['duplicates']:,} duplicate ids skipped, {m['stored_results']:,} stored results; "
+          f"accounted={st['accounted']}", file=sys.stderr)
+    return 0
+
+
+def add_merge_parser(sub) -> None:
+    p = sub.add_parser("merge", help="combine the output directories of --shard runs",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="merged output directory")
+    p.add_argument("shards", nargs="+", help="the --out directories of the shard runs")
+    p.set_defaults(func=cmd_merge)

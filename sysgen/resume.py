@@ -1,0 +1,165 @@
+"""Where a run starts again and which items are already done, without reading finished input twice
+and without holding every key in memory.
+
+- The fingerprint names what makes outputs comparable (settings, prompt texts, format, shard). A
+  changed fingerprint empties the outputs; stored requests whose own inputs did not change are
+  still reused, because request keys are independent of it.
+- An item's done marker is keyed fingerprint + source + line, big-endian, so markers are appended
+  in key order (cheap inserts) and the last one of each source is one index lookup away.
+- The watermark is the position of the last instance before which everything is done. A re-run
+  seeks there; items after it are done only if their line is at most the last done line of their
+  source, and only those few are looked up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import xxhash
+
+from engine.store import Store
+from sysgen import prompts
+from sysgen.config import RunConfig
+from sysgen.datasets import iter_instances, source_name
+from sysgen.datasets.instance import Instance, Rejected
+from sysgen.phases import PhaseSettings
+
+log = logging.getLogger(__name__)
+WATERMARK_EVERY_S = 0.5  # a stale watermark only costs a few more done-marker lookups on resume
+
+
+def fingerprint(cfg: RunConfig, settings: PhaseSettings) -> str:
+    """16 hex digits over everything that makes this run's outputs comparable to an earlier one's."""
+    payload = {"settings": settings.__dict__, "prompts": prompts.digests(), "format": cfg.format,
+               "shard": cfg.shard}
+    return xxhash.xxh3_64_hexdigest(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS))
+
+
+def in_shard(item: Instance | Rejected, shard: tuple[int, int] | None) -> bool:
+    """Instances split by conversation content (stable across runs, machines and file order);
+    unreadable rows by their position, so each is reported by exactly one shard."""
+    if shard is None:
+        return True
+    i, n = shard
+    if isinstance(item, Instance):
+        return item.content_hash % n == i
+    return xxhash.xxh3_64_intdigest(f"{source_name(item.path)}:{item.line}".encode()) % n == i
+
+
+class Resume:
+    """Done markers and the watermark of one output directory, for one fingerprint."""
+
+    def __init__(self, store: Store, cfg: RunConfig, fp: str) -> None:
+        self.store, self.cfg, self.fp = store, cfg, fp
+        self._fp = bytes.fromhex(fp)
+        self._src: dict[str, bytes] = {}  # path -> 8-byte source hash
+        self.resuming = False
+        self.watermark: dict | None = None
+        self.last_done: dict[bytes, int] = {}  # source hash -> last line with a done marker
+
+    @classmethod
+    def open(cls, store: Store, out: Path, cfg: RunConfig, fp: str) -> Resume:
+        """Register the sinks; empty them if the configuration changed; load resume points."""
+        r = cls(store, cfg, fp)
+        store.add_sink("data", out / "data.jsonl")
+        store.add_sink("dropped", out / "dropped.jsonl")
+        old = store.get_meta("fingerprint")
+        if old is not None and old.decode() != fp:
+            log.warning("the configuration changed since the last run in %s: outputs start afresh; stored "
+                        "requests whose inputs did not change are reused", out)
+            store.reset_outputs()
+        store.set_meta("fingerprint", fp)
+        r.resuming = old is not None and old.decode() == fp
+        if r.resuming:
+            r._load()
+        return r
+
+    def _load(self) -> None:
+        raw = self.store.get_meta("watermark")
+        wm = orjson.loads(raw) if raw is not None else None
+        if wm and wm.get("fingerprint") == self.fp and tuple(wm.get("inputs", ())) == self.cfg.inputs:
+            self.watermark = wm
+        for path in self.cfg.inputs:
+            prefix = self._fp + self._source(path)
+            last = self.store.last_item(prefix, prefix + b"\xff" * 9)
+            if last is not None:
+                self.last_done[self._source(path)] = int.from_bytes(last[16:], "big")
+
+    def _source(self, path: str) -> bytes:
+        s = self._src.get(path)
+        if s is None:
+            s = self._src[path] = xxhash.xxh3_64_digest(source_name(path).encode())
+        return s
+
+    def item_key(self, item: Instance | Rejected) -> bytes:
+        return self._fp + self._source(item.path) + item.line.to_bytes(8, "big")
+
+    def is_done(self, item: Instance | Rejected, key: bytes) -> bool:
+        last = self.last_done.get(key[8:16])
+        return last is not None and item.line <= last and self.store.has_item(key)
+
+    def stream(self) -> Iterator[tuple[int, Instance | Rejected]]:
+        """(seq, item) for the configured inputs, shard and limit, starting at the watermark."""
+        cfg, wm = self.cfg, self.watermark
+        inputs, start, seq = list(cfg.inputs), None, 0
+        if wm is not None:
+            inputs = inputs[inputs.index(wm["path"]):]
+            start = {wm["path"]: (wm["line"], wm["offset"])}
+            seq = wm["seq"]
+        shard = cfg.shard_spec
+        for item in iter_instances(inputs, fmt=cfg.format, strict=cfg.strict, start=start):
+            if shard is not None and not in_shard(item, shard):
+                continue
+            if cfg.limit is not None and seq >= cfg.limit:
+                return
+            yield seq, item
+            seq += 1
+
+
+class Position:
+    __slots__ = ("seq", "where", "done")
+
+    def __init__(self, seq: int, item: Instance | Rejected, done: bool = False) -> None:
+        self.seq = seq
+        # Only instances carry a byte offset to seek to; rows after it are re-read and skipped.
+        self.where = (item.path, item.line, item.offset) if isinstance(item, Instance) else None
+        self.done = done
+
+
+class Watermark:
+    """Positions in stream order; the finished head is popped and the last popped instance's
+    position written (through the store's queue, so never ahead of the done markers before it)."""
+
+    def __init__(self, store: Store, fp: str, inputs: tuple[str, ...]) -> None:
+        self.store, self.fp, self.inputs = store, fp, list(inputs)
+        self.order: deque[Position] = deque()
+        self._pending: Position | None = None
+        self._written_at = 0.0
+
+    def add(self, seq: int, item: Instance | Rejected, done: bool = False) -> Position:
+        pos = Position(seq, item, done)
+        self.order.append(pos)
+        return pos
+
+    @property
+    def spread(self) -> int:
+        """Items between the oldest unfinished one and the newest: bounds the memory this holds."""
+        return len(self.order)
+
+    def advance(self, now: float, force: bool = False) -> None:
+        order = self.order
+        while order and order[0].done:
+            pos = order.popleft()
+            if pos.where is not None:
+                self._pending = pos
+        last = self._pending
+        if last is not None and (force or now - self._written_at >= WATERMARK_EVERY_S):
+            self._pending, self._written_at = None, now
+            path, line, offset = last.where
+            self.store.set_meta("watermark", orjson.dumps({
+                "fingerprint": self.fp, "inputs": self.inputs, "seq": last.seq,
+                "path": path, "line": line, "offset": offset}))
