@@ -123,12 +123,21 @@ class Worker:
     def _admit(self, new: list[Row]) -> None:
         if self.prefixes is not None:
             self._cache_group_prefixes(new)
-        parts, logits = [], []
+        parts, logits, ok = [], [], []
         for row in new:
-            layers, last = self._prefill(row)
+            try:
+                layers, last = self._prefill(row)
+            except Exception as exc:  # this prompt's failure is not its neighbours'
+                log.warning("hf backend: prefill failed: %r", exc, exc_info=True)
+                row.resolve(error=TransientEngineError(f"hf backend: prefill failed: {exc!r}", row.request))
+                continue
             row.n_real = len(row.ids)
             parts.append(layers)
             logits.append(last)
+            ok.append(row)
+        if not ok:
+            return
+        new = ok
         tokens = self.chooser.choose(new, torch.stack(logits).float())
         joining = [i for i, tok in enumerate(tokens) if not self._accept(new[i], tok)]
         if not joining:
@@ -147,7 +156,10 @@ class Worker:
             seqs = [r.ids for r in rows]
             n = min(common_prefix_len(seqs), min(len(s) for s in seqs) - 1)
             if n >= MIN_PREFIX:
-                self._ensure_prefix(seqs[0][:n])
+                try:
+                    self._ensure_prefix(seqs[0][:n])
+                except Exception as exc:  # only an optimisation: the rows prefill in full instead
+                    log.warning("hf backend: shared-prefix prefill failed: %r", exc, exc_info=True)
 
     def _ensure_prefix(self, prefix: tuple[int, ...]) -> None:
         hit = self.prefixes.lookup(prefix, proper=False)
