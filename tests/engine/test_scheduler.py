@@ -1,0 +1,181 @@
+"""The scheduler against fault-injecting stand-in engines: hits, dedupe, window, retries, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from engine.backends.standin import StandInBackend
+from engine.request import Request, SamplingParams, request_key
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.store import Store
+
+FAST = SchedulerConfig(max_inflight=4, max_retries=2, timeout_s=0.2,
+                       backoff_base_s=0.001, backoff_max_s=0.002)
+
+
+def req(i: int, regex: str | None = None) -> Request:
+    return Request(prompt=f"prompt {i}", sampling=SamplingParams(max_new_tokens=8), model="m", regex=regex,
+                   group="g")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_store_hit_skips_the_engine(tmp_path):
+    backend = StandInBackend(lambda r: "answer")
+
+    async def go():
+        with Store.open(tmp_path / "s.db") as st:
+            s = Scheduler(backend, st, FAST)
+            first = await s.submit(req(1))
+            again = await s.submit(req(1))
+            return first, again, s.metrics
+
+    first, again, m = run(go())
+    assert first.text == again.text == "answer"
+    assert backend.calls == 1 and m.hits == 1 and m.engine_calls == 1
+
+
+def test_identical_requests_in_flight_share_one_engine_call():
+    backend = StandInBackend(lambda r: "x", delay_s=0.02)
+
+    async def go():
+        s = Scheduler(backend, None, FAST)
+        return await asyncio.gather(*(s.submit(req(7)) for _ in range(5))), s.metrics
+
+    results, m = run(go())
+    assert {r.text for r in results} == {"x"} and backend.calls == 1 and m.deduped == 4
+
+
+def test_window_bounds_requests_in_flight():
+    peak = {"now": 0, "max": 0}
+
+    class Counting(StandInBackend):
+        async def generate(self, request):
+            peak["now"] += 1
+            peak["max"] = max(peak["max"], peak["now"])
+            try:
+                return await super().generate(request)
+            finally:
+                peak["now"] -= 1
+
+    backend = Counting(lambda r: "x", delay_s=0.005)
+
+    async def go():
+        s = Scheduler(backend, None, FAST)
+        await asyncio.gather(*(s.submit(req(i)) for i in range(40)))
+
+    run(go())
+    assert peak["max"] == FAST.max_inflight
+
+
+def test_transient_errors_are_retried_then_succeed():
+    backend = StandInBackend(lambda r: "ok", fault=lambda r, n: "error" if n <= 2 else None)
+
+    async def go():
+        s = Scheduler(backend, None, FAST)
+        return await s.submit(req(1)), s.metrics
+
+    res, m = run(go())
+    assert res.ok and res.text == "ok" and res.attempts == 3 and m.retries == 2
+
+
+def test_persistent_errors_become_a_stored_failure_with_the_reason(tmp_path):
+    backend = StandInBackend(lambda r: "never", fault=lambda r, n: "error")
+
+    async def go():
+        with Store.open(tmp_path / "s.db") as st:
+            s = Scheduler(backend, st, FAST)
+            return await s.submit(req(1)), s.metrics
+
+    res, m = run(go())
+    assert not res.ok and "gave up after 3 attempts" in res.error and "injected engine error" in res.error
+    assert m.failures == 1 and backend.calls == 3
+    with Store.open(tmp_path / "s.db") as st:
+        assert st.get(req(1).key).error == res.error
+
+
+def test_a_hang_times_out_and_is_retried():
+    backend = StandInBackend(lambda r: "late but fine", fault=lambda r, n: "hang" if n == 1 else None)
+
+    async def go():
+        s = Scheduler(backend, None, FAST)
+        return await s.submit(req(1))
+
+    res = run(go())
+    assert res.ok and res.attempts == 2
+
+
+def test_a_request_that_always_hangs_is_recorded_as_a_timeout():
+    backend = StandInBackend(lambda r: "x", fault=lambda r, n: "hang")
+
+    async def go():
+        return await Scheduler(backend, None, FAST).submit(req(1))
+
+    res = run(go())
+    assert not res.ok and "timeout after 0.2s" in res.error and res.attempts == 3
+
+
+def test_truncated_constrained_output_is_retried_with_new_sampling():
+    seen = []
+
+    def fault(r, n):
+        seen.append(r.sampling)
+        return "truncate" if len(seen) == 1 else None
+
+    backend = StandInBackend(lambda r: "<Role>x</Role>\n", fault=fault)
+
+    async def go():
+        return await Scheduler(backend, None, FAST).submit(req(1, regex="(<Role>x</Role>\n)"))
+
+    res = run(go())
+    assert res.finish_reason == "stop" and len(seen) == 2
+    assert seen[1].seed != seen[0].seed and seen[1].temperature > 0
+
+
+def test_truncation_retries_are_bounded_and_unconstrained_ones_not_retried():
+    backend = StandInBackend(lambda r: "abcdefgh", fault=lambda r, n: "truncate")
+
+    async def go():
+        s = Scheduler(backend, None, FAST)
+        return await s.submit(req(1, regex="a+")), await s.submit(req(2))
+
+    constrained, free = run(go())
+    assert constrained.finish_reason == "length" and free.finish_reason == "length"
+    assert backend.calls == 1 + FAST.length_retries + 1
+
+
+def test_rejection_is_not_retried_and_engine_death_propagates():
+    from engine.backend import EngineDied
+
+    rejecting = StandInBackend(lambda r: "x", fault=lambda r, n: "reject")
+    res = run(Scheduler(rejecting, None, FAST).submit(req(1)))
+    assert not res.ok and res.error.startswith("rejected:") and rejecting.calls == 1
+    dying = StandInBackend(lambda r: "x", fault=lambda r, n: "die")
+    with pytest.raises(EngineDied):
+        run(Scheduler(dying, None, FAST).submit(req(1)))
+
+
+def test_stored_failures_are_reused_unless_asked_to_retry(tmp_path):
+    failing = StandInBackend(lambda r: "x", fault=lambda r, n: "error")
+    working = StandInBackend(lambda r: "fixed")
+
+    async def go(backend, **kw):
+        with Store.open(tmp_path / "s.db") as st:
+            return await Scheduler(backend, st, FAST, **kw).submit(req(1))
+
+    assert not run(go(failing)).ok
+    assert not run(go(working)).ok and working.calls == 0
+    assert run(go(working, retry_stored_failures=True)).text == "fixed"
+    assert run(go(StandInBackend(lambda r: "other"))).text == "fixed"
+
+
+def test_sampling_dict_matches_the_dataclass_so_request_keys_never_drift():
+    s = SamplingParams(temperature=0.3, top_p=0.9, max_new_tokens=12, seed=4, stop=("\n",))
+    assert s.to_dict() == dataclasses.asdict(s)
+    assert request_key("m", "p", s, None) == request_key("m", "p", dataclasses.replace(s), None)
+    assert request_key("m", "p", s, None) != request_key("m", "p", dataclasses.replace(s, seed=5), None)

@@ -1,0 +1,222 @@
+"""The checkpoint store: content-addressed results, done markers, exactly-once sinks, failures."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+
+import orjson
+import pytest
+
+import engine.store as store_mod
+from engine.keyfilter import KeyFilter
+from engine.request import Result
+from engine.store import Store, StoreError
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+def test_put_get_visible_before_and_after_commit(tmp_path):
+    with Store.open(tmp_path / "s.db") as st:
+        st.put(key(1), Result("hello", "stop", prompt_tokens=3, completion_tokens=1))
+        assert st.get(key(1)).text == "hello"  # not committed yet
+        assert st.get(key(2)) is None
+        st.flush()
+        assert st.count() == 1
+    with Store.open(tmp_path / "s.db") as st:
+        got = st.get(key(1))
+        assert (got.text, got.finish_reason, got.prompt_tokens) == ("hello", "stop", 3)
+        assert st.get(key(2)) is None
+
+
+def test_values_are_json_and_failures_keep_their_reason(tmp_path):
+    with Store.open(tmp_path / "s.db") as st:
+        st.put(key(1), Result.failure("gave up after 4 attempts: timeout after 5s", 4))
+    raw = sqlite3.connect(tmp_path / "s.db").execute("SELECT value FROM results").fetchone()[0]
+    assert orjson.loads(raw)["error"] == "gave up after 4 attempts: timeout after 5s"
+    with Store.open(tmp_path / "s.db") as st:
+        got = st.get(key(1))
+        assert not got.ok and got.attempts == 4 and "timeout" in got.error
+
+
+def test_a_later_put_replaces_a_stored_failure(tmp_path):
+    with Store.open(tmp_path / "s.db") as st:
+        st.put(key(1), Result.failure("engine error"))
+    with Store.open(tmp_path / "s.db") as st:
+        st.put(key(1), Result("fine", "stop"))
+    with Store.open(tmp_path / "s.db") as st:
+        assert st.get(key(1)).ok and st.count() == 1
+
+
+def test_schema_version_mismatch_is_a_clear_error(tmp_path):
+    with Store.open(tmp_path / "s.db"):
+        pass
+    conn = sqlite3.connect(tmp_path / "s.db")
+    conn.execute("UPDATE meta SET v='1' WHERE k='schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match=r"schema v1, this version reads v\d+\. Fix: write to a new --out"):
+        Store.open(tmp_path / "s.db")
+
+
+def test_foreign_files_are_refused(tmp_path):
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.commit()
+    with pytest.raises(StoreError, match="not a sysgen store"):
+        Store.open(other)
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(StoreError, match="not a usable store"):
+        Store.open(junk)
+
+
+def test_sink_is_cut_back_to_its_committed_length(tmp_path):
+    sink = tmp_path / "data.jsonl"
+    with Store.open(tmp_path / "s.db") as st:
+        st.add_sink("data", sink)
+        st.finish_item(b"a", None, (("data", b'{"id":"a"}\n'),))
+    committed = sink.read_bytes()
+    with open(sink, "ab") as f:  # what a kill -9 between the sink write and the commit leaves
+        f.write(b'{"id":"b"}\n{"id":"c", "half')
+    with Store.open(tmp_path / "s.db") as st:
+        assert st.add_sink("data", sink) == len(committed)
+        assert st.has_item(b"a") and not st.has_item(b"b")
+    assert sink.read_bytes() == committed
+
+
+def test_sink_shorter_than_committed_is_refused(tmp_path):
+    sink = tmp_path / "data.jsonl"
+    with Store.open(tmp_path / "s.db") as st:
+        st.add_sink("data", sink)
+        st.finish_item(b"a", None, (("data", b'{"id":"a"}\n'),))
+    sink.write_bytes(b"")
+    with Store.open(tmp_path / "s.db") as st, pytest.raises(StoreError, match="truncated or replaced"):
+        st.add_sink("data", sink)
+
+
+def test_reset_outputs_forgets_items_and_empties_sinks(tmp_path):
+    sink = tmp_path / "data.jsonl"
+    with Store.open(tmp_path / "s.db") as st:
+        st.add_sink("data", sink)
+        st.put(key(1), Result("kept", "stop"))
+        st.finish_item(b"a", None, (("data", b"x\n"),))
+        st.reset_outputs()
+        assert not st.has_item(b"a") and st.get(key(1)).text == "kept"
+        st.finish_item(b"b", None, (("data", b"y\n"),))
+    assert sink.read_bytes() == b"y\n"
+    with Store.open(tmp_path / "s.db") as st:
+        assert st.add_sink("data", sink) == 2 and st.count("items") == 1
+
+
+def test_last_item_finds_the_greatest_key_in_a_range(tmp_path):
+    with Store.open(tmp_path / "s.db") as st:
+        for line in (3, 17, 5):
+            st.finish_item(b"P" + line.to_bytes(8, "big"))
+        st.finish_item(b"Q" + (99).to_bytes(8, "big"))
+        st.flush()
+        assert st.last_item(b"P", b"P\xff" * 9) == b"P" + (17).to_bytes(8, "big")
+        assert st.last_item(b"R", b"R\xff") is None
+
+
+class _FullDisk:
+    """A sink whose writes fail the way a full disk fails them."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_disk_full_stops_the_store_cleanly_and_keeps_what_was_committed(tmp_path, monkeypatch):
+    sink = tmp_path / "data.jsonl"
+    with Store.open(tmp_path / "s.db") as st:
+        st.add_sink("data", sink)
+        st.put(key(1), Result("one", "stop"))
+        st.finish_item(b"a", None, (("data", b"a\n"),))
+    monkeypatch.setattr(Store, "_open_sink", lambda self, path: _FullDisk(open(path, "ab")))  # noqa: SIM115
+    st = Store.open(tmp_path / "s.db")
+    st.add_sink("data", sink)
+    st.put(key(2), Result("two", "stop"))
+    st.finish_item(b"b", None, (("data", b"b\n"),))
+    with pytest.raises(StoreError, match="disk is full"):
+        st.flush()
+    with pytest.raises(StoreError):  # and every later write says so too
+        st.put(key(3), Result("three", "stop"))
+    st.close()  # already reported: closing does not raise it again
+    monkeypatch.undo()
+    with Store.open(tmp_path / "s.db") as st:
+        assert st.add_sink("data", sink) == 2
+        assert st.get(key(1)).text == "one" and st.get(key(2)) is None and not st.has_item(b"b")
+    assert sink.read_bytes() == b"a\n"
+
+
+def test_a_failing_commit_rolls_back_and_is_reported(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = store_mod.commit_batch
+
+    def flaky(conn, ops, files, store):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(conn, ops, files, store)
+
+    monkeypatch.setattr(store_mod, "commit_batch", flaky)
+    st = Store.open(tmp_path / "s.db")
+    st.put(key(1), Result("one", "stop"))
+    st.flush()
+    st.put(key(2), Result("two", "stop"))
+    with pytest.raises(StoreError, match="disk is full"):
+        st.flush()
+    st.close()
+    monkeypatch.undo()
+    with Store.open(tmp_path / "s.db") as st:
+        assert st.count() == 1 and st.get(key(1)) is not None
+
+
+def test_close_raises_a_failure_nobody_saw(tmp_path, monkeypatch):
+    def broken(conn, ops, files, store):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store_mod, "commit_batch", broken)
+    st = Store.open(tmp_path / "s.db")
+    st.put(key(1), Result("one", "stop"))
+    with pytest.raises(StoreError, match="disk I/O error"):
+        st.close()
+
+
+def test_batches_commit_by_size_and_backlog_drains(tmp_path):
+    with Store.open(tmp_path / "s.db", commit_every=100, commit_interval_s=30) as st:
+        for i in range(1000):
+            st.put(key(i), Result(str(i), "stop"))
+        st.flush()
+        assert st.backlog == 0 and st.count() == 1000
+        assert 10 <= st.commits <= 11
+
+
+def test_key_filter_has_no_false_negatives_and_few_false_positives():
+    f = KeyFilter(1000)
+    keys = [os.urandom(16) for _ in range(5000)]  # five times its first capacity: it grows
+    f.add_many(keys[:2500])
+    for k in keys[2500:]:
+        f.add(k)
+    assert all(k in f for k in keys)
+    false = sum(os.urandom(16) in f for _ in range(20000))
+    assert false / 20000 < 0.1
+    f.add(b"a key of another length")
+    assert b"a key of another length" in f
+
+
+def test_filter_is_built_from_an_existing_store(tmp_path):
+    with Store.open(tmp_path / "s.db") as st:
+        for i in range(300):
+            st.put(key(i), Result(str(i), "stop"))
+    with Store.open(tmp_path / "s.db") as st:
+        assert all(st.get(key(i)).text == str(i) for i in range(300))
+        assert st.get(key(10_000)) is None
