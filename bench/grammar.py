@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -55,6 +56,18 @@ TAGGED_OUTPUTS = (
     "<Role>You are an assistant that writes SQL for a PostgreSQL 15 database.</Role>\n"
     "<Tool>The schema is given in the user's message; do not invent tables or columns.</Tool>\n"
     "<Format>Return only the query, then one sentence explaining it.</Format>\n",
+    # Verbose phrases (150-290 characters), as larger models often write for Content and Background:
+    # mask cost inside a bounded repeat grows with the position in the phrase, so these matter.
+    "<Role>You are a meticulous research assistant for graduate students in molecular biology.</Role>\n"
+    "<Background>The user is preparing a literature review on CRISPR off-target effects, has read the "
+    "foundational papers already, and needs help organising recent findings by method, organism and year "
+    "of publication.</Background>\n"
+    "<Format>A table followed by a short paragraph.</Format>\n",
+    "<Content>Questions about personal finance for young adults, including budgeting on an irregular "
+    "income, building an emergency fund, paying down high-interest debt first, choosing between a "
+    "workplace pension and a private account, and avoiding common scams aimed at first-time investors."
+    "</Content>\n"
+    "<Style>Practical and non-judgemental.</Style>\n",
 )
 
 
@@ -86,10 +99,13 @@ def p1_shapes() -> dict[str, str]:
 class ShapeCost:
     name: str
     regex_chars: int
+    walked: int  # walk texts this shape admits
     compile_s: float
     grammar_bytes: int
     mask_us_p50: float
     mask_us_p90: float
+    mask_us_p99: float
+    mask_us_max: float
     step_ms_bs: dict[str, float]  # method -> median ms to fill the masks of `batch` sequences
 
 
@@ -101,8 +117,8 @@ def measure_shape(info: xgr.TokenizerInfo, name: str, regex: str, walks: Sequenc
     compile_s = time.perf_counter() - t0
     per_token = walk_mask_us(grammar, info.vocab_size, walks)
     step = batch_step_ms(grammar, info.vocab_size, walks, batch=batch, steps=steps, threads=threads)
-    return ShapeCost(name, len(regex), compile_s, grammar.memory_size_bytes, _pct(per_token, 50),
-                     _pct(per_token, 90), step)
+    return ShapeCost(name, len(regex), len(walks), compile_s, grammar.memory_size_bytes,
+                     _pct(per_token, 50), _pct(per_token, 90), _pct(per_token, 99), max(per_token), step)
 
 
 def walk_mask_us(grammar: xgr.CompiledGrammar, vocab_size: int,
@@ -197,9 +213,14 @@ def run(info: xgr.TokenizerInfo, encode: Callable[[str], list[int]], *, eos_id: 
         reference: str | None = None) -> dict[str, Any]:
     """The benchmark's core: costs per shape plus the GPU comparison for `reference` (default: first)."""
     threads = tuple(threads) or tuple(sorted({1, os.cpu_count() or 1}))
-    walks = [encode(t) + [eos_id] for t in texts]
-    costs = [measure_shape(info, name, rx, walks, batch=batch, steps=steps, threads=threads)
-             for name, rx in shapes.items()]
+    costs = []
+    for name, rx in shapes.items():
+        # A shape walks only the texts it admits (a 100-character bound cannot express a 280-character
+        # phrase); `walked` says how many that was.
+        walks = [encode(t) + [eos_id] for t in texts if re.fullmatch(rx, t)]
+        if not walks:
+            raise ValueError(f"shape {name} admits none of the walk texts")
+        costs.append(measure_shape(info, name, rx, walks, batch=batch, steps=steps, threads=threads))
     p3_walks = [encode(v) + [eos_id] for v in _p3_texts()]
     p3_cost = measure_shape(info, "p3_all_tags", p3, p3_walks, batch=batch, steps=steps, threads=threads)
     gpu = gpu or GpuModel(batch=batch)
@@ -246,7 +267,7 @@ def _tags_module_regexes() -> tuple[dict[str, str], str]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m bench.grammar", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write the results here")
-    ap.add_argument("--steps", type=int, default=20, help="decode steps timed at batch 256")
+    ap.add_argument("--steps", type=int, default=8, help="decode steps timed at batch 256")
     ap.add_argument("--context", type=int, default=GpuModel.context,
                     help="average tokens per sequence in the modelled GPU batch")
     ap.add_argument("--cache-root", type=Path, default=None,
@@ -269,12 +290,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _print(res: dict[str, Any]) -> None:
-    head = f"{'shape':24} {'chars':>6} {'compile s':>9} {'mask us p50':>11} {'p90':>7}"
+    head = (f"{'shape':22} {'chars':>5} {'walked':>6} {'compile s':>9} {'mask us p50':>11} {'p90':>8} "
+            f"{'p99':>8}")
     print(f"{head}  step ms @bs{res['batch']}")
     for c in [*res["shapes"], res["p3"]]:
         steps = "  ".join(f"{k}={v:.2f}" for k, v in c["step_ms_bs"].items())
-        print(f"{c['name']:24} {c['regex_chars']:6d} {c['compile_s']:9.3f} {c['mask_us_p50']:11.1f} "
-              f"{c['mask_us_p90']:7.1f}  {steps}")
+        print(f"{c['name']:22} {c['regex_chars']:5d} {c['walked']:6d} {c['compile_s']:9.3f} "
+              f"{c['mask_us_p50']:11.1f} {c['mask_us_p90']:8.1f} {c['mask_us_p99']:8.1f}  {steps}")
     print(f"GPU step: {res['gpu_step_arithmetic']}")
     print(f"{res['reference_shape']}: predicted constrained/unconstrained step ratio "
           f"{res['predicted_constrained_ratio']:.3f} without overlap, "

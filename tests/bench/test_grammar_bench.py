@@ -45,6 +45,7 @@ def test_core_reports_required_keys_as_positive_finite_numbers():
     assert res["predicted_constrained_ratio"] >= res["predicted_constrained_ratio_overlapped"] >= 1.0
     names = [s["name"] for s in res["shapes"]] + [res["p3"]["name"]]
     assert names == ["branch_star", "optional_bound100", "p3_all_tags"]
+    assert [s["walked"] for s in res["shapes"]] == [2, 2]
     for shape in [*res["shapes"], res["p3"]]:
         assert _positive_finite(shape["compile_s"]) and _positive_finite(shape["mask_us_p50"])
         assert set(shape["step_ms_bs"]) == {"loop_1thread", "batch_1threads", "batch_2threads"}
@@ -68,6 +69,12 @@ def test_walk_texts_are_in_every_shape_and_shapes_require_a_tag():
                 continue
             assert re.fullmatch(rx, text), (name, text)
         assert (re.fullmatch(rx, "") is None) == name.startswith("branch_"), name
+
+
+def test_a_shape_that_admits_no_walk_text_is_an_error():
+    with pytest.raises(ValueError, match="admits none"):
+        grammar.run(_byte_vocab(), _encode, eos_id=EOS, shapes={"tiny": grammar.p1_optional(r"[a-z]{1,3}")},
+                    p3=P3, texts=grammar.TAGGED_OUTPUTS[:1], batch=2, steps=1, threads=(1,))
 
 
 def test_walk_rejects_text_outside_the_grammar():
