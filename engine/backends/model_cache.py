@@ -10,6 +10,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import xxhash
@@ -69,6 +70,7 @@ def default_model_dir(cache_root: Path | None = None) -> Path:
     if (target / _COMPLETE_MARKER).is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
     try:
         _convert_gguf(gguf, tmp)
@@ -84,6 +86,17 @@ def default_model_dir(cache_root: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _remove_stale_temps(root: Path, max_age_s: float = 3600.0) -> None:
+    """Temp dirs of killed conversions; a live conversion's dir is minutes old, so it is kept."""
+    now = time.time()
+    for tmp in root.glob(".*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > max_age_s:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:

