@@ -85,7 +85,7 @@ class HFBackend(BackendBase):
     async def generate(self, request: Request) -> Result:
         from engine.backends.hf_rows import Row
 
-        if self._closed or self._worker.stopping:
+        if self._closed:
             raise EngineDied("backend closed", request)
         if request.model != self.model_id:
             raise RequestRejected(f"request is for model {request.model!r} but this backend runs "
@@ -128,6 +128,10 @@ class HFBackend(BackendBase):
             fut = self._grammars[regex] = self._compile_pool.submit(self._compiler.compile_regex, regex)
         try:
             return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            if fut.cancelled():  # close() dropped the queued compile; our caller was not cancelled
+                raise EngineDied("backend closed", request) from None
+            raise
         except Exception as exc:  # a bad regex is the request's fault: retrying cannot help
             raise RequestRejected(f"regex does not compile: {exc}", request) from exc
 

@@ -47,6 +47,8 @@ class Worker:
         self.rows: list[Row] = []
         self.cache = None  # the running batch's KV (DynamicCache of GrowingLayer)
         self.stopping = False
+        self.reason = "backend closed"  # what callers are told once the loop has ended
+        self._lock = threading.Lock()
         self.steps = 0
         # transformers 5 renamed past_key_values to cache (the old name still works, with a warning).
         params = inspect.signature(model.forward).parameters
@@ -55,7 +57,12 @@ class Worker:
         self.thread.start()
 
     def submit(self, row: Row) -> None:
-        self.inbox.put(row)
+        # Under the lock the final drain takes, so a row is either drained (and failed) or refused:
+        # never left in the inbox of a thread that has exited.
+        with self._lock:
+            if self.stopping:
+                raise EngineDied(self.reason, row.request)
+            self.inbox.put(row)
 
     def stop(self) -> None:
         self.stopping = True
@@ -65,7 +72,6 @@ class Worker:
 
     def _run(self) -> None:
         torch.set_num_threads(self.threads)
-        reason = "backend closed"
         try:
             with torch.inference_mode():
                 while not self.stopping:
@@ -76,11 +82,12 @@ class Worker:
                         self._guarded(self.rows, self._step, drop_batch=True)
         except BaseException as exc:  # a bug here must not leave callers waiting forever
             log.exception("hf worker died")
-            reason = f"hf worker died: {exc!r}"
+            self.reason = f"hf worker died: {exc!r}"
         finally:
-            self.stopping = True
+            with self._lock:
+                self.stopping = True
             for row in self.rows:
-                row.resolve(error=EngineDied(reason, row.request))
+                row.resolve(error=EngineDied(self.reason, row.request))
             self.rows, self.cache = [], None
             while True:
                 try:
@@ -88,7 +95,7 @@ class Worker:
                 except queue.Empty:
                     break
                 if row is not None:
-                    row.resolve(error=EngineDied(reason, row.request))
+                    row.resolve(error=EngineDied(self.reason, row.request))
 
     def _guarded(self, rows: list[Row], fn: Callable[[list[Row]], None], drop_batch: bool = False) -> None:
         """Run fn(rows); an exception fails exactly those rows (retryable) and the loop goes on."""

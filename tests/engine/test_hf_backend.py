@@ -263,3 +263,20 @@ def test_close_fails_pending_requests(smol_dir):
     assert not b._worker.thread.is_alive()
     with pytest.raises(EngineDied):
         asyncio.run(b.generate(_req(b, QUESTIONS[0])))
+
+
+@pytest.mark.model
+def test_close_while_requests_wait_for_their_regex(smol_dir):
+    from engine.backends.hf import HFBackend
+
+    b = HFBackend(smol_dir, model_id=DEFAULT_MODEL_ID, max_batch=1)
+    regexes = [rf"<Role>[^<>\n]{{1,{n}}}</Role>\n" for n in (150, 151, 152)]  # distinct: one compile each
+
+    async def go():
+        tasks = [asyncio.create_task(b.generate(_req(b, "hi", regex=rx))) for rx in regexes]
+        await asyncio.sleep(0.05)  # the first compiles, the others queue behind it
+        await b.close()
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+
+    outcomes = asyncio.run(go())
+    assert all(isinstance(o, EngineDied) for o in outcomes), outcomes  # none hangs, none looks cancelled
