@@ -50,5 +50,6 @@ class Metrics:
         d = asdict(self)
         d.pop("started")
         d.update(misses=self.misses, elapsed_s=round(self.elapsed_s, 3),
-                 output_tokens_per_s=round(self.output_tokens_per_s, 2), cached_ratio=round(self.cached_ratio, 4))
+                 output_tokens_per_s=round(self.output_tokens_per_s, 2),
+                 cached_ratio=round(self.cached_ratio, 4))
         return d

@@ -16,6 +16,8 @@ Op = tuple  # ("r", key, value) | ("i", key, value, ((sink, line), ...)) | ("m",
 # Many rows per INSERT statement: executemany() releases and re-takes the GIL once per row, and
 # with the event loop holding it every re-take can wait a switch interval (5 ms). One statement
 # per chunk keeps the writer from starving. 2 x 4096 parameters is under SQLite's 32766 limit.
+# Chunks are powers of two so that at most 13 statement texts exist per table: the connection
+# caches prepared statements, and one per remainder size would cache ~100 MB of them.
 _CHUNK = 4096
 
 
@@ -24,10 +26,12 @@ def _insert_rows(conn: sqlite3.Connection, head: str, tail: str, rows: list[tupl
         return
     width = len(rows[0])
     group = "(" + ",".join("?" * width) + ")"
-    for i in range(0, len(rows), _CHUNK):
-        chunk = rows[i : i + _CHUNK]
-        sql = f"{head} VALUES {','.join([group] * len(chunk))} {tail}"
-        conn.execute(sql, [x for row in chunk for x in row])
+    i = 0
+    while i < len(rows):
+        size = min(_CHUNK, 1 << ((len(rows) - i).bit_length() - 1))
+        chunk = rows[i : i + size]
+        conn.execute(f"{head} VALUES {','.join([group] * size)} {tail}", [x for row in chunk for x in row])
+        i += size
 
 
 def commit_batch(conn: sqlite3.Connection, ops: list[Op], files: dict[str, BinaryIO], store: Store) -> None:
