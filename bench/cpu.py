@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -129,8 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
     run_backend(backend, plain[:2], 4)
     run_backend(backend, p1[:1], 2, regex=p1_regex)
 
+    # Other processes on a small machine distort CPU timings badly (OpenMP threads spin-wait), so the
+    # load average is recorded next to the numbers.
     res: dict[str, Any] = {"prompts": len(instrs), "prompt_source": source, "max_new_tokens": n_new,
-                           "max_batch": args.max_batch, "threads": args.threads or torch.get_num_threads()}
+                           "max_batch": args.max_batch, "threads": args.threads or torch.get_num_threads(),
+                           "loadavg_1min_start": os.getloadavg()[0]}
     seq = run_sequential_generate(backend.model, tok, plain, n_new)
     hf = run_backend(backend, plain, n_new)
     res["sequential_generate"] = _strip(seq)
@@ -151,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     asyncio.run(no_prefix.close())
     res["p1_unconstrained_no_prefix_reuse"] = _strip(off)
     res["prefix_reuse_speedup"] = round(off["seconds"] / unc["seconds"], 3)
+    res["loadavg_1min_end"] = os.getloadavg()[0]
     _print(res)
     if args.json:
         args.json.write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2))
@@ -163,7 +168,8 @@ def _strip(r: dict) -> dict:
 
 def _print(res: dict) -> None:
     print(f"{res['prompts']} prompts ({res['prompt_source']}), greedy, batch {res['max_batch']}, "
-          f"{res['threads']} threads")
+          f"{res['threads']} threads, load average {res['loadavg_1min_start']:.2f} -> "
+          f"{res['loadavg_1min_end']:.2f}")
     print(f"{'run':36} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'cached':>7}")
     for name in ("sequential_generate", "hf_backend", "p1_unconstrained", "p1_constrained",
                  "p1_unconstrained_no_prefix_reuse"):

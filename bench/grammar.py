@@ -238,6 +238,7 @@ def run(info: xgr.TokenizerInfo, encode: Callable[[str], list[int]], *, eos_id: 
         "predicted_constrained_ratio_overlapped": max(step_gpu, mask_step) / step_gpu,
         "batch": batch,
         "cpu_count": os.cpu_count(),
+        "loadavg_1min": os.getloadavg()[0],  # other processes distort these timings
         "shapes": [asdict(c) for c in costs],
         "p3": asdict(p3_cost),
         "regexes": {**shapes, "p3_all_tags": p3},
