@@ -113,11 +113,16 @@ TAG_RX = r"<Role>[^<>\n]{1,40}</Role>\n(?:<Task>[^<>\n]{1,40}</Task>\n)?"
 VERDICT_RX = r"Role: (?:Good|Bad|None)\nTask: (?:Good|Bad|None)\n"
 
 
+# One torch thread: on a shared 2-core machine, 2 OpenMP threads spin-waiting for a core another
+# process holds made decode steps 4-8x slower (measured 60 ms vs 230-540 ms per step).
+THREADS = 1
+
+
 @pytest.fixture(scope="module")
 def backend(smol_dir):
     from engine.backends.hf import HFBackend
 
-    b = HFBackend(smol_dir, model_id=DEFAULT_MODEL_ID, max_batch=4)
+    b = HFBackend(smol_dir, model_id=DEFAULT_MODEL_ID, max_batch=4, threads=THREADS)
     yield b
     asyncio.run(b.close())
 
@@ -250,7 +255,7 @@ def test_cancelled_request_does_not_disturb_others(backend):
 def test_close_fails_pending_requests(smol_dir):
     from engine.backends.hf import HFBackend
 
-    b = HFBackend(smol_dir, model_id=DEFAULT_MODEL_ID, max_batch=1)
+    b = HFBackend(smol_dir, model_id=DEFAULT_MODEL_ID, max_batch=1, threads=THREADS)
 
     async def go():
         tasks = [asyncio.create_task(b.generate(_req(b, q, max_new_tokens=500))) for q in QUESTIONS[:3]]
@@ -269,7 +274,7 @@ def test_close_fails_pending_requests(smol_dir):
 def test_close_while_requests_wait_for_their_regex(smol_dir):
     from engine.backends.hf import HFBackend
 
-    b = HFBackend(smol_dir, model_id=DEFAULT_MODEL_ID, max_batch=1)
+    b = HFBackend(smol_dir, model_id=DEFAULT_MODEL_ID, max_batch=1, threads=THREADS)
     regexes = [rf"<Role>[^<>\n]{{1,{n}}}</Role>\n" for n in (150, 151, 152)]  # distinct: one compile each
 
     async def go():
