@@ -239,6 +239,10 @@ def run(info: xgr.TokenizerInfo, encode: Callable[[str], list[int]], *, eos_id: 
         "batch": batch,
         "cpu_count": os.cpu_count(),
         "loadavg_1min": os.getloadavg()[0],  # other processes distort these timings
+        "predicted_ratio_by_shape": {
+            c.name: {"no_overlap": (step_gpu + min(c.step_ms_bs.values())) / step_gpu,
+                     "overlap": max(step_gpu, min(c.step_ms_bs.values())) / step_gpu}
+            for c in [*costs, p3_cost]},
         "shapes": [asdict(c) for c in costs],
         "p3": asdict(p3_cost),
         "regexes": {**shapes, "p3_all_tags": p3},
@@ -298,6 +302,9 @@ def _print(res: dict[str, Any]) -> None:
         steps = "  ".join(f"{k}={v:.2f}" for k, v in c["step_ms_bs"].items())
         print(f"{c['name']:22} {c['regex_chars']:5d} {c['walked']:6d} {c['compile_s']:9.3f} "
               f"{c['mask_us_p50']:11.1f} {c['mask_us_p90']:8.1f} {c['mask_us_p99']:8.1f}  {steps}")
+    print(f"{'shape':22} predicted constrained/unconstrained GPU step: no overlap | overlapped")
+    for name, r in res["predicted_ratio_by_shape"].items():
+        print(f"{name:22} {r['no_overlap']:8.3f} | {r['overlap']:.3f}")
     print(f"GPU step: {res['gpu_step_arithmetic']}")
     print(f"{res['reference_shape']}: predicted constrained/unconstrained step ratio "
           f"{res['predicted_constrained_ratio']:.3f} without overlap, "

@@ -46,6 +46,8 @@ def test_core_reports_required_keys_as_positive_finite_numbers():
     names = [s["name"] for s in res["shapes"]] + [res["p3"]["name"]]
     assert names == ["branch_star", "optional_bound100", "p3_all_tags"]
     assert [s["walked"] for s in res["shapes"]] == [2, 2]
+    assert set(res["predicted_ratio_by_shape"]) == set(names)
+    assert all(r["no_overlap"] >= r["overlap"] >= 1.0 for r in res["predicted_ratio_by_shape"].values())
     for shape in [*res["shapes"], res["p3"]]:
         assert _positive_finite(shape["compile_s"]) and _positive_finite(shape["mask_us_p50"])
         assert set(shape["step_ms_bs"]) == {"loop_1thread", "batch_1threads", "batch_2threads"}
