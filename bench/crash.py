@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -110,6 +111,7 @@ def measure(n: int, kills: int, workdir: Path, window: tuple[float, float], seed
               "variants": []}
     for (name, env), k in zip(variants.items(), per, strict=True):
         out = workdir / f"out-{name}"
+        shutil.rmtree(out, ignore_errors=True)
         v = run_variant(name, env, inp, out, k, window, rng, timeout_s)
         v.update(check(out, expected))
         report["variants"].append(v)

@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -70,6 +71,7 @@ def resume_seconds(inp: Path, out: Path) -> tuple[float, dict]:
 
 def measure(n: int, workdir: Path, row_bytes: int = 2000, full_scan: bool = False) -> dict:
     inp, out = workdir / "synthetic.jsonl", workdir / "out"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run, never a resumed one
     t0 = time.perf_counter()
     size = synthetic.write(inp, n, row_bytes=row_bytes)
     gen_s = time.perf_counter() - t0
