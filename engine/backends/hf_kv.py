@@ -66,13 +66,15 @@ def stack_rows(parts: Sequence[list[LayerKV]], headroom: int = 64) -> DynamicCac
     layers = []
     for j in range(len(parts[0])):
         k0 = parts[0][j][0]
-        bufs = [k0.new_zeros(batch, k0.shape[1], n + headroom, k0.shape[3]) for _ in range(2)]
+        # Only the padding must be zeroed; the headroom is written before it is ever read.
+        bufs = [k0.new_empty(batch, k0.shape[1], n + headroom, k0.shape[3]) for _ in range(2)]
         row = 0
         for p in parts:
             k, v = p[j]
             b, t = k.shape[0], k.shape[-2]
-            bufs[0][row : row + b, :, n - t : n] = k
-            bufs[1][row : row + b, :, n - t : n] = v
+            for buf, src in zip(bufs, (k, v), strict=True):
+                buf[row : row + b, :, : n - t] = 0.0
+                buf[row : row + b, :, n - t : n] = src
             row += b
         layers.append(GrowingLayer(bufs[0], bufs[1], n))
     cache = DynamicCache()
@@ -86,9 +88,9 @@ def cache_layers(cache: DynamicCache) -> list[LayerKV]:
 
 def select_rows(cache: DynamicCache, keep: list[int], keep_len: int) -> DynamicCache:
     """Keep rows `keep`, dropping the leading columns no kept row uses (only `keep_len` are real)."""
-    idx = torch.tensor(keep, dtype=torch.long)
-    parts = [[(k.index_select(0, idx)[:, :, -keep_len:], v.index_select(0, idx)[:, :, -keep_len:])
-              for k, v in cache_layers(cache)]]
+    layers = cache_layers(cache)
+    # Views, one part per kept row: stack_rows then copies each byte once.
+    parts = [[(k[i : i + 1, :, -keep_len:], v[i : i + 1, :, -keep_len:]) for k, v in layers] for i in keep]
     return stack_rows(parts)
 
 
