@@ -1,4 +1,5 @@
-"""A progress line on stderr: items/s, output tokens/s, store hit ratio, ETA from input bytes read."""
+"""A progress line on stderr: items/s, output tokens/s, store hit ratio, ETA from items done against
+an estimated total."""
 
 from __future__ import annotations
 
@@ -18,13 +19,13 @@ def fmt_eta(seconds: float | None) -> str:
 
 
 class Progress:
-    """Call `tick()` often; it prints at most every `every_s` seconds. `fraction` returns the share
-    of the input consumed (bytes read / total bytes), or None when unknown."""
+    """Call `tick()` often; it prints at most every `every_s` seconds. `total` returns the (estimated)
+    number of items, or None when unknown; `done` counts items finished or found already done."""
 
-    def __init__(self, metrics: Metrics, fraction: Callable[[], float | None], *, every_s: float = 2.0,
+    def __init__(self, metrics: Metrics, total: Callable[[], float | None], *, every_s: float = 2.0,
                  stream: TextIO | None = None, enabled: bool = True) -> None:
         self.metrics = metrics
-        self.fraction = fraction
+        self.total = total
         self.every_s = every_s
         self.stream = stream or sys.stderr
         self.enabled = enabled
@@ -37,7 +38,8 @@ class Progress:
     def line(self) -> str:
         m = self.metrics
         el = max(time.monotonic() - self.start, 1e-9)
-        frac = self.fraction()
+        total = self.total()
+        frac = min(1.0, self.done / total) if total else None
         eta = el * (1 - frac) / frac if frac and frac > 0.001 else None
         pct = f"{100 * frac:5.1f}%" if frac is not None else "  ?  "
         hit = m.hits / m.submitted if m.submitted else 0.0

@@ -27,9 +27,19 @@ def _arg_type(f: dataclasses.Field):
     return (base if base in (int, float, str) else str), None
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Append "(default: X)" where a help text does not already say its default and there is one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        if "default" in help_ or action.default in (None, "", argparse.SUPPRESS) or not action.option_strings:
+            return help_
+        return help_ + " (default: %(default)s)"
+
+
 def add_run_parser(sub) -> None:
     p = sub.add_parser("run", help="generate system messages and new answers for SFT files",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsFormatter)
     for f in config_fields():
         help_ = f.metadata.get("help", "")
         if f.metadata.get("positional"):

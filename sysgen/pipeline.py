@@ -69,7 +69,8 @@ class _Run:
 
 
 class InputFraction:
-    """Share of input bytes consumed, from jsonl offsets; None for formats without offsets."""
+    """Estimated instance total, from input bytes consumed (jsonl offsets) and rows read so far; exact
+    once the input is exhausted. None until something with an offset has been read."""
 
     def __init__(self, paths: tuple[str, ...]) -> None:
         self.sizes = {p: os.path.getsize(p) for p in paths if os.path.exists(p)}
@@ -79,14 +80,23 @@ class InputFraction:
         for p in paths:
             self.before[p] = acc
             acc += self.sizes.get(p, 0)
-        self.current: float | None = None
+        self.bytes_frac: float | None = None
+        self.read = 0
+        self.exhausted = False
 
     def update(self, item: Instance | Rejected) -> None:
+        self.read += 1
         if isinstance(item, Instance) and item.offset >= 0:
-            self.current = (self.before.get(item.path, 0) + item.offset) / self.total
+            # The row's end is unknown here; its start plus one average row is a fair stand-in.
+            start = (self.before.get(item.path, 0) + item.offset) / self.total
+            self.bytes_frac = min(1.0, start + start / self.read)
 
     def __call__(self) -> float | None:
-        return self.current
+        if self.exhausted:
+            return float(self.read)
+        if not self.bytes_frac:
+            return None
+        return max(self.read / self.bytes_frac, float(self.read))
 
 
 def phase_settings(cfg: RunConfig, backend: Backend) -> PhaseSettings:
@@ -146,6 +156,7 @@ async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path, 
             key = resume.item_key(item)
             if resume.is_done(item, key):
                 run.skipped_done += 1
+                progress.done += 1
                 wm.add(seq, item, done=True)
                 wm.advance(clock())
                 continue
@@ -158,6 +169,7 @@ async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path, 
 
     def fed(task: asyncio.Task) -> None:
         run.feeding = False
+        frac.exhausted = not task.cancelled() and task.exception() is None
         if not task.cancelled() and task.exception() is not None:
             run.fail(task.exception())  # e.g. a bad row with --strict, or a store error
         if not run.tasks:
