@@ -31,9 +31,21 @@ def test_structured_messages_match_p1_and_parse_whole(phrases):
 @settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 def test_every_string_the_p1_regex_admits_parses(text):
     f = filter_tags(text)
-    assert f.tags, text
-    assert not f.dropped
-    assert f.well_formed
+    assert f.tags or f.dropped, text
+    # The regex leaves phrase length to P2 (a bounded repeat is ~100x dearer in xgrammar): the only
+    # thing P2 may drop from an admitted string is an overlong phrase.
+    assert all(reason == "too_long" for _, reason in f.dropped), f.dropped
+    assert f.well_formed == (not f.dropped)
+
+
+def test_overlong_phrase_is_admitted_by_the_regex_and_dropped_by_p2():
+    text = "<Role>" + "x" * (PHRASE_MAX + 1) + "</Role>\n<Task>Answer.</Task>\n"
+    assert re.fullmatch(p1_regex(), text)
+    f = filter_tags(text)
+    assert f.tags == {"Task": "Answer."}
+    assert f.dropped == [("Role", "too_long")]
+    exact = "<Role>" + "x" * PHRASE_MAX + "</Role>\n"
+    assert filter_tags(exact).tags == {"Role": "x" * PHRASE_MAX}
 
 
 _pieces = list("<>/\n aRoleTskFm") + [f"<{t}>" for t in TAGS] + [f"</{t}>" for t in TAGS]
@@ -57,7 +69,6 @@ def test_p2_of_p2_is_p2(text):
     "<Role> </Role>\n",  # blank phrase
     "<Role>a <b></Role>\n",  # nested markup
     "<Persona>a</Persona>\n",  # unknown tag
-    "<Role>" + "x" * (PHRASE_MAX + 1) + "</Role>\n",  # too long
 ])
 def test_p1_regex_rejects(bad):
     assert re.fullmatch(p1_regex(), bad) is None
