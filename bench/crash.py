@@ -73,7 +73,7 @@ def run_variant(name: str, env_extra: dict, inp: Path, out: Path, kills: int, wi
     cmd = [sys.executable, "-m", "sysgen", "run", str(inp), "--out", str(out), "--engine", "standin",
            "--no-progress", "--no-report", "--timeout-s", "5"]
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SYSGEN_STANDIN")}, **env_extra}
-    done_kills, early, moments = 0, 0, []
+    done_kills, early, moments, rows_at_kill = 0, 0, [], []
     t0 = time.perf_counter()
     while done_kills < kills:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -89,13 +89,25 @@ def run_variant(name: str, env_extra: dict, inp: Path, out: Path, kills: int, wi
             proc.wait()
             done_kills += 1
             moments.append(round(delay, 3))
+            rows_at_kill.append(rows_written(out))  # shows each kill landed mid-work, not before or after
         finally:
             proc.stderr.close()
     final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     if final.returncode != 0:
         raise SystemExit(f"bench.crash: {name}: the resumed run failed:\n{final.stderr[-2000:]}")
     return {"variant": name, "kills": done_kills, "finished_before_kill": early, "kill_moments_s": moments,
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "rows_at_kill": rows_at_kill, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def rows_written(out: Path) -> int:
+    """Complete lines in the output files (a torn last line is not counted)."""
+    n = 0
+    for name in ("data.jsonl", "dropped.jsonl"):
+        path = out / name
+        if path.exists():
+            with open(path, "rb") as f:
+                n += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    return n
 
 
 def measure(n: int, kills: int, workdir: Path, window: tuple[float, float], seed: int = 0,
@@ -154,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     for v in res["variants"]:
         print(f"  {v['variant']:<14} {v['kills']:>5} {v['lost']:>5} {v['duplicated']:>5} {v['corrupt']:>7} "
               f"{v['accounted']!s:>9} {v['seconds']:>8}")
+        print(f"  {'':<14} rows out at each kill: {', '.join(f'{r:,}' for r in v['rows_at_kill'])}")
     clean = not (res["lost"] or res["duplicated"] or res["corrupt"])
     ok = res["kills"] == args.kills and clean and res["accounted"]
     print(f"  total: kills={res['kills']} lost={res['lost']} duplicated={res['duplicated']} "

@@ -179,7 +179,8 @@ def header(run: RunDir, summary: fn.Summary) -> list[str]:
            f"- instances: {total.original:,} read, {total.kept:,} kept, "
            f"{total.original - total.kept:,} dropped"]
     for name, info in (st.get("sources") or {}).items():
-        out.append(f"- source `{name}`: `{info.get('path')}` ({info.get('fmt')})")
+        fmt = f" ({info['fmt']})" if info.get("fmt") else ""
+        out.append(f"- source `{name}`: `{info.get('path')}`{fmt}")
     if st.get("prompts"):
         out.append("- prompt template hashes: " + ", ".join(f"{k} `{v}`" for k, v in st["prompts"].items()))
     dups = summary.duplicates
