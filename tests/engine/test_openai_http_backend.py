@@ -7,40 +7,25 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from engine.backend import RequestRejected, TransientEngineError
 from engine.backends.openai_http import OpenAIBackend
 from engine.request import Request, SamplingParams, messages_prompt
+from tests.local_http import LocalHTTPServer
 
 pytest.importorskip("httpx", reason="the openai backend needs httpx: pip install -e '.[http]'")
 
 KEY = "sk-test-0123456789abcdef-SECRET"
 
 
-class StandInOpenAIServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class StandInOpenAIServer(LocalHTTPServer):
     def __init__(self, status: int = 200) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(_Handler)
         self.status = status
         self.seen: list[tuple[dict, str | None]] = []
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown()
-        self.server_close()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
 
 
 class _Handler(BaseHTTPRequestHandler):

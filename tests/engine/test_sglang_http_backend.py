@@ -9,7 +9,7 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -17,36 +17,22 @@ from engine.backend import EngineDied, RequestRejected, TransientEngineError
 from engine.backends.sglang_http import SGLangHTTPBackend
 from engine.request import Request, SamplingParams, messages_prompt
 from kernels_cfg.fields import class_field_names, sglang_root
+from tests.local_http import LocalHTTPServer
 
 pytest.importorskip("httpx", reason="the sglang_http backend needs httpx: pip install -e '.[http]'")
 
 SLOW, BAD, DOWN = 999, 400, 503
 
 
-class StandInSGLangServer(ThreadingHTTPServer):
+class StandInSGLangServer(LocalHTTPServer):
     """Answers like `sglang.launch_server`: /model_info, /server_info, /generate."""
 
-    daemon_threads = True
-
     def __init__(self, router: bool = False, delay_s: float = 0.0) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(_Handler)
         self.router, self.delay_s = router, delay_s
         self.bodies: list[dict] = []
         self.inflight = self.peak = 0
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown()
-        self.server_close()
 
 
 class _Handler(BaseHTTPRequestHandler):
