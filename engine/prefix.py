@@ -61,7 +61,8 @@ class ChatPrompter:
             split.checked += 1
             whole = tuple(self.encode(self.render(system, user)))
             if whole != ids:
-                log.warning("prefix split disagrees with whole-prompt tokenization; disabled for this template")
+                log.warning("prefix split disagrees with whole-prompt tokenization; "
+                            "disabled for this template")
                 split.ok = False
                 return whole
         return ids

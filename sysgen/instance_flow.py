@@ -84,7 +84,8 @@ async def run_instance(inst: Instance, submit, build: PromptBuilder, s: PhaseSet
         return out
     answer = r4.text.strip()
     if not answer:
-        return Outcome(inst.id, inst.source, phase="p4", reason="empty_answer", extra={"request_keys": keys, **p2})
+        return Outcome(inst.id, inst.source, phase="p4", reason="empty_answer",
+                       extra={"request_keys": keys, **p2})
 
     record = {
         "id": inst.id,

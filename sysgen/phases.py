@@ -66,7 +66,8 @@ def p1_request(inst: Instance, build: PromptBuilder, s: PhaseSettings) -> Reques
 
 
 def p3_request(filtered: tags.Filtered, build: PromptBuilder, s: PhaseSettings) -> Request:
-    user = prompts.load("p3_user").format(filtered=tags.strip_tags(filtered.tags), annotated=filtered.render())
+    user = prompts.load("p3_user").format(filtered=tags.strip_tags(filtered.tags),
+                                          annotated=filtered.render())
     return Request(prompt=build(prompts.load("p3_verify"), user), sampling=_sampling(s, s.p3_max_tokens),
                    model=s.model_id, regex=tags.p3_regex(list(filtered.tags)) if s.constrain else None,
                    group="p3")

@@ -121,6 +121,8 @@ async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path, 
     wm = Watermark(store, fp, cfg.inputs)
     frac = InputFraction(cfg.inputs)
     progress = Progress(sched.metrics, frac, enabled=progress_enabled)
+    before_watermark = resume.watermark["seq"] if resume.watermark else 0  # done, and not read again
+    frac.read = progress.done = before_watermark
     window = asyncio.Semaphore(max(4, sched.window * 2))
     run = _Run()
     clock = time.monotonic
@@ -213,6 +215,7 @@ async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path, 
     if run.fatal is not None:
         raise run.fatal
     counters = {"kept": run.kept, "dropped": run.dropped, "skipped_done": run.skipped_done,
+                "already_done": before_watermark + run.skipped_done,
                 "scheduler": sched.metrics.to_dict(), "interrupted": run.stop.is_set()}
     if run.stop.is_set():
         raise RunInterrupted(counters)

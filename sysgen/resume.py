@@ -22,7 +22,7 @@ import orjson
 import xxhash
 
 from engine.store import Store
-from sysgen import prompts
+from sysgen import prompts, tags
 from sysgen.config import RunConfig
 from sysgen.datasets import iter_instances, source_name
 from sysgen.datasets.instance import Instance, Rejected
@@ -33,9 +33,11 @@ WATERMARK_EVERY_S = 0.5  # a stale watermark only costs a few more done-marker l
 
 
 def fingerprint(cfg: RunConfig, settings: PhaseSettings) -> str:
-    """16 hex digits over everything that makes this run's outputs comparable to an earlier one's."""
+    """16 hex digits over everything that makes this run's outputs comparable to an earlier one's:
+    settings, prompt texts, the tag grammar (a new sysgen version may change it), format, shard."""
+    grammar = tags.p1_regex() + tags.p3_regex(tags.TAGS) + str(tags.PHRASE_MAX)
     payload = {"settings": settings.__dict__, "prompts": prompts.digests(), "format": cfg.format,
-               "shard": cfg.shard}
+               "shard": cfg.shard, "grammar": xxhash.xxh3_64_hexdigest(grammar.encode())}
     return xxhash.xxh3_64_hexdigest(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS))
 
 

@@ -5,7 +5,8 @@ from sysgen.config import RunConfig
 
 
 def test_every_config_field_is_a_flag():
-    args = build_parser().parse_args(["run", "a.jsonl", "b.jsonl", "--out", "o", "--limit", "3", "--no-constrain",
+    args = build_parser().parse_args(["run", "a.jsonl", "b.jsonl", "--out", "o", "--limit", "3",
+                                      "--no-constrain",
                                       "--shard", "1/4", "--p4-max-tokens", "64", "--engine", "hf"])
     assert args.inputs == ["a.jsonl", "b.jsonl"] and args.limit == 3 and args.constrain is False
     assert args.shard == "1/4" and args.p4_max_tokens == 64 and args.engine == "hf"

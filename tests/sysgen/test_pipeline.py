@@ -17,6 +17,7 @@ except ImportError:  # tests/sysgen is not a package: pytest put its folder on s
     from pipeline_helpers import FAST, backend, ids_once, records, run, write_rows
 
 import sysgen.prompts
+import sysgen.tags
 from engine.store import Store, StoreError
 from sysgen import stats
 from sysgen.config import RunConfig
@@ -68,10 +69,12 @@ def test_a_rerun_reads_no_finished_input_and_calls_no_engine(tmp_path):
     second = run([tmp_path / "in.jsonl"], out, backend(calls))
     # Starts at the watermark: only the last finished row is read again, the rest is new work.
     assert second["skipped_done"] <= 1 and second["kept"] + second["dropped"] == 35
+    assert second["already_done"] == 25
     assert (out / "data.jsonl").read_bytes().startswith(before)
     third_calls = Counter()
     third = run([tmp_path / "in.jsonl"], out, backend(third_calls))
     assert third["kept"] == third["dropped"] == 0 and not third_calls
+    assert third["already_done"] == 60
     assert set(ids_once(out).values()) == {1} and len(ids_once(out)) == 60
 
 
@@ -106,6 +109,21 @@ def test_changing_the_p3_template_keeps_p1(tmp_path, monkeypatch):
     _changed(monkeypatch, "p3_verify", "\nBe strict.")
     again = _phase_calls(tmp_path)
     assert again["p1"] == 0 and again["p3"] == first["p3"]
+
+
+def test_a_new_p1_grammar_redoes_p1_and_the_instance_outputs(tmp_path, monkeypatch):
+    # A sysgen upgrade that changes the tag grammar: the P1 regex is in P1's request key (so every P1
+    # is asked again) and in the run fingerprint (so old outputs are not kept as if still current).
+    write_rows(tmp_path / "in.jsonl", 20)
+    first = _phase_calls(tmp_path)
+    narrower = sysgen.tags.p1_regex().replace("[^<>\\n]*", "[^<>\\n]{0,250}")
+    assert narrower != sysgen.tags.p1_regex()
+    monkeypatch.setattr(sysgen.tags, "p1_regex", lambda: narrower)
+    again = _phase_calls(tmp_path)
+    assert again["p1"] == first["p1"] == 20
+    out = records(tmp_path / "out")
+    assert len(out["data"]) + len(out["dropped"]) == 20
+    assert set(ids_once(tmp_path / "out").values()) == {1}
 
 
 def test_changing_the_p1_template_or_the_model_misses_everything(tmp_path, monkeypatch):

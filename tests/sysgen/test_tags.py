@@ -91,7 +91,8 @@ def test_p3_regex_and_verdicts():
     assert re.fullmatch(rx, "Role: Good\nFormat: Bad\n")
     assert not re.fullmatch(rx, "Format: Bad\nRole: Good\n")
     assert not re.fullmatch(rx, "Role: Great\nFormat: Bad\n")
-    assert parse_verdicts("Role: Good\nFormat: Bad\n", ["Role", "Format"]) == {"Role": "Good", "Format": "Bad"}
+    verdicts = parse_verdicts("Role: Good\nFormat: Bad\n", ["Role", "Format"])
+    assert verdicts == {"Role": "Good", "Format": "Bad"}
     # unconstrained chatter: lenient, and an unjudged tag is "None"
     got = parse_verdicts("Sure!\n**Role**: good, fits.\n", ["Role", "Format"])
     assert got == {"Role": "Good", "Format": "None"}
