@@ -25,7 +25,7 @@ from engine.progress import Progress
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.store import Store, StoreError
 from sysgen.config import RunConfig
-from sysgen.datasets.instance import Instance, Rejected
+from sysgen.datasets.instance import Instance, Known, Rejected
 from sysgen.instance_flow import Outcome, rejected_outcome, run_instance
 from sysgen.phases import PhaseSettings, PromptBuilder
 from sysgen.resume import Position, Resume, Watermark, fingerprint
@@ -84,9 +84,9 @@ class InputFraction:
         self.read = 0
         self.exhausted = False
 
-    def update(self, item: Instance | Rejected) -> None:
+    def update(self, item: Instance | Rejected | Known) -> None:
         self.read += 1
-        if isinstance(item, Instance) and item.offset >= 0:
+        if isinstance(item, (Instance, Known)) and item.offset >= 0:
             # The row's end is unknown here; its start plus one average row is a fair stand-in.
             start = (self.before.get(item.path, 0) + item.offset) / self.total
             self.bytes_frac = min(1.0, start + start / self.read)

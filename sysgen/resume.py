@@ -25,7 +25,7 @@ from engine.store import Store
 from sysgen import prompts, tags
 from sysgen.config import RunConfig
 from sysgen.datasets import iter_instances, source_name
-from sysgen.datasets.instance import Instance, Rejected
+from sysgen.datasets.instance import Instance, Known, Rejected
 from sysgen.phases import PhaseSettings
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,11 @@ def fingerprint(cfg: RunConfig, settings: PhaseSettings) -> str:
     return xxhash.xxh3_64_hexdigest(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS))
 
 
-def in_shard(item: Instance | Rejected, shard: tuple[int, int] | None) -> bool:
+def in_shard(item: Instance | Rejected | Known, shard: tuple[int, int] | None) -> bool:
     """Instances split by conversation content (stable across runs, machines and file order);
-    unreadable rows by their position, so each is reported by exactly one shard."""
-    if shard is None:
+    unreadable rows by their position, so each is reported by exactly one shard. A Known row has a
+    done marker of this run's fingerprint, which names the shard: it is in it."""
+    if shard is None or isinstance(item, Known):
         return True
     i, n = shard
     if isinstance(item, Instance):
@@ -97,14 +98,24 @@ class Resume:
             s = self._src[path] = xxhash.xxh3_64_digest(source_name(path).encode())
         return s
 
-    def item_key(self, item: Instance | Rejected) -> bytes:
+    def item_key(self, item: Instance | Rejected | Known) -> bytes:
         return self._fp + self._source(item.path) + item.line.to_bytes(8, "big")
 
-    def is_done(self, item: Instance | Rejected, key: bytes) -> bool:
+    def is_done(self, item: Instance | Rejected | Known, key: bytes) -> bool:
+        if isinstance(item, Known):
+            return True
         last = self.last_done.get(key[8:16])
         return last is not None and item.line <= last and self.store.has_item(key)
 
-    def stream(self) -> Iterator[tuple[int, Instance | Rejected]]:
+    def known_done(self, path: str, line: int) -> bool:
+        """Done by position alone, before the row is converted (the reader's `known`)."""
+        src = self._source(path)
+        last = self.last_done.get(src)
+        if last is None or line > last:
+            return False
+        return self.store.has_item(self._fp + src + line.to_bytes(8, "big"))
+
+    def stream(self) -> Iterator[tuple[int, Instance | Rejected | Known]]:
         """(seq, item) for the configured inputs, shard and limit, starting at the watermark."""
         cfg, wm = self.cfg, self.watermark
         inputs, start, seq = list(cfg.inputs), None, 0
@@ -113,7 +124,8 @@ class Resume:
             start = {wm["path"]: (wm["line"], wm["offset"])}
             seq = wm["seq"]
         shard = cfg.shard_spec
-        for item in iter_instances(inputs, fmt=cfg.format, strict=cfg.strict, start=start):
+        known = self.known_done if self.last_done else None
+        for item in iter_instances(inputs, fmt=cfg.format, strict=cfg.strict, start=start, known=known):
             if shard is not None and not in_shard(item, shard):
                 continue
             if cfg.limit is not None and seq >= cfg.limit:
@@ -125,10 +137,10 @@ class Resume:
 class Position:
     __slots__ = ("seq", "where", "done")
 
-    def __init__(self, seq: int, item: Instance | Rejected, done: bool = False) -> None:
+    def __init__(self, seq: int, item: Instance | Rejected | Known, done: bool = False) -> None:
         self.seq = seq
-        # Only instances carry a byte offset to seek to; rows after it are re-read and skipped.
-        self.where = (item.path, item.line, item.offset) if isinstance(item, Instance) else None
+        # Only read rows carry a byte offset to seek to; rows after it are re-read and skipped.
+        self.where = (item.path, item.line, item.offset) if isinstance(item, (Instance, Known)) else None
         self.done = done
 
 
@@ -142,7 +154,7 @@ class Watermark:
         self._pending: Position | None = None
         self._written_at = 0.0
 
-    def add(self, seq: int, item: Instance | Rejected, done: bool = False) -> Position:
+    def add(self, seq: int, item: Instance | Rejected | Known, done: bool = False) -> Position:
         pos = Position(seq, item, done)
         self.order.append(pos)
         return pos

@@ -8,7 +8,7 @@ JSON Lines), .parquet, .jsonl.gz, .json.gz.
 from sysgen.datasets.convert import to_instance
 from sysgen.datasets.errors import DatasetError
 from sysgen.datasets.formats import FORMATS, detect_format
-from sysgen.datasets.instance import Instance, Rejected, Turn
+from sysgen.datasets.instance import Instance, Known, Rejected, Turn
 from sysgen.datasets.readers import EXTENSIONS, MAX_ROW_BYTES, iter_rows, source_name
 from sysgen.datasets.stream import iter_instances
 
@@ -18,6 +18,7 @@ __all__ = [
     "MAX_ROW_BYTES",
     "DatasetError",
     "Instance",
+    "Known",
     "Rejected",
     "Turn",
     "detect_format",

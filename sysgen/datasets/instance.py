@@ -59,6 +59,16 @@ class Instance:
 
 
 @dataclass(frozen=True, slots=True)
+class Known:
+    """A row the caller already knows the fate of, by its position (iter_instances' `known`):
+    yielded in its place without being converted, so a resume can pass finished rows cheaply."""
+
+    path: str
+    line: int
+    offset: int = -1
+
+
+@dataclass(frozen=True, slots=True)
 class Rejected:
     """A row that could not be read: where it is and why, in words a user can act on."""
 

@@ -229,3 +229,22 @@ def test_shared_capybara_is_multi_turn():
     items = list(iter_instances([path]))
     assert all(len(i.turns) >= 6 for i in items)  # 3-4 exchanges each, per SOURCES.md
     assert any(orjson.loads(line)["conversation"][0]["input"].endswith("\n") for line in path.open("rb"))
+
+
+def test_known_rows_are_passed_unconverted_in_their_place(tmp_path):
+    path = tmp_path / "k.jsonl"
+    rows = [b'{"instruction": "q1", "output": "a1"}\n', b"not json\n",
+            b'{"instruction": "q3", "output": "a3"}\n', b'{"instruction": "q4", "output": "a4"}\n']
+    path.write_bytes(b"".join(rows))
+    asked = []
+
+    def known(p: str, line: int) -> bool:
+        asked.append((p, line))
+        return line in (2, 3)
+
+    items = list(iter_instances([path], strict=True, known=known))  # the bad row is known: no error
+    assert [type(i).__name__ for i in items] == ["Instance", "Known", "Known", "Instance"]
+    assert (items[1].path, items[1].line, items[1].offset) == (str(path), 2, len(rows[0]))
+    assert items[2].offset == len(rows[0]) + len(rows[1])
+    assert asked == [(str(path), n) for n in (1, 2, 3, 4)]
+    assert items[3].offset == sum(map(len, rows[:3]))
