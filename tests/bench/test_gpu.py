@@ -125,9 +125,9 @@ def test_measure_end_to_end_on_a_stand_in_engine(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (sglang_installed() and detect_gpu()), reason="needs a CUDA GPU and SGLang")
 @pytest.mark.skipif("SYSGEN_GPU_TEST_MODEL" not in os.environ,
                     reason="set SYSGEN_GPU_TEST_MODEL=/path/to/a/local/instruct/model")
+@pytest.mark.skipif(not (sglang_installed() and detect_gpu()), reason="needs a CUDA GPU and SGLang")
 def test_real_engine_small_run(tmp_path):
     out = tmp_path / "bench.json"
     assert gpu.main(["--model", os.environ["SYSGEN_GPU_TEST_MODEL"], "--n", "64", "--warmup", "8",
