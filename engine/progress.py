@@ -23,12 +23,15 @@ class Progress:
     number of items, or None when unknown; `done` counts items finished or found already done."""
 
     def __init__(self, metrics: Metrics, total: Callable[[], float | None], *, every_s: float = 2.0,
-                 stream: TextIO | None = None, enabled: bool = True) -> None:
+                 stream: TextIO | None = None, enabled: bool = True, unit: str = "inst",
+                 count_kept: bool = True) -> None:
         self.metrics = metrics
         self.total = total
         self.every_s = every_s
         self.stream = stream or sys.stderr
         self.enabled = enabled
+        self.unit = unit
+        self.count_kept = count_kept
         self.done = 0
         self.kept = 0
         self.start = time.monotonic()
@@ -43,7 +46,8 @@ class Progress:
         eta = el * (1 - frac) / frac if frac and frac > 0.001 else None
         pct = f"{100 * frac:5.1f}%" if frac is not None else "  ?  "
         hit = m.hits / m.submitted if m.submitted else 0.0
-        return (f"[{pct}] {self.done:,} done ({self.kept:,} kept) | {self.done / el:,.1f} inst/s | "
+        kept = f" ({self.kept:,} kept)" if self.count_kept else ""
+        return (f"[{pct}] {self.done:,} done{kept} | {self.done / el:,.1f} {self.unit}/s | "
                 f"{m.completion_tokens / el:,.0f} out tok/s | in-flight {m.inflight} | "
                 f"store hits {100 * hit:.0f}% | ETA {fmt_eta(eta)}")
 

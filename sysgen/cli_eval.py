@@ -87,6 +87,7 @@ def _judge_backend_args(args: argparse.Namespace, stats: dict[str, Any]) -> dict
 
 
 async def _judge(run: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from engine.progress import Progress
     from engine.scheduler import Scheduler
     from engine.store import Store
     from sysgen.backend_factory import make_backend
@@ -105,9 +106,10 @@ async def _judge(run: Any, args: argparse.Namespace) -> dict[str, Any]:
         # `sysgen eval` (or one after a crash) asks the engine only for what is missing.
         with Store.open(run.path / "store.db") as store:
             async with Scheduler(backend, store) as sched:
+                progress = Progress(sched.metrics, lambda: None, unit="req", count_kept=False)
                 # Twice the window: the scheduler stays full while finished verdicts are parsed.
                 return await judge(run, backend, sched.submit, limit=args.judge_limit, engine=name,
-                                   concurrency=max(2 * sched.window, 16))
+                                   concurrency=max(2 * sched.window, 16), progress=progress)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from engine.progress import Progress
 from sysgen.eval import judge_stats, judges, metrics, semantic
 from sysgen.eval.rundir import RunDir, message
 
@@ -87,11 +88,19 @@ def answer_metrics(run: RunDir, cfg: EvalConfig) -> dict[str, Any]:
 
 
 async def judge(run: RunDir, backend: Any, submit: judges.Submit, *, limit: int | None = None,
-                engine: str = "", concurrency: int = 256) -> dict[str, Any]:
+                engine: str = "", concurrency: int = 256, progress: Progress | None = None) -> dict[str, Any]:
     """Run both judges on (up to `limit`) records; writes judgements.jsonl beside the data.
-    `concurrency` bounds requests awaiting at once: keep it above the scheduler's window."""
+    `concurrency` bounds requests awaiting at once: keep it above the scheduler's window.
+    `progress` (its `done` counts requests) is ticked as verdicts come back."""
     chosen = judges.select(run.records, limit)
+    if progress is not None:
+        total = judges.planned_count(chosen)
+        progress.total = lambda: total
+        submit = _counted(submit, progress)
+
     results = await judges.run(judges.iter_plan(chosen, backend), submit, concurrency)
+    if progress is not None:
+        progress.tick(force=True)
     with (run.path / JUDGEMENTS).open("wb") as fh:
         for j in results:
             fh.write(orjson.dumps(j.to_dict()) + b"\n")
@@ -100,6 +109,16 @@ async def judge(run: RunDir, backend: Any, submit: judges.Submit, *, limit: int 
             "regex": bool(backend.capabilities.regex), "limit": limit,
             "prompts": {n: judges.prompt_hash(n) for n in ("pairwise", "alignment")},
             **judge_stats.summarize(results)}
+
+
+def _counted(submit: judges.Submit, progress: Progress) -> judges.Submit:
+    async def counted(req):
+        result = await submit(req)
+        progress.done += 1
+        progress.tick()
+        return result
+
+    return counted
 
 
 def write_eval(out_dir: Path, payload: dict[str, Any]) -> Path:

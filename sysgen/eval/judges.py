@@ -152,6 +152,16 @@ def select(records: Sequence[dict[str, Any]], limit: int | None) -> list[dict[st
 Job = tuple[dict[str, Any], Kind, Request]
 
 
+def planned_count(records: Iterable[dict[str, Any]], *, pairwise: bool = True, alignment: bool = True) -> int:
+    """How many requests iter_plan will build for these records, without building them."""
+    n = 0
+    for rec in records:
+        original = rec.get("original_answer")
+        n += 2 * bool(pairwise and original and original.strip())
+        n += bool(alignment and message(rec, "system"))
+    return n
+
+
 def iter_plan(records: Iterable[dict[str, Any]], backend: Any, *, pairwise: bool = True,
               alignment: bool = True) -> Iterator[Job]:
     """Every judge request for these records, built as they are needed: two pairwise orders when

@@ -213,3 +213,27 @@ def test_run_bounds_concurrency_and_keeps_job_order():
     out = asyncio.run(judges.run(iter(jobs), submit, concurrency=2))
     assert peak == 2
     assert [(j.id, j.kind) for j in out] == [(r["id"], k) for r, k, _ in jobs]
+
+
+def test_judge_progress_counts_every_request_against_the_planned_total(tmp_path):
+    import io
+
+    from engine.metrics import Metrics
+    from engine.progress import Progress
+
+    run = load_run(build_run(tmp_path / "run"))
+    backend = StandInJudgeBackend(longer_wins)
+    planned = judges.planned_count(run.records)
+    assert planned == len(list(judges.iter_plan(run.records, backend))) == 7
+    buf = io.StringIO()
+    progress = Progress(Metrics(), lambda: None, stream=buf, unit="req", count_kept=False)
+
+    async def go():
+        with Store.open(tmp_path / "store.db") as store:
+            async with Scheduler(backend, store) as sched:
+                progress.metrics = sched.metrics
+                return await judge(run, backend, sched.submit, engine="standin", progress=progress)
+
+    asyncio.run(go())
+    assert progress.done == 7
+    assert buf.getvalue().splitlines()[-1].startswith("[100.0%] 7 done | ")
