@@ -86,6 +86,7 @@ def _event_loop_runner():
 
 def cmd_run(args: argparse.Namespace) -> int:
     from engine.backend import EngineDied
+    from engine.backends.model_cache import ModelNotFound
     from engine.store import Store, StoreError
     from sysgen import prompts, stats
     from sysgen.backend_factory import make_backend
@@ -112,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                gpu_profile=cfg.gpu_profile, max_batch=cfg.max_batch, fp8=cfg.fp8,
                                max_inflight=cfg.max_inflight, standin=standin)
         store = Store.open(out / "store.db")
-    except (ValueError, StoreError) as e:
+    except (ValueError, StoreError, ModelNotFound, EngineDied) as e:  # before any instance is read
         print(f"sysgen run: error: {e}", file=sys.stderr)
         return 2
     with store:

@@ -38,3 +38,13 @@ def test_missing_input_is_reported_before_any_model_loads(tmp_path, capsys):
     rc = main(["run", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "nope.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_a_model_path_that_is_not_a_model_is_a_clean_error(tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_text('{"instruction": "q", "output": "a"}\n')
+    rc = main(["run", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o"), "--engine", "hf",
+               "--model", str(tmp_path / "not-a-model")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "not a Hugging Face model directory" in err and "save_pretrained" in err
+    assert "Traceback" not in err
