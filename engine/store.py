@@ -27,6 +27,7 @@ import orjson
 
 from engine.keyfilter import KeyFilter
 from engine.request import Result
+from engine.store_lock import StoreLock, StoreLocked
 from engine.store_writer import Op, commit_batch
 
 SCHEMA_VERSION = 2
@@ -67,7 +68,16 @@ class Store:
         self.commit_every = commit_every
         self.commit_interval_s = commit_interval_s
         self.commits = 0
-        self._init_db()
+        self._lock = StoreLock(self.path)
+        try:
+            self._lock.acquire()
+        except StoreLocked as e:
+            raise StoreError(str(e)) from None
+        try:
+            self._init_db()
+        except BaseException:
+            self._lock.release()
+            raise
         self._reader = connect(self.path, cache_mb=16)  # misses never reach it: the key filter answers
         self._sinks: dict[str, Path] = {}
         self._recent: dict[bytes, bytes] = {}  # put but not yet committed: still visible to get()
@@ -228,6 +238,7 @@ class Store:
             self._q.put(("c",))
             self._writer.join()
         self._reader.close()
+        self._lock.release()
         if self._error is not None and not self._error_raised:
             self._check()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+from pathlib import Path
 
 import orjson
 import pytest
@@ -220,3 +221,32 @@ def test_filter_is_built_from_an_existing_store(tmp_path):
     with Store.open(tmp_path / "s.db") as st:
         assert all(st.get(key(i)).text == str(i) for i in range(300))
         assert st.get(key(10_000)) is None
+
+
+def test_a_second_writer_is_refused_with_the_first_ones_pid_until_it_closes(tmp_path):
+    db = tmp_path / "out" / "store.db"
+    first = Store.open(db)
+    with pytest.raises(StoreError, match=rf"in use by another sysgen process \(pid {os.getpid()}\).*Fix"):
+        Store.open(db)
+    first.close()
+    Store.open(db).close()
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    db = tmp_path / "store.db"
+    code = ("import sys, time; from engine.store import Store; s = Store.open(sys.argv[1]); "
+            "print('open', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(db)], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert proc.stdout.readline().strip() == "open"
+        with pytest.raises(StoreError, match=f"pid {proc.pid}"):
+            Store.open(db)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    Store.open(db).close()  # the OS dropped the lock with its holder
