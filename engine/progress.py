@@ -32,6 +32,7 @@ class Progress:
         self.enabled = enabled
         self.unit = unit
         self.count_kept = count_kept
+        self.kept_label = "kept"  # e.g. "kept this run" when `done` includes earlier runs' items
         self.done = 0
         self.kept = 0
         self.start = time.monotonic()
@@ -46,7 +47,7 @@ class Progress:
         eta = el * (1 - frac) / frac if frac and frac > 0.001 else None
         pct = f"{100 * frac:5.1f}%" if frac is not None else "  ?  "
         hit = m.hits / m.submitted if m.submitted else 0.0
-        kept = f" ({self.kept:,} kept)" if self.count_kept else ""
+        kept = f" ({self.kept:,} {self.kept_label})" if self.count_kept else ""
         return (f"[{pct}] {self.done:,} done{kept} | {self.done / el:,.1f} {self.unit}/s | "
                 f"{m.completion_tokens / el:,.0f} out tok/s | in-flight {m.inflight} | "
                 f"store hits {100 * hit:.0f}% | ETA {fmt_eta(eta)}")

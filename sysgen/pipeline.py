@@ -123,6 +123,8 @@ async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path, 
     progress = Progress(sched.metrics, frac, enabled=progress_enabled)
     before_watermark = resume.watermark["seq"] if resume.watermark else 0  # done, and not read again
     frac.read = progress.done = before_watermark
+    if resume.resuming:
+        progress.kept_label = "kept this run"
     window = asyncio.Semaphore(max(4, sched.window * 2))
     run = _Run()
     clock = time.monotonic
