@@ -22,7 +22,7 @@ import orjson
 import xxhash
 
 from engine.store import Store
-from sysgen import prompts, tags
+from sysgen import input_check, prompts, tags
 from sysgen.config import RunConfig
 from sysgen.datasets import iter_instances, source_name
 from sysgen.datasets.instance import Instance, Known, Rejected
@@ -71,11 +71,19 @@ class Resume:
         store.add_sink("data", out / "data.jsonl")
         store.add_sink("dropped", out / "dropped.jsonl")
         old = store.get_meta("fingerprint")
+        raw = store.get_meta("inputs")
+        changed, identities = input_check.compare(orjson.loads(raw) if raw else {}, cfg.inputs)
         if old is not None and old.decode() != fp:
             log.warning("the configuration changed since the last run in %s: outputs start afresh; stored "
                         "requests whose inputs did not change are reused", out)
             store.reset_outputs()
+        elif old is not None and changed:
+            log.warning("%s changed since the last run in %s (not only appended to): outputs start afresh; "
+                        "unchanged rows are answered from the store", ", ".join(changed), out)
+            store.reset_outputs()
+            old = None
         store.set_meta("fingerprint", fp)
+        store.set_meta("inputs", orjson.dumps(identities))
         r.resuming = old is not None and old.decode() == fp
         if r.resuming:
             r._load()
