@@ -18,7 +18,9 @@ except ImportError:  # pragma: no cover - Windows
 
 
 class StoreLocked(RuntimeError):
-    pass
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder  # the pid written by the process holding the lock, or "?"
 
 
 class StoreLock:
@@ -38,7 +40,7 @@ class StoreLock:
             raise StoreLocked(
                 f"{self.path.parent} is in use by another sysgen process (pid {holder}). Two runs writing "
                 "one output directory would duplicate work. Fix: wait for that run to finish or stop it "
-                "(it resumes later), or give this one another --out") from None
+                "(it resumes later), or give this one another --out", holder) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd

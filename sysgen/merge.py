@@ -21,6 +21,7 @@ import orjson
 import xxhash
 
 from engine.store import SCHEMA_VERSION, Store, StoreError
+from engine.store_lock import StoreLock, StoreLocked
 from sysgen import stats
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,16 @@ def _merge_stores(out: Path, shards: list[Path]) -> int:
         conn.close()
 
 
+def _lock(db: Path, what: str) -> StoreLock:
+    lock = StoreLock(db)
+    try:
+        lock.acquire()
+    except StoreLocked as e:
+        raise StoreError(f"{db.parent} is {what} by another sysgen process (pid {e.holder}). "
+                         "Fix: wait for it to finish, or stop it (it resumes later), then merge") from None
+    return lock
+
+
 def merge(out: str | os.PathLike, shards: list[str | os.PathLike]) -> dict:
     """Merge shard output directories into `out` (created if needed, its outputs replaced).
     Returns the stats.json written."""
@@ -124,11 +135,30 @@ def merge(out: str | os.PathLike, shards: list[str | os.PathLike]) -> dict:
         if d.resolve() == out.resolve():
             raise ValueError(f"{d}: is the merge output too. Fix: merge into a new directory")
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "store.db").exists():  # a merge replaces OUT's outputs: start its store afresh too
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{out / 'store.db'}{suffix}").unlink(missing_ok=True)
-    counts = _merge_sinks(out, dirs)
-    results = _merge_stores(out, dirs)
+    # A shard still being written would merge half-done (and its stats could not tell); OUT in use
+    # by a run would lose its store under it. Both are refused, naming the process.
+    unique = {d.resolve(): d for d in dirs if (d / "store.db").exists()}.values()
+    shard_locks: list[StoreLock] = []
+    try:
+        for d in unique:
+            shard_locks.append(_lock(d / "store.db", "still being written"))
+    except StoreError:
+        for lock in shard_locks:
+            lock.release()
+        raise
+    try:
+        out_lock = _lock(out / "store.db", "in use")
+        try:
+            if (out / "store.db").exists():  # a merge replaces OUT's outputs: start its store afresh too
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{out / 'store.db'}{suffix}").unlink(missing_ok=True)
+            counts = _merge_sinks(out, dirs)
+        finally:
+            out_lock.release()  # _merge_stores opens OUT as a Store, which takes the lock itself
+        results = _merge_stores(out, dirs)
+    finally:
+        for lock in shard_locks:
+            lock.release()
     extra = {"merged_from": [str(d) for d in dirs], "merge": {**counts, "stored_results": results}}
     return stats.write(out, extra)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -14,6 +15,7 @@ try:
 except ImportError:  # tests/sysgen is not a package: pytest put its folder on sys.path
     from pipeline_helpers import ids_once, records, run, write_rows
 
+from engine.store import Store, StoreError
 from sysgen.merge import merge
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,3 +83,19 @@ def test_merge_cli_and_its_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no data.jsonl or dropped.jsonl"):
         merge(tmp_path / "m2", [tmp_path / "empty"])
+
+
+def test_a_shard_still_being_written_is_refused_with_its_pid(tmp_path):
+    inp = _input(tmp_path)
+    run([inp], tmp_path / "s0", shard="0/2")
+    run([inp], tmp_path / "s1", shard="1/2")
+    running = Store.open(tmp_path / "s1" / "store.db")  # as a shard job that has not finished
+    try:
+        with pytest.raises(StoreError, match=rf"s1 is still being written by another sysgen process "
+                                             rf"\(pid {os.getpid()}\)\. Fix: wait"):
+            merge(tmp_path / "m", [tmp_path / "s0", tmp_path / "s1"])
+        assert not (tmp_path / "m" / "data.jsonl").exists()
+    finally:
+        running.close()
+    merge(tmp_path / "m", [tmp_path / "s0", tmp_path / "s1"])  # once the shard has finished
+    assert len(ids_once(tmp_path / "m")) == 62
