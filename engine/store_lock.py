@@ -8,6 +8,7 @@ stale lock behind. Where `fcntl` does not exist (Windows) no lock is taken.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,9 @@ try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
+
+
+log = logging.getLogger(__name__)
 
 
 class StoreLocked(RuntimeError):
@@ -41,6 +45,11 @@ class StoreLock:
                 f"{self.path.parent} is in use by another sysgen process (pid {holder}). Two runs writing "
                 "one output directory would duplicate work. Fix: wait for that run to finish or stop it "
                 "(it resumes later), or give this one another --out", holder) from None
+        except OSError as e:  # a file system without locks (e.g. Lustre mounted without -o flock)
+            os.close(fd)
+            log.warning("%s: cannot lock (%s); nothing stops a second run from writing here too",
+                        self.path, e)
+            return
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd

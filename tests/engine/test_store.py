@@ -250,3 +250,15 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     Store.open(db).close()  # the OS dropped the lock with its holder
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+    import engine.store_lock as lock_mod
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock_mod.fcntl, "flock", no_locks)
+    with Store.open(tmp_path / "store.db") as st:
+        st.put(b"k" * 16, Result(text="x", finish_reason="stop"))
+    assert "cannot lock" in caplog.text and "No locks available" in caplog.text
