@@ -33,7 +33,8 @@ class RunConfig:
     max_inflight: int | None = opt(None, "engine requests outstanding (default: from engine capacity)")
     max_batch: int = opt(8, "batch size of the CPU backend")
     p1_max_tokens: int = opt(320, "token budget of a P1 system message")
-    p3_max_tokens: int = opt(48, "token budget of P3 verdicts")
+    p3_max_tokens: int = opt(128, "token budget of P3 verdicts with --no-constrain (constrained, the "
+                                  "budget is exactly the longest answer the verdict format admits)")
     p4_max_tokens: int = opt(512, "token budget of a P4 answer")
     temperature: float = opt(0.0, "sampling temperature for all phases")
     seed: int = opt(0, "sampling seed")

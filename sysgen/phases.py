@@ -22,7 +22,7 @@ class PhaseSettings:
     model_id: str
     constrain: bool = True
     p1_max_tokens: int = 320
-    p3_max_tokens: int = 48
+    p3_max_tokens: int = 128
     p4_max_tokens: int = 512
     temperature: float = 0.0
     seed: int = 0
@@ -68,9 +68,11 @@ def p1_request(inst: Instance, build: PromptBuilder, s: PhaseSettings) -> Reques
 def p3_request(filtered: tags.Filtered, build: PromptBuilder, s: PhaseSettings) -> Request:
     user = prompts.load("p3_user").format(filtered=tags.strip_tags(filtered.tags),
                                           annotated=filtered.render())
-    return Request(prompt=build(prompts.load("p3_verify"), user), sampling=_sampling(s, s.p3_max_tokens),
-                   model=s.model_id, regex=tags.p3_regex(list(filtered.tags)) if s.constrain else None,
-                   group="p3")
+    present = list(filtered.tags)
+    # Constrained, the answer is a fixed form: budget exactly enough for its longest spelling.
+    budget = tags.p3_token_bound(present) if s.constrain else s.p3_max_tokens
+    return Request(prompt=build(prompts.load("p3_verify"), user), sampling=_sampling(s, budget),
+                   model=s.model_id, regex=tags.p3_regex(present) if s.constrain else None, group="p3")
 
 
 def p4_request(inst: Instance, system_message: str, build: PromptBuilder, s: PhaseSettings) -> Request:

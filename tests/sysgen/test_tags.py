@@ -102,3 +102,13 @@ def test_strip_tags_natural_text_in_fixed_order():
     s = strip_tags({"Format": "end with the final answer", "Role": "You are a tutor."})
     assert s == "You are a tutor. End with the final answer."
     assert "<" not in s
+
+
+@given(tag_subset, st.data())
+@settings(max_examples=100)
+def test_p3_token_bound_covers_the_longest_admitted_answer_in_single_characters(present, data):
+    longest = "".join(f"{t}: {max(tags.VERDICTS, key=len)}\n" for t in present)
+    assert re.fullmatch(p3_regex(present), longest)
+    answer = "".join(f"{t}: {data.draw(st.sampled_from(tags.VERDICTS))}\n" for t in present)
+    # one character per token, plus end-of-sequence: the worst tokenization still fits
+    assert len(answer) + 1 <= len(longest) + 1 == tags.p3_token_bound(present)
