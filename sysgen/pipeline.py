@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,11 @@ class _Run:
     def on_signal(self) -> None:
         if self.stop.is_set():
             self.hurry.set()
+            print("\nsysgen: stopping now", file=sys.stderr, flush=True)
+        else:
+            print(f"\nsysgen: stopping: no new instances; those in flight get up to {DRAIN_S:g} s to "
+                  "finish (press Ctrl-C again to stop at once; either way the run resumes)",
+                  file=sys.stderr, flush=True)
         self.stop.set()
 
     def fail(self, e: BaseException) -> None:

@@ -15,6 +15,8 @@ try:
 except ImportError:  # tests/sysgen is not a package: pytest put its folder on sys.path
     from pipeline_helpers import ids_once, write_rows
 
+from sysgen.pipeline import DRAIN_S
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -79,6 +81,24 @@ def test_sigterm_with_hung_requests_exits_within_10s_and_says_how_to_resume(tmp_
     finish(cli(inp, out))
     ids = ids_once(out)
     assert len(ids) == 300 and set(ids.values()) == {1}
+
+
+def test_a_second_ctrl_c_skips_the_drain(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out"
+    write_rows(inp, 300)
+    proc = start(cli(inp, out, "--timeout-s", "600"), SYSGEN_STANDIN_DELAY="0.01:0.02",
+                 SYSGEN_STANDIN_FAULTS="hang=0.2")  # hung requests would hold the drain its full time
+    wait_for_output(out, proc)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=15)
+    assert time.monotonic() - t0 < 0.5 + DRAIN_S - 2
+    assert "press Ctrl-C again to stop at once" in err and "stopping now" in err
+    assert proc.returncode == 130 and "re-run the same command to resume" in err
+    finish(cli(inp, out))
+    assert set(ids_once(out).values()) == {1} and len(ids_once(out)) == 300
 
 
 def test_engine_errors_through_the_cli_are_retried_and_accounted(tmp_path):
