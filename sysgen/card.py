@@ -14,6 +14,7 @@ from sysgen.report import table
 
 CARD = "README.md"
 UNKNOWN = "unknown — check upstream"
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 # Known upstream datasets (matched on the source name with non-letters removed) and their licences.
 KNOWN_LICENSES: dict[str, tuple[str, str]] = {
     "capybara": ("LDJnr/Capybara", "mit"),
@@ -26,6 +27,8 @@ KNOWN_LICENSES: dict[str, tuple[str, str]] = {
 
 def source_license(name: str, path: str = "") -> tuple[str, str]:
     """(upstream dataset, licence id) for a source name or its file path; UNKNOWN when not known."""
+    if path and Path(path).resolve().parent == SAMPLES_DIR:
+        return ("sysgen's bundled samples (written for the project)", "apache-2.0")
     key = re.sub(r"[^a-z0-9]", "", f"{name} {Path(path).name}".lower())
     for needle, found in KNOWN_LICENSES.items():
         if needle in key:

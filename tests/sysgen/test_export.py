@@ -102,6 +102,10 @@ def test_source_licence_map():
     assert source_license("magicoder_oss_instruct_first500")[1] == "mit"
     assert source_license("stuff", "data/gsm8k_test_first300.jsonl")[1] == "mit"
     assert source_license("airoboros") == ("", UNKNOWN)
+    from sysgen.card import SAMPLES_DIR
+
+    assert source_license("demo_mixed", str(SAMPLES_DIR / "demo_mixed.jsonl"))[1] == "apache-2.0"
+    assert source_license("demo_mixed", "/elsewhere/demo_mixed.jsonl") == ("", UNKNOWN)
 
 
 def test_parquet_written_in_row_groups(tmp_path, monkeypatch, offline):
