@@ -46,14 +46,13 @@ def compare(recorded: dict[str, dict], paths: tuple[str, ...]) -> tuple[list[str
     changed: list[str] = []
     now = dict(recorded)  # inputs of earlier runs that are not among these stay recorded
     for path in paths:
-        st = os.stat(path)
-        old = recorded.get(source_name(path))
+        st, name = os.stat(path), source_name(path)
+        old = recorded.get(name)
         if old and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns:
-            now[source_name(path)] = old
-            continue
+            continue  # recorded as it is
         grown = old is not None and st.st_size >= old["size"]
         full, head = digest(path, old["size"] if grown else None)
         if old is not None and not (grown and head == old["xxh3"]):
             changed.append(path)
-        now[source_name(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "xxh3": full}
+        now[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "xxh3": full}
     return changed, now

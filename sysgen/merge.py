@@ -10,6 +10,7 @@ recomputed from the merged files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sqlite3
@@ -137,16 +138,9 @@ def merge(out: str | os.PathLike, shards: list[str | os.PathLike]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # A shard still being written would merge half-done (and its stats could not tell); OUT in use
     # by a run would lose its store under it. Both are refused, naming the process.
-    unique = {d.resolve(): d for d in dirs if (d / "store.db").exists()}.values()
-    shard_locks: list[StoreLock] = []
-    try:
-        for d in unique:
-            shard_locks.append(_lock(d / "store.db", "still being written"))
-    except StoreError:
-        for lock in shard_locks:
-            lock.release()
-        raise
-    try:
+    with contextlib.ExitStack() as shard_locks:
+        for d in {d.resolve(): d for d in dirs if (d / "store.db").exists()}.values():
+            shard_locks.callback(_lock(d / "store.db", "still being written").release)
         out_lock = _lock(out / "store.db", "in use")
         try:
             if (out / "store.db").exists():  # a merge replaces OUT's outputs: start its store afresh too
@@ -156,9 +150,6 @@ def merge(out: str | os.PathLike, shards: list[str | os.PathLike]) -> dict:
         finally:
             out_lock.release()  # _merge_stores opens OUT as a Store, which takes the lock itself
         results = _merge_stores(out, dirs)
-    finally:
-        for lock in shard_locks:
-            lock.release()
     extra = {"merged_from": [str(d) for d in dirs], "merge": {**counts, "stored_results": results}}
     return stats.write(out, extra)
 

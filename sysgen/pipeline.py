@@ -164,7 +164,7 @@ async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path, 
         for seq, item in resume.stream():
             frac.update(item)
             key = resume.item_key(item)
-            if resume.is_done(item, key):
+            if resume.is_done(item):
                 run.skipped_done += 1
                 progress.done += 1
                 wm.add(seq, item, done=True)

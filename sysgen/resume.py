@@ -107,21 +107,18 @@ class Resume:
         return s
 
     def item_key(self, item: Instance | Rejected | Known) -> bytes:
-        return self._fp + self._source(item.path) + item.line.to_bytes(8, "big")
+        return self._key(item.path, item.line)
 
-    def is_done(self, item: Instance | Rejected | Known, key: bytes) -> bool:
-        if isinstance(item, Known):
-            return True
-        last = self.last_done.get(key[8:16])
-        return last is not None and item.line <= last and self.store.has_item(key)
+    def _key(self, path: str, line: int) -> bytes:
+        return self._fp + self._source(path) + line.to_bytes(8, "big")
+
+    def is_done(self, item: Instance | Rejected | Known) -> bool:
+        return isinstance(item, Known) or self.known_done(item.path, item.line)
 
     def known_done(self, path: str, line: int) -> bool:
         """Done by position alone, before the row is converted (the reader's `known`)."""
-        src = self._source(path)
-        last = self.last_done.get(src)
-        if last is None or line > last:
-            return False
-        return self.store.has_item(self._fp + src + line.to_bytes(8, "big"))
+        last = self.last_done.get(self._source(path))
+        return last is not None and line <= last and self.store.has_item(self._key(path, line))
 
     def stream(self) -> Iterator[tuple[int, Instance | Rejected | Known]]:
         """(seq, item) for the configured inputs, shard and limit, starting at the watermark."""

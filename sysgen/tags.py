@@ -45,7 +45,8 @@ def p1_regex() -> str:
 
 def p3_regex(tags: Sequence[str]) -> str:
     """One verdict line per present tag, in order: fixed literals the engine can jump over."""
-    return "".join(f"{re.escape(t)}: (?:Good|Bad|None)\n" for t in tags)
+    verdict = "(?:" + "|".join(VERDICTS) + ")"
+    return "".join(f"{re.escape(t)}: {verdict}\n" for t in tags)
 
 
 def p3_token_bound(tags: Sequence[str]) -> int:

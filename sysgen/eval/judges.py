@@ -152,13 +152,20 @@ def select(records: Sequence[dict[str, Any]], limit: int | None) -> list[dict[st
 Job = tuple[dict[str, Any], Kind, Request]
 
 
+def _judged(rec: dict[str, Any], pairwise: bool, alignment: bool) -> tuple[str | None, str | None]:
+    """(original answer, system message) of a record, each None where its judge does not apply:
+    pairwise needs an original answer, alignment a system message."""
+    original, system = rec.get("original_answer"), message(rec, "system")
+    return (original if pairwise and original and original.strip() else None,
+            system if alignment and system else None)
+
+
 def planned_count(records: Iterable[dict[str, Any]], *, pairwise: bool = True, alignment: bool = True) -> int:
     """How many requests iter_plan will build for these records, without building them."""
     n = 0
     for rec in records:
-        original = rec.get("original_answer")
-        n += 2 * bool(pairwise and original and original.strip())
-        n += bool(alignment and message(rec, "system"))
+        original, system = _judged(rec, pairwise, alignment)
+        n += 2 * (original is not None) + (system is not None)
     return n
 
 
@@ -168,11 +175,11 @@ def iter_plan(records: Iterable[dict[str, Any]], backend: Any, *, pairwise: bool
     there is an original answer, one alignment request when there is a system message."""
     for rec in records:
         user, new = message(rec, "user") or "", message(rec, "assistant") or ""
-        original, system = rec.get("original_answer"), message(rec, "system")
-        if pairwise and original and original.strip():
+        original, system = _judged(rec, pairwise, alignment)
+        if original is not None:
             yield rec, "original_first", pairwise_request(user, original, new, backend)
             yield rec, "new_first", pairwise_request(user, new, original, backend)
-        if alignment and system:
+        if system is not None:
             yield rec, "alignment", alignment_request(system, user, new, backend)
 
 
