@@ -100,10 +100,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         srv = self.server
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.loads(raw) if raw else {}
         srv.bodies.append(body)
         if not self._authorized():
             return
+        if self.path == "/reset_prefix_cache" and srv.dev:
+            srv.prompts.clear()
+            return self._send(200, b"")
         if self.path != "/v1/completions":
             return self._send(404, {"detail": "Not Found"})
         if body.get("model") not in (None, "llama-8b", "tutor-lora"):
@@ -369,3 +373,49 @@ def test_vllm_and_sglang_regex_fields_for_the_openai_route():
                                             "ChatCompletionRequest")
     with pytest.raises(ValueError, match="vllm"):
         openai_regex_body("tgi", "a+")
+
+
+def tiny_tokenizer_dir(tmp_path: Path) -> Path:
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    vocab = {"[UNK]": 0, "hi": 1, "there": 2}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    fast.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_vllm_chat_prompts_become_token_ids_with_a_local_tokenizer(tmp_path):
+    model = tiny_tokenizer_dir(tmp_path / "Llama-3.1-8B-Instruct")
+    srv = StandInVLLMServer()
+    chat = Request(prompt=messages_prompt([{"role": "user", "content": "there hi"}]),
+                   sampling=SamplingParams(), model="m")
+    backend, result = serve_and_run(srv, lambda b: b.generate(chat), model_path=str(model))
+    assert backend.capabilities.token_ids and result.ok and srv.bodies[0]["prompt"] == [2, 1]
+    assert backend.served_model == "llama-8b"  # matched by the model directory's name (the card's root)
+
+
+def test_vllm_bench_gpu_url_mode_drives_a_running_server(tmp_path, capsys):
+    import orjson
+
+    from bench import gpu
+
+    model = tiny_tokenizer_dir(tmp_path / "tok")
+    out = tmp_path / "bench.json"
+    srv = StandInVLLMServer(dev=True)
+    with srv:
+        assert gpu.main(["--url", srv.url, "--model", str(model), "--n", "5", "--warmup", "2",
+                         "--json", str(out)]) == 0
+    info = orjson.loads(out.read_bytes())
+    assert [r["part"] for r in info["results"]] == ["raw_free", "raw_regex", "sysgen_regex"]
+    assert all(r["requests"] == 5 and r["failed"] == 0 and r["output_tokens"] == 30 for r in info["results"])
+    assert info["engine"] == "vllm_http" and info["served_model"] == "llama-8b" and info["capacity"] == 768
+    assert all(info["cache_reset"].values())
+    regexed = [b for b in srv.bodies if b.get("prompt") and "structured_outputs" in b]
+    # warmup 2, raw_regex 5, then sysgen_regex: each distinct prompt once (the tiny vocabulary maps
+    # most words to [UNK], so some P1 prompts coincide and the scheduler sends them once)
+    distinct = {tuple(b["prompt"]) for b in regexed[2:7]}
+    assert len(regexed) == 2 + 5 + len(distinct) and {tuple(b["prompt"]) for b in regexed[7:]} == distinct
+    assert "sysgen_regex" in capsys.readouterr().out
