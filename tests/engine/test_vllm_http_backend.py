@@ -419,3 +419,22 @@ def test_vllm_bench_gpu_url_mode_drives_a_running_server(tmp_path, capsys):
     distinct = {tuple(b["prompt"]) for b in regexed[2:7]}
     assert len(regexed) == 2 + 5 + len(distinct) and {tuple(b["prompt"]) for b in regexed[7:]} == distinct
     assert "sysgen_regex" in capsys.readouterr().out
+
+
+def test_vllm_cli_run_sends_token_ids_and_the_p1_regex(tmp_path, caplog):
+    """`sysgen run --engine vllm_http` end to end against the stand-in (canned answers: P1 parses,
+    later phases drop the instances; what matters here is what reached the server)."""
+    from sysgen.cli import main
+
+    model = tiny_tokenizer_dir(tmp_path / "Llama-3.1-8B-Instruct")
+    srv = StandInVLLMServer()
+    with srv:
+        sample = str(REPO / "sysgen" / "samples" / "demo_mixed.jsonl")
+        code = main(["run", sample, "--out", str(tmp_path / "out"),
+                     "--engine", "vllm_http", "--url", srv.url, "--model", str(model), "--limit", "3",
+                     "--no-progress", "--no-report", "--api-key", KEY])
+    assert code == 0 and srv.bodies and KEY not in caplog.text
+    p1 = [b for b in srv.bodies if b["max_tokens"] == 320]  # --p1-max-tokens default
+    assert len(p1) == 3 and all(isinstance(b["prompt"], list) and "<Role>" in b["structured_outputs"]["regex"]
+                                for b in p1)
+    assert set(srv.auth) == {f"Bearer {KEY}"}
