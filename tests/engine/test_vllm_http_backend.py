@@ -90,7 +90,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/version":
             return self._send(200, {"version": VLLM_PIN})
         if self.path == "/metrics" and srv.engines:
-            lines = [f'vllm:num_requests_running{{engine="{i}",model_name="llama-8b"}} 0.0'
+            # prometheus_client's order: label names as declared (model_name, engine)
+            lines = [f'vllm:num_requests_running{{model_name="llama-8b",engine="{i}"}} 0.0'
                      for i in range(srv.engines)]
             return self._send(200, ("# TYPE vllm:num_requests_running gauge\n" + "\n".join(lines)).encode())
         if self.path.startswith("/server_info") and srv.dev:
