@@ -3,6 +3,7 @@ one engine, one run. Prints a table, writes JSON.
 
     python -m bench.gpu --model /models/Llama-3.1-8B-Instruct [--profile h100-80gb] [--n 2000] --json out.json
     python -m bench.gpu --dry-run --n 50            # builds the prompts, prints the plan; no GPU
+    python -m bench.gpu --url http://127.0.0.1:8000 --model $M --n 2000   # a running vLLM server
 
 Parts, each from an empty prefix cache (flush_cache) so none profits from another's work:
   raw_free     Engine.generate(list of all P1 prompts), no regex           (SGLang alone)
@@ -139,7 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-inflight", type=int, help="scheduler window (default: from the engine's capacity)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--dry-run", action="store_true", help="build prompts and print the plan; no engine")
+    p.add_argument("--url", help="drive a running server instead of an in-process engine (bench.gpu_url)")
+    p.add_argument("--engine", default="vllm_http", choices=("vllm_http", "sglang_http"),
+                   help="with --url: what serves there")
+    p.add_argument("--api-key", help="with --url: the server's key (default: env OPENAI_API_KEY)")
     args = p.parse_args(argv)
+    if args.url and not args.dry_run:
+        from bench.gpu_url import main_url
+
+        return main_url(args)
     if not args.dry_run and not args.model:
         p.error("--model is required (or use --dry-run)")
 

@@ -43,6 +43,10 @@ def make_backend(name: str, *, model: str | None, url: str | None = None, api_ke
         from engine.backends.sglang_http import SGLangHTTPBackend
 
         return SGLangHTTPBackend(url, model_path=model, max_concurrency=max_inflight)
+    if name == "vllm_http":
+        from engine.backends.vllm_http import VLLMHTTPBackend
+
+        return VLLMHTTPBackend(url, model_path=model, api_key=api_key, max_concurrency=max_inflight)
     if name == "openai":
         from engine.backends.openai_http import OpenAIBackend
 

@@ -52,7 +52,8 @@ def add_run_parser(sub) -> None:
         typ, choices = _arg_type(f)
         p.add_argument(flag, type=typ, choices=choices, default=f.default, help=help_,
                        required=f.metadata.get("required", False))
-    p.add_argument("--api-key", default=None, help="key for --engine openai (default: env OPENAI_API_KEY)")
+    p.add_argument("--api-key", default=None,
+                   help="key for --engine openai/vllm_http (default: env OPENAI_API_KEY)")
     p.set_defaults(func=cmd_run)
 
 

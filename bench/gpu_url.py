@@ -1,0 +1,117 @@
+"""bench.gpu --url: the same three parts against a running server (vLLM by default, or SGLang with
+--engine sglang_http), so one command compares engines on a node:
+
+    vllm serve $M --port 8000 --enable-prompt-tokens-details &
+    python -m bench.gpu --url http://127.0.0.1:8000 --model $M --n 2000 --json bench-vllm.json
+
+  raw_free     every P1 request sent at once through the HTTP backend, no regex (the server alone)
+  raw_regex    the same with the P1 regex
+  sysgen_regex the same requests through Scheduler + Store (our overhead on top)
+
+Before each part the server's prefix cache is reset where the server allows it (vLLM: POST
+/reset_prefix_cache, dev mode only, VLLM_SERVER_DEV_MODE=1; SGLang: POST /flush_cache); the JSON
+says whether it was (`cache_reset`), since without it later parts find earlier parts' prefixes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+RESET_PATH = {"vllm_http": "/reset_prefix_cache", "sglang_http": "/flush_cache"}
+
+
+def make_url_backend(engine: str, url: str, model: str | None, api_key: str | None):
+    if engine == "vllm_http":
+        from engine.backends.vllm_http import VLLMHTTPBackend
+
+        return VLLMHTTPBackend(url, model_path=model, api_key=api_key)
+    if engine == "sglang_http":
+        from engine.backends.sglang_http import SGLangHTTPBackend
+
+        return SGLangHTTPBackend(url, model_path=model)
+    raise ValueError(f"--engine {engine!r}: bench --url drives vllm_http or sglang_http")
+
+
+async def reset_cache(backend, engine: str) -> bool:
+    """True when the server emptied its prefix cache (see the module docstring)."""
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(base_url=backend.base_url, timeout=60.0) as client:
+            r = await client.post(RESET_PATH[engine])
+        return r.status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def run_direct(backend, requests: list) -> tuple[list, float]:
+    """All requests at once straight to the backend (its own connection cap applies): no
+    scheduler, no store. A failed request counts as failed, not fatal."""
+    from engine.request import Result
+
+    async def one(r):
+        try:
+            return await backend.generate(r)
+        except Exception as e:
+            return Result.failure(f"{type(e).__name__}: {e}")
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one(r) for r in requests))
+    return list(results), time.perf_counter() - t0
+
+
+async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from bench.gpu import build_requests, part_stats, plan, ratio, run_sysgen
+
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    backend = make_url_backend(args.engine, args.url, args.model, api_key)
+    async with backend:
+        if backend.tokenizer is None:
+            raise SystemExit("error: --url needs --model DIR (a local copy of the served model, for its "
+                             "tokenizer: prompts go out as token ids)")
+        mk = dict(input_path=args.input, tokenizer=backend.tokenizer, model_id=backend.model_id, workdir=work)
+        regex_reqs = build_requests(args.n, constrain=True, **mk)
+        free_reqs = build_requests(args.n, constrain=False, **mk)
+        info = plan(args, regex_reqs, None, "none (a running server)")
+        info.update(engine=args.engine, url=args.url, served_model=backend.model_id,
+                    server_version=getattr(backend, "server_version", None),
+                    capacity=backend.capabilities.max_running, cache_reset={})
+        if args.warmup:
+            await run_direct(backend, regex_reqs[: args.warmup])
+        rows = []
+        for name, reqs in (("raw_free", free_reqs), ("raw_regex", regex_reqs)):
+            info["cache_reset"][name] = await reset_cache(backend, args.engine)
+            rows.append(part_stats(name, *await run_direct(backend, reqs)))
+        info["cache_reset"]["sysgen_regex"] = await reset_cache(backend, args.engine)
+        rows.append(part_stats("sysgen_regex", *await run_sysgen(backend, regex_reqs, work / "store.db",
+                                                                   args.max_inflight)))
+    by = {r["part"]: r for r in rows}
+    info["results"] = rows
+    info["ratios"] = {
+        "sysgen_vs_raw_output_tok_s": ratio(by["sysgen_regex"]["output_tokens_per_s"],
+                                            by["raw_regex"]["output_tokens_per_s"]),
+        "regex_vs_free_output_tok_s": ratio(by["raw_regex"]["output_tokens_per_s"],
+                                            by["raw_free"]["output_tokens_per_s"]),
+    }
+    return info
+
+
+def main_url(args: argparse.Namespace) -> int:
+    """`python -m bench.gpu --url ...`: measure, print the table and ratios, write --json."""
+    import tempfile
+
+    import orjson
+
+    from bench.gpu import _write, table
+
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-url-") as tmp:
+        info = asyncio.run(measure(args, Path(tmp)))
+    print(table(info["results"]))
+    print(orjson.dumps({**info["ratios"], "cache_reset": info["cache_reset"]}).decode())
+    _write(args.json, info)
+    return 0

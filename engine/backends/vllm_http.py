@@ -1,0 +1,375 @@
+"""vLLM over HTTP: the OpenAI-compatible server of `vllm serve` (pinned: vLLM 0.33.0), or a router
+in front of several of them. Prompts go out as token ids, so our template-first prefix layout
+reaches the engine as built and its prefix cache sees every shared template.
+
+Request (0.33.0 entrypoints/openai/completion/protocol.py, CompletionRequest): POST /v1/completions
+{"model", "prompt": [ids] | str, "max_tokens", "temperature", "top_p", "seed", "stop",
+"structured_outputs": {"regex"}} (StructuredOutputsParams in sampling_params.py). vLLM accepts and
+*ignores* unknown fields (OpenAIBaseModel has extra="allow"; the old `guided_regex` is dropped with a
+warning), so a misspelt constraint field would silently unconstrain the output: the tests check
+every field we send against the pinned source's field list.
+Response (CompletionResponse): {"model", "choices": [{"text", "finish_reason", "stop_reason"}],
+"usage": {"prompt_tokens", "completion_tokens", "prompt_tokens_details": {"cached_tokens"}}}.
+`prompt_tokens_details` is filled only by a server started with `--enable-prompt-tokens-details`;
+without it cached_tokens reads 0 (a warning says so once).
+Served model and context length come from GET /v1/models (ModelCard.id, root, max_model_len).
+
+Errors are classified by type: 408/429, 5xx, connection errors, timeouts and malformed answers ->
+TransientEngineError (the scheduler retries with backoff); other 4xx -> RequestRejected. The API key
+travels only in the Authorization header and is scrubbed from any server text we repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.backend import BackendBase, Capabilities, EngineDied, RequestRejected, TransientEngineError
+from engine.request import Request, Result, prompt_messages
+
+log = logging.getLogger(__name__)
+
+VLLM_PIN = "0.33.0"  # the version whose request/response fields this module speaks (pyproject [vllm])
+# vLLM's default --max-num-seqs on GPUs below the H100 class (1024 on H100/H200/B200): used per
+# engine when the server does not say, so the window never starves a default server.
+DEFAULT_RUNNING = 256
+# v1 FinishReason strings. "repetition" (repetition_detection, which we never request) ends a
+# looping output early: treated as running out of tokens, so a constrained phase retries sampled.
+_FINISH = {"stop": "stop", "length": "length", "repetition": "length"}
+_ENGINE_LABEL = re.compile(r'^vllm:num_requests_running\{[^}]*engine="(\d+)"', re.M)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What the transport hands back: status, parsed JSON (None when not JSON), raw text, headers."""
+
+    status: int
+    body: Any
+    text: str
+    retry_after: float | None = None
+
+
+class VLLMHTTPBackend(BackendBase):
+    """`async with VLLMHTTPBackend(url, model_path=...) as b:` reads the served model, its context
+    length and (where the server says) its capacity, and fails fast when nothing answers."""
+
+    name = "vllm_http"
+
+    def __init__(self, base_url: str, *, model_path: str | None = None, api_key: str | None = None,
+                 max_concurrency: int | None = None, timeout_s: float = 600, retries: int = 3,
+                 tokenizer: Any = None) -> None:
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        self.base_url = base_url.rstrip("/")
+        self.model_path = model_path
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self._cap = max_concurrency  # an int is a hard cap; None: sized from the server at start
+        self.max_concurrency = max_concurrency or DEFAULT_RUNNING
+        self.served_model: str | None = None
+        self.model_id = _name(model_path) if model_path else f"vllm@{self.base_url}"
+        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model_path)
+        self.capabilities = Capabilities(regex=True, token_ids=self.tokenizer is not None,
+                                         max_running=self.max_concurrency, max_context=1 << 20)
+        self.server_version: str | None = None
+        self.capacity_source = "default"
+        self.__key = api_key  # name-mangled, never formatted: see __repr__ and _scrub
+        self._client = None
+        self._sem = asyncio.Semaphore(self.max_concurrency)
+        self._warned_no_cache_counts = False
+
+    def __repr__(self) -> str:
+        key = "set" if self.__key else "none"
+        return f"VLLMHTTPBackend(base_url={self.base_url!r}, model={self.served_model!r}, api_key=<{key}>)"
+
+    async def __aenter__(self) -> VLLMHTTPBackend:
+        await self.start()
+        return self
+
+    # -- transport: the one place that speaks HTTP (swap it for a shared client here) -----------
+
+    def _open(self):
+        if self._client is None:
+            from engine.backends.sglang_http import _httpx
+
+            httpx = _httpx()
+            headers = {"Authorization": f"Bearer {self.__key}"} if self.__key else {}
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+            self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers, limits=limits,
+                                             timeout=httpx.Timeout(self.timeout_s, connect=10.0))
+        return self._client
+
+    async def _http(self, method: str, path: str, body: dict | None = None, *, timeout: float | None = None,
+                    request: Request | None = None) -> Reply:
+        """One HTTP exchange. Raises TransientEngineError for timeouts and transport failures;
+        statuses are returned, not judged (see _check)."""
+        from engine.backends.sglang_http import _httpx
+
+        httpx = _httpx()
+        client = self._open()
+        timeout = self.timeout_s if timeout is None else timeout
+        try:
+            r = await client.request(method, path, json=body, timeout=timeout)
+        except httpx.TimeoutException as e:
+            raise TransientEngineError(f"{self.base_url}{path}: no answer in {timeout:g}s", request) from e
+        except httpx.TransportError as e:  # the text names the URL only; the key is in a header
+            raise TransientEngineError(f"{self.base_url}{path}: {type(e).__name__}: {self._scrub(str(e))}",
+                                       request) from e
+        try:
+            parsed = r.json()
+        except ValueError:
+            parsed = None
+        return Reply(r.status_code, parsed, r.text, _retry_after(r.headers.get("retry-after")))
+
+    def _check(self, reply: Reply, path: str, request: Request | None = None) -> Any:
+        """The JSON body of a 2xx reply, else the error its status means."""
+        where = f"{self.base_url}{path}"
+        if 200 <= reply.status < 300:
+            if reply.body is None:
+                raise TransientEngineError(f"{where}: answer is not JSON: {self._scrub(reply.text[:200])!r}",
+                                           request)
+            return reply.body
+        message = f"{where}: {reply.status} {self._scrub(_error_message(reply))}"
+        if reply.status in (408, 429) or reply.status >= 500:
+            err = TransientEngineError(message, request)
+            err.retry_after = reply.retry_after  # seconds the server asked us to wait, or None
+            raise err
+        raise RequestRejected(message, request)
+
+    def _scrub(self, text: str) -> str:
+        """Servers and proxies sometimes echo the key they refused."""
+        key = self.__key
+        if key:
+            text = text.replace(key, "<api key>")
+            if len(key) > 8:
+                text = text.replace(key[:8], "<api key>")
+        return text
+
+    # -- start: what the server serves ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Read /v1/models (required), then /version, /server_info and /metrics (optional)."""
+        if self.served_model is not None:
+            return
+        models = await self._models()
+        self._apply_models(models)
+        self.server_version = await self._optional_json("/version", "version")
+        if self.server_version and self.server_version != VLLM_PIN:
+            log.warning("the server at %s runs vLLM %s; sysgen speaks the fields of vLLM %s",
+                        self.base_url, self.server_version, VLLM_PIN)
+        if self._cap is None:
+            await self._size_from_server()
+        log.info("vllm_http: %s serves %s (context %d); window sized from %s: %d running",
+                 self.base_url, self.served_model, self.capabilities.max_context, self.capacity_source,
+                 self.capabilities.max_running)
+
+    async def _models(self) -> dict:
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                body = self._check(await self._http("GET", "/v1/models", timeout=30.0), "/v1/models")
+                if isinstance(body, dict) and isinstance(body.get("data"), list) and body["data"]:
+                    return body
+                raise EngineDied(f"{self.base_url}/v1/models lists no model: {str(body)[:200]}")
+            except RequestRejected as e:  # 401/403/404: retrying cannot fix a key or a URL
+                hint = " (pass --api-key, the key the server was started with)" if "401" in str(e) else ""
+                raise EngineDied(f"{e}{hint}") from e
+            except TransientEngineError as e:
+                last = e
+                if attempt < self.retries:
+                    await asyncio.sleep(min(8.0, 0.5 * 2**attempt) * (0.5 + random.random()))
+        raise EngineDied(f"no vLLM server answers at {self.base_url} ({last}); start one with "
+                         "`vllm serve MODEL --port PORT --enable-prompt-tokens-details` or check --url")
+
+    def _apply_models(self, models: dict) -> None:
+        cards = [c for c in models["data"] if isinstance(c, dict) and isinstance(c.get("id"), str)]
+        if not cards:
+            raise EngineDied(f"{self.base_url}/v1/models: no model card with an id")
+        card = _pick_card(cards, self.model_path)
+        self.served_model = card["id"]
+        self.model_id = _name(card["id"])
+        root = card.get("root") if isinstance(card.get("root"), str) else card["id"]
+        if self.model_path and _name(root) != _name(self.model_path) and _name(card["id"]) != _name(
+                self.model_path):
+            log.warning("the server at %s serves %s but --model is %s: the tokenizer may not match",
+                        self.base_url, root, self.model_path)
+        if self.tokenizer is None and Path(root).is_dir():  # same node: the server's own tokenizer
+            self.tokenizer = _load_tokenizer(root)
+        ctx = card.get("max_model_len")
+        self.capabilities = Capabilities(
+            regex=True, token_ids=self.tokenizer is not None,
+            max_running=min(self.max_concurrency, self.capabilities.max_running),
+            max_context=ctx if isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > 0 else 1 << 20)
+
+    async def _optional_json(self, path: str, key: str) -> Any:
+        try:
+            reply = await self._http("GET", path, timeout=10.0)
+        except TransientEngineError:
+            return None
+        body = reply.body if reply.status == 200 else None
+        return body.get(key) if isinstance(body, dict) else None
+
+    async def _size_from_server(self) -> None:
+        """vLLM reports no running capacity in production. Dev mode (VLLM_SERVER_DEV_MODE=1) has
+        /server_info with the scheduler's max_num_seqs; else /metrics shows how many engines (data
+        parallel ranks) run, each assumed to take DEFAULT_RUNNING."""
+        running = None
+        config = await self._optional_json("/server_info?config_format=json", "vllm_config")
+        if isinstance(config, dict):
+            seqs = (config.get("scheduler_config") or {}).get("max_num_seqs")
+            dp = (config.get("parallel_config") or {}).get("data_parallel_size") or 1
+            if isinstance(seqs, int) and seqs > 0 and isinstance(dp, int) and dp > 0:
+                running, self.capacity_source = seqs * dp, "/server_info max_num_seqs x data_parallel_size"
+        if running is None:
+            try:
+                reply = await self._http("GET", "/metrics", timeout=10.0)
+            except TransientEngineError:
+                reply = None
+            engines = set(_ENGINE_LABEL.findall(reply.text)) if reply and reply.status == 200 else set()
+            if engines:
+                running = DEFAULT_RUNNING * len(engines)
+                self.capacity_source = f"/metrics: {len(engines)} engine(s) x {DEFAULT_RUNNING}"
+        if running:
+            self.max_concurrency = max(DEFAULT_RUNNING, running + 128)
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+            self.capabilities = Capabilities(regex=True, token_ids=self.capabilities.token_ids,
+                                             max_running=running, max_context=self.capabilities.max_context)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def payload(self, request: Request) -> dict[str, Any]:
+        s = request.sampling
+        body: dict[str, Any] = {"model": self.served_model, "max_tokens": s.max_new_tokens,
+                                "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}
+        if request.kind == "ids":
+            body["prompt"] = list(request.prompt)
+        elif request.kind == "text":
+            body["prompt"] = request.prompt
+        elif self.tokenizer is not None:
+            ids = self.tokenizer.apply_chat_template(prompt_messages(request.prompt),
+                                                     add_generation_prompt=True, tokenize=True)
+            body["prompt"] = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        else:
+            raise RequestRejected("a chat-messages prompt needs --model (a local copy of the served model, "
+                                  "for its chat template) with vllm_http", request)
+        if s.stop:
+            body["stop"] = list(s.stop)
+        if request.regex is not None:
+            body["structured_outputs"] = {"regex": request.regex}
+        return body
+
+    async def generate(self, request: Request) -> Result:
+        if self.served_model is None:
+            await self.start()
+        body = self.payload(request)
+        async with self._sem:
+            reply = await self._http("POST", "/v1/completions", body, request=request)
+        return self.result_from_completion(self._check(reply, "/v1/completions", request), request)
+
+    def result_from_completion(self, body: Any, request: Request | None = None) -> Result:
+        """Validate a CompletionResponse's types and map it; a malformed answer is transient."""
+        def bad(what: str) -> TransientEngineError:
+            return TransientEngineError(f"{self.base_url}/v1/completions: malformed answer ({what}): "
+                                        f"{self._scrub(str(body)[:200])!r}", request)
+
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise bad("no choices")
+        choice, usage = choices[0], body.get("usage")
+        text, reason = choice.get("text"), choice.get("finish_reason")
+        if not isinstance(text, str):
+            raise bad("text is not a string")
+        if not isinstance(usage, dict):
+            raise bad("no usage")
+        prompt_tokens = _count(usage.get("prompt_tokens"))
+        completion_tokens = _count(usage.get("completion_tokens"), none_ok=True)
+        details = usage.get("prompt_tokens_details")
+        if prompt_tokens is None or completion_tokens is None or not isinstance(details, (dict, type(None))):
+            raise bad("usage counts are not integers")
+        cached = _count((details or {}).get("cached_tokens"), none_ok=True)
+        if cached is None:
+            raise bad("cached_tokens is not an integer")
+        if details is None and not self._warned_no_cache_counts:
+            self._warned_no_cache_counts = True
+            log.warning("%s reports no cached-token counts; start vLLM with --enable-prompt-tokens-details "
+                        "to see prefix-cache hits", self.base_url)
+        if reason in ("abort", "error"):
+            raise TransientEngineError(f"vLLM ended the request with finish_reason {reason!r}", request)
+        if reason not in _FINISH:
+            raise TransientEngineError(f"vLLM returned no known finish reason (got {reason!r})", request)
+        return Result(text=text, finish_reason=_FINISH[reason], prompt_tokens=prompt_tokens,
+                      completion_tokens=completion_tokens, cached_tokens=cached)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+def openai_regex_body(server: str, regex: str) -> dict[str, Any]:
+    """Extra body fields that carry a regex constraint through an OpenAI-compatible route of a
+    self-hosted server (for `--engine openai`): vLLM 0.33.0's `structured_outputs.regex`, SGLang
+    0.5.23's top-level `regex` (its Chat/CompletionRequest). Hosted APIs take neither."""
+    if server == "vllm":
+        return {"structured_outputs": {"regex": regex}}
+    if server == "sglang":
+        return {"regex": regex}
+    raise ValueError(f"no known regex field for server {server!r}; expected 'vllm' or 'sglang'")
+
+
+def _count(value: Any, none_ok: bool = False) -> int | None:
+    """A non-negative int token count (None -> 0 where allowed); None when the type is wrong."""
+    if value is None and none_ok:
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def _error_message(reply: Reply) -> str:
+    """The server's words: vLLM's ErrorResponse {"error": {"message", "type", "code"}}, its auth
+    middleware's {"error": "Unauthorized"}, FastAPI's {"detail"}, or plain text."""
+    body = reply.body
+    if isinstance(body, dict):
+        err = body.get("error", body.get("detail", body.get("message")))
+        if isinstance(err, dict):
+            err = err.get("message", err)
+        return str(err)[:500]
+    return (reply.text or "").strip()[:500]
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: rare from inference servers; the scheduler's backoff applies
+
+
+def _pick_card(cards: list[dict], model_path: str | None) -> dict:
+    """The served model matching --model by name, else the first base model (LoRA adapters have a
+    parent)."""
+    if model_path:
+        for c in cards:
+            if _name(model_path) in (_name(c["id"]), _name(str(c.get("root") or ""))):
+                return c
+    return next((c for c in cards if not c.get("parent")), cards[0])
+
+
+def _name(path: str) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _load_tokenizer(model_path: str | None):
+    if not model_path:
+        return None
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise ImportError("--model for vllm_http loads its tokenizer with transformers: "
+                          "pip install -e '.[cpu]' (or pass no --model for text-only prompts)") from e
+    return AutoTokenizer.from_pretrained(model_path)
