@@ -76,7 +76,8 @@ class _Conn(asyncio.Protocol):
                 return
             head = self.buf[:end]
             i = head.lower().find(b"content-length:")
-            n = int(head[i + 15:head.find(b"\r\n", i) if head.find(b"\r\n", i) > 0 else None]) if i >= 0 else 0
+            eol = head.find(b"\r\n", i)
+            n = int(head[i + 15:eol if eol > 0 else None]) if i >= 0 else 0
             if len(self.buf) < end + 4 + n:
                 return
             body, self.buf = self.buf[end + 4:end + 4 + n], self.buf[end + 4 + n:]

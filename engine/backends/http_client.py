@@ -174,6 +174,12 @@ class HTTPClient:
         except aiohttp.ClientError as e:  # disconnected mid-answer, a broken body, a reset
             raise TransientEngineError(f"{url}: {type(e).__name__}: {e}", request) from e
 
+    async def resize(self, max_connections: int) -> None:
+        """Change the pool size (a backend learns the server's capacity after its first calls)."""
+        if max_connections != self.max_connections:
+            await self.close()  # the next call opens a pool of the new size
+            self.max_connections = max_connections
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()

@@ -84,8 +84,10 @@ class SGLangHTTPBackend(BackendBase):
         self.model_info = await self._get_info("model_info")
         self.server_info = await self._get_info("server_info")
         self._apply_info()
-        # The pool holds one keep-alive connection per request in flight.
-        self._client.max_connections = self.max_concurrency
+        # The pool holds one keep-alive connection per request in flight (the first pool, opened
+        # before the capacity was known, had the default size: a 256-connection pool capped a
+        # 2,048-request window at 256 requests/s at 1 s latency).
+        await self._client.resize(self.max_concurrency)
 
     async def _get_info(self, what: str) -> dict[str, Any]:
         """GET /<what>, falling back to the older /get_<what> that routers still serve. Connection

@@ -441,3 +441,15 @@ def test_no_log_line_per_request(caplog):
         results, _ = through_scheduler(srv, 50)
     assert all(r.ok for r in results)
     assert len(caplog.records) < 10, [r.getMessage() for r in caplog.records[:5]]
+
+
+def test_the_connection_pool_follows_the_servers_capacity():
+    with StandInSGLangServer() as srv:
+        srv.inject("/server_info", Canned(200, {"max_running_requests": 1000}))
+
+        async def go():
+            async with SGLangHTTPBackend(srv.url, model_path=None) as b:
+                await b.generate(req())
+                return b.max_concurrency, b._client._session.connector.limit
+
+        assert run(go()) == (1128, 1128)  # one keep-alive connection per request in flight
