@@ -18,12 +18,13 @@ import sys
 
 import orjson
 
-_VERDICT_TAG = re.compile(rb"(\w+): \(\?:Good\|Bad\|None\)")
+# In the JSON body the regex's newlines are the two characters \n: a tag name follows `"` or those.
+_VERDICT_TAG = re.compile(rb'(?:"|\\n)(\w+): \(\?:Good\|Bad\|None\)')
 _P1 = ("<Role>You are a careful assistant (profile {n}).</Role>\n<Content>Cover the question accurately."
        "</Content>\n<Task>Answer the request completely.</Task>\n")
 _ANSWER = "Here is a careful answer that follows the system message. " * 4
 SERVER_INFO = {"max_running_requests": 64, "dp_size": 1, "grammar_backend": "xgrammar",
-               "context_length": 8192}
+               "context_length": 65536}
 MODEL_INFO = {"model_path": "/models/standin-http", "is_generation": True}
 
 
