@@ -29,7 +29,7 @@ MODEL_INFO = {"model_path": "/models/standin-http", "is_generation": True}
 
 
 def _response(status: int, body: bytes) -> bytes:
-    reason = {200: b"OK", 404: b"Not Found"}.get(status, b"Error")
+    reason = {200: b"OK", 401: b"Unauthorized", 404: b"Not Found"}.get(status, b"Error")
     return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
             % (status, reason, len(body))) + body
 
@@ -82,6 +82,9 @@ class _Conn(asyncio.Protocol):
             if len(self.buf) < end + 4 + n:
                 return
             body, self.buf = self.buf[end + 4:end + 4 + n], self.buf[end + 4 + n:]
+            if self.server.auth is not None and self.server.auth not in head.lower():
+                self._write(_response(401, b'{"detail":"Unauthorized"}'))
+                continue
             self.answer(head[:head.find(b"\r\n")], body)
 
     def answer(self, line: bytes, body: bytes) -> None:
@@ -112,8 +115,10 @@ class _Conn(asyncio.Protocol):
 
 
 class StandInServer:
-    def __init__(self, delay_s: float = 0.0, max_running: int = 64) -> None:
+    def __init__(self, delay_s: float = 0.0, max_running: int = 64, api_key: str | None = None) -> None:
         self.delay_s = delay_s
+        # As `sglang.launch_server --api-key`: every request must carry "Authorization: Bearer KEY".
+        self.auth = f"authorization: bearer {api_key}".lower().encode() if api_key else None
         self.count = 0
         self.server_info = {**SERVER_INFO, "max_running_requests": max_running}
 
@@ -130,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help="0 = any free port (printed)")
     p.add_argument("--delay", type=float, default=0.0, help="seconds before each POST is answered")
     p.add_argument("--max-running", type=int, default=64, help="what /server_info reports")
+    p.add_argument("--api-key", help="answer 401 to requests without this bearer key")
     a = p.parse_args(argv)
     try:
         import uvloop
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     try:
-        runner(StandInServer(a.delay, a.max_running).serve(a.port))
+        runner(StandInServer(a.delay, a.max_running, a.api_key).serve(a.port))
     except KeyboardInterrupt:
         pass
     return 0

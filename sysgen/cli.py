@@ -131,8 +131,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                   "once the cause (e.g. a full disk) is fixed.", file=sys.stderr)
             return 1
         except EngineAuthError as e:
-            print(f"sysgen: stopped: {e}.\nEverything finished before is committed; {resume_hint} once "
-                  "the credentials are fixed.", file=sys.stderr)
+            print(f"sysgen: stopped: {e}.\nNothing was dropped; fix the credentials, then {resume_hint}.",
+                  file=sys.stderr)
             return 1
         except EngineDied as e:
             what = "stopped" if isinstance(e, (EngineDown, FailureStreak)) else "the engine died"

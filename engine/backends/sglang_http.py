@@ -81,8 +81,12 @@ class SGLangHTTPBackend(BackendBase):
             return
         headers = {"Authorization": f"Bearer {self.__key}"} if self.__key else None
         self._client = HTTPClient(self.base_url, headers=headers, timeout_s=self.timeout_s)
-        self.model_info = await self._get_info("model_info")
-        self.server_info = await self._get_info("server_info")
+        try:
+            self.model_info = await self._get_info("model_info")
+            self.server_info = await self._get_info("server_info")
+        except BaseException:
+            await self.close()  # no pool left open: __aexit__ does not run when __aenter__ fails
+            raise
         self._apply_info()
         # The pool holds one keep-alive connection per request in flight (the first pool, opened
         # before the capacity was known, had the default size: a 256-connection pool capped a
@@ -189,9 +193,9 @@ class SGLangHTTPBackend(BackendBase):
         return checked_result(out, request, url)
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
 
 
 def checked_result(out: Any, request: Request, url: str) -> Result:

@@ -1,7 +1,7 @@
 """`python -m sysgen run --engine sglang_http` against the stand-in server of bench/http_server.py
 (a separate process: canned answers, no model) while that server goes away: a restart mid-run loses
 nothing; an engine that stays down stops the run resumable (exit 1, nothing dropped); kill -9
-during an outage, then a resume, keeps every row exactly once."""
+during an outage, then a resume, keeps every row exactly once; a refused key stops the run at once."""
 
 from __future__ import annotations
 
@@ -37,12 +37,12 @@ def free_port() -> int:
 class Server:
     """bench/http_server.py on a fixed port, so it can be stopped and started again there."""
 
-    def __init__(self, port: int, delay_s: float = 0.15) -> None:
-        self.port, self.delay_s, self.proc = port, delay_s, None
+    def __init__(self, port: int, delay_s: float = 0.15, *extra: str) -> None:
+        self.port, self.delay_s, self.proc, self.extra = port, delay_s, None, extra
 
     def start(self) -> Server:
         cmd = [sys.executable, "-m", "bench.http_server", "--port", str(self.port),
-               "--delay", str(self.delay_s)]
+               "--delay", str(self.delay_s), *self.extra]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout.readline().startswith("PORT ")
         return self
@@ -164,4 +164,21 @@ def test_an_engine_that_stays_down_stops_the_run_resumable(tmp_path, tokenizer_d
     finally:
         srv.stop()
     assert done.returncode == 0, done.stderr
+    assert every_row_once(out) and engine_drops(out) == []
+
+
+def test_a_refused_api_key_stops_the_run_at_once_and_drops_nothing(tmp_path, tokenizer_dir):
+    inp, out, port = tmp_path / "in.jsonl", tmp_path / "out", free_port()
+    write_rows(inp, N)
+    srv = Server(port, 0.0, "--api-key", "right-key").start()
+    try:
+        bad = subprocess.run(cli(inp, out, port, tokenizer_dir, "--api-key", "wrong-key"), cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+        good = subprocess.run(cli(inp, out, port, tokenizer_dir, "--api-key", "right-key"), cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        srv.stop()
+    assert bad.returncode != 0 and "401" in bad.stderr and "check --api-key" in bad.stderr
+    assert "wrong-key" not in bad.stderr and "Unclosed" not in bad.stderr
+    assert good.returncode == 0, good.stderr
     assert every_row_once(out) and engine_drops(out) == []
