@@ -453,3 +453,11 @@ def test_the_connection_pool_follows_the_servers_capacity():
                 return b.max_concurrency, b._client._session.connector.limit
 
         assert run(go()) == (1128, 1128)  # one keep-alive connection per request in flight
+
+
+def test_retry_after_as_seconds_or_an_http_date():
+    from engine.backends.http_client import RETRY_AFTER_CAP_S, retry_after_s
+
+    assert retry_after_s("3") == 3.0 and retry_after_s(None) is None and retry_after_s("soon") is None
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+    assert retry_after_s("99999") == RETRY_AFTER_CAP_S and retry_after_s("-5") == 0.0
