@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class Breaker:
-    def __init__(self, down_limit_s: float, probe_base_s: float = 0.5, probe_max_s: float = 10.0,
+    def __init__(self, down_limit_s: float, probe_base_s: float = 0.5, probe_max_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.down_limit_s = down_limit_s
         self.probe_base_s, self.probe_max_s = probe_base_s, probe_max_s

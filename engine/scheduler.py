@@ -52,7 +52,7 @@ class SchedulerConfig:
     # How long the engine may stay unreachable (or keep shedding load with 429/503) before the run
     # stops, resumable; meanwhile requests wait instead of spending retries.
     engine_down_s: float = 600.0
-    probe_max_s: float = 10.0  # longest wait between probes of an unreachable engine
+    probe_max_s: float = 5.0  # longest wait between probes: the run resumes at most this late
     # Stop the run when this many final failures in a row are of one kind (0 = never): a broken
     # engine or a wrong setting would otherwise drop the rest of the input one request at a time.
     failure_streak: int = 25
