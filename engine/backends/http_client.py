@@ -61,10 +61,6 @@ class Reply:
     def json(self) -> Any:
         return orjson.loads(self.body)  # orjson.JSONDecodeError is a ValueError
 
-    @property
-    def looks_like_json(self) -> bool:
-        return "json" in self.content_type or self.body[:1] in (b"{", b"[")
-
 
 def error_message(reply: Reply) -> str:
     """The server's own words from an error response: {"error": {"message"}} | {"error": str} |

@@ -25,7 +25,7 @@ from engine.backend import (
     RequestRejected,
     TransientEngineError,
 )
-from engine.backends.http_client import HTTPClient, Reply, max_body_bytes, status_error
+from engine.backends.http_client import HTTPClient, Reply, error_message, max_body_bytes, status_error
 from engine.backends.sglang import default_model_id, result_from_output, sampling_params_for
 from engine.request import Request, Result, prompt_messages
 
@@ -106,8 +106,7 @@ class SGLangHTTPBackend(BackendBase):
                     if r.status in (401, 403):
                         raise status_error(self.base_url + path, r, None)
                     if r.status >= 400:
-                        log.warning("GET %s%s: %d %s", self.base_url, path, r.status,
-                                    status_error("", r, None))
+                        log.warning("GET %s%s: %d %s", self.base_url, path, r.status, error_message(r))
                         return {}
                     return self._info_body(path, r)
                 return {}  # neither path: a router that does not say
