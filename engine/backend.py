@@ -13,9 +13,16 @@ class EngineError(Exception):
 
     retryable = False
 
-    def __init__(self, message: str, request: Request | None = None) -> None:
+    def __init__(self, message: str, request: Request | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.request = request
+        self.status = status  # the HTTP status behind it, where there is one
+
+    @property
+    def kind(self) -> str:
+        """What went wrong, coarsely (type and status): the scheduler stops the run when the most
+        recent requests all failed the same kind of way."""
+        return f"{type(self).__name__} {self.status}" if self.status else type(self).__name__
 
 
 class TransientEngineError(EngineError):
@@ -24,12 +31,47 @@ class TransientEngineError(EngineError):
     retryable = True
 
 
+class EngineUnreachable(TransientEngineError):
+    """Nothing accepts a connection at the engine's address (refused, no route, connect timeout).
+    The scheduler pauses every request (a circuit breaker) rather than spend their retries."""
+
+
+class EngineOverloaded(TransientEngineError):
+    """The engine shed load (HTTP 429 or 503): retry after `retry_after_s` (the server's Retry-After,
+    or a backoff when it gave none), without spending the request's retries."""
+
+    def __init__(self, message: str, request: Request | None = None, status: int | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message, request, status)
+        self.retry_after_s = retry_after_s
+
+
 class RequestRejected(EngineError):
     """The engine refused this request for what it is (4xx, prompt too long): retrying cannot help."""
 
 
+class ContentFiltered(RequestRejected):
+    """The endpoint's content filter withheld the answer (OpenAI finish_reason "content_filter"): a
+    drop with that reason, never a success. Not evidence of a broken engine, so it never counts
+    toward the scheduler's same-failure streak."""
+
+
 class EngineDied(EngineError):
     """The engine itself is gone (child process killed, server unreachable for good): stop the run."""
+
+
+class EngineAuthError(EngineDied):
+    """HTTP 401/403: every request would be refused the same way; stop the run at once."""
+
+
+class EngineDown(EngineDied):
+    """The engine stayed unreachable (or kept shedding load) longer than the configured bound: the
+    run stops, resumable, instead of dropping the instances it could not serve."""
+
+
+class FailureStreak(EngineDied):
+    """The most recent requests all failed the same way: something systematic is wrong, so the run
+    stops (resumable) instead of dropping the rest of the input."""
 
 
 @dataclass(frozen=True, slots=True)

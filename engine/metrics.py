@@ -21,6 +21,9 @@ class Metrics:
     completion_tokens: int = 0
     cached_tokens: int = 0
     engine_s: float = 0.0
+    unreachable: int = 0  # attempts that found no engine listening (they waited, no retry spent)
+    shed: int = 0  # attempts the engine answered 429/503 (retried after Retry-After, no retry spent)
+    engine_down_s: float = 0.0  # time the engine was unreachable (the breaker open)
     started: float = field(default_factory=time.monotonic)
 
     def record(self, result: Result, seconds: float) -> None:
@@ -51,5 +54,5 @@ class Metrics:
         d.pop("started")
         d.update(misses=self.misses, elapsed_s=round(self.elapsed_s, 3),
                  output_tokens_per_s=round(self.output_tokens_per_s, 2),
-                 cached_ratio=round(self.cached_ratio, 4))
+                 cached_ratio=round(self.cached_ratio, 4), engine_down_s=round(self.engine_down_s, 3))
         return d

@@ -37,3 +37,32 @@ def retry_sampling(sampling: SamplingParams, try_no: int) -> SamplingParams:
     """A constrained output ran out of tokens. Greedy decoding would repeat it exactly, so the retry
     samples (deterministically seeded) to leave the loop it was stuck in."""
     return replace(sampling, temperature=max(sampling.temperature, 0.7), seed=sampling.seed + 1000 * try_no)
+
+
+def probe_delay_s(n: int, base: float, cap: float) -> float:
+    """Wait before the n-th probe of an unreachable engine: doubling from `base` up to `cap`."""
+    return min(cap, base * 2 ** (n - 1))
+
+
+def shed_delay_s(retry_after: float | None, n: int, base: float, cap: float) -> float:
+    """Wait after the n-th load-shedding answer (429/503) to one request: the server's Retry-After
+    when it gave one, else jittered exponential backoff."""
+    return retry_after if retry_after is not None else backoff_s(n, base, cap)
+
+
+class Streak:
+    """Consecutive final failures of one kind, across all requests; any success resets it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # 0 = never stop
+        self.kind: str | None = None
+        self.count = 0
+
+    def success(self) -> None:
+        self.kind, self.count = None, 0
+
+    def failure(self, kind: str) -> bool:
+        """Record a failure; True when the last `limit` failures were all of this kind."""
+        self.count = self.count + 1 if kind == self.kind else 1
+        self.kind = kind
+        return bool(self.limit) and self.count >= self.limit

@@ -13,9 +13,20 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field, replace
 
-from engine.backend import Backend, EngineDied, EngineError, RequestRejected
+from engine.backend import (
+    Backend,
+    ContentFiltered,
+    EngineDied,
+    EngineDown,
+    EngineError,
+    EngineOverloaded,
+    EngineUnreachable,
+    FailureStreak,
+    RequestRejected,
+)
+from engine.breaker import Breaker
 from engine.metrics import Metrics
-from engine.policy import backoff_s, pick_group, retry_sampling, window_size
+from engine.policy import Streak, backoff_s, pick_group, retry_sampling, shed_delay_s, window_size
 from engine.request import Request, Result
 from engine.store import Store
 
@@ -38,6 +49,13 @@ class SchedulerConfig:
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
     retry_stored_failures: bool = False  # treat failures found in the store as misses
+    # How long the engine may stay unreachable (or keep shedding load with 429/503) before the run
+    # stops, resumable; meanwhile requests wait instead of spending retries.
+    engine_down_s: float = 600.0
+    probe_max_s: float = 5.0  # longest wait between probes: the run resumes at most this late
+    # Stop the run when this many final failures in a row are of one kind (0 = never): a broken
+    # engine or a wrong setting would otherwise drop the rest of the input one request at a time.
+    failure_streak: int = 25
 
     def __post_init__(self) -> None:
         if self.max_inflight is not None and self.max_inflight < 1:
@@ -46,6 +64,10 @@ class SchedulerConfig:
             raise ValueError("retry counts must be >= 0")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.engine_down_s <= 0:
+            raise ValueError(f"engine_down_s must be > 0, got {self.engine_down_s}")
+        if self.failure_streak < 0:
+            raise ValueError(f"failure_streak must be >= 0, got {self.failure_streak}")
 
 
 @dataclass
@@ -92,7 +114,9 @@ class Scheduler:
     """`async with Scheduler(backend, store) as s: result = await s.submit(request)`.
 
     submit() never raises for a failed request: the failure comes back as a Result with `error`
-    set and is stored. It raises only EngineDied (the run cannot go on) and CancelledError."""
+    set and is stored. It raises only EngineDied (the run cannot go on: the engine is gone, stayed
+    unreachable past `engine_down_s`, refused our credentials, or the last `failure_streak`
+    requests all failed the same way) and CancelledError."""
 
     def __init__(self, backend: Backend, store: Store | None = None, config: SchedulerConfig | None = None,
                  **overrides) -> None:
@@ -103,12 +127,14 @@ class Scheduler:
         self._gate = _Gate(self.window)
         self._pending: dict[bytes, asyncio.Future] = {}
         self.metrics = Metrics()
+        self.breaker = Breaker(self.config.engine_down_s, self.config.backoff_base_s, self.config.probe_max_s)
+        self._streak = Streak(self.config.failure_streak)
 
     async def __aenter__(self) -> Scheduler:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        return None
+        self.breaker.close()
 
     async def submit(self, request: Request) -> Result:
         m = self.metrics
@@ -139,37 +165,59 @@ class Scheduler:
 
     async def _run(self, request: Request) -> Result:
         cfg, m = self.config, self.metrics
-        attempt, length_tries, current = 0, 0, request
+        attempt, length_tries, shed, current = 0, 0, 0, request
+        shed_since: float | None = None
         while True:
-            attempt += 1
+            await self.breaker.admit()  # waits while the engine is unreachable
             await self._gate.acquire(request.group)
             m.inflight += 1
             t0 = time.perf_counter()
+            error: EngineError | asyncio.TimeoutError | None = None
             try:
                 result = await _within(self.backend.generate(current), cfg.timeout_s)
             except EngineDied:
                 raise
-            except RequestRejected as e:
-                m.failures += 1
-                return Result.failure(f"rejected: {e}", attempt)
             except (EngineError, asyncio.TimeoutError) as e:
-                timed_out = isinstance(e, asyncio.TimeoutError)
-                reason = f"timeout after {cfg.timeout_s:g}s" if timed_out else str(e)
-                if isinstance(e, EngineError) and not e.retryable:
-                    m.failures += 1
-                    return Result.failure(f"engine error: {reason}", attempt)
+                error = e
+            finally:
+                m.inflight -= 1
+                self._gate.release()
+            self._sync_metrics()
+            if isinstance(error, EngineUnreachable):  # no retry spent: wait for the engine instead
+                m.unreachable += 1
+                self.breaker.trip(error)
+                continue
+            if not isinstance(error, asyncio.TimeoutError):
+                self.breaker.reached()
+            if isinstance(error, EngineOverloaded):  # load shedding: wait as told, no retry spent
+                shed += 1
+                m.shed += 1
+                now = time.monotonic()
+                shed_since = shed_since or now
+                if now - shed_since > cfg.engine_down_s:
+                    raise EngineDown(f"the engine kept shedding load for {cfg.engine_down_s:g}s ({error}); "
+                                     "the run stops here with nothing dropped: re-run the same command to "
+                                     "resume once it has capacity (or raise --engine-down-s)")
+                await asyncio.sleep(shed_delay_s(error.retry_after_s, shed, cfg.backoff_base_s,
+                                                 cfg.backoff_max_s))
+                continue
+            attempt += 1
+            if error is not None:
+                timed_out = isinstance(error, asyncio.TimeoutError)
+                reason = f"timeout after {cfg.timeout_s:g}s" if timed_out else str(error)
+                if isinstance(error, RequestRejected):
+                    return self._failed(f"rejected: {error}", attempt, error)
+                if not timed_out and not error.retryable:
+                    return self._failed(f"engine error: {reason}", attempt, error)
                 if attempt > cfg.max_retries:
-                    m.failures += 1
-                    return Result.failure(f"gave up after {attempt} attempts: {reason}", attempt)
+                    return self._failed(f"gave up after {attempt} attempts: {reason}", attempt, error)
                 m.retries += 1
                 log.warning("request %s attempt %d failed (%s); retrying", request.key.hex()[:8], attempt,
                             reason)
                 await asyncio.sleep(backoff_s(attempt, cfg.backoff_base_s, cfg.backoff_max_s))
                 continue
-            finally:
-                m.inflight -= 1
-                self._gate.release()
             m.record(result, time.perf_counter() - t0)
+            self._streak.success()
             result.attempts = attempt
             if request.regex and result.finish_reason == "length" and length_tries < cfg.length_retries:
                 length_tries += 1
@@ -177,3 +225,20 @@ class Scheduler:
                 current = replace(request, sampling=retry_sampling(request.sampling, length_tries))
                 continue
             return result
+
+    def _failed(self, reason: str, attempt: int, error: EngineError | asyncio.TimeoutError) -> Result:
+        """The request's final failure, to be stored; or FailureStreak when the last
+        `failure_streak` final failures were all of this kind."""
+        self.metrics.failures += 1
+        if isinstance(error, ContentFiltered):  # about this request's content, not the engine
+            return Result.failure(reason, attempt)
+        kind = "timeout" if isinstance(error, asyncio.TimeoutError) else error.kind
+        if self._streak.failure(kind):
+            raise FailureStreak(f"the last {self._streak.count} engine requests all failed the same way "
+                                f"({reason}); the run stops here rather than drop the rest of the input: "
+                                "fix the cause and re-run the same command to resume")
+        return Result.failure(reason, attempt)
+
+    def _sync_metrics(self) -> None:
+        b = self.breaker
+        self.metrics.engine_down_s = b.down_s + (time.monotonic() - b.open_since if b.is_open else 0.0)

@@ -1,4 +1,4 @@
-"""Backends built from CLI choices. Heavy imports (torch, sglang, httpx) happen only for the one chosen."""
+"""Backends built from CLI choices. Heavy imports (torch, sglang, aiohttp) happen only for the one chosen."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def resolve_engine(name: str) -> tuple[str, str]:
 
 def make_backend(name: str, *, model: str | None, url: str | None = None, api_key: str | None = None,
                  gpu_profile: str | None = None, max_batch: int = 8, fp8: bool = False,
-                 max_inflight: int | None = None, standin: dict[str, Any] | None = None) -> Backend:
+                 max_inflight: int | None = None, standin: dict[str, Any] | None = None,
+                 timeout_s: float = 600.0) -> Backend:
     name, why = resolve_engine(name)
     log.info("engine: %s (%s)", name, why)
     if name == "hf":
@@ -42,17 +43,19 @@ def make_backend(name: str, *, model: str | None, url: str | None = None, api_ke
     if name == "sglang_http":
         from engine.backends.sglang_http import SGLangHTTPBackend
 
-        return SGLangHTTPBackend(url, model_path=model, max_concurrency=max_inflight)
+        return SGLangHTTPBackend(url, model_path=model, max_concurrency=max_inflight, timeout_s=timeout_s,
+                                 api_key=api_key)
     if name == "vllm_http":
         from engine.backends.vllm_http import VLLMHTTPBackend
 
-        return VLLMHTTPBackend(url, model_path=model, api_key=api_key, max_concurrency=max_inflight)
+        return VLLMHTTPBackend(url, model_path=model, api_key=api_key, max_concurrency=max_inflight,
+                               timeout_s=timeout_s)
     if name == "openai":
         from engine.backends.openai_http import OpenAIBackend
 
         if not model:
             raise ValueError("--engine openai needs --model NAME (the endpoint's model name)")
-        return OpenAIBackend(url, model=model, api_key=api_key)
+        return OpenAIBackend(url, model=model, api_key=api_key, timeout_s=timeout_s)
     if name == "standin":
         # Not a model: canned answers, for tests and benchmarks. Delay and fault injection come
         # from SYSGEN_STANDIN_DELAY / SYSGEN_STANDIN_FAULTS, read by the CLI (see sysgen/standin.py).

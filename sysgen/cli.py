@@ -53,7 +53,7 @@ def add_run_parser(sub) -> None:
         p.add_argument(flag, type=typ, choices=choices, default=f.default, help=help_,
                        required=f.metadata.get("required", False))
     p.add_argument("--api-key", default=None,
-                   help="key for --engine openai/vllm_http (default: env OPENAI_API_KEY)")
+                   help="key for --engine openai, sglang_http or vllm_http (default: env OPENAI_API_KEY)")
     p.set_defaults(func=cmd_run)
 
 
@@ -86,7 +86,7 @@ def _event_loop_runner():
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from engine.backend import EngineDied
+    from engine.backend import EngineAuthError, EngineDied, EngineDown, FailureStreak
     from engine.backends.model_cache import ModelNotFound
     from engine.store import Store, StoreError
     from sysgen import prompts, stats
@@ -112,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         backend = make_backend(cfg.engine, model=cfg.model, url=cfg.url, api_key=api_key,
                                gpu_profile=cfg.gpu_profile, max_batch=cfg.max_batch, fp8=cfg.fp8,
-                               max_inflight=cfg.max_inflight, standin=standin)
+                               max_inflight=cfg.max_inflight, standin=standin, timeout_s=cfg.timeout_s)
         store = Store.open(out / "store.db")
     except (ValueError, StoreError, ModelNotFound, EngineDied) as e:  # before any instance is read
         print(f"sysgen run: error: {e}", file=sys.stderr)
@@ -130,8 +130,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"sysgen: store error: {e}\nThe store is intact up to the last commit; {resume_hint} "
                   "once the cause (e.g. a full disk) is fixed.", file=sys.stderr)
             return 1
+        except EngineAuthError as e:
+            print(f"sysgen: stopped: {e}.\nNothing was dropped; fix the credentials, then {resume_hint}.",
+                  file=sys.stderr)
+            return 1
         except EngineDied as e:
-            print(f"sysgen: the engine died: {e}\nEverything finished before is committed; {resume_hint} "
+            what = "stopped" if isinstance(e, (EngineDown, FailureStreak)) else "the engine died"
+            print(f"sysgen: {what}: {e}\nEverything finished before is committed; {resume_hint} "
                   "once the engine is fixed.", file=sys.stderr)
             return 1
         except DatasetError as e:
@@ -189,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.verbose:  # HTTP libraries log a line per request at INFO (httpx did: 3 per row)
+        for name in ("httpx", "httpcore", "aiohttp.access", "aiohttp.client"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     return args.func(args)
 
 

@@ -41,6 +41,8 @@ class RunConfig:
     max_turn_chars: int = opt(3000, "characters of each turn shown to P1 (longer turns are cut)")
     timeout_s: float = opt(600.0, "seconds per engine request before it is retried")
     max_retries: int = opt(3, "retries of a failed engine request")
+    engine_down_s: float = opt(600.0, "seconds to wait for an unreachable (or load-shedding) engine, "
+                                      "probing it, before the run stops resumable; nothing is dropped")
     retry_failed: bool = opt(False, "retry requests whose failure is stored from an earlier run")
     report: bool = opt(True, "write report.md and plots at the end (--no-report to skip)")
     progress: bool = opt(True, "show progress on stderr (--no-progress for quiet logs)")
@@ -54,6 +56,8 @@ class RunConfig:
             raise ValueError(f"--engine {self.engine!r} unknown; choose one of {', '.join(ENGINES)}")
         if self.engine in ("sglang_http", "vllm_http", "openai") and not self.url:
             raise ValueError(f"--engine {self.engine} needs --url (e.g. http://127.0.0.1:30000)")
+        if self.engine_down_s <= 0:
+            raise ValueError(f"--engine-down-s must be > 0, got {self.engine_down_s:g}")
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"--limit must be >= 0, got {self.limit}")
         _ = self.shard_spec  # parses and validates --shard

@@ -122,7 +122,7 @@ async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path, 
     resume = Resume.open(store, out, cfg, fp)
     sched = Scheduler(backend, store, sched_config or SchedulerConfig(
         max_inflight=cfg.max_inflight, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
-        retry_stored_failures=cfg.retry_failed))
+        retry_stored_failures=cfg.retry_failed, engine_down_s=cfg.engine_down_s))
     build = PromptBuilder(backend.tokenizer if backend.capabilities.token_ids else None)
     wm = Watermark(store, fp, cfg.inputs)
     frac = InputFraction(cfg.inputs)

@@ -2,6 +2,10 @@
 server's OpenAI route). Prompts are chat messages, or a string sent as one user message; token-id
 prompts and regex constraints are not part of that API (capabilities say so, and callers parse
 leniently). The API key is sent as a bearer header and appears in no log line, error or repr.
+
+Errors by status as in engine/backends/http_client.py (429/503 are load shedding, retried after
+Retry-After; 401/403 stop the run). An answer is checked before it becomes a Result; finish_reason
+"content_filter" is a drop with that reason (ContentFiltered), not a success.
 """
 
 from __future__ import annotations
@@ -9,12 +13,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from engine.backend import BackendBase, Capabilities, RequestRejected, TransientEngineError
-from engine.backends.sglang_http import _httpx, error_message
+from engine.backend import BackendBase, Capabilities, ContentFiltered, RequestRejected, TransientEngineError
+from engine.backends.http_client import HTTPClient, error_message, max_body_bytes, status_error
 from engine.request import Request, Result, prompt_messages
 
-_FINISH = {"stop": "stop", "length": "length", "content_filter": "abort", "tool_calls": "stop",
-           "function_call": "stop"}
+_FINISH = {"stop": "stop", "length": "length", "tool_calls": "stop", "function_call": "stop"}
 
 
 class OpenAIBackend(BackendBase):
@@ -33,7 +36,7 @@ class OpenAIBackend(BackendBase):
         self.capabilities = Capabilities(regex=False, token_ids=False, max_running=max_concurrency,
                                          max_context=1 << 20)
         self.__key = api_key  # name-mangled and never formatted anywhere
-        self._client = None
+        self._client: HTTPClient | None = None
         self._sem = asyncio.Semaphore(max_concurrency)
 
     def __repr__(self) -> str:
@@ -44,14 +47,11 @@ class OpenAIBackend(BackendBase):
         self._open()
         return self
 
-    def _open(self):
+    def _open(self) -> HTTPClient:
         if self._client is None:
-            httpx = _httpx()
-            headers = {"Authorization": f"Bearer {self.__key}"} if self.__key else {}
-            limits = httpx.Limits(max_connections=self.max_concurrency,
-                                  max_keepalive_connections=self.max_concurrency)
-            self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers, limits=limits,
-                                             timeout=httpx.Timeout(self.timeout_s, connect=10.0))
+            headers = {"Authorization": f"Bearer {self.__key}"} if self.__key else None
+            self._client = HTTPClient(self.base_url, headers=headers, timeout_s=self.timeout_s,
+                                      max_connections=self.max_concurrency)
         return self._client
 
     def payload(self, request: Request) -> dict[str, Any]:
@@ -70,35 +70,19 @@ class OpenAIBackend(BackendBase):
         return body
 
     async def generate(self, request: Request) -> Result:
-        httpx = _httpx()
         client = self._open()
         url = f"{self.base_url}/v1/chat/completions"
         async with self._sem:
-            try:
-                r = await client.post("/v1/chat/completions", json=self.payload(request))
-            except httpx.TimeoutException as e:
-                raise TransientEngineError(f"{url}: no answer in {self.timeout_s:g}s", request) from e
-            except httpx.TransportError as e:
-                # The exception text names the URL only; the key is in a header httpx never prints.
-                raise TransientEngineError(f"{url}: {type(e).__name__}: {e}", request) from e
-        if r.status_code == 429 or r.status_code >= 500:
-            raise TransientEngineError(f"{url}: {r.status_code} {self._scrub(error_message(r))}", request)
-        if r.status_code >= 400:
-            raise RequestRejected(f"{url}: {r.status_code} {self._scrub(error_message(r))}", request)
+            # The exception texts name the URL only; the key is in a header never printed.
+            r = await client.post("/v1/chat/completions", self.payload(request), request=request,
+                                  max_bytes=max_body_bytes(request.sampling.max_new_tokens))
+        if r.status >= 400:
+            raise status_error(url, r, request, self._scrub(error_message(r)))
         try:
             body = r.json()
-            choice = body["choices"][0]
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise TransientEngineError(f"{url}: unexpected answer {r.text[:200]!r}", request) from e
-        usage = body.get("usage") or {}
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        return Result(
-            text=(choice.get("message") or {}).get("content") or "",
-            finish_reason=_FINISH.get(choice.get("finish_reason") or "stop", "stop"),
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-            cached_tokens=int(cached),
-        )
+        except ValueError as e:
+            raise TransientEngineError(f"{url}: answer is not JSON: {r.body[:200]!r}", request) from e
+        return checked_result(body, request, url)
 
     def _scrub(self, text: str) -> str:
         """Servers sometimes echo the key they refused ("Incorrect API key provided: sk-...")."""
@@ -111,5 +95,48 @@ class OpenAIBackend(BackendBase):
 
     async def close(self) -> None:
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
             self._client = None
+
+
+def checked_result(body: Any, request: Request, url: str) -> Result:
+    """A chat completion as a Result, once its shape is checked: a malformed answer is a transient
+    engine error (retried, never stored as a success)."""
+    bad = _problem(body)
+    if bad:
+        raise TransientEngineError(f"{url}: malformed answer ({bad}): {str(body)[:200]!r}", request)
+    choice = body["choices"][0]
+    finish = choice.get("finish_reason") or "stop"
+    if finish == "content_filter":
+        raise ContentFiltered(f"{url}: content_filter: the endpoint's content filter withheld the answer",
+                              request)
+    usage = body.get("usage") or {}
+    return Result(text=choice["message"].get("content") or "", finish_reason=_FINISH.get(finish, "stop"),
+                  prompt_tokens=usage.get("prompt_tokens") or 0,
+                  completion_tokens=usage.get("completion_tokens") or 0,
+                  cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+
+
+def _problem(body: Any) -> str | None:
+    """What is wrong with a chat completion's shape, or None."""
+    if not isinstance(body, dict):
+        return f"a JSON {type(body).__name__}, not an object"
+    choices = body.get("choices")
+    if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)):
+        return "no choices[0]"
+    message = choices[0].get("message")
+    if not isinstance(message, dict):
+        return "no choices[0].message"
+    if not isinstance(message.get("content") or "", str):
+        return f"message.content is a {type(message['content']).__name__}"
+    if not isinstance(choices[0].get("finish_reason") or "", str):
+        return "finish_reason is not a string"
+    usage = body.get("usage") or {}
+    details = usage.get("prompt_tokens_details") or {} if isinstance(usage, dict) else None
+    if not isinstance(usage, dict) or not isinstance(details, dict):
+        return "usage is not an object"
+    counts = {"usage.prompt_tokens": usage.get("prompt_tokens"),
+              "usage.completion_tokens": usage.get("completion_tokens"),
+              "usage.prompt_tokens_details.cached_tokens": details.get("cached_tokens")}
+    return next((f"{k} is {v!r}" for k, v in counts.items()
+                 if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0)), None)

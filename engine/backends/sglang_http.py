@@ -3,9 +3,11 @@ sglang-router) in front of many of them: the path to many GPUs and many nodes.
 
 Request: POST /generate {"input_ids" | "text", "sampling_params", "rid"}; response {"text",
 "meta_info": {"prompt_tokens", "completion_tokens", "cached_tokens", "finish_reason"}} (sglang
-0.5.23 api/v1 GenerateRequest / GenerateResponse). Errors are classified by type: HTTP 4xx ->
-RequestRejected, 5xx, connection errors and timeouts -> TransientEngineError. Retries are the
-scheduler's job (it backs off with jitter); `retries` here only covers reaching the server at start.
+0.5.23 api/v1 GenerateRequest / GenerateResponse). Errors are classified by type and status in
+engine/backends/http_client.py. Every answer is checked before it becomes a Result: a body that is
+not an object, non-string text or non-integer token counts are a transient engine error, never a
+stored success. Retries are the scheduler's job; `retries` here only covers reaching the server at
+start.
 """
 
 from __future__ import annotations
@@ -15,36 +17,23 @@ import logging
 import random
 from typing import Any
 
-from engine.backend import BackendBase, Capabilities, EngineDied, RequestRejected, TransientEngineError
+from engine.backend import (
+    BackendBase,
+    Capabilities,
+    EngineDied,
+    EngineError,
+    RequestRejected,
+    TransientEngineError,
+)
+from engine.backends.http_client import HTTPClient, Reply, error_message, max_body_bytes, status_error
 from engine.backends.sglang import default_model_id, result_from_output, sampling_params_for
 from engine.request import Request, Result, prompt_messages
 
 log = logging.getLogger(__name__)
 
-HTTPX_HINT = "pip install -e '.[http]'"
-
-
-def _httpx():
-    try:
-        import httpx
-    except ImportError as e:
-        raise ImportError(f"the sglang_http backend needs httpx: {HTTPX_HINT}") from e
-    return httpx
-
-
-def error_message(response: Any) -> str:
-    """The server's own words from an error response: {"error": {"message"}} | {"error": str} |
-    FastAPI's {"detail": ...} | plain text."""
-    try:
-        body = response.json()
-    except ValueError:
-        return (response.text or response.reason_phrase or "").strip()[:500]
-    if isinstance(body, dict):
-        err = body.get("error", body.get("detail", body.get("message")))
-        if isinstance(err, dict):
-            err = err.get("message", err)
-        return str(err)[:500]
-    return str(body)[:500]
+# No server runs this many requests at once per client; a report above it (10**9 has been seen from
+# a misconfigured router) would put the whole input in flight. --max-inflight raises the cap.
+MAX_REPORTED_RUNNING = 4096
 
 
 class SGLangHTTPBackend(BackendBase):
@@ -56,7 +45,7 @@ class SGLangHTTPBackend(BackendBase):
 
     def __init__(self, base_url: str, *, model_path: str | None, model_id: str | None = None,
                  max_concurrency: int | None = None, timeout_s: float = 600, retries: int = 3,
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, api_key: str | None = None) -> None:
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self.base_url = base_url.rstrip("/")
@@ -75,8 +64,12 @@ class SGLangHTTPBackend(BackendBase):
                                          max_running=self.max_concurrency, max_context=1 << 20)
         self.server_info: dict[str, Any] = {}
         self.model_info: dict[str, Any] = {}
-        self._client = None
+        self.__key = api_key  # `sglang.launch_server --api-key`; name-mangled, never formatted
+        self._client: HTTPClient | None = None
         self._sem = asyncio.Semaphore(self.max_concurrency)
+
+    def __repr__(self) -> str:
+        return f"SGLangHTTPBackend(base_url={self.base_url!r}, api_key=<{'set' if self.__key else 'none'}>)"
 
     async def __aenter__(self) -> SGLangHTTPBackend:
         await self.start()
@@ -86,33 +79,40 @@ class SGLangHTTPBackend(BackendBase):
         """Open the connection pool and read /model_info and /server_info."""
         if self._client is not None:
             return
-        httpx = _httpx()
-        # The semaphore bounds requests in flight; the pool keeps one connection per request.
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        self._client = httpx.AsyncClient(base_url=self.base_url, limits=limits,
-                                         timeout=httpx.Timeout(self.timeout_s, connect=10.0))
-        self.model_info = await self._get_info("model_info")
-        self.server_info = await self._get_info("server_info")
+        headers = {"Authorization": f"Bearer {self.__key}"} if self.__key else None
+        self._client = HTTPClient(self.base_url, headers=headers, timeout_s=self.timeout_s)
+        try:
+            self.model_info = await self._get_info("model_info")
+            self.server_info = await self._get_info("server_info")
+        except BaseException:
+            await self.close()  # no pool left open: __aexit__ does not run when __aenter__ fails
+            raise
         self._apply_info()
+        # The pool holds one keep-alive connection per request in flight (the first pool, opened
+        # before the capacity was known, had the default size: a 256-connection pool capped a
+        # 2,048-request window at 256 requests/s at 1 s latency).
+        await self._client.resize(self.max_concurrency)
 
     async def _get_info(self, what: str) -> dict[str, Any]:
         """GET /<what>, falling back to the older /get_<what> that routers still serve. Connection
         failures are retried `retries` times with backoff, then the run stops: no server, no run."""
-        httpx = _httpx()
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             try:
                 for path in (f"/{what}", f"/get_{what}"):
-                    r = await self._client.get(path, timeout=30.0)
-                    if r.status_code == 404:
+                    r = await self._client.get(path, timeout_s=30.0)
+                    if r.status == 404:
                         continue
-                    if r.status_code >= 400:
-                        log.warning("GET %s%s: %d %s", self.base_url, path, r.status_code, error_message(r))
+                    if r.status in (401, 403):
+                        raise status_error(self.base_url + path, r, None)
+                    if r.status >= 400:
+                        log.warning("GET %s%s: %d %s", self.base_url, path, r.status, error_message(r))
                         return {}
-                    body = r.json()
-                    return body if isinstance(body, dict) else {}
+                    return self._info_body(path, r)
                 return {}  # neither path: a router that does not say
-            except (httpx.TransportError, ValueError) as e:
+            except EngineDied:  # refused credentials, or not an SGLang server
+                raise
+            except EngineError as e:
                 last = e
                 if attempt < self.retries:
                     await asyncio.sleep(min(8.0, 0.5 * 2**attempt) * (0.5 + random.random()))
@@ -120,23 +120,33 @@ class SGLangHTTPBackend(BackendBase):
                          "start one with `python -m sglang.launch_server --model-path MODEL --port PORT` "
                          "or check --url")
 
+    def _info_body(self, path: str, r: Reply) -> dict[str, Any]:
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            snippet = r.body[:80].decode("utf-8", "replace")
+            raise EngineDied(f"the server at {self.base_url} answered something that is not SGLang: "
+                             f"GET {path} gave {r.content_type or 'no type'} {snippet!r}; check --url "
+                             "(an SGLang server or router answers /server_info with JSON)")
+        return body
+
     def _apply_info(self) -> None:
         info, model = self.server_info, self.model_info
         served = model.get("model_path") or info.get("model_path")
+        served = served if isinstance(served, str) else None
         if self._explicit_model_id is None and served:
-            self.model_id = default_model_id(str(served), info)
+            self.model_id = default_model_id(served, {k: v for k, v in info.items() if isinstance(v, str)})
         if self.model_path and served and _name(served) != _name(self.model_path):
             log.warning("the server at %s serves %s but --model is %s: the tokenizer may not match",
                         self.base_url, served, self.model_path)
-        states = info.get("internal_states")
-        per_dp = [s.get("effective_max_running_requests_per_dp") for s in states or [] if isinstance(s, dict)]
-        if per_dp and all(isinstance(n, int) and n > 0 for n in per_dp):
-            running = sum(per_dp)
-        else:
-            running = info.get("max_running_requests")
-            ok = isinstance(running, int) and running > 0
-            running = running * int(info.get("dp_size") or 1) if ok else None
-        context = info.get("context_length") or info.get("max_req_input_len")
+        running = _running_capacity(info)
+        if running is not None and running > MAX_REPORTED_RUNNING:
+            log.warning("the server at %s reports %d requests running at once; using %d (pass --max-inflight "
+                        "to go higher)", self.base_url, running, MAX_REPORTED_RUNNING)
+            running = MAX_REPORTED_RUNNING
+        context = _pos_int(info.get("context_length")) or _pos_int(info.get("max_req_input_len"))
         grammar = info.get("grammar_backend")
         if self._cap is None and running:
             self.max_concurrency = max(256, running + 128)
@@ -145,7 +155,7 @@ class SGLangHTTPBackend(BackendBase):
             regex=grammar != "none",
             token_ids=self.tokenizer is not None,
             max_running=min(self.max_concurrency, running) if running else self.max_concurrency,
-            max_context=int(context) if isinstance(context, int) and context > 0 else 1 << 20,
+            max_context=context or 1 << 20,
         )
 
     def payload(self, request: Request) -> dict[str, Any]:
@@ -166,35 +176,68 @@ class SGLangHTTPBackend(BackendBase):
     async def generate(self, request: Request) -> Result:
         if self._client is None:
             await self.start()
-        httpx = _httpx()
         body = self.payload(request)
+        url = f"{self.base_url}/generate"
         async with self._sem:
-            try:
-                r = await self._client.post("/generate", json=body, timeout=self.timeout_s)
-            except httpx.TimeoutException as e:
-                raise TransientEngineError(f"{self.base_url}/generate: no answer in {self.timeout_s:g}s",
-                                           request) from e
-            except httpx.TransportError as e:
-                raise TransientEngineError(f"{self.base_url}/generate: {type(e).__name__}: {e}",
-                                           request) from e
-        if 400 <= r.status_code < 500:
-            raise RequestRejected(f"{self.base_url}/generate: {r.status_code} {error_message(r)}", request)
-        if r.status_code >= 500:
-            raise TransientEngineError(f"{self.base_url}/generate: {r.status_code} {error_message(r)}",
-                                       request)
+            r = await self._client.post("/generate", body, request=request,
+                                        max_bytes=max_body_bytes(request.sampling.max_new_tokens))
+        if r.status >= 400:
+            raise status_error(url, r, request)
         try:
             out = r.json()
         except ValueError as e:
-            raise TransientEngineError(f"{self.base_url}/generate: answer is not JSON: {r.text[:200]!r}",
-                                       request) from e
-        if isinstance(out, list):  # a batch answer to a single request: take its only element
-            out = out[0] if len(out) == 1 else {}
-        return result_from_output(out, request)
+            raise TransientEngineError(f"{url}: answer is not JSON: {r.body[:200]!r}", request) from e
+        if isinstance(out, list) and len(out) == 1:  # a batch answer to a single request
+            out = out[0]
+        return checked_result(out, request, url)
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+
+def checked_result(out: Any, request: Request, url: str) -> Result:
+    """result_from_output() for an answer that has been checked to have SGLang's shape; anything
+    else is a transient engine error (retried, never stored as a success)."""
+    meta = out.get("meta_info") if isinstance(out, dict) else None
+    bad = None
+    if not isinstance(out, dict):
+        bad = f"a JSON {type(out).__name__}, not an object"
+    elif not isinstance(out.get("text", ""), str):
+        bad = f"text is a {type(out['text']).__name__}"
+    elif meta is not None and not isinstance(meta, dict):
+        bad = "meta_info is not an object"
+    else:
+        for k in ("prompt_tokens", "completion_tokens", "cached_tokens"):
+            v = (meta or {}).get(k)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                bad = f"meta_info.{k} is {v!r}"
+                break
+    if bad:
+        raise TransientEngineError(f"{url}: malformed answer ({bad}): {str(out)[:200]!r}", request)
+    return result_from_output(out, request)
+
+
+def _pos_int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def _running_capacity(info: dict[str, Any]) -> int | None:
+    """Requests the server runs at once: the per-DP-rank figures when it gives them, else
+    max_running_requests x dp_size. A value of the wrong type counts as not given."""
+    states = info.get("internal_states")
+    per_dp = [s.get("effective_max_running_requests_per_dp") for s in states or [] if isinstance(s, dict)] \
+        if isinstance(states, list) else []
+    if per_dp and all(_pos_int(n) for n in per_dp):
+        return sum(per_dp)
+    running = _pos_int(info.get("max_running_requests"))
+    if running is None:
+        return None
+    dp = info.get("dp_size")
+    if dp is not None and _pos_int(dp) is None:
+        log.warning("ignoring dp_size=%r from /server_info (not a positive integer)", dp)
+    return running * (_pos_int(dp) or 1)
 
 
 def _name(path: str) -> str:

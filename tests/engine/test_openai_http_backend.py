@@ -1,6 +1,6 @@
 """OpenAIBackend against a real HTTP server on 127.0.0.1 speaking /v1/chat/completions (a stand-in
 with canned answers). The API key must reach the server and appear nowhere else: not in repr,
-errors, or any log line (httpx's included)."""
+errors, or any log line (the HTTP library's included)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,19 @@ from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from engine.backend import RequestRejected, TransientEngineError
+from engine.backend import (
+    ContentFiltered,
+    EngineAuthError,
+    EngineOverloaded,
+    RequestRejected,
+    TransientEngineError,
+)
 from engine.backends.openai_http import OpenAIBackend
 from engine.request import Request, SamplingParams, messages_prompt
-from tests.local_http import LocalHTTPServer
+from engine.scheduler import Scheduler, SchedulerConfig
+from tests.local_http import Canned, LocalHTTPServer
 
-pytest.importorskip("httpx", reason="the openai backend needs httpx: pip install -e '.[http]'")
+pytest.importorskip("aiohttp", reason="the openai backend needs aiohttp: pip install -e '.[http]'")
 
 KEY = "sk-test-0123456789abcdef-SECRET"
 
@@ -34,6 +41,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         srv = self.server
+        if srv.canned(self):
+            return
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         srv.seen.append((body, self.headers.get("Authorization")))
         if self.path != "/v1/chat/completions":
@@ -94,8 +103,8 @@ def test_capabilities_and_model_id():
         b.payload(Request(prompt=(1, 2), sampling=SamplingParams(), model="m"))
 
 
-@pytest.mark.parametrize("status,error", [(401, RequestRejected), (400, RequestRejected),
-                                          (429, TransientEngineError), (503, TransientEngineError)])
+@pytest.mark.parametrize("status,error", [(401, EngineAuthError), (400, RequestRejected),
+                                          (429, EngineOverloaded), (503, EngineOverloaded)])
 def test_errors_by_status_never_show_the_key(status, error, caplog):
     caplog.set_level(logging.DEBUG)
     with StandInOpenAIServer(status) as srv, pytest.raises(error) as e:
@@ -118,3 +127,62 @@ def test_key_absent_from_repr_logs_and_connection_errors(caplog):
         asyncio.run(go())
     assert KEY not in str(e.value) and KEY not in repr(e.value)
     assert KEY not in caplog.text
+
+
+def answer(finish: str = "stop", content="fine", **usage) -> dict:
+    message = {"role": "assistant", "content": content}
+    return {"choices": [{"index": 0, "finish_reason": finish, "message": message}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 1, **usage}}
+
+
+def test_content_filter_is_a_drop_with_its_reason_not_a_success():
+    with StandInOpenAIServer() as srv:
+        srv.inject("/v1/chat/completions", Canned(200, answer("content_filter", "")))
+        with pytest.raises(ContentFiltered, match="content_filter"):
+            call(srv.url, chat())
+        srv.inject("/v1/chat/completions", *[Canned(200, answer("content_filter", ""))] * 40)
+
+        async def go():
+            async with OpenAIBackend(srv.url, model="m", api_key=None) as b:
+                s = Scheduler(b, None, SchedulerConfig(failure_streak=5))
+                return await asyncio.gather(*(s.submit(Request(prompt=f"q{i}", sampling=SamplingParams(),
+                                                               model="m")) for i in range(40)))
+
+        results = asyncio.run(go())  # forty filtered answers: forty drops, not a stopped run
+    assert all(not r.ok and "content_filter" in r.error and r.error.startswith("rejected") for r in results)
+
+
+@pytest.mark.parametrize("body,why", [
+    (answer(content=12345), "content is a int"),
+    (answer(completion_tokens="twelve"), "completion_tokens is 'twelve'"),
+    ({"choices": []}, "no choices"),
+    ("a string", "a JSON str, not an object"),
+    ([], "a JSON list, not an object"),
+    (b"<html>", "not JSON"),
+])
+def test_malformed_completion_is_transient(body, why):
+    with StandInOpenAIServer() as srv:
+        srv.inject("/v1/chat/completions", Canned(200, body))
+        with pytest.raises(TransientEngineError, match=why):
+            call(srv.url, chat())
+
+
+def test_429_is_retried_after_retry_after():
+    with StandInOpenAIServer() as srv:
+        srv.inject("/v1/chat/completions", *[Canned(429, {"error": {"message": "rate limited"}},
+                                                    headers={"Retry-After": "0.3"})] * 2)
+
+        async def go():
+            async with OpenAIBackend(srv.url, model="m", api_key=KEY) as b:
+                s = Scheduler(b, None, SchedulerConfig(max_retries=0))
+                return await s.submit(chat()), s.metrics
+
+        result, m = asyncio.run(go())
+    assert result.ok and result.text == "Verdict: A" and m.shed == 2
+
+
+def test_a_huge_completion_is_refused():
+    with StandInOpenAIServer() as srv:
+        srv.inject("/v1/chat/completions", Canned(200, answer(content="y" * (5 << 20))))
+        with pytest.raises(TransientEngineError, match="token budget"):
+            call(srv.url, chat())

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 import pytest
 
+from engine.backend import (
+    ContentFiltered,
+    EngineAuthError,
+    EngineDown,
+    EngineOverloaded,
+    EngineUnreachable,
+    FailureStreak,
+    TransientEngineError,
+)
 from engine.backends.standin import StandInBackend
 from engine.request import Request, SamplingParams, request_key
 from engine.scheduler import Scheduler, SchedulerConfig
@@ -179,3 +189,107 @@ def test_sampling_dict_matches_the_dataclass_so_request_keys_never_drift():
     assert s.to_dict() == dataclasses.asdict(s)
     assert request_key("m", "p", s, None) == request_key("m", "p", dataclasses.replace(s), None)
     assert request_key("m", "p", s, None) != request_key("m", "p", dataclasses.replace(s, seed=5), None)
+
+
+# --- an engine that goes away, sheds load, or fails the same way every time ----------------------
+
+class Flaky(StandInBackend):
+    """A stand-in engine whose answer is decided per call by `outcome(call_no)`: an exception
+    instance to raise, or None to answer. Records when each call came."""
+
+    def __init__(self, outcome, **kw) -> None:
+        super().__init__(lambda r: "ok", **kw)
+        self.outcome, self.times = outcome, []
+
+    async def generate(self, request):
+        self.times.append(time.monotonic())
+        err = self.outcome(len(self.times))
+        if err is not None:
+            raise err
+        return await super().generate(request)
+
+
+BREAKER = dataclasses.replace(FAST, max_retries=0, timeout_s=5, backoff_base_s=0.05, probe_max_s=0.1,
+                              engine_down_s=30)
+
+
+def test_while_the_engine_is_unreachable_requests_wait_without_spending_retries():
+    down_until = time.monotonic() + 0.6
+    backend = Flaky(lambda n: EngineUnreachable("refused") if time.monotonic() < down_until else None)
+
+    async def go():
+        s = Scheduler(backend, None, BREAKER)
+        results = await asyncio.gather(*(s.submit(req(i)) for i in range(30)))
+        await s.__aexit__(None, None, None)
+        return results, s.metrics
+
+    results, m = run(go())
+    assert all(r.ok and r.attempts == 1 for r in results)  # max_retries=0, yet nothing failed
+    assert m.failures == 0 and m.unreachable >= 1 and m.engine_down_s >= 0.4
+    # While down, the engine saw the first window's attempts plus one probe per interval, not a flood.
+    during = [t for t in backend.times if t < down_until]
+    assert len(during) <= FAST.max_inflight + 0.6 / 0.05 + 1
+
+
+def test_an_engine_that_never_comes_back_stops_every_request_with_engine_down():
+    backend = Flaky(lambda n: EngineUnreachable("refused"))
+
+    async def go():
+        s = Scheduler(backend, None, dataclasses.replace(BREAKER, engine_down_s=0.5))
+        return await asyncio.gather(*(s.submit(req(i)) for i in range(10)), return_exceptions=True)
+
+    t0 = time.monotonic()
+    outcomes = run(go())
+    assert all(isinstance(o, EngineDown) for o in outcomes) and time.monotonic() - t0 < 3
+    assert "--engine-down-s" in str(outcomes[0])
+
+
+def test_load_shedding_waits_retry_after_and_spends_no_retries():
+    backend = Flaky(lambda n: EngineOverloaded("429", retry_after_s=0.3) if n <= 2 else None)
+
+    async def go():
+        s = Scheduler(backend, None, BREAKER)
+        return await s.submit(req(1)), s.metrics
+
+    t0 = time.monotonic()
+    res, m = run(go())
+    assert res.ok and res.attempts == 1 and m.shed == 2 and time.monotonic() - t0 >= 0.6
+    assert backend.times[1] - backend.times[0] >= 0.3
+
+
+def test_endless_load_shedding_stops_the_run():
+    backend = Flaky(lambda n: EngineOverloaded("503", retry_after_s=0.1))
+    with pytest.raises(EngineDown, match="kept shedding load"):
+        run(Scheduler(backend, None, dataclasses.replace(BREAKER, engine_down_s=0.3)).submit(req(1)))
+
+
+def test_a_streak_of_one_failure_kind_stops_the_run_but_mixed_failures_do_not():
+    same = Flaky(lambda n: TransientEngineError("boom", status=500))
+
+    async def go(backend, n):
+        s = Scheduler(backend, None, dataclasses.replace(BREAKER, failure_streak=5))
+        return [await s.submit(req(i)) for i in range(n)]
+
+    with pytest.raises(FailureStreak, match="last 5 engine requests all failed"):
+        run(go(same, 20))
+    assert len(same.times) == 5  # stopped at the fifth, nothing more was sent
+    # Every 4th request succeeds: the streak never reaches 5, failures are recorded one by one.
+    mixed = Flaky(lambda n: None if n % 4 == 0 else TransientEngineError("boom", status=500))
+    results = run(go(mixed, 20))
+    assert sum(not r.ok for r in results) == 15
+
+
+def test_content_filter_drops_never_stop_the_run():
+    filtered = Flaky(lambda n: ContentFiltered("content_filter"))
+
+    async def go():
+        s = Scheduler(filtered, None, dataclasses.replace(BREAKER, failure_streak=3))
+        return await asyncio.gather(*(s.submit(req(i)) for i in range(10)))
+
+    results = run(go())
+    assert all(not r.ok and r.error.startswith("rejected: content_filter") for r in results)
+
+
+def test_auth_failure_propagates():
+    with pytest.raises(EngineAuthError):
+        run(Scheduler(Flaky(lambda n: EngineAuthError("401")), None, BREAKER).submit(req(1)))

@@ -1,11 +1,14 @@
 """SGLangHTTPBackend against a real HTTP server on 127.0.0.1 that speaks SGLang's native API
 (a stand-in: canned answers, no model). Checks the JSON we send against the pinned SGLang's
-api/v1 schema (read with ast), and error classification by status: 200, 400, 503, slow, down."""
+api/v1 schema (read with ast), error classification by status (200, 400, 401/403, 429/503 with
+Retry-After, slow, down), response validation, bounded reads, and the scheduler riding out outages."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
 import socket
 import threading
 import time
@@ -13,13 +16,23 @@ from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from engine.backend import EngineDied, RequestRejected, TransientEngineError
-from engine.backends.sglang_http import SGLangHTTPBackend
+from engine.backend import (
+    EngineAuthError,
+    EngineDied,
+    EngineDown,
+    EngineOverloaded,
+    EngineUnreachable,
+    FailureStreak,
+    RequestRejected,
+    TransientEngineError,
+)
+from engine.backends.sglang_http import MAX_REPORTED_RUNNING, SGLangHTTPBackend
 from engine.request import Request, SamplingParams, messages_prompt
+from engine.scheduler import Scheduler, SchedulerConfig
 from kernels_cfg.fields import class_field_names, sglang_root
-from tests.local_http import LocalHTTPServer
+from tests.local_http import Canned, LocalHTTPServer
 
-pytest.importorskip("httpx", reason="the sglang_http backend needs httpx: pip install -e '.[http]'")
+pytest.importorskip("aiohttp", reason="the sglang_http backend needs aiohttp: pip install -e '.[http]'")
 
 SLOW, BAD, DOWN = 999, 400, 503
 
@@ -49,6 +62,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         srv = self.server
+        if srv.canned(self):
+            return
         routes = {"/model_info": {"model_path": "/models/Llama-3.1-8B-Instruct", "is_generation": True},
                   "/server_info": {"max_running_requests": 200, "dp_size": 2, "grammar_backend": "xgrammar",
                                    "context_length": 4096, "internal_states": [
@@ -63,6 +78,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         srv = self.server
+        if srv.canned(self):
+            return
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with srv.lock:
             srv.bodies.append(body)
@@ -232,3 +249,215 @@ def test_tokenizer_from_a_local_model_dir(tmp_path):
     assert srv.bodies[0]["input_ids"] == [2, 1] and srv.bodies[1]["input_ids"] == [1, 2]
     # The server's model is what names the results, not the local tokenizer directory.
     assert backend.model_id == "Llama-3.1-8B-Instruct"
+
+
+# --- faults: each against the stand-in server, each a way a run used to lose rows or crash ---------
+
+OK_ANSWER = {"text": "fine", "meta_info": {"finish_reason": {"type": "stop"}, "prompt_tokens": 3,
+                                           "completion_tokens": 1, "cached_tokens": 0}}
+QUICK = SchedulerConfig(max_inflight=8, max_retries=2, timeout_s=5, backoff_base_s=0.01, backoff_max_s=0.05,
+                        probe_max_s=0.2, engine_down_s=20)
+
+
+def generate_once(srv, request: Request | None = None, **kw):
+    async def go():
+        async with SGLangHTTPBackend(srv.url, model_path=None, **kw) as b:
+            return await b.generate(request or req())
+
+    return run(go())
+
+
+def through_scheduler(srv, n: int, config: SchedulerConfig = QUICK, during=None):
+    """n distinct requests through a Scheduler; `during(srv)` runs in a thread once they are going."""
+    async def go():
+        async with SGLangHTTPBackend(srv.url, model_path=None) as b:
+            sched = Scheduler(b, None, config)
+            tasks = [asyncio.create_task(sched.submit(req(1000 + i))) for i in range(n)]
+            if during is not None:
+                await asyncio.sleep(0.05)
+                await asyncio.to_thread(during, srv)
+            try:
+                return await asyncio.gather(*tasks), sched.metrics
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await sched.__aexit__(None, None, None)
+
+    return run(go())
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_load_shedding_is_overloaded_with_retry_after(status):
+    with StandInSGLangServer() as srv:
+        srv.inject("/generate", Canned(status, {"error": "busy"}, headers={"Retry-After": "7"}))
+        with pytest.raises(EngineOverloaded, match=f"{status} busy") as e:
+            generate_once(srv)
+    assert e.value.retry_after_s == 7.0
+
+
+def test_load_shedding_is_retried_after_retry_after_without_spending_retries():
+    with StandInSGLangServer() as srv:
+        srv.inject("/generate", *[Canned(429, {"error": "slow down"}, headers={"Retry-After": "0.4"})] * 3)
+        t0 = time.monotonic()
+        (result,), m = through_scheduler(srv, 1, dataclasses.replace(QUICK, max_retries=0))
+    assert result.ok and result.text == "<Role>A tutor.</Role>\n"
+    assert m.shed == 3 and m.failures == 0 and time.monotonic() - t0 >= 1.2
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_auth_failure_stops_the_run_with_the_fix(status):
+    with StandInSGLangServer() as srv:
+        srv.inject("/generate", *[Canned(status, {"detail": "Unauthorized"})] * 50)
+        with pytest.raises(EngineAuthError, match="check --api-key"):
+            through_scheduler(srv, 20)
+        srv.inject("/model_info", Canned(status, {"detail": "Unauthorized"}))
+        with pytest.raises(EngineAuthError, match=f"{status}"):  # at start too: not "no server answers"
+            generate_once(srv)
+
+
+def test_api_key_is_sent_and_never_shown():
+    with StandInSGLangServer() as srv:
+        class Seen(_Handler):
+            def do_POST(self):
+                srv.auth = self.headers.get("Authorization")
+                super().do_POST()
+
+        srv.RequestHandlerClass = Seen
+        generate_once(srv, api_key="sk-secret-123456789")
+    assert srv.auth == "Bearer sk-secret-123456789"
+    assert "sk-secret" not in repr(SGLangHTTPBackend(srv.url, model_path=None, api_key="sk-secret-123456789"))
+
+
+@pytest.mark.parametrize("body,why", [
+    ({"text": 12345, "meta_info": OK_ANSWER["meta_info"]}, "text is a int"),
+    ({"text": "x", "meta_info": {**OK_ANSWER["meta_info"], "completion_tokens": "twelve"}},
+     "completion_tokens"),
+    ({"text": "x", "meta_info": {**OK_ANSWER["meta_info"], "prompt_tokens": True}}, "prompt_tokens"),
+    ("just a string", "a JSON str"),
+    ([], "a JSON list"),
+    ({"text": "x", "meta_info": "done"}, "meta_info is not an object"),
+    (b"<html>502 Bad Gateway</html>", "not JSON"),
+])
+def test_malformed_answer_is_transient_never_a_success(body, why):
+    with StandInSGLangServer() as srv:
+        srv.inject("/generate", Canned(200, body))
+        with pytest.raises(TransientEngineError, match=why):
+            generate_once(srv)
+
+
+def test_malformed_answers_are_retried_then_the_good_one_is_kept(tmp_path):
+    from engine.store import Store
+
+    with StandInSGLangServer() as srv, Store.open(tmp_path / "s.db") as store:
+        srv.inject("/generate", Canned(200, {"text": 12345, "meta_info": OK_ANSWER["meta_info"]}))
+
+        async def go():
+            async with SGLangHTTPBackend(srv.url, model_path=None) as b:
+                return await Scheduler(b, store, QUICK).submit(req())
+
+        result = run(go())
+        assert result.ok and result.text == "<Role>A tutor.</Role>\n" and result.attempts == 2
+        assert store.get(req().key).text == "<Role>A tutor.</Role>\n"
+
+
+@pytest.mark.parametrize("with_length", [True, False])
+def test_a_body_larger_than_the_token_budget_is_refused_unread(with_length):
+    huge = b'{"text": "' + b"x" * (30 << 20) + b'"}'
+    with StandInSGLangServer() as srv:
+        srv.inject("/generate", Canned(200, huge, content_length=with_length))
+        with pytest.raises(TransientEngineError, match="more than the request's token budget"):
+            generate_once(srv)  # max_new_tokens=64: ~68 KB at most
+
+
+def test_absurd_or_malformed_server_info_is_clamped_or_ignored():
+    with StandInSGLangServer() as srv:
+        srv.inject("/server_info", Canned(200, {"max_running_requests": 10**9, "context_length": "big"}))
+
+        async def go():
+            async with SGLangHTTPBackend(srv.url, model_path=None) as b:
+                return b.capabilities, b.max_concurrency
+
+        caps, conc = run(go())
+        assert caps.max_running == MAX_REPORTED_RUNNING and conc == MAX_REPORTED_RUNNING + 128
+        assert caps.max_context == 1 << 20
+        srv.inject("/server_info", Canned(200, {"max_running_requests": 100, "dp_size": "eight",
+                                               "internal_states": "n/a"}))
+        caps, _ = run(go())
+        assert caps.max_running == 100  # dp_size ignored, no traceback
+
+
+def test_html_server_info_is_not_sglang():
+    with StandInSGLangServer() as srv:
+        srv.inject("/model_info", Canned(200, b"<!doctype html><title>Welcome to nginx</title>",
+                                         content_type="text/html"))
+        with pytest.raises(EngineDied, match="answered something that is not SGLang.*text/html"):
+            generate_once(srv)
+
+
+def test_connection_refused_is_unreachable():
+    with StandInSGLangServer() as srv:
+        async def go():
+            async with SGLangHTTPBackend(srv.url, model_path=None) as b:
+                srv.down()
+                await b.generate(req())
+
+        with pytest.raises(EngineUnreachable, match="cannot connect"):
+            run(go())
+
+
+def test_a_server_restart_mid_run_loses_nothing():
+    with StandInSGLangServer(delay_s=0.02) as srv:
+        results, m = through_scheduler(srv, 120, during=lambda s: s.outage(1.5).join())
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
+    assert m.failures == 0 and m.unreachable > 0 and m.engine_down_s > 1.0
+
+
+def test_an_engine_that_stays_down_stops_the_run_instead_of_dropping():
+    with StandInSGLangServer(delay_s=0.02) as srv:
+        t0 = time.monotonic()
+        with pytest.raises(EngineDown, match="unreachable for 1.5s.*re-run the same command"):
+            through_scheduler(srv, 40, dataclasses.replace(QUICK, engine_down_s=1.5),
+                              during=lambda s: s.down())
+        assert time.monotonic() - t0 < 6
+
+
+def test_the_same_failure_over_and_over_stops_the_run():
+    with StandInSGLangServer() as srv:
+        srv.inject("/generate", *[Canned(500, {"error": "CUDA error: an illegal memory access"})] * 500)
+        with pytest.raises(FailureStreak, match="last 5 engine requests all failed.*500 CUDA error"):
+            through_scheduler(srv, 30, dataclasses.replace(QUICK, failure_streak=5, max_retries=0))
+
+
+def test_timeout_s_reaches_the_client():
+    from sysgen.backend_factory import make_backend
+
+    b = make_backend("sglang_http", model=None, url="http://127.0.0.1:9", timeout_s=42.0)
+    assert b.timeout_s == 42.0
+
+
+def test_no_log_line_per_request(caplog):
+    caplog.set_level(logging.DEBUG)
+    with StandInSGLangServer() as srv:
+        results, _ = through_scheduler(srv, 50)
+    assert all(r.ok for r in results)
+    assert len(caplog.records) < 10, [r.getMessage() for r in caplog.records[:5]]
+
+
+def test_the_connection_pool_follows_the_servers_capacity():
+    with StandInSGLangServer() as srv:
+        srv.inject("/server_info", Canned(200, {"max_running_requests": 1000}))
+
+        async def go():
+            async with SGLangHTTPBackend(srv.url, model_path=None) as b:
+                await b.generate(req())
+                return b.max_concurrency, b._client._session.connector.limit
+
+        assert run(go()) == (1128, 1128)  # one keep-alive connection per request in flight
+
+
+def test_retry_after_as_seconds_or_an_http_date():
+    from engine.backends.http_client import RETRY_AFTER_CAP_S, retry_after_s
+
+    assert retry_after_s("3") == 3.0 and retry_after_s(None) is None and retry_after_s("soon") is None
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+    assert retry_after_s("99999") == RETRY_AFTER_CAP_S and retry_after_s("-5") == 0.0
