@@ -39,14 +39,16 @@ def make_url_backend(engine: str, url: str, model: str | None, api_key: str | No
 
 async def reset_cache(backend, engine: str) -> bool:
     """True when the server emptied its prefix cache (see the module docstring)."""
-    import httpx
+    from engine.backend import EngineError
+    from engine.backends.http_client import HTTPClient
 
+    client = HTTPClient(backend.base_url, timeout_s=60.0, max_connections=1)
     try:
-        async with httpx.AsyncClient(base_url=backend.base_url, timeout=60.0) as client:
-            r = await client.post(RESET_PATH[engine])
-        return r.status_code == 200
-    except httpx.HTTPError:
+        return (await client.post(RESET_PATH[engine], {}, max_bytes=1 << 20)).status == 200
+    except EngineError:
         return False
+    finally:
+        await client.close()
 
 
 async def run_direct(backend, requests: list) -> tuple[list, float]:

@@ -18,13 +18,20 @@ from pathlib import Path
 
 import pytest
 
-from engine.backend import EngineDied, RequestRejected, TransientEngineError
+from engine.backend import (
+    EngineAuthError,
+    EngineDied,
+    EngineOverloaded,
+    EngineUnreachable,
+    RequestRejected,
+    TransientEngineError,
+)
 from engine.backends.vllm_http import VLLM_PIN, VLLMHTTPBackend, openai_regex_body
 from engine.request import Request, SamplingParams, messages_prompt
 from tests.engine import vllm_fields
-from tests.local_http import LocalHTTPServer
+from tests.local_http import Canned, LocalHTTPServer
 
-pytest.importorskip("httpx", reason="the vllm_http backend needs httpx: pip install -e '.[http]'")
+pytest.importorskip("aiohttp", reason="the vllm_http backend needs aiohttp: pip install -e '.[http]'")
 
 REPO = Path(__file__).resolve().parents[2]
 FIELDS = vllm_fields.shipped()["classes"]
@@ -78,6 +85,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         srv = self.server
+        if srv.canned(self):
+            return
         if not self._authorized():
             return
         if self.path == "/v1/models":
@@ -101,6 +110,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         srv = self.server
+        if srv.canned(self):
+            return
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         body = json.loads(raw) if raw else {}
         srv.bodies.append(body)
@@ -271,9 +282,9 @@ def test_vllm_finish_reasons_and_token_counts_map():
 @pytest.mark.parametrize("code,kind,match", [
     (BAD, RequestRejected, "400 Invalid regex: unbalanced parenthesis"),
     (MISSING, RequestRejected, "404 The model"),
-    (BUSY, TransientEngineError, "429 Too many requests"),
+    (BUSY, EngineOverloaded, "429 Too many requests"),
     (CRASH, TransientEngineError, "500 Internal server error"),
-    (DOWN, TransientEngineError, "503 Service Unavailable"),
+    (DOWN, EngineOverloaded, "503 Service Unavailable"),
     (JUNK, TransientEngineError, "malformed answer \\(text is not a string\\)"),
     (NOTJSON, TransientEngineError, "answer is not JSON"),
 ])
@@ -284,9 +295,9 @@ def test_vllm_http_errors_map_to_their_kinds(code, kind, match):
         return e.value
 
     _, err = serve_and_run(StandInVLLMServer(), body)
-    assert type(err) is kind and err.retryable == (kind is TransientEngineError)
+    assert type(err) is kind and err.retryable == issubclass(kind, TransientEngineError)
     if code == BUSY:
-        assert err.retry_after == 3.0
+        assert err.retry_after_s == 3.0  # the scheduler waits this long, spending no retry
 
 
 def test_vllm_slow_answer_times_out_as_transient():
@@ -301,14 +312,14 @@ def test_vllm_slow_answer_times_out_as_transient():
 
 
 def test_vllm_api_key_never_in_logs_errors_or_repr(caplog):
-    caplog.set_level(logging.DEBUG)  # httpx and httpcore log at DEBUG too
+    caplog.set_level(logging.DEBUG)  # aiohttp's loggers and ours, at their most verbose
     srv = StandInVLLMServer(api_key=KEY)
     backend, result = serve_and_run(srv, lambda b: b.generate(req()),
                                     api_key=KEY)
     assert result.ok and set(srv.auth) == {f"Bearer {KEY}"}  # every call, /metrics included
     assert KEY not in repr(backend) and "api_key=<set>" in repr(backend)
     wrong = "sk-wrong-key-9876543210"
-    with pytest.raises(EngineDied) as e:
+    with pytest.raises(EngineAuthError) as e:  # stops the run at once: no retry fixes a key
         serve_and_run(StandInVLLMServer(api_key=KEY), lambda b: b.generate(req()), api_key=wrong)
     assert "401" in str(e.value) and "--api-key" in str(e.value) and "<api key>" in str(e.value)
     assert wrong not in str(e.value) and wrong[:8] not in str(e.value)
