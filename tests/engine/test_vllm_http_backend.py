@@ -7,6 +7,7 @@ when one is at hand), since vLLM silently ignores fields it does not know."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -28,6 +29,7 @@ from engine.backend import (
 )
 from engine.backends.vllm_http import VLLM_PIN, VLLMHTTPBackend, openai_regex_body
 from engine.request import Request, SamplingParams, messages_prompt
+from engine.scheduler import Scheduler, SchedulerConfig
 from tests.engine import vllm_fields
 from tests.local_http import Canned, LocalHTTPServer
 
@@ -345,6 +347,16 @@ def test_vllm_served_model_context_and_capacity_read_from_the_server():
     assert lora.served_model == "tutor-lora" and lora.capabilities.token_ids
 
 
+def test_vllm_connection_pool_follows_the_window():
+    async def pool(b):
+        return b._client.max_connections
+
+    backend, size = serve_and_run(StandInVLLMServer(engines=4), pool)
+    assert size == backend.max_concurrency == 4 * 256 + 128
+    capped, size = serve_and_run(StandInVLLMServer(engines=4), pool, max_concurrency=40)
+    assert size == 40
+
+
 def test_vllm_unreachable_server_fails_fast_with_the_fix():
     with socket.socket() as s:  # a port with nothing listening
         s.bind(("127.0.0.1", 0))
@@ -358,6 +370,87 @@ def test_vllm_unreachable_server_fails_fast_with_the_fix():
     with pytest.raises(EngineDied, match="no vLLM server answers.*vllm serve"):
         asyncio.run(go())
     assert time.monotonic() - t0 < 5
+
+
+QUICK = SchedulerConfig(max_inflight=8, max_retries=2, timeout_s=5, backoff_base_s=0.01, backoff_max_s=0.05,
+                        probe_max_s=0.2, engine_down_s=20)
+
+
+def through_scheduler(srv: StandInVLLMServer, n: int, config: SchedulerConfig = QUICK, during=None):
+    """n distinct requests through a Scheduler; `during(srv)` runs in a thread once they are going."""
+    async def go():
+        async with VLLMHTTPBackend(srv.url) as b:
+            sched = Scheduler(b, None, config)
+            tasks = [asyncio.create_task(sched.submit(req(1000 + i))) for i in range(n)]
+            if during is not None:
+                await asyncio.sleep(0.05)
+                await asyncio.to_thread(during, srv)
+            try:
+                return await asyncio.gather(*tasks), sched.metrics
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await sched.__aexit__(None, None, None)
+
+    with srv:
+        return asyncio.run(go())
+
+
+def test_vllm_load_shedding_is_retried_after_retry_after_without_spending_retries():
+    srv = StandInVLLMServer()
+    srv.inject("/v1/completions", *[Canned(429, {"error": {"message": "slow down"}},
+                                           headers={"Retry-After": "0.4"})] * 3)
+    t0 = time.monotonic()
+    (result,), m = through_scheduler(srv, 1, dataclasses.replace(QUICK, max_retries=0))
+    assert result.ok and result.text == "<Role>A tutor.</Role>\n"
+    assert m.shed == 3 and m.failures == 0 and time.monotonic() - t0 >= 1.2
+
+
+def test_vllm_connection_refused_is_unreachable_and_a_restart_loses_nothing():
+    srv = StandInVLLMServer()
+
+    async def body(b):
+        srv.down()
+        with pytest.raises(EngineUnreachable, match="cannot connect"):
+            await b.generate(req())
+        srv.up()
+
+    serve_and_run(srv, body)
+    srv = StandInVLLMServer()
+    srv.delay_s = 0.02
+    results, m = through_scheduler(srv, 60, during=lambda s: s.outage(1.0).join())
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
+    assert m.failures == 0 and m.unreachable > 0
+
+
+@pytest.mark.parametrize("with_length", [True, False])
+def test_vllm_a_body_larger_than_the_token_budget_is_refused_unread(with_length):
+    huge = {"choices": [{"text": "y" * (1 << 20), "finish_reason": "stop"}], "usage": {"prompt_tokens": 3}}
+    srv = StandInVLLMServer()
+    srv.inject("/v1/completions", Canned(200, huge, content_length=with_length))
+
+    async def body(b):
+        with pytest.raises(TransientEngineError, match="token budget"):
+            await b.generate(req())  # max_new_tokens 64: at most 64 x 64 B + 64 KiB
+
+    serve_and_run(srv, body)
+
+
+def test_vllm_start_stops_at_once_on_a_wrong_url_or_a_server_that_is_not_vllm():
+    srv = StandInVLLMServer()
+    srv.inject("/v1/models", Canned(404, {"detail": "Not Found"}))
+    t0 = time.monotonic()
+    with pytest.raises(EngineDied, match="404 Not Found; is --url a vLLM server"):
+        serve_and_run(srv, lambda b: asyncio.sleep(0))
+    srv = StandInVLLMServer()
+    srv.inject("/v1/models", Canned(200, b"<html>hello</html>", content_type="text/html"))
+    with pytest.raises(EngineDied, match="not vLLM: GET /v1/models gave text/html '<html>hello"):
+        serve_and_run(srv, lambda b: asyncio.sleep(0))
+    assert time.monotonic() - t0 < 2  # no retries with backoff: neither can be fixed by waiting
+    srv = StandInVLLMServer()  # a server still loading sheds load: waited out at start
+    srv.inject("/v1/models", Canned(503, {"error": "loading"}, headers={"Retry-After": "0"}))
+    backend, _ = serve_and_run(srv, lambda b: asyncio.sleep(0))
+    assert backend.served_model == "llama-8b"
 
 
 def test_vllm_http_is_an_engine_choice_for_run_and_select(tmp_path):
