@@ -126,7 +126,7 @@ class VLLMHTTPBackend(BackendBase):
     async def start(self) -> None:
         """Read /v1/models (required), then /version, /server_info and /metrics (optional); then
         size the connection pool to the window."""
-        if self.served_model is not None:
+        if self.served_model is not None and self._client is not None:
             return
         self._open()
         try:
@@ -267,7 +267,7 @@ class VLLMHTTPBackend(BackendBase):
         return body
 
     async def generate(self, request: Request) -> Result:
-        if self.served_model is None:
+        if self.served_model is None or self._client is None:  # not entered, or closed since
             await self.start()
         body = self.payload(request)
         async with self._sem:

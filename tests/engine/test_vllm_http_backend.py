@@ -142,6 +142,8 @@ class _Handler(BaseHTTPRequestHandler):
             return reply()
         if first == SLOW:
             time.sleep(1.0)
+        if srv.delay_s:
+            time.sleep(srv.delay_s)
         reason = {ABORT: "abort", ERROR: "error", LENGTH: "length", REPEAT: "repetition"}.get(first, "stop")
         previous = srv.prompts[-1] if srv.prompts else []
         cached = next((i for i, (a, b) in enumerate(zip(previous, ids, strict=False)) if a != b),
@@ -417,8 +419,8 @@ def test_vllm_connection_refused_is_unreachable_and_a_restart_loses_nothing():
 
     serve_and_run(srv, body)
     srv = StandInVLLMServer()
-    srv.delay_s = 0.02
-    results, m = through_scheduler(srv, 60, during=lambda s: s.outage(1.0).join())
+    srv.delay_s = 0.05  # 120 requests, 8 at a time: 0.75 s of work, cut by a 1 s outage at 0.05 s
+    results, m = through_scheduler(srv, 120, during=lambda s: s.outage(1.0).join())
     assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
     assert m.failures == 0 and m.unreachable > 0
 
@@ -543,3 +545,12 @@ def test_vllm_cli_run_sends_token_ids_and_the_p1_regex(tmp_path, caplog):
     assert len(p1) == 3 and all(isinstance(b["prompt"], list) and "<Role>" in b["structured_outputs"]["regex"]
                                 for b in p1)
     assert set(srv.auth) == {f"Bearer {KEY}"}
+
+
+def test_vllm_backend_used_again_after_close_reopens():
+    async def body(b):
+        await b.close()
+        return await b.generate(req())  # a judge pass after the run's pass, on the same backend
+
+    _, result = serve_and_run(StandInVLLMServer(), body)
+    assert result.ok
