@@ -33,20 +33,20 @@ def make_url_backend(engine: str, url: str, model: str | None, api_key: str | No
     if engine == "sglang_http":
         from engine.backends.sglang_http import SGLangHTTPBackend
 
-        return SGLangHTTPBackend(url, model_path=model)
+        return SGLangHTTPBackend(url, model_path=model, api_key=api_key)
     raise ValueError(f"--engine {engine!r}: bench --url drives vllm_http or sglang_http")
 
 
 async def reset_cache(backend, engine: str) -> bool:
-    """True when the server emptied its prefix cache (see the module docstring)."""
-    import httpx
+    """True when the server emptied its prefix cache (see the module docstring). Sent through the
+    backend's own client, so a server started with --api-key gets the key."""
+    from engine.backend import EngineError
 
     try:
-        async with httpx.AsyncClient(base_url=backend.base_url, timeout=60.0) as client:
-            r = await client.post(RESET_PATH[engine])
-        return r.status_code == 200
-    except httpx.HTTPError:
+        reply = await backend._client.post(RESET_PATH[engine], {}, max_bytes=1 << 20, timeout_s=60.0)
+    except EngineError:
         return False
+    return reply.status == 200
 
 
 async def run_direct(backend, requests: list) -> tuple[list, float]:

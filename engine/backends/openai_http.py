@@ -1,7 +1,11 @@
 """Any OpenAI-compatible `/v1/chat/completions` endpoint (judges, hosted models, a vLLM or SGLang
 server's OpenAI route). Prompts are chat messages, or a string sent as one user message; token-id
-prompts and regex constraints are not part of that API (capabilities say so, and callers parse
-leniently). The API key is sent as a bearer header and appears in no log line, error or repr.
+prompts are not part of that API. Neither are regex constraints: a hosted endpoint runs
+unconstrained (capabilities say so, and callers parse leniently). A self-hosted vLLM or SGLang
+server takes the regex in its own extra body field; the caller says which server it is
+(`server="vllm" | "sglang"`, the CLI's --openai-server), since guessing from the answers of a proxy
+or router would be a guess, and a field the server does not know is silently ignored (vLLM) or
+refused. The API key is sent as a bearer header and appears in no log line, error or repr.
 
 Errors by status as in engine/backends/http_client.py (429/503 are load shedding, retried after
 Retry-After; 401/403 stop the run). An answer is checked before it becomes a Result; finish_reason
@@ -15,6 +19,7 @@ from typing import Any
 
 from engine.backend import BackendBase, Capabilities, ContentFiltered, RequestRejected, TransientEngineError
 from engine.backends.http_client import HTTPClient, error_message, max_body_bytes, status_error
+from engine.backends.vllm_http import openai_regex_body
 from engine.request import Request, Result, prompt_messages
 
 _FINISH = {"stop": "stop", "length": "length", "tool_calls": "stop", "function_call": "stop"}
@@ -25,16 +30,19 @@ class OpenAIBackend(BackendBase):
     tokenizer = None
 
     def __init__(self, base_url: str, *, model: str, api_key: str | None, max_concurrency: int = 32,
-                 timeout_s: float = 120) -> None:
+                 timeout_s: float = 120, server: str | None = None) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if server is not None:
+            openai_regex_body(server, "")  # raises for a server whose regex field we do not know
+        self.server = server  # "vllm" | "sglang": a self-hosted server taking our regex; None: hosted
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.model_id = f"openai:{model}@{self.base_url}"
         self.timeout_s = timeout_s
         self.max_concurrency = max_concurrency
-        self.capabilities = Capabilities(regex=False, token_ids=False, max_running=max_concurrency,
-                                         max_context=1 << 20)
+        self.capabilities = Capabilities(regex=server is not None, token_ids=False,
+                                         max_running=max_concurrency, max_context=1 << 20)
         self.__key = api_key  # name-mangled and never formatted anywhere
         self._client: HTTPClient | None = None
         self._sem = asyncio.Semaphore(max_concurrency)
@@ -67,6 +75,8 @@ class OpenAIBackend(BackendBase):
                                 "top_p": s.top_p, "max_tokens": s.max_new_tokens, "seed": s.seed}
         if s.stop:
             body["stop"] = list(s.stop)
+        if request.regex is not None and self.server is not None:
+            body.update(openai_regex_body(self.server, request.regex))
         return body
 
     async def generate(self, request: Request) -> Result:

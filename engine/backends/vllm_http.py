@@ -14,9 +14,12 @@ Response (CompletionResponse): {"model", "choices": [{"text", "finish_reason", "
 without it cached_tokens reads 0 (a warning says so once).
 Served model and context length come from GET /v1/models (ModelCard.id, root, max_model_len).
 
-Errors are classified by type: 408/429, 5xx, connection errors, timeouts and malformed answers ->
-TransientEngineError (the scheduler retries with backoff); other 4xx -> RequestRejected. The API key
-travels only in the Authorization header and is scrubbed from any server text we repeat.
+Transport and status errors come from the shared client (engine/backends/http_client.py): bounded
+reads, 429/503 -> EngineOverloaded (retried after Retry-After), 401/403 -> EngineAuthError (the run
+stops), 5xx/408/timeouts/malformed answers -> TransientEngineError, refused connections ->
+EngineUnreachable (the scheduler's circuit breaker), other 4xx -> RequestRejected. vLLM's own
+finish_reason "abort"/"error" is transient too. The API key travels only in the Authorization header
+and is scrubbed from any server text we repeat.
 """
 
 from __future__ import annotations
@@ -25,11 +28,19 @@ import asyncio
 import logging
 import random
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.backend import BackendBase, Capabilities, EngineDied, RequestRejected, TransientEngineError
+from engine.backend import (
+    BackendBase,
+    Capabilities,
+    EngineAuthError,
+    EngineDied,
+    EngineError,
+    RequestRejected,
+    TransientEngineError,
+)
+from engine.backends.http_client import HTTPClient, Reply, error_message, max_body_bytes, status_error
 from engine.request import Request, Result, prompt_messages
 
 log = logging.getLogger(__name__)
@@ -42,16 +53,6 @@ DEFAULT_RUNNING = 256
 # looping output early: treated as running out of tokens, so a constrained phase retries sampled.
 _FINISH = {"stop": "stop", "length": "length", "repetition": "length"}
 _ENGINE_LABEL = re.compile(r'^vllm:num_requests_running\{[^}]*engine="(\d+)"', re.M)
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """What the transport hands back: status, parsed JSON (None when not JSON), raw text, headers."""
-
-    status: int
-    body: Any
-    text: str
-    retry_after: float | None = None
 
 
 class VLLMHTTPBackend(BackendBase):
@@ -79,7 +80,7 @@ class VLLMHTTPBackend(BackendBase):
         self.server_version: str | None = None
         self.capacity_source = "default"
         self.__key = api_key  # name-mangled, never formatted: see __repr__ and _scrub
-        self._client = None
+        self._client: HTTPClient | None = None
         self._sem = asyncio.Semaphore(self.max_concurrency)
         self._warned_no_cache_counts = False
 
@@ -91,55 +92,25 @@ class VLLMHTTPBackend(BackendBase):
         await self.start()
         return self
 
-    # -- transport: the one place that speaks HTTP (swap it for a shared client here) -----------
+    # -- transport: the shared client ----------------------------------------------------------
 
-    def _open(self):
+    def _open(self) -> HTTPClient:
         if self._client is None:
-            from engine.backends.sglang_http import _httpx
-
-            httpx = _httpx()
-            headers = {"Authorization": f"Bearer {self.__key}"} if self.__key else {}
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-            self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers, limits=limits,
-                                             timeout=httpx.Timeout(self.timeout_s, connect=10.0))
+            headers = {"Authorization": f"Bearer {self.__key}"} if self.__key else None
+            self._client = HTTPClient(self.base_url, headers=headers, timeout_s=self.timeout_s,
+                                      max_connections=self.max_concurrency)
         return self._client
 
-    async def _http(self, method: str, path: str, body: dict | None = None, *, timeout: float | None = None,
-                    request: Request | None = None) -> Reply:
-        """One HTTP exchange. Raises TransientEngineError for timeouts and transport failures;
-        statuses are returned, not judged (see _check)."""
-        from engine.backends.sglang_http import _httpx
-
-        httpx = _httpx()
-        client = self._open()
-        timeout = self.timeout_s if timeout is None else timeout
+    def _json(self, reply: Reply, path: str, request: Request | None = None) -> Any:
+        """The JSON body of a 2xx reply, else the engine error its status means (server text scrubbed)."""
+        url = f"{self.base_url}{path}"
+        if not 200 <= reply.status < 300:
+            raise status_error(url, reply, request, self._scrub(error_message(reply)))
         try:
-            r = await client.request(method, path, json=body, timeout=timeout)
-        except httpx.TimeoutException as e:
-            raise TransientEngineError(f"{self.base_url}{path}: no answer in {timeout:g}s", request) from e
-        except httpx.TransportError as e:  # the text names the URL only; the key is in a header
-            raise TransientEngineError(f"{self.base_url}{path}: {type(e).__name__}: {self._scrub(str(e))}",
-                                       request) from e
-        try:
-            parsed = r.json()
-        except ValueError:
-            parsed = None
-        return Reply(r.status_code, parsed, r.text, _retry_after(r.headers.get("retry-after")))
-
-    def _check(self, reply: Reply, path: str, request: Request | None = None) -> Any:
-        """The JSON body of a 2xx reply, else the error its status means."""
-        where = f"{self.base_url}{path}"
-        if 200 <= reply.status < 300:
-            if reply.body is None:
-                raise TransientEngineError(f"{where}: answer is not JSON: {self._scrub(reply.text[:200])!r}",
-                                           request)
-            return reply.body
-        message = f"{where}: {reply.status} {self._scrub(_error_message(reply))}"
-        if reply.status in (408, 429) or reply.status >= 500:
-            err = TransientEngineError(message, request)
-            err.retry_after = reply.retry_after  # seconds the server asked us to wait, or None
-            raise err
-        raise RequestRejected(message, request)
+            return reply.json()
+        except ValueError as e:
+            text = reply.body[:200].decode("utf-8", "replace")
+            raise TransientEngineError(f"{url}: answer is not JSON: {self._scrub(text)!r}", request) from e
 
     def _scrub(self, text: str) -> str:
         """Servers and proxies sometimes echo the key they refused."""
@@ -153,38 +124,63 @@ class VLLMHTTPBackend(BackendBase):
     # -- start: what the server serves ---------------------------------------------------------
 
     async def start(self) -> None:
-        """Read /v1/models (required), then /version, /server_info and /metrics (optional)."""
-        if self.served_model is not None:
+        """Read /v1/models (required), then /version, /server_info and /metrics (optional); then
+        size the connection pool to the window."""
+        if self.served_model is not None and self._client is not None:
             return
-        models = await self._models()
-        self._apply_models(models)
-        self.server_version = await self._optional_json("/version", "version")
+        self._open()
+        try:
+            self._apply_models(await self._models())
+            self.server_version = await self._optional_json("/version", "version")
+            if self._cap is None:
+                await self._size_from_server()
+        except BaseException:
+            await self.close()  # no pool left open: __aexit__ does not run when __aenter__ fails
+            self.served_model = None
+            raise
         if self.server_version and self.server_version != VLLM_PIN:
             log.warning("the server at %s runs vLLM %s; sysgen speaks the fields of vLLM %s",
                         self.base_url, self.server_version, VLLM_PIN)
-        if self._cap is None:
-            await self._size_from_server()
+        # One keep-alive connection per request in flight (the first pool had the default size).
+        await self._client.resize(self.max_concurrency)
         log.info("vllm_http: %s serves %s (context %d); window sized from %s: %d running",
                  self.base_url, self.served_model, self.capabilities.max_context, self.capacity_source,
                  self.capabilities.max_running)
 
     async def _models(self) -> dict:
+        """GET /v1/models. Refused credentials, a wrong URL or an answer that is not vLLM's stop at
+        once (retrying cannot fix them); no answer, 5xx or load shedding is retried `retries` times."""
+        url = f"{self.base_url}/v1/models"
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             try:
-                body = self._check(await self._http("GET", "/v1/models", timeout=30.0), "/v1/models")
-                if isinstance(body, dict) and isinstance(body.get("data"), list) and body["data"]:
-                    return body
-                raise EngineDied(f"{self.base_url}/v1/models lists no model: {str(body)[:200]}")
-            except RequestRejected as e:  # 401/403/404: retrying cannot fix a key or a URL
-                hint = " (pass --api-key, the key the server was started with)" if "401" in str(e) else ""
-                raise EngineDied(f"{e}{hint}") from e
-            except TransientEngineError as e:
+                reply = await self._client.get("/v1/models", timeout_s=30.0)
+                if reply.status >= 400:
+                    raise status_error(url, reply, None, self._scrub(error_message(reply)))
+            except EngineAuthError as e:
+                raise EngineAuthError(f"{url}: {e.status} {self._scrub(error_message(reply))}. The server "
+                                      "refused our key: pass --api-key (or OPENAI_API_KEY), the key the "
+                                      "server was started with", None, e.status) from e
+            except RequestRejected as e:  # 404 and the like: a wrong URL, not a vLLM server
+                raise EngineDied(f"{e}; is --url a vLLM server? (`vllm serve` answers GET /v1/models)") from e
+            except EngineError as e:
                 last = e
                 if attempt < self.retries:
                     await asyncio.sleep(min(8.0, 0.5 * 2**attempt) * (0.5 + random.random()))
-        raise EngineDied(f"no vLLM server answers at {self.base_url} ({last}); start one with "
-                         "`vllm serve MODEL --port PORT --enable-prompt-tokens-details` or check --url")
+                continue
+            try:
+                body = reply.json()
+            except ValueError:
+                body = None
+            if isinstance(body, dict) and isinstance(body.get("data"), list) and body["data"]:
+                return body
+            snippet = self._scrub(reply.body[:120].decode("utf-8", "replace"))
+            raise EngineDied(f"the server at {self.base_url} answered something that is not vLLM: GET "
+                             f"/v1/models gave {reply.content_type or 'no type'} {snippet!r} (no model "
+                             "listed); check --url")
+        raise EngineDied(f"no vLLM server answers at {self.base_url} ({type(last).__name__}: {last}); "
+                         "start one with `vllm serve MODEL --port PORT --enable-prompt-tokens-details` "
+                         "or check --url")
 
     def _apply_models(self, models: dict) -> None:
         cards = [c for c in models["data"] if isinstance(c, dict) and isinstance(c.get("id"), str)]
@@ -206,12 +202,21 @@ class VLLMHTTPBackend(BackendBase):
             max_running=min(self.max_concurrency, self.capabilities.max_running),
             max_context=ctx if isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > 0 else 1 << 20)
 
-    async def _optional_json(self, path: str, key: str) -> Any:
+    async def _optional(self, path: str) -> Reply | None:
+        """A 200 reply from an optional route, else None (logged at debug: most servers lack them)."""
         try:
-            reply = await self._http("GET", path, timeout=10.0)
-        except TransientEngineError:
+            reply = await self._client.get(path, timeout_s=10.0)
+        except EngineError as e:
+            log.debug("GET %s%s: %s", self.base_url, path, e)
             return None
-        body = reply.body if reply.status == 200 else None
+        return reply if reply.status == 200 else None
+
+    async def _optional_json(self, path: str, key: str) -> Any:
+        reply = await self._optional(path)
+        try:
+            body = reply.json() if reply is not None else None
+        except ValueError:
+            return None
         return body.get(key) if isinstance(body, dict) else None
 
     async def _size_from_server(self) -> None:
@@ -226,11 +231,9 @@ class VLLMHTTPBackend(BackendBase):
             if isinstance(seqs, int) and seqs > 0 and isinstance(dp, int) and dp > 0:
                 running, self.capacity_source = seqs * dp, "/server_info max_num_seqs x data_parallel_size"
         if running is None:
-            try:
-                reply = await self._http("GET", "/metrics", timeout=10.0)
-            except TransientEngineError:
-                reply = None
-            engines = set(_ENGINE_LABEL.findall(reply.text)) if reply and reply.status == 200 else set()
+            reply = await self._optional("/metrics")
+            text = reply.body.decode("utf-8", "replace") if reply is not None else ""
+            engines = set(_ENGINE_LABEL.findall(text))
             if engines:
                 running = DEFAULT_RUNNING * len(engines)
                 self.capacity_source = f"/metrics: {len(engines)} engine(s) x {DEFAULT_RUNNING}"
@@ -264,12 +267,14 @@ class VLLMHTTPBackend(BackendBase):
         return body
 
     async def generate(self, request: Request) -> Result:
-        if self.served_model is None:
+        if self.served_model is None or self._client is None:  # not entered, or closed since
             await self.start()
         body = self.payload(request)
         async with self._sem:
-            reply = await self._http("POST", "/v1/completions", body, request=request)
-        return self.result_from_completion(self._check(reply, "/v1/completions", request), request)
+            # The exception texts name the URL only; the key is in a header never printed.
+            reply = await self._client.post("/v1/completions", body, request=request,
+                                            max_bytes=max_body_bytes(request.sampling.max_new_tokens))
+        return self.result_from_completion(self._json(reply, "/v1/completions", request), request)
 
     def result_from_completion(self, body: Any, request: Request | None = None) -> Result:
         """Validate a CompletionResponse's types and map it; a malformed answer is transient."""
@@ -306,9 +311,9 @@ class VLLMHTTPBackend(BackendBase):
                       completion_tokens=completion_tokens, cached_tokens=cached)
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
 
 
 def openai_regex_body(server: str, regex: str) -> dict[str, Any]:
@@ -329,25 +334,6 @@ def _count(value: Any, none_ok: bool = False) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     return None
-
-
-def _error_message(reply: Reply) -> str:
-    """The server's words: vLLM's ErrorResponse {"error": {"message", "type", "code"}}, its auth
-    middleware's {"error": "Unauthorized"}, FastAPI's {"detail"}, or plain text."""
-    body = reply.body
-    if isinstance(body, dict):
-        err = body.get("error", body.get("detail", body.get("message")))
-        if isinstance(err, dict):
-            err = err.get("message", err)
-        return str(err)[:500]
-    return (reply.text or "").strip()[:500]
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None  # an HTTP date: rare from inference servers; the scheduler's backoff applies
 
 
 def _pick_card(cards: list[dict], model_path: str | None) -> dict:

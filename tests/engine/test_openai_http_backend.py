@@ -186,3 +186,66 @@ def test_a_huge_completion_is_refused():
         srv.inject("/v1/chat/completions", Canned(200, answer(content="y" * (5 << 20))))
         with pytest.raises(TransientEngineError, match="token budget"):
             call(srv.url, chat())
+
+
+P1_REGEX = "(<Role>[^<>\\n]{1,300}</Role>\\n)"
+
+
+def constrained(regex: str | None = P1_REGEX) -> Request:
+    return Request(prompt="Write a system message.", sampling=SamplingParams(max_new_tokens=8), model="m",
+                   regex=regex)
+
+
+@pytest.mark.parametrize("server", ["vllm", "sglang"])
+def test_a_self_hosted_server_gets_the_regex_in_its_own_field(server):
+    from tests.engine import vllm_fields
+
+    async def go():
+        async with OpenAIBackend(srv.url, model="m", api_key=None, server=server) as b:
+            assert b.capabilities.regex  # so the pipeline sends its P1/P3 regex
+            await b.generate(constrained())
+            await b.generate(constrained(regex=None))
+
+    with StandInOpenAIServer() as srv:
+        asyncio.run(go())
+    (body, _), (free, _) = srv.seen
+    if server == "vllm":  # vLLM 0.33.0's ChatCompletionRequest.structured_outputs (StructuredOutputsParams)
+        fields = vllm_fields.shipped()["classes"]
+        unknown = set(body) - set(fields["ChatCompletionRequest"])  # vLLM would ignore these silently
+        assert not unknown, unknown
+        assert body["structured_outputs"] == {"regex": P1_REGEX}
+        assert set(body["structured_outputs"]) <= set(fields["StructuredOutputsParams"])
+    else:  # SGLang 0.5.23's ChatCompletionRequest.regex
+        assert body["regex"] == P1_REGEX
+    assert "structured_outputs" not in free and "regex" not in free
+
+
+def test_a_hosted_endpoint_stays_unconstrained():
+    with StandInOpenAIServer() as srv:
+        call(srv.url, constrained())
+    (body, _), = srv.seen
+    assert "structured_outputs" not in body and "regex" not in body
+    assert OpenAIBackend(srv.url, model="m", api_key=None).capabilities.regex is False
+    with pytest.raises(ValueError, match="expected 'vllm' or 'sglang'"):
+        OpenAIBackend(srv.url, model="m", api_key=None, server="tgi")
+
+
+def test_cli_openai_server_flag_constrains_p1_on_a_self_hosted_vllm(tmp_path):
+    """`sysgen run --engine openai --openai-server vllm`: every P1 request carries the regex in
+    vLLM's field (the stand-in's canned verdict fails P1's parse: what matters is what was sent)."""
+    from pathlib import Path
+
+    from sysgen.cli import main
+    from sysgen.config import RunConfig
+
+    sample = Path(__file__).resolve().parents[2] / "sysgen" / "samples" / "demo_mixed.jsonl"
+    with StandInOpenAIServer() as srv:
+        code = main(["run", str(sample), "--out", str(tmp_path / "out"), "--engine", "openai",
+                     "--url", srv.url, "--model", "llama-8b", "--openai-server", "vllm", "--limit", "2",
+                     "--no-progress", "--no-report"])
+    # --p1-max-tokens default; an unparsable P1 answer is retried once, sampled
+    p1 = [b for b, _ in srv.seen if b["max_tokens"] == 320]
+    assert code == 0 and len(p1) >= 2
+    assert all("<Role>" in b["structured_outputs"]["regex"] for b in p1)
+    with pytest.raises(ValueError, match="--openai-server applies to --engine openai only"):
+        RunConfig(inputs=("a.jsonl",), out="o", engine="vllm_http", url="http://h", openai_server="vllm")

@@ -7,6 +7,7 @@ when one is at hand), since vLLM silently ignores fields it does not know."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -18,13 +19,21 @@ from pathlib import Path
 
 import pytest
 
-from engine.backend import EngineDied, RequestRejected, TransientEngineError
+from engine.backend import (
+    EngineAuthError,
+    EngineDied,
+    EngineOverloaded,
+    EngineUnreachable,
+    RequestRejected,
+    TransientEngineError,
+)
 from engine.backends.vllm_http import VLLM_PIN, VLLMHTTPBackend, openai_regex_body
 from engine.request import Request, SamplingParams, messages_prompt
+from engine.scheduler import Scheduler, SchedulerConfig
 from tests.engine import vllm_fields
-from tests.local_http import LocalHTTPServer
+from tests.local_http import Canned, LocalHTTPServer
 
-pytest.importorskip("httpx", reason="the vllm_http backend needs httpx: pip install -e '.[http]'")
+pytest.importorskip("aiohttp", reason="the vllm_http backend needs aiohttp: pip install -e '.[http]'")
 
 REPO = Path(__file__).resolve().parents[2]
 FIELDS = vllm_fields.shipped()["classes"]
@@ -78,6 +87,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         srv = self.server
+        if srv.canned(self):
+            return
         if not self._authorized():
             return
         if self.path == "/v1/models":
@@ -101,6 +112,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         srv = self.server
+        if srv.canned(self):
+            return
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         body = json.loads(raw) if raw else {}
         srv.bodies.append(body)
@@ -129,6 +142,8 @@ class _Handler(BaseHTTPRequestHandler):
             return reply()
         if first == SLOW:
             time.sleep(1.0)
+        if srv.delay_s:
+            time.sleep(srv.delay_s)
         reason = {ABORT: "abort", ERROR: "error", LENGTH: "length", REPEAT: "repetition"}.get(first, "stop")
         previous = srv.prompts[-1] if srv.prompts else []
         cached = next((i for i, (a, b) in enumerate(zip(previous, ids, strict=False)) if a != b),
@@ -271,9 +286,9 @@ def test_vllm_finish_reasons_and_token_counts_map():
 @pytest.mark.parametrize("code,kind,match", [
     (BAD, RequestRejected, "400 Invalid regex: unbalanced parenthesis"),
     (MISSING, RequestRejected, "404 The model"),
-    (BUSY, TransientEngineError, "429 Too many requests"),
+    (BUSY, EngineOverloaded, "429 Too many requests"),
     (CRASH, TransientEngineError, "500 Internal server error"),
-    (DOWN, TransientEngineError, "503 Service Unavailable"),
+    (DOWN, EngineOverloaded, "503 Service Unavailable"),
     (JUNK, TransientEngineError, "malformed answer \\(text is not a string\\)"),
     (NOTJSON, TransientEngineError, "answer is not JSON"),
 ])
@@ -284,9 +299,9 @@ def test_vllm_http_errors_map_to_their_kinds(code, kind, match):
         return e.value
 
     _, err = serve_and_run(StandInVLLMServer(), body)
-    assert type(err) is kind and err.retryable == (kind is TransientEngineError)
+    assert type(err) is kind and err.retryable == issubclass(kind, TransientEngineError)
     if code == BUSY:
-        assert err.retry_after == 3.0
+        assert err.retry_after_s == 3.0  # the scheduler waits this long, spending no retry
 
 
 def test_vllm_slow_answer_times_out_as_transient():
@@ -301,14 +316,14 @@ def test_vllm_slow_answer_times_out_as_transient():
 
 
 def test_vllm_api_key_never_in_logs_errors_or_repr(caplog):
-    caplog.set_level(logging.DEBUG)  # httpx and httpcore log at DEBUG too
+    caplog.set_level(logging.DEBUG)  # aiohttp's loggers and ours, at their most verbose
     srv = StandInVLLMServer(api_key=KEY)
     backend, result = serve_and_run(srv, lambda b: b.generate(req()),
                                     api_key=KEY)
     assert result.ok and set(srv.auth) == {f"Bearer {KEY}"}  # every call, /metrics included
     assert KEY not in repr(backend) and "api_key=<set>" in repr(backend)
     wrong = "sk-wrong-key-9876543210"
-    with pytest.raises(EngineDied) as e:
+    with pytest.raises(EngineAuthError) as e:  # stops the run at once: no retry fixes a key
         serve_and_run(StandInVLLMServer(api_key=KEY), lambda b: b.generate(req()), api_key=wrong)
     assert "401" in str(e.value) and "--api-key" in str(e.value) and "<api key>" in str(e.value)
     assert wrong not in str(e.value) and wrong[:8] not in str(e.value)
@@ -334,6 +349,16 @@ def test_vllm_served_model_context_and_capacity_read_from_the_server():
     assert lora.served_model == "tutor-lora" and lora.capabilities.token_ids
 
 
+def test_vllm_connection_pool_follows_the_window():
+    async def pool(b):
+        return b._client.max_connections
+
+    backend, size = serve_and_run(StandInVLLMServer(engines=4), pool)
+    assert size == backend.max_concurrency == 4 * 256 + 128
+    capped, size = serve_and_run(StandInVLLMServer(engines=4), pool, max_concurrency=40)
+    assert size == 40
+
+
 def test_vllm_unreachable_server_fails_fast_with_the_fix():
     with socket.socket() as s:  # a port with nothing listening
         s.bind(("127.0.0.1", 0))
@@ -347,6 +372,87 @@ def test_vllm_unreachable_server_fails_fast_with_the_fix():
     with pytest.raises(EngineDied, match="no vLLM server answers.*vllm serve"):
         asyncio.run(go())
     assert time.monotonic() - t0 < 5
+
+
+QUICK = SchedulerConfig(max_inflight=8, max_retries=2, timeout_s=5, backoff_base_s=0.01, backoff_max_s=0.05,
+                        probe_max_s=0.2, engine_down_s=20)
+
+
+def through_scheduler(srv: StandInVLLMServer, n: int, config: SchedulerConfig = QUICK, during=None):
+    """n distinct requests through a Scheduler; `during(srv)` runs in a thread once they are going."""
+    async def go():
+        async with VLLMHTTPBackend(srv.url) as b:
+            sched = Scheduler(b, None, config)
+            tasks = [asyncio.create_task(sched.submit(req(1000 + i))) for i in range(n)]
+            if during is not None:
+                await asyncio.sleep(0.05)
+                await asyncio.to_thread(during, srv)
+            try:
+                return await asyncio.gather(*tasks), sched.metrics
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await sched.__aexit__(None, None, None)
+
+    with srv:
+        return asyncio.run(go())
+
+
+def test_vllm_load_shedding_is_retried_after_retry_after_without_spending_retries():
+    srv = StandInVLLMServer()
+    srv.inject("/v1/completions", *[Canned(429, {"error": {"message": "slow down"}},
+                                           headers={"Retry-After": "0.4"})] * 3)
+    t0 = time.monotonic()
+    (result,), m = through_scheduler(srv, 1, dataclasses.replace(QUICK, max_retries=0))
+    assert result.ok and result.text == "<Role>A tutor.</Role>\n"
+    assert m.shed == 3 and m.failures == 0 and time.monotonic() - t0 >= 1.2
+
+
+def test_vllm_connection_refused_is_unreachable_and_a_restart_loses_nothing():
+    srv = StandInVLLMServer()
+
+    async def body(b):
+        srv.down()
+        with pytest.raises(EngineUnreachable, match="cannot connect"):
+            await b.generate(req())
+        srv.up()
+
+    serve_and_run(srv, body)
+    srv = StandInVLLMServer()
+    srv.delay_s = 0.05  # 120 requests, 8 at a time: 0.75 s of work, cut by a 1 s outage at 0.05 s
+    results, m = through_scheduler(srv, 120, during=lambda s: s.outage(1.0).join())
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
+    assert m.failures == 0 and m.unreachable > 0
+
+
+@pytest.mark.parametrize("with_length", [True, False])
+def test_vllm_a_body_larger_than_the_token_budget_is_refused_unread(with_length):
+    huge = {"choices": [{"text": "y" * (1 << 20), "finish_reason": "stop"}], "usage": {"prompt_tokens": 3}}
+    srv = StandInVLLMServer()
+    srv.inject("/v1/completions", Canned(200, huge, content_length=with_length))
+
+    async def body(b):
+        with pytest.raises(TransientEngineError, match="token budget"):
+            await b.generate(req())  # max_new_tokens 64: at most 64 x 64 B + 64 KiB
+
+    serve_and_run(srv, body)
+
+
+def test_vllm_start_stops_at_once_on_a_wrong_url_or_a_server_that_is_not_vllm():
+    srv = StandInVLLMServer()
+    srv.inject("/v1/models", Canned(404, {"detail": "Not Found"}))
+    t0 = time.monotonic()
+    with pytest.raises(EngineDied, match="404 Not Found; is --url a vLLM server"):
+        serve_and_run(srv, lambda b: asyncio.sleep(0))
+    srv = StandInVLLMServer()
+    srv.inject("/v1/models", Canned(200, b"<html>hello</html>", content_type="text/html"))
+    with pytest.raises(EngineDied, match="not vLLM: GET /v1/models gave text/html '<html>hello"):
+        serve_and_run(srv, lambda b: asyncio.sleep(0))
+    assert time.monotonic() - t0 < 2  # no retries with backoff: neither can be fixed by waiting
+    srv = StandInVLLMServer()  # a server still loading sheds load: waited out at start
+    srv.inject("/v1/models", Canned(503, {"error": "loading"}, headers={"Retry-After": "0"}))
+    backend, _ = serve_and_run(srv, lambda b: asyncio.sleep(0))
+    assert backend.served_model == "llama-8b"
 
 
 def test_vllm_http_is_an_engine_choice_for_run_and_select(tmp_path):
@@ -439,3 +545,12 @@ def test_vllm_cli_run_sends_token_ids_and_the_p1_regex(tmp_path, caplog):
     assert len(p1) == 3 and all(isinstance(b["prompt"], list) and "<Role>" in b["structured_outputs"]["regex"]
                                 for b in p1)
     assert set(srv.auth) == {f"Bearer {KEY}"}
+
+
+def test_vllm_backend_used_again_after_close_reopens():
+    async def body(b):
+        await b.close()
+        return await b.generate(req())  # a judge pass after the run's pass, on the same backend
+
+    _, result = serve_and_run(StandInVLLMServer(), body)
+    assert result.ok

@@ -21,9 +21,11 @@ from pathlib import Path
 
 SHIPPED = Path(__file__).with_name("vllm_fields.json")
 
-# (file inside the package, class) for every shape the vllm_http backend sends or reads.
+# (file inside the package, class) for every shape the vllm_http backend sends or reads, and the
+# chat request `--engine openai --openai-server vllm` sends.
 CLASSES = {
     "CompletionRequest": "entrypoints/openai/completion/protocol.py",
+    "ChatCompletionRequest": "entrypoints/openai/chat_completion/protocol.py",
     "CompletionResponse": "entrypoints/openai/completion/protocol.py",
     "CompletionResponseChoice": "entrypoints/openai/completion/protocol.py",
     "StructuredOutputsParams": "sampling_params.py",

@@ -81,6 +81,24 @@ def test_eval_same_engine_reads_stats(tmp_path, standin_judge):
     assert ev["judges"]["instances"] == 1 and ev["judges"]["limit"] == 1
 
 
+def test_eval_judges_on_vllm_http_and_a_self_hosted_openai_route(tmp_path, standin_judge):
+    out = build_run(tmp_path / "run")
+    assert _main(["eval", str(out), "--no-bertscore", "--judge-engine", "vllm_http", "--judge-model",
+                  "/m/llama", "--judge-url", "http://127.0.0.1:8000", "--judge-limit", "1"]) == 0
+    name, kw = standin_judge[-1]
+    assert (name, kw["model"], kw["url"], kw["openai_server"]) == ("vllm_http", "/m/llama",
+                                                                  "http://127.0.0.1:8000", None)
+    conf = {"engine": "openai", "model": "llama-8b", "url": "http://h:8000", "openai_server": "sglang"}
+    out = build_run(tmp_path / "run2", stats={"engine": "openai", "model": "x", "config": conf})
+    assert _main(["eval", str(out), "--no-bertscore", "--judge-limit", "1"]) == 0  # 'same': the run's server
+    assert standin_judge[-1] == ("openai", {**standin_judge[-1][1], "openai_server": "sglang",
+                                            "url": "http://h:8000", "model": "llama-8b"})
+    assert _main(["eval", str(out), "--no-bertscore", "--judge-engine", "hf",
+                  "--judge-openai-server", "vllm"]) == 1  # the judges fail: the flag is for openai only
+    ev = orjson.loads((out / "eval.json").read_bytes())
+    assert "--judge-openai-server applies to --judge-engine openai only" in ev["judges"]["reason"]
+
+
 def test_eval_judge_failure_keeps_metrics_and_exits_1(tmp_path, monkeypatch):
     def broken(name, **kw):
         raise ValueError("--engine openai needs --model NAME")

@@ -16,6 +16,7 @@ def test_every_config_field_is_a_flag():
     ({"inputs": ()}, "no input files"),
     ({"engine": "vllm"}, "unknown"),
     ({"engine": "sglang_http"}, "needs --url"),
+    ({"engine": "hf", "openai_server": "vllm"}, "--openai-server applies to --engine openai only"),
     ({"shard": "3/2"}, "0 <= i < N"),
     ({"shard": "x"}, "expected i/N"),
     ({"limit": -1}, "--limit"),
