@@ -40,7 +40,8 @@ def test_messages_jsonl_loads(tmp_path, offline):
 
 def test_sharegpt_jsonl_loads(tmp_path, offline):
     run = load_run(build_run(tmp_path / "run"))
-    path, _ = export(run, "sharegpt", tmp_path / "sg.jsonl")
+    path, _ = export(run, "sharegpt", tmp_path / "sg")
+    assert path == tmp_path / "sg" / "sharegpt.jsonl"
     ds = _load("json", path, offline)
     conv = ds[1]["conversations"]
     assert [c["from"] for c in conv] == ["system", "human", "gpt"]
@@ -76,14 +77,14 @@ def test_card_front_matter_configs_and_licences(tmp_path):
     run = load_run(build_run(tmp_path / "run"))
     export(run, "messages")
     export(run, "parquet")
-    text = write_card(run).read_text()
+    text = write_card(run, folder=run.path / "export").read_text()
     meta = _front_matter(text)
     # capybara is MIT; gsm_prompts is matched as GSM8K by its file name: MIT too.
     assert meta["license"] == "mit"
     assert meta["task_categories"] == ["text-generation"]
     paths = {c["config_name"]: c["data_files"][0]["path"] for c in meta["configs"]}
-    assert paths == {"messages": "export/messages.jsonl", "parquet": "export/data.parquet"}
-    assert all((run.path / p).is_file() for p in paths.values())
+    assert paths == {"messages": "messages.jsonl", "parquet": "data.parquet"}
+    assert all((run.path / "export" / p).is_file() for p in paths.values())
     assert "p1 `aaaa`" in text and "| all | 7 (100.0%)" in text and "| Role | 2 / 2" in text
 
 
