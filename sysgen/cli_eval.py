@@ -47,7 +47,8 @@ def register(subparsers: Any) -> None:
     x.add_argument("--format", choices=("messages", "sharegpt", "parquet"), default="messages")
     x.add_argument("--out", type=Path, default=None,
                    help="export folder: the data file and README.md (the dataset card) side by side, "
-                        "loadable with datasets.load_dataset(folder) (default: DIR/export)")
+                        "loadable with datasets.load_dataset(folder) (default: DIR/export, or "
+                        "DIR/export_parquet for --format parquet)")
     x.add_argument("--license", default=None, help="licence for the dataset card (default: from sources)")
     x.set_defaults(func=cmd_export)
 

@@ -41,16 +41,21 @@ class ExportError(ValueError):
     """The export cannot be written where asked; the message says where to write it instead."""
 
 
+def default_dir(run_dir: Path, fmt: str) -> Path:
+    """DIR/export, or DIR/export_parquet: `datasets` reads one file type per folder."""
+    return Path(run_dir) / (EXPORT_DIR + ("_parquet" if fmt == "parquet" else ""))
+
+
 def default_path(run_dir: Path, fmt: str) -> Path:
-    return Path(run_dir) / EXPORT_DIR / DEFAULT_NAMES[fmt]
+    return default_dir(run_dir, fmt) / DEFAULT_NAMES[fmt]
 
 
-def export_dir(run_dir: Path, out: Path | None) -> Path:
+def export_dir(run_dir: Path, out: Path | None, fmt: str = "messages") -> Path:
     """The folder the export goes to; ExportError when it would overwrite the run's own files or a
     file that is not an export."""
     run_dir = Path(run_dir)
     if out is None:
-        return run_dir / EXPORT_DIR
+        return default_dir(run_dir, fmt)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; the export is a folder (data files and README.md side "
@@ -61,11 +66,22 @@ def export_dir(run_dir: Path, out: Path | None) -> Path:
     if out.resolve() == run_dir.resolve():
         raise ExportError(f"--out {out} is the run folder itself; the export would mix with the run's own "
                           f"files. Fix: pass another folder, e.g. --out {run_dir / EXPORT_DIR}")
+    return out
+
+
+def _check_one_file_type(folder: Path, fmt: str) -> None:
+    # `datasets` picks one reader for a whole folder: JSON Lines and parquet exports cannot share one.
+    other = [p.name for f, p in existing_exports(folder).items() if (f == "parquet") != (fmt == "parquet")]
+    if other:
+        raise ExportError(f"{folder} already holds {', '.join(other)}; one folder holds one file type so "
+                          "that datasets.load_dataset reads it. Fix: pass another --out for this format")
+
+
+def _check_readme(out: Path) -> None:
     readme = out / "README.md"
     if readme.is_file() and "- sysgen\n" not in readme.read_text(encoding="utf-8", errors="replace"):
         raise ExportError(f"{readme} exists and is not a sysgen dataset card; exporting would overwrite it. "
                           "Fix: pass an empty folder to --out")
-    return out
 
 
 def unfinished(run: RunDir, exported: int) -> str | None:
@@ -107,11 +123,13 @@ def rows(run: RunDir, fmt: str) -> Iterator[dict[str, Any]]:
 
 
 def export(run: RunDir, fmt: str, out: Path | None = None) -> tuple[Path, int]:
-    """Write the export file into the export folder `out` (default DIR/export) atomically: a reader
+    """Write the export file into the export folder `out` (default: default_dir) atomically: a reader
     never sees half a file; return it and its row count."""
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} unknown; choose one of {', '.join(FORMATS)}")
-    folder = export_dir(run.path, out)
+    folder = export_dir(run.path, out, fmt)
+    _check_readme(folder)
+    _check_one_file_type(folder, fmt)
     path = folder / DEFAULT_NAMES[fmt]
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
