@@ -107,6 +107,9 @@ def test_stats_name_each_source_and_its_unused_text(tmp_path):
     mt = st["sources"]["mt_bench/question"]
     assert mt["path"].endswith("mt_bench/question.jsonl")
     assert mt["unused_fields"] == {"keys": {"category": 12}, "example": "mt_bench/question:1"}
+    assert main(["report", str(out)]) == 0
+    assert "text not read (no format or --columns mapping uses it): `category` (12 rows); e.g. row " \
+           "`mt_bench/question:1`" in (out / "report.md").read_text()
     # a mapping for the odd shape; what it leaves is reported too
     out2 = tmp_path / "out2"
     assert _cli(str(tmp_path / "odd.jsonl"), "--columns", "user=task.text", "--out", str(out2)) == 0
