@@ -76,6 +76,6 @@ class UnusedFields:
         for name, s in self.by_source.items():
             if s.counts:
                 keys = ", ".join(f"'{k}' ({n:,} rows)" for k, n in sorted(s.counts.items()))
-                log.warning("source %s: text in %s is not used by its format (e.g. row %s); pass --columns "
-                            "to map it, or ignore this if it is not part of the conversation",
+                log.warning("source %s: text in %s is read by no format or --columns mapping (e.g. row %s); "
+                            "pass --columns to map it, or ignore this if it is not part of the conversation",
                             name, keys, s.example)

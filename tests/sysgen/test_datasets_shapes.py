@@ -107,7 +107,7 @@ def test_text_no_format_read_is_counted_per_source_and_logged_once(tmp_path, cap
     keys = {"category": 2, "explanation": 1, "references": 1}
     assert unused.summary("a") == {"keys": keys, "example": "a:1"}
     assert unused.summary("b") is None  # alpaca reads 'input'
-    warnings = [r.getMessage() for r in caplog.records if "not used by its format" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "read by no format" in r.getMessage()]
     assert len(warnings) == 1 and "'explanation' (1 rows)" in warnings[0] and "row a:1" in warnings[0]
     # a resume that reads the same rows again does not count them twice
     again = UnusedFields(unused.to_dict())
