@@ -131,3 +131,22 @@ def test_argument_errors_before_anything_runs(tmp_path, capsys):
     loop.symlink_to(loop)
     assert _cli(str(loop), "--out", str(out)) == 2
     assert "symbolic link loop" in capsys.readouterr().err
+
+
+def test_a_save_to_disk_folder_rewritten_restarts_its_outputs(tmp_path, caplog):
+    import datasets
+
+    def save(prefix: str) -> None:
+        datasets.Dataset.from_list([{"prompt": f"{prefix} {i}"} for i in range(4)]).save_to_disk(
+            str(tmp_path / "saved"))
+
+    save("first")
+    out = tmp_path / "out"
+    run([tmp_path / "saved"], out)
+    assert run([tmp_path / "saved"], out)["already_done"] == 4  # unchanged: nothing redone
+    save("second")
+    with caplog.at_level("WARNING"):
+        run([tmp_path / "saved"], out)
+    assert "changed since the last run" in caplog.text
+    users = [r["messages"][1]["content"] for r in records(out)["data"]]
+    assert users == [f"second {i}" for i in range(4)]
