@@ -44,7 +44,7 @@ def _size_category(n: int) -> str:
     return "1M<n<10M"
 
 
-def _front_matter(run: RunDir, kept: int, license_id: str, exports: dict[str, Path]) -> list[str]:
+def _front_matter(base: Path, kept: int, license_id: str, exports: dict[str, Path]) -> list[str]:
     lines = ["---", f"license: {license_id}"]
     if license_id == "other":
         lines.append("license_name: mixed-see-card")
@@ -55,20 +55,24 @@ def _front_matter(run: RunDir, kept: int, license_id: str, exports: dict[str, Pa
         lines.append("configs:")
         for i, (fmt, path) in enumerate(exports.items()):
             lines += [f"- config_name: {fmt}"] + (["  default: true"] if i == 0 else []) + [
-                "  data_files:", "  - split: train", f"    path: {path.relative_to(run.path).as_posix()}"]
+                "  data_files:", "  - split: train", f"    path: {path.relative_to(base).as_posix()}"]
     return lines + ["---", ""]
 
 
-def render_card(run: RunDir, license: str | None = None, exports: dict[str, Path] | None = None) -> str:
-    """The card's text. `license` overrides the licence derived from the sources."""
+def render_card(run: RunDir, license: str | None = None, exports: dict[str, Path] | None = None,
+                folder: Path | None = None, status: str | None = None) -> str:
+    """The card's text, for README.md in `folder` (default: the run folder) beside the export files.
+    `license` overrides the licence derived from the sources; `status` says why the run is
+    unfinished, if it is."""
+    base = Path(folder) if folder is not None else run.path
     paths = {name: str(info.get("path", "")) for name, info in (run.stats.get("sources") or {}).items()}
     summary = fn.summarize(run.iter_records(), run.iter_dropped())
     funnels, tags, total = summary.funnels, summary.tags, summary.funnels[fn.ALL]
     per_source = {s: source_license(s, paths.get(s, "")) for s in summary.sources}
     found = {lic for _, lic in per_source.values()}
     license_id = license or (found.pop() if len(found) == 1 and UNKNOWN not in found else "other")
-    exports = exports if exports is not None else existing_exports(run.path)
-    lines = _front_matter(run, total.kept, license_id, exports)
+    exports = exports if exports is not None else existing_exports(base)
+    lines = _front_matter(base, total.kept, license_id, exports)
     lines += ["# SYSGEN system-message data", "",
               "Conversations from public SFT datasets with a generated system message and a new assistant "
               "answer written under it, made with the SYSGEN method (Jeong et al. 2025, arXiv 2502.11330): "
@@ -76,11 +80,13 @@ def render_card(run: RunDir, license: str | None = None, exports: dict[str, Path
               "P4 answer the user's instruction under the kept phrases.", "",
               f"- generator model: `{run.model}`",
               f"- records: {total.kept:,} kept of {total.original:,} read"]
+    if status:
+        lines.append(f"- **unfinished run**: {status}; these are the records finished so far")
     if run.stats.get("prompts"):
         hashes = ", ".join(f"{k} `{v}`" for k, v in run.stats["prompts"].items())
         lines.append(f"- prompt template hashes: {hashes}")
     if exports:
-        files = ", ".join(f"`{p.relative_to(run.path).as_posix()}` ({f})" for f, p in exports.items())
+        files = ", ".join(f"`{p.relative_to(base).as_posix()}` ({f})" for f, p in exports.items())
         lines.append(f"- files: {files}")
     lines += ["", "## Sources and licences", "",
               table(["source", "upstream", "licence"],
@@ -101,13 +107,17 @@ def render_card(run: RunDir, license: str | None = None, exports: dict[str, Path
                      for t in tags[fn.ALL].tags]), "",
               "## Record fields", "",
               "`messages` = [system (generated), user (original), assistant (new)]; the original "
-              "answer, the tags, the P3 verdicts and the P2 removals are in `data.jsonl` beside this card.",
+              "answer, the tags, the P3 verdicts and the P2 removals are in the run's `data.jsonl`.",
               ""]
     return "\n".join(lines)
 
 
-def write_card(run: RunDir, license: str | None = None, exports: dict[str, Path] | None = None) -> Path:
-    """Write DIR/README.md and return its path."""
-    path = run.path / CARD
-    path.write_text(render_card(run, license, exports), encoding="utf-8")
+def write_card(run: RunDir, license: str | None = None, exports: dict[str, Path] | None = None,
+               folder: Path | None = None, status: str | None = None) -> Path:
+    """Write README.md into `folder` (default: the run folder), atomically, and return its path."""
+    base = Path(folder) if folder is not None else run.path
+    path = base / CARD
+    tmp = path.with_name(CARD + ".tmp")
+    tmp.write_text(render_card(run, license, exports, base, status), encoding="utf-8")
+    tmp.replace(path)
     return path

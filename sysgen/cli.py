@@ -64,9 +64,24 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def _check_inputs(cfg: RunConfig) -> None:
-    for p in cfg.inputs:
-        if not Path(p).is_file():
-            raise ValueError(f"input file {p} does not exist. Fix: check the path")
+    """Paths, globs, Hugging Face splits and --columns, checked before anything is opened; a
+    DatasetError (a ValueError) says which input and what to do."""
+    from sysgen.datasets import preflight
+
+    preflight(cfg.inputs, columns=cfg.columns, split=cfg.split, subset=cfg.subset)
+
+
+def _dataset_error_hint(e: Exception, resume_hint: str) -> str:
+    """What to do after a DatasetError mid-run, by what is at fault (the resume hint only where
+    re-running the same command is the way on)."""
+    kind = getattr(e, "kind", "argument")
+    if kind == "row":
+        return (f"Everything before that row is committed; {resume_hint} once the row is fixed (or without "
+                "--strict to record it and go on).")
+    if kind == "file":
+        return (f"Everything read before it is committed; {resume_hint} once the file is fixed (or without "
+                "--strict to record it as a bad file and go on).")
+    return "Fix the command line (finished work is kept in the output directory)."
 
 
 async def _run_async(cfg: RunConfig, backend, store, out: Path) -> dict:
@@ -141,15 +156,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                   "once the engine is fixed.", file=sys.stderr)
             return 1
         except DatasetError as e:
-            print(f"sysgen run: error: {e}\nEverything before that row is committed; {resume_hint} once "
-                  "the row is fixed.", file=sys.stderr)
+            print(f"sysgen run: error: {e}\n{_dataset_error_hint(e, resume_hint)}", file=sys.stderr)
             return 2
-    from sysgen.datasets import source_name
-
     config = {**dataclasses.asdict(cfg), "engine": backend.name}  # the resolved engine, never "auto"
     extra = {"model": backend.model_id, "engine": backend.name, "prompts": prompts.digests(),
              "config": config,
-             "sources": {source_name(p): {"path": str(Path(p).resolve())} for p in cfg.inputs},
+             "sources": counters.pop("sources", {}),
              "constrained": cfg.constrain and backend.capabilities.regex, "this_run": counters,
              "wall_s": round(time.monotonic() - t0, 2)}
     st = stats.write(out, extra)

@@ -51,7 +51,10 @@ def register(subparsers: Any) -> None:
     x = subparsers.add_parser("export", help="write the kept records as an SFT dataset + dataset card")
     x.add_argument("dir", type=Path, help="a `sysgen run` output directory")
     x.add_argument("--format", choices=("messages", "sharegpt", "parquet"), default="messages")
-    x.add_argument("--out", type=Path, default=None, help="output file (default: DIR/export/<format>.*)")
+    x.add_argument("--out", type=Path, default=None,
+                   help="export folder: the data file and README.md (the dataset card) side by side, "
+                        "loadable with datasets.load_dataset(folder) (default: DIR/export, or "
+                        "DIR/export_parquet for --format parquet)")
     x.add_argument("--license", default=None, help="licence for the dataset card (default: from sources)")
     x.set_defaults(func=cmd_export)
 
@@ -161,13 +164,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from sysgen.card import write_card
     from sysgen.eval.rundir import RunDirError, load_run
-    from sysgen.export import export
+    from sysgen.export import export, unfinished
 
     try:
         run = load_run(args.dir)
         path, n = export(run, args.format, args.out)
-        card = write_card(run, license=args.license)
+        status = unfinished(run, n)
+        card = write_card(run, license=args.license, folder=path.parent, status=status)
     except (RunDirError, ValueError) as exc:
         return _fail(str(exc))
+    except OSError as exc:  # a read-only or full disk: one line, and where to write instead
+        where = exc.filename or args.out or args.dir
+        return _fail(f"cannot write {where}: {exc.strerror or exc}. Fix: pass --out to a writable folder "
+                     "with free space")
+    if status:
+        print(f"warning: {args.dir} is unfinished: {status}. The export holds the {n:,} records finished so "
+              "far; re-run `sysgen run` with the same command to finish, then export again", file=sys.stderr)
     print(f"wrote {path} ({n:,} records) and {card}")
     return 0

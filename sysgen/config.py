@@ -15,7 +15,10 @@ def opt(default, help: str, **kw):
 
 @dataclass(frozen=True)
 class RunConfig:
-    inputs: tuple[str, ...] = opt((), "SFT files: .jsonl, .json, .parquet, optionally .gz", positional=True)
+    inputs: tuple[str, ...] = opt((), "SFT data: files (.jsonl, .json, .parquet, .jsonl.gz, .json.gz, .csv, "
+                                  ".tsv), folders of them, quoted glob patterns, Hugging Face save_to_disk "
+                                  "folders, or hf:OWNER/NAME from the local Hugging Face cache",
+                                  positional=True)
     out: str = opt("", "output directory (data.jsonl, dropped.jsonl, stats.json, store.db)", required=True)
     engine: Literal["auto", "hf", "sglang", "sglang_http", "vllm_http", "openai", "standin"] = opt(
         "auto", "inference backend; auto = sglang when CUDA and sglang are present, else hf (CPU); "
@@ -29,6 +32,11 @@ class RunConfig:
     fp8: bool = opt(False,
                     "sglang: fp8 weights and KV cache on Hopper GPUs (kernels_cfg states the trade-off)")
     format: str = opt("auto", "input format, or auto-detect per row")
+    columns: str | None = opt(None, "read any row shape: user=FIELD,assistant=FIELD,system=FIELD (dotted "
+                                    "paths, list indices as numbers: user=instances.0.input); only user "
+                                    "is required")
+    split: str | None = opt(None, "split of hf:NAME and save_to_disk inputs (needed when they have several)")
+    subset: str | None = opt(None, "subset (configuration) of hf:NAME inputs")
     limit: int | None = opt(None, "process at most N instances")
     shard: str | None = opt(None, "i/N: process only instances whose content hash is i mod N")
     constrain: bool = opt(True, "regex-constrained P1/P3 decoding (--no-constrain to compare)")
@@ -67,6 +75,12 @@ class RunConfig:
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"--limit must be >= 0, got {self.limit}")
         _ = self.shard_spec  # parses and validates --shard
+        if self.columns is not None:
+            from sysgen.datasets.columns import ColumnMap
+
+            ColumnMap.parse(self.columns)
+            if self.format != "auto":
+                raise ValueError("--columns and --format both say how to read rows. Fix: pass one of them")
         for name in ("p1_max_tokens", "p3_max_tokens", "p4_max_tokens", "max_batch", "max_turn_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")

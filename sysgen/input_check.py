@@ -40,13 +40,37 @@ def digest(path: str | Path, prefix: int | None = None) -> tuple[str, str | None
     return whole.hexdigest(), head
 
 
-def compare(recorded: dict[str, dict], paths: tuple[str, ...]) -> tuple[list[str], dict[str, dict]]:
+def _folder_identity(path: str) -> dict:
+    """A save_to_disk folder: its files' names, sizes and mtimes (its Arrow files may be GBs; a
+    rewrite changes their mtimes, which is what is trusted here)."""
+    listing, size, mtime = [], 0, 0
+    for dirpath, _, files in os.walk(path):
+        for f in sorted(files):
+            st = os.stat(os.path.join(dirpath, f))
+            listing.append((os.path.relpath(os.path.join(dirpath, f), path), st.st_size, st.st_mtime_ns))
+            size, mtime = size + st.st_size, max(mtime, st.st_mtime_ns)
+    digest_ = xxhash.xxh3_128_hexdigest(repr(sorted(listing)).encode())
+    return {"size": size, "mtime_ns": mtime, "xxh3": digest_}
+
+
+def compare(recorded: dict[str, dict], paths: tuple[str, ...],
+            names: dict[str, str] | None = None) -> tuple[list[str], dict[str, dict]]:
     """(inputs that changed other than by appending, the identities to record now), keyed by
-    source name as the done markers are."""
+    source name as the done markers are (`names`: source path -> name; else the file's own).
+    A hf:NAME dataset has no identity here: the Hugging Face cache pins its revision."""
     changed: list[str] = []
     now = dict(recorded)  # inputs of earlier runs that are not among these stay recorded
     for path in paths:
-        st, name = os.stat(path), source_name(path)
+        name = (names or {}).get(path) or source_name(path)
+        if path.startswith("hf:"):
+            continue
+        if os.path.isdir(path):
+            ident = _folder_identity(path)
+            if name in recorded and recorded[name] != ident:
+                changed.append(path)
+            now[name] = ident
+            continue
+        st = os.stat(path)
         old = recorded.get(name)
         if old and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns:
             continue  # recorded as it is

@@ -35,8 +35,10 @@ class Outcome:
 
 
 def rejected_outcome(rej: Rejected) -> Outcome:
-    return Outcome(id=f"{rej.path}:{rej.line}", source=rej.path, phase="input", reason="unreadable_row",
-                   detail=rej.reason)
+    # Named by its source like every instance, so one file is one source in the stats, however typed.
+    source = rej.source or rej.path
+    reason = "unreadable_file" if rej.scope == "file" else "unreadable_row"
+    return Outcome(id=f"{source}:{rej.line}", source=source, phase="input", reason=reason, detail=rej.reason)
 
 
 def _failed(inst: Instance, phase: str, res: Result, keys: dict, extra: dict | None = None) -> Outcome | None:

@@ -79,7 +79,8 @@ class InputFraction:
     once the input is exhausted. None until something with an offset has been read."""
 
     def __init__(self, paths: tuple[str, ...]) -> None:
-        self.sizes = {p: os.path.getsize(p) for p in paths if os.path.exists(p)}
+        # Only files have byte offsets; a Hugging Face dataset's rows count, but give no estimate.
+        self.sizes = {p: os.path.getsize(p) for p in paths if os.path.isfile(p)}
         self.total = sum(self.sizes.values()) or 1
         self.before: dict[str, int] = {}
         acc = 0
@@ -124,8 +125,8 @@ async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path, 
         max_inflight=cfg.max_inflight, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
         retry_stored_failures=cfg.retry_failed, engine_down_s=cfg.engine_down_s))
     build = PromptBuilder(backend.tokenizer if backend.capabilities.token_ids else None)
-    wm = Watermark(store, fp, cfg.inputs)
-    frac = InputFraction(cfg.inputs)
+    wm = Watermark(store, fp, resume.files)  # inputs expanded: a file added to a folder moves positions
+    frac = InputFraction(resume.files)
     progress = Progress(sched.metrics, frac, enabled=progress_enabled)
     before_watermark = resume.watermark["seq"] if resume.watermark else 0  # done, and not read again
     frac.read = progress.done = before_watermark
@@ -224,7 +225,8 @@ async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path, 
         raise run.fatal
     counters = {"kept": run.kept, "dropped": run.dropped, "skipped_done": run.skipped_done,
                 "already_done": before_watermark + run.skipped_done,
-                "scheduler": sched.metrics.to_dict(), "interrupted": run.stop.is_set()}
+                "scheduler": sched.metrics.to_dict(), "interrupted": run.stop.is_set(),
+                "sources": resume.source_report()}
     if run.stop.is_set():
         raise RunInterrupted(counters)
     return counters

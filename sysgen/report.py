@@ -181,6 +181,11 @@ def header(run: RunDir, summary: fn.Summary) -> list[str]:
     for name, info in (st.get("sources") or {}).items():
         fmt = f" ({info['fmt']})" if info.get("fmt") else ""
         out.append(f"- source `{name}`: `{info.get('path')}`{fmt}")
+        unused = info.get("unused_fields")
+        if unused:  # the user's data held more text than was read: say where
+            keys = ", ".join(f"`{k}` ({n:,} rows)" for k, n in unused["keys"].items())
+            out.append(f"  - text not read (no format or --columns mapping uses it): {keys}; "
+                       f"e.g. row `{unused['example']}`")
     if st.get("prompts"):
         out.append("- prompt template hashes: " + ", ".join(f"{k} `{v}`" for k, v in st["prompts"].items()))
     dups = summary.duplicates

@@ -24,7 +24,7 @@ import xxhash
 from engine.store import Store
 from sysgen import input_check, prompts, tags
 from sysgen.config import RunConfig
-from sysgen.datasets import iter_instances, source_name
+from sysgen.datasets import Source, UnusedFields, iter_instances, resolve_inputs, source_name
 from sysgen.datasets.instance import Instance, Known, Rejected
 from sysgen.phases import PhaseSettings
 
@@ -38,6 +38,8 @@ def fingerprint(cfg: RunConfig, settings: PhaseSettings) -> str:
     grammar = tags.p1_regex() + tags.p3_regex(tags.TAGS) + str(tags.PHRASE_MAX)
     payload = {"settings": settings.__dict__, "prompts": prompts.digests(), "format": cfg.format,
                "shard": cfg.shard, "grammar": xxhash.xxh3_64_hexdigest(grammar.encode())}
+    # How rows are read changes what an instance is; absent when unset, so older fingerprints hold.
+    payload.update({k: getattr(cfg, k) for k in ("columns", "split", "subset") if getattr(cfg, k, None)})
     return xxhash.xxh3_64_hexdigest(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS))
 
 
@@ -50,7 +52,7 @@ def in_shard(item: Instance | Rejected | Known, shard: tuple[int, int] | None) -
     i, n = shard
     if isinstance(item, Instance):
         return item.content_hash % n == i
-    return xxhash.xxh3_64_intdigest(f"{source_name(item.path)}:{item.line}".encode()) % n == i
+    return xxhash.xxh3_64_intdigest(f"{item.source or source_name(item.path)}:{item.line}".encode()) % n == i
 
 
 class Resume:
@@ -63,6 +65,14 @@ class Resume:
         self.resuming = False
         self.watermark: dict | None = None
         self.last_done: dict[bytes, int] = {}  # source hash -> last line with a done marker
+        self.sources: list[Source] = []
+        self.names: dict[str, str] = {}  # source path -> source name
+        self.unused = UnusedFields()
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The inputs expanded (folders, globs), in reading order."""
+        return tuple(s.path for s in self.sources)
 
     @classmethod
     def open(cls, store: Store, out: Path, cfg: RunConfig, fp: str) -> Resume:
@@ -72,7 +82,11 @@ class Resume:
         store.add_sink("dropped", out / "dropped.jsonl")
         old = store.get_meta("fingerprint")
         raw = store.get_meta("inputs")
-        changed, identities = input_check.compare(orjson.loads(raw) if raw else {}, cfg.inputs)
+        # Names an earlier run gave stay (done markers and ids use them) while they are unique.
+        named = store.get_meta("source_names")
+        r.sources = resolve_inputs(cfg.inputs, previous=orjson.loads(named) if named else None)
+        r.names = {s.path: s.name for s in r.sources}
+        changed, identities = input_check.compare(orjson.loads(raw) if raw else {}, r.files, r.names)
         if old is not None and old.decode() != fp:
             log.warning("the configuration changed since the last run in %s: outputs start afresh; stored "
                         "requests whose inputs did not change are reused", out)
@@ -84,6 +98,10 @@ class Resume:
             old = None
         store.set_meta("fingerprint", fp)
         store.set_meta("inputs", orjson.dumps(identities))
+        store.set_meta("source_names", orjson.dumps({**(orjson.loads(named) if named else {}), **r.names}))
+        if old is not None and old.decode() == fp:
+            saved = store.get_meta("unused_fields")
+            r.unused = UnusedFields(orjson.loads(saved) if saved else None)
         r.resuming = old is not None and old.decode() == fp
         if r.resuming:
             r._load()
@@ -92,9 +110,9 @@ class Resume:
     def _load(self) -> None:
         raw = self.store.get_meta("watermark")
         wm = orjson.loads(raw) if raw is not None else None
-        if wm and wm.get("fingerprint") == self.fp and tuple(wm.get("inputs", ())) == self.cfg.inputs:
+        if wm and wm.get("fingerprint") == self.fp and tuple(wm.get("inputs", ())) == self.files:
             self.watermark = wm
-        for path in self.cfg.inputs:
+        for path in self.files:
             prefix = self._fp + self._source(path)
             last = self.store.last_item(prefix, prefix + b"\xff" * 9)
             if last is not None:
@@ -103,7 +121,7 @@ class Resume:
     def _source(self, path: str) -> bytes:
         s = self._src.get(path)
         if s is None:
-            s = self._src[path] = xxhash.xxh3_64_digest(source_name(path).encode())
+            s = self._src[path] = xxhash.xxh3_64_digest(self.names.get(path, source_name(path)).encode())
         return s
 
     def item_key(self, item: Instance | Rejected | Known) -> bytes:
@@ -123,20 +141,46 @@ class Resume:
     def stream(self) -> Iterator[tuple[int, Instance | Rejected | Known]]:
         """(seq, item) for the configured inputs, shard and limit, starting at the watermark."""
         cfg, wm = self.cfg, self.watermark
-        inputs, start, seq = list(cfg.inputs), None, 0
+        start, seq, first = None, 0, None
         if wm is not None:
-            inputs = inputs[inputs.index(wm["path"]):]
+            first = wm["path"]
             start = {wm["path"]: (wm["line"], wm["offset"])}
             seq = wm["seq"]
         shard = cfg.shard_spec
         known = self.known_done if self.last_done else None
-        for item in iter_instances(inputs, fmt=cfg.format, strict=cfg.strict, start=start, known=known):
-            if shard is not None and not in_shard(item, shard):
-                continue
-            if cfg.limit is not None and seq >= cfg.limit:
-                return
-            yield seq, item
-            seq += 1
+        items = iter_instances(cfg.inputs, fmt=cfg.format, strict=cfg.strict, start=start, known=known,
+                               columns=getattr(cfg, "columns", None), split=getattr(cfg, "split", None),
+                               subset=getattr(cfg, "subset", None), sources=self.sources,
+                               skip_before=first, unused=self.unused)
+        try:
+            for item in items:
+                if shard is not None and not in_shard(item, shard):
+                    continue
+                if cfg.limit is not None and seq >= cfg.limit:
+                    return
+                yield seq, item
+                seq += 1
+        finally:
+            self.save_unused()
+
+    def save_unused(self) -> None:
+        try:
+            self.store.set_meta("unused_fields", orjson.dumps(self.unused.to_dict()))
+        except Exception as e:  # a failing store has its own error on its way; this tally is a report
+            log.debug("unused-field counts not saved: %s", e)
+
+    def source_report(self) -> dict[str, dict]:
+        """stats.json's `sources`: each source's path (and kind where not a file) and the text its
+        rows carry that nothing read."""
+        out: dict[str, dict] = {}
+        for s in self.sources:
+            info: dict = {"path": s.path}
+            if not s.is_file:
+                info["kind"] = s.kind
+            if (u := self.unused.summary(s.name)) is not None:
+                info["unused_fields"] = u
+            out[s.name] = info
+        return out
 
 
 class Position:

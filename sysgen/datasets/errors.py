@@ -8,8 +8,13 @@ from sysgen.datasets.instance import Rejected
 
 
 class DatasetError(ValueError):
-    """A dataset cannot be read as given (bad path, bad option, or a bad row under strict=True).
-    The message names the file (and line, for a row) and says how to fix it."""
+    """A dataset cannot be read as given (bad path, bad option, or a bad row or file under
+    strict=True). The message names the file (and line, for a row) and says how to fix it; `kind`
+    says what is at fault ("argument", "file" or "row"), so the caller's advice can fit the cause."""
+
+    def __init__(self, message: str, kind: str = "argument") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +22,16 @@ class BadRow(Rejected):
     """A Rejected that also carries the fix, so strict mode can tell the user what to do."""
 
     fix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BadFile(BadRow):
+    """The file itself cannot be read on from `line` (a cut-off .gz, a file that is not parquet):
+    recorded in that row's place, and the file's remaining rows, if any, are lost."""
+
+    @property
+    def scope(self) -> str:
+        return "file"
 
 
 class RowProblem(Exception):

@@ -17,6 +17,10 @@ FORMATS: tuple[str, ...] = (
     "query_response",
     "problem_solution",
     "instruction_response",
+    "prompt_response",
+    "prompt_completion",
+    "input_output",
+    "turns",
 )
 
 RawTurn = tuple[str, str, str]
@@ -30,11 +34,15 @@ _PAIRS = {
     "question_answer": ("question", "answer"),
     "query_response": ("query", "response"),
     "problem_solution": ("problem", "solution"),
+    "prompt_response": ("prompt", "response"),
+    "prompt_completion": ("prompt", "completion"),
+    "input_output": ("input", "output"),
 }
 _ANSWER_KEYS = frozenset(a for _, a in _PAIRS.values())
 EXPECTED_SHAPES = (
-    "conversations, conversation, messages, instruction/output, question/answer, query/response, "
-    "problem/solution, instruction/response"
+    "conversations, conversation, messages, turns, instruction/output, question/answer, query/response, "
+    "problem/solution, instruction/response, prompt/response, prompt/completion, input/output, each "
+    "answer optional"
 )
 
 _SHAREGPT_ROLES = {
@@ -65,6 +73,8 @@ def detect_format(row: dict) -> str | None:
     for fmt, key in _LIST_KEYS.items():
         if key in keys:
             return fmt
+    if "turns" in keys and isinstance(row["turns"], list):
+        return "turns"
     for fmt, (prompt, answer) in _PAIRS.items():
         if prompt in keys and answer in keys:
             return fmt
@@ -92,14 +102,36 @@ def raw_turns(row: dict, fmt: str) -> list[RawTurn]:
         return _role_list(items, key, _SHAREGPT_ROLES if fmt == "sharegpt" else _MESSAGES_ROLES)
     if fmt in _PAIRS:
         return _flat(row, fmt)
+    if fmt == "turns":
+        return _user_turns(row)
     raise RowProblem(f"unknown format '{fmt}'", f"use one of {', '.join(FORMATS)}")
+
+
+def used_keys(row: dict, fmt: str) -> set[str]:
+    """The row's top-level keys the format reads (what else holds text is reported, not dropped
+    silently)."""
+    if fmt in _LIST_KEYS:
+        return {_LIST_KEYS[fmt]}
+    if fmt in _PAIRS:
+        return {*_PAIRS[fmt], "input"} if fmt == "alpaca" else set(_PAIRS[fmt])
+    return {"turns"} if fmt == "turns" else set()
+
+
+def _user_turns(row: dict) -> list[RawTurn]:
+    """MT-Bench style: `turns` is the user's side of a conversation whose answers are to be written."""
+    items = row.get("turns")
+    if not isinstance(items, list) or not items:
+        raise RowProblem("field 'turns' must be a non-empty list of strings",
+                         "make 'turns' a list of the user's messages, in order")
+    return [("user", text_of(t, f"turn {i} of 'turns'", "turns"), f"turn {i}")
+            for i, t in enumerate(items, 1)]
 
 
 def _fix_format(fmt: str) -> str:
     return f"pass the right --format (rows here do not look like {fmt}) or fix the row's keys"
 
 
-def _text(value: object, where: str, field: str) -> str:
+def text_of(value: object, where: str, field: str) -> str:
     """A turn's text: a string, or OpenAI-style content parts whose text parts are joined."""
     if isinstance(value, str):
         return value
@@ -149,7 +181,7 @@ def _role_list(items: list, key: str, roles: dict[str, str]) -> list[RawTurn]:
                 f"{where} has unknown role {role!r}; expected one of {', '.join(roles)}",
                 "map the role to one of those, or drop the row (tool turns are not supported)",
             )
-        out.append((roles[role], _text(item[text_key], where, text_key), f"turn {i}"))
+        out.append((roles[role], text_of(item[text_key], where, text_key), f"turn {i}"))
     return out
 
 
@@ -165,7 +197,7 @@ def _capybara(items: list) -> list[RawTurn]:
         if item.get("input") is None:
             raise RowProblem(f"{where} has no 'input'", "give every turn an 'input' string")
         # Capybara inputs often end with a newline: the turn's text is kept, its trailing space is not.
-        out.append(("user", _text(item["input"], where, "input").rstrip(), f"turn {i} input"))
+        out.append(("user", text_of(item["input"], where, "input").rstrip(), f"turn {i} input"))
         if item.get("output") is None:
             if i != len(items):
                 raise RowProblem(
@@ -173,7 +205,7 @@ def _capybara(items: list) -> list[RawTurn]:
                     "fill in the missing output or cut the conversation before it",
                 )
             continue
-        out.append(("assistant", _text(item["output"], where, "output").rstrip(), f"turn {i} output"))
+        out.append(("assistant", text_of(item["output"], where, "output").rstrip(), f"turn {i} output"))
     return out
 
 
@@ -181,15 +213,15 @@ def _flat(row: dict, fmt: str) -> list[RawTurn]:
     prompt_key, answer_key = _PAIRS[fmt]
     if row.get(prompt_key) is None:
         raise RowProblem(f"row has no '{prompt_key}' field (format {fmt})", _fix_format(fmt))
-    prompt = _text(row[prompt_key], "row", prompt_key)
+    prompt = text_of(row[prompt_key], "row", prompt_key)
     label = f"'{prompt_key}'"
     if fmt == "alpaca" and row.get("input") is not None:
-        extra = _text(row["input"], "row", "input")
+        extra = text_of(row["input"], "row", "input")
         if extra.strip():
             prompt = f"{prompt}\n\n{extra}"
             label = "'instruction' + 'input'"
     turns: list[RawTurn] = [("user", prompt, label)]
     # An absent (or null) answer makes a prompt-only row; an empty string is a missing answer.
     if row.get(answer_key) is not None:
-        turns.append(("assistant", _text(row[answer_key], "row", answer_key), f"'{answer_key}'"))
+        turns.append(("assistant", text_of(row[answer_key], "row", answer_key), f"'{answer_key}'"))
     return turns

@@ -75,6 +75,12 @@ class Rejected:
     path: str
     line: int
     reason: str
+    source: str = ""  # the source name, set by iter_instances (the path's, not the path as typed)
+
+    @property
+    def scope(self) -> str:
+        """"row" for one bad row; "file" when the file cannot be read on from here."""
+        return "row"
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line}: {self.reason}"

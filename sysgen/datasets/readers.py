@@ -1,7 +1,8 @@
-"""Rows out of files: JSON Lines, JSON arrays, parquet, and gzip of the JSON ones, all streamed."""
+"""Rows out of files: JSON Lines, JSON arrays, parquet, CSV/TSV, and gzip of the JSON ones, all streamed."""
 
 from __future__ import annotations
 
+import csv
 import gzip
 import zlib
 from collections.abc import Iterator
@@ -10,12 +11,13 @@ from typing import BinaryIO
 
 import orjson
 
-from sysgen.datasets.errors import BadRow, DatasetError, human_size
+from sysgen.datasets.errors import BadFile, BadRow, DatasetError, human_size
+from sysgen.datasets.inputs import FILE_EXTENSIONS, extension
 from sysgen.datasets.json_array import split_array
 
 # A row bigger than this is rejected unread: one giant row must not take the machine's memory.
 MAX_ROW_BYTES = 8 * 1024 * 1024
-EXTENSIONS = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
+EXTENSIONS = FILE_EXTENSIONS
 _BOM = b"\xef\xbb\xbf"
 _CHUNK = 1 << 20
 Row = tuple[int, int, object]
@@ -25,7 +27,7 @@ def file_kind(path: str | Path) -> str:
     """The accepted extension `path` ends with; DatasetError naming the file when it has none,
     does not exist, or is not a regular file."""
     p = Path(path)
-    kind = _extension(p.name)
+    kind = extension(p.name)
     if not kind:
         raise DatasetError(
             f"{path}: unknown file type. Fix: give a file ending in one of {', '.join(EXTENSIONS)}"
@@ -39,13 +41,10 @@ def file_kind(path: str | Path) -> str:
 
 def source_name(path: str | Path) -> str:
     """The file name without the extension we recognised it by: data/capybara_test.jsonl.gz ->
-    capybara_test (other dots stay, so train.v2.jsonl -> train.v2)."""
+    capybara_test (other dots stay, so train.v2.jsonl -> train.v2). Alone, not unique: two inputs
+    may share it; `inputs.resolve_inputs` gives every source of a run its unique name."""
     name = Path(path).name
-    return name[: len(name) - len(_extension(name))]
-
-
-def _extension(name: str) -> str:
-    return next((e for e in sorted(EXTENSIONS, key=len, reverse=True) if name.endswith(e)), "")
+    return name[: len(name) - len(extension(name))]
 
 
 def iter_rows(path: str | Path, *, start_offset: int = 0, start_line: int = 1) -> Iterator[Row]:
@@ -56,11 +55,16 @@ def iter_rows(path: str | Path, *, start_offset: int = 0, start_line: int = 1) -
     offset of the line in an uncompressed JSON Lines file, else -1. To resume: with
     start_offset > 0 (uncompressed JSON Lines only) the file is seeked there and numbered from
     start_line; otherwise rows before start_line are skipped unparsed. Blank lines are skipped
-    silently and are never rejections. A `.json` file holding JSON Lines is read as such."""
+    silently and are never rejections. A `.json` file holding JSON Lines is read as such.
+    A file that cannot be read on (a cut-off .gz, a damaged parquet) ends with one BadFile in
+    the place of the first row it could not give."""
     kind = file_kind(path)
     name = str(path)
     if kind == ".parquet":
         yield from _parquet(name, start_line)
+        return
+    if kind in (".csv", ".tsv"):
+        yield from _csv(name, kind, start_line)
         return
     gz = kind.endswith(".gz")
     last = start_line - 1
@@ -79,9 +83,9 @@ def iter_rows(path: str | Path, *, start_offset: int = 0, start_line: int = 1) -
                 yield item
         except (EOFError, OSError, zlib.error) as e:
             # A damaged or cut-off gzip: the rows before were good; say where it broke.
-            raise DatasetError(
-                f"{name}: cannot read after line {last}: {e}. Fix: re-download or re-compress the file"
-            ) from e
+            yield last + 1, -1, BadFile(
+                name, last + 1, f"the file cannot be read after line {last} ({e}); its remaining rows "
+                "are lost", fix="re-download or re-compress the file")
 
 
 def _first_byte(f: BinaryIO) -> bytes:
@@ -115,7 +119,7 @@ def _lines(f: BinaryIO, name: str, *, seekable: bool, seek: int, start_line: int
             continue
         off = at if seekable else -1
         if big:
-            yield n, off, BadRow(name, n, *_too_big(size))
+            yield n, off, _too_big(name, n, size)
             continue
         if at == 0 and raw.startswith(_BOM):
             raw = raw[3:]
@@ -133,11 +137,9 @@ def _skip_rest_of_line(f: BinaryIO) -> int:
     return skipped
 
 
-def _too_big(size: int) -> tuple[str, str]:
-    return (
-        f"row is {human_size(size)}, over the {human_size(MAX_ROW_BYTES)} limit",
-        "drop or shorten the row, or raise sysgen.datasets.readers.MAX_ROW_BYTES",
-    )
+def _too_big(name: str, line: int, size: int) -> BadRow:
+    return BadRow(name, line, f"row is {human_size(size)}, over the {human_size(MAX_ROW_BYTES)} limit",
+                  fix="drop or shorten the row, or raise sysgen.datasets.readers.MAX_ROW_BYTES")
 
 
 def parse_row(raw: bytes, name: str, line: int) -> object:
@@ -152,13 +154,13 @@ def parse_row(raw: bytes, name: str, line: int) -> object:
                 name,
                 line,
                 f"invalid UTF-8 at byte {u.start} of the row",
-                "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+                fix="re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
             )
         return BadRow(
             name,
             line,
             f"not valid JSON ({e.msg} at column {e.colno})",
-            "repair the row so it is one complete JSON object, or delete it",
+            fix="repair the row so it is one complete JSON object, or delete it",
         )
 
 
@@ -166,8 +168,8 @@ def _array_piece(name: str, n: int, what: str, value: bytes | int | str) -> obje
     if what == "row":
         return parse_row(value, name, n)  # type: ignore[arg-type]
     if what == "big":
-        return BadRow(name, n, *_too_big(value))  # type: ignore[arg-type]
-    return BadRow(name, n, str(value), "repair the JSON array (check commas and brackets near this row)")
+        return _too_big(name, n, value)  # type: ignore[arg-type]
+    return BadRow(name, n, str(value), fix="repair the JSON array (check commas and brackets near this row)")
 
 
 def _parquet(name: str, start_line: int) -> Iterator[Row]:
@@ -175,22 +177,48 @@ def _parquet(name: str, start_line: int) -> Iterator[Row]:
         import pyarrow.parquet as pq
     except ImportError as e:
         raise DatasetError(f"{name}: reading .parquet needs pyarrow. Fix: pip install pyarrow") from e
+    row = 1
     try:
         pf = pq.ParquetFile(name)
-    except Exception as e:  # pyarrow raises several types for a file that is not parquet
-        raise DatasetError(f"{name}: not a readable parquet file ({e}). Fix: check the file") from e
-    # Skip whole row groups before start_line without decoding them.
-    row, groups = 1, []
-    for g in range(pf.metadata.num_row_groups):
-        rows_in_group = pf.metadata.row_group(g).num_rows
-        if row + rows_in_group <= start_line and not groups:
-            row += rows_in_group
-        else:
-            groups.append(g)
-    if not groups:
-        return
-    for batch in pf.iter_batches(batch_size=1024, row_groups=groups):
-        for record in batch.to_pylist():
-            if row >= start_line:
-                yield row, -1, record
-            row += 1
+        # Skip whole row groups before start_line without decoding them.
+        groups = []
+        for g in range(pf.metadata.num_row_groups):
+            rows_in_group = pf.metadata.row_group(g).num_rows
+            if row + rows_in_group <= start_line and not groups:
+                row += rows_in_group
+            else:
+                groups.append(g)
+        if not groups:
+            return
+        for batch in pf.iter_batches(batch_size=1024, row_groups=groups):
+            for record in batch.to_pylist():
+                if row >= start_line:
+                    yield row, -1, record
+                row += 1
+    except Exception as e:  # pyarrow raises several types for a file that is not (good) parquet
+        what = "not a readable parquet file" if row == 1 else f"the file cannot be read after row {row - 1}"
+        yield max(row, start_line), -1, BadFile(name, max(row, start_line), f"{what} ({e})",
+                                                fix="re-download or re-write the file")
+
+
+def _csv(name: str, kind: str, start_line: int) -> Iterator[Row]:
+    """One row per record under the header line; `line` counts records (a quoted cell may span
+    lines). An empty cell is an absent value, so a blank answer column makes a prompt-only row."""
+    with open(name, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, delimiter="\t" if kind == ".tsv" else ",")
+        row = 0
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            for row, cells in enumerate(reader, 1):
+                if row < start_line or not any(c.strip() for c in cells):
+                    continue
+                if len(cells) != len(header):
+                    yield row, -1, BadRow(name, row, f"{len(cells)} cells under a header of {len(header)}",
+                                          fix="quote cells that hold the delimiter, or fix the row")
+                    continue
+                yield row, -1, {k: (v if v != "" else None) for k, v in zip(header, cells, strict=True)}
+        except (UnicodeDecodeError, csv.Error) as e:
+            yield row + 1, -1, BadFile(name, row + 1, f"the file cannot be read after record {row} ({e})",
+                                       fix="re-encode the file as UTF-8 and check its quoting")

@@ -12,7 +12,9 @@ def check_turns(raw: list[RawTurn]) -> tuple[Turn, ...]:
 
     An empty system turn is dropped (many ShareGPT dumps carry one, and it means "no system
     message"); an empty user or assistant turn rejects the row. Ending on a user turn is a
-    prompt-only row."""
+    prompt-only row; a conversation with no assistant turn at all may hold several user turns in a
+    row (MT-Bench `turns`, a chat log of questions): the answers are all to be written."""
+    prompt_only = not any(r[0] == "assistant" for r in raw)
     if raw and raw[0][0] == "system" and not raw[0][1].strip():
         raw = raw[1:]
     turns: list[Turn] = []
@@ -36,7 +38,7 @@ def check_turns(raw: list[RawTurn]) -> tuple[Turn, ...]:
                     f"conversation starts with an assistant turn ({label})",
                     "the first turn after the optional system turn must be the user's; drop the row",
                 )
-        elif turns[-1].role == role:
+        elif turns[-1].role == role and not prompt_only:
             raise RowProblem(
                 f"two {role} turns in a row (at {label})",
                 "merge the consecutive turns or drop the row",

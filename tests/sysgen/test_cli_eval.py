@@ -127,7 +127,7 @@ def test_export_command_writes_file_and_card(tmp_path):
     out = build_run(tmp_path / "run")
     assert _main(["export", str(out), "--format", "sharegpt"]) == 0
     assert (out / "export" / "sharegpt.jsonl").read_text().count("\n") == 3
-    assert "config_name: sharegpt" in (out / "README.md").read_text()
+    assert "config_name: sharegpt" in (out / "export" / "README.md").read_text()
 
 
 def test_wired_into_sysgen_cli(tmp_path):

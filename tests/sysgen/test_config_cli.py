@@ -38,7 +38,7 @@ def test_config_is_frozen():
 def test_missing_input_is_reported_before_any_model_loads(tmp_path, capsys):
     rc = main(["run", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")])
     assert rc == 2
-    assert "nope.jsonl does not exist" in capsys.readouterr().err
+    assert "nope.jsonl: no such file or folder" in capsys.readouterr().err
 
 
 def test_a_model_path_that_is_not_a_model_is_a_clean_error(tmp_path, capsys):

@@ -164,6 +164,10 @@ def test_every_format_name_is_detectable():
         "query_response": {"query": "q", "response": "a"},
         "problem_solution": {"problem": "q", "solution": "a"},
         "instruction_response": {"instruction": "q", "response": "a"},
+        "prompt_response": {"prompt": "q", "response": "a"},
+        "prompt_completion": {"prompt": "q", "completion": "a"},
+        "input_output": {"input": "q", "output": "a"},
+        "turns": {"turns": ["q", "q2"]},
     }
     assert set(rows) == set(FORMATS)
     for fmt, row in rows.items():

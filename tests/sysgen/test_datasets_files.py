@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 import tracemalloc
 
 import orjson
@@ -222,11 +223,11 @@ def test_missing_or_unknown_files_fail_before_reading(tmp_path):
     write_jsonl(good)
     with pytest.raises(DatasetError, match=r"nope\.jsonl: no such file"):
         iter_instances([good, tmp_path / "nope.jsonl"])  # raises at the call, not on first next()
-    (tmp_path / "data.csv").write_text("a,b\n")
-    with pytest.raises(DatasetError, match=r"data\.csv: unknown file type.*\.jsonl, \.json, \.parquet"):
-        iter_instances([tmp_path / "data.csv"])
+    (tmp_path / "data.txt").write_text("a,b\n")
+    with pytest.raises(DatasetError, match=r"data\.txt: unknown file type.*\.jsonl, \.json, \.parquet"):
+        iter_instances([tmp_path / "data.txt"])
     (tmp_path / "dir.jsonl").mkdir()
-    with pytest.raises(DatasetError, match=r"dir\.jsonl: not a regular file"):
+    with pytest.raises(DatasetError, match=r"dir\.jsonl: a folder with no data file"):
         iter_instances([tmp_path / "dir.jsonl"])
 
 
@@ -239,18 +240,25 @@ def test_bad_options_fail_before_reading(tmp_path):
     b.write_bytes(gzip.compress(a.read_bytes()))
     with pytest.raises(DatasetError, match=r"unknown format 'chatml'"):
         iter_instances([a], fmt="chatml")
-    with pytest.raises(DatasetError, match=r"both have the source name 'train'"):
-        iter_instances([a, b])
+    assert {i.source for i in iter_instances([a, b])} == {"a/train", "b/train"}  # same name: told apart
     with pytest.raises(DatasetError, match=r"resume point given for"):
         iter_instances([a], start={"elsewhere.jsonl": (1, 0)})
 
 
-def test_truncated_gzip_names_the_last_good_line(tmp_path):
+def test_truncated_gzip_is_a_bad_file_and_reading_goes_on(tmp_path):
     path = tmp_path / "cut.jsonl.gz"
     blob = gzip.compress(b"".join(orjson.dumps(ROWS[1]) + b"\n" for _ in range(2000)))
     path.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(DatasetError, match=r"cut\.jsonl\.gz: cannot read after line \d+"):
-        list(iter_instances([path]))
+    after = tmp_path / "after.jsonl"
+    write_jsonl(after)
+    items = list(iter_instances([path, after]))
+    bad = [i for i in items if isinstance(i, Rejected)]
+    assert len(bad) == 1 and bad[0].scope == "file" and bad[0].source == "cut"
+    assert re.search(r"cannot be read after line \d+", bad[0].reason)
+    assert items[-1].source == "after"  # the next file is read
+    with pytest.raises(DatasetError, match=r"cut\.jsonl\.gz:\d+: the file cannot be read") as e:
+        list(iter_instances([path], strict=True))
+    assert e.value.kind == "file"
 
 
 def test_multiple_files_in_order(tmp_path):

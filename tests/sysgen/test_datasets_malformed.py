@@ -41,8 +41,9 @@ CASES = {
     "unknown_format": (
         j({"foo": 1, "bar": 2}),
         "no known format: keys {'bar','foo'}; expected one of conversations, conversation, messages, "
-        "instruction/output, question/answer, query/response, problem/solution, instruction/response "
-        "(or pass --format)",
+        "turns, instruction/output, question/answer, query/response, problem/solution, "
+        "instruction/response, prompt/response, prompt/completion, input/output, each answer optional "
+        "(or pass --format or --columns)",
     ),
     "bad_utf8": (b'{"question": "caf\xe9!", "answer": "x"}', "invalid UTF-8 at byte 17 of the row"),
     "no_user_turn": (conv(("system", "You are nice.")), "conversation has no user turn"),
@@ -51,7 +52,9 @@ CASES = {
         conv(("system", "s"), ("gpt", "Hello!"), ("human", "hi")),
         "conversation starts with an assistant turn (turn 2)",
     ),
-    "two_users_in_a_row": (conv(("human", "a"), ("human", "b")), "two user turns in a row (at turn 2)"),
+    # Two user turns in a row are a prompt-only conversation only when no assistant turn is there.
+    "two_users_in_a_row": (conv(("human", "a"), ("gpt", "x"), ("human", "b"), ("human", "c")),
+                           "two user turns in a row (at turn 4)"),
     "system_in_middle": (
         conv(("human", "a"), ("system", "b")),
         "system turn at turn 2; only a leading system turn is supported",

@@ -40,7 +40,8 @@ def test_messages_jsonl_loads(tmp_path, offline):
 
 def test_sharegpt_jsonl_loads(tmp_path, offline):
     run = load_run(build_run(tmp_path / "run"))
-    path, _ = export(run, "sharegpt", tmp_path / "sg.jsonl")
+    path, _ = export(run, "sharegpt", tmp_path / "sg")
+    assert path == tmp_path / "sg" / "sharegpt.jsonl"
     ds = _load("json", path, offline)
     conv = ds[1]["conversations"]
     assert [c["from"] for c in conv] == ["system", "human", "gpt"]
@@ -75,15 +76,15 @@ def _front_matter(text: str) -> dict:
 def test_card_front_matter_configs_and_licences(tmp_path):
     run = load_run(build_run(tmp_path / "run"))
     export(run, "messages")
-    export(run, "parquet")
-    text = write_card(run).read_text()
+    export(run, "sharegpt")
+    text = write_card(run, folder=run.path / "export").read_text()
     meta = _front_matter(text)
     # capybara is MIT; gsm_prompts is matched as GSM8K by its file name: MIT too.
     assert meta["license"] == "mit"
     assert meta["task_categories"] == ["text-generation"]
     paths = {c["config_name"]: c["data_files"][0]["path"] for c in meta["configs"]}
-    assert paths == {"messages": "export/messages.jsonl", "parquet": "export/data.parquet"}
-    assert all((run.path / p).is_file() for p in paths.values())
+    assert paths == {"messages": "messages.jsonl", "sharegpt": "sharegpt.jsonl"}
+    assert all((run.path / "export" / p).is_file() for p in paths.values())
     assert "p1 `aaaa`" in text and "| all | 7 (100.0%)" in text and "| Role | 2 / 2" in text
 
 
@@ -118,3 +119,82 @@ def test_parquet_written_in_row_groups(tmp_path, monkeypatch, offline):
     path, n = export(run, "parquet")
     assert n == 3 and pq.ParquetFile(path).num_row_groups == 2
     assert _load("parquet", path, offline)["id"] == [r["id"] for r in RECORDS]
+
+
+def _export_cli(*args: str) -> int:
+    from sysgen.cli import main
+
+    return main(["export", *args])
+
+
+def test_export_folder_loads_with_its_card(tmp_path, offline):
+    import datasets
+
+    run_dir = build_run(tmp_path / "run")
+    dest = tmp_path / "release"
+    assert _export_cli(str(run_dir), "--out", str(dest)) == 0
+    assert _export_cli(str(run_dir), "--out", str(dest), "--format", "sharegpt") == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["README.md", "messages.jsonl", "sharegpt.jsonl"]
+    assert not (run_dir / "README.md").exists()  # nothing written into the run
+    meta = _front_matter((dest / "README.md").read_text())
+    assert {c["config_name"]: c["data_files"][0]["path"] for c in meta["configs"]} == {
+        "messages": "messages.jsonl", "sharegpt": "sharegpt.jsonl"}
+    ds = datasets.load_dataset(str(dest), split="train", cache_dir=str(offline))
+    assert ds.num_rows == len(RECORDS) and ds[0]["messages"][2]["role"] == "assistant"
+    sg = datasets.load_dataset(str(dest), "sharegpt", split="train", cache_dir=str(offline))
+    assert sg[0]["conversations"][1]["from"] == "human"
+    # parquet goes to a folder of its own: datasets reads one file type per folder
+    assert _export_cli(str(run_dir), "--out", str(dest), "--format", "parquet") == 2
+    assert _export_cli(str(run_dir), "--out", str(tmp_path / "pq"), "--format", "parquet") == 0
+    pq = datasets.load_dataset(str(tmp_path / "pq"), split="train", cache_dir=str(offline))
+    assert pq["id"] == [r["id"] for r in RECORDS]
+
+
+def test_export_never_writes_over_the_run(tmp_path, capsys):
+    run_dir = build_run(tmp_path / "run")
+    before = (run_dir / "data.jsonl").read_bytes()
+    assert _export_cli(str(run_dir), "--out", str(run_dir / "data.jsonl")) == 2
+    assert "is a file; the export is a folder" in capsys.readouterr().err
+    assert _export_cli(str(run_dir), "--out", str(run_dir)) == 2
+    assert "is the run folder itself" in capsys.readouterr().err
+    assert _export_cli(str(run_dir), "--out", str(tmp_path / "x.jsonl")) == 2
+    assert (run_dir / "data.jsonl").read_bytes() == before and not (tmp_path / "x.jsonl").exists()
+    other = tmp_path / "repo"
+    other.mkdir()
+    (other / "README.md").write_text("# my project\n")
+    assert _export_cli(str(run_dir), "--out", str(other)) == 2
+    assert "is not a sysgen dataset card" in capsys.readouterr().err
+    assert (other / "README.md").read_text() == "# my project\n"
+
+
+def test_export_from_a_read_only_run_folder(tmp_path, capsys, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    run_dir = build_run(tmp_path / "run")
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *a, **kw):  # a read-only mount, also for root (who may write through chmod)
+        if self.is_relative_to(run_dir):
+            raise PermissionError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert _export_cli(str(run_dir)) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "Read-only file system" in err and "pass --out to a writable" in err
+    assert _export_cli(str(run_dir), "--out", str(tmp_path / "elsewhere")) == 0
+    assert (tmp_path / "elsewhere" / "README.md").is_file() and not (run_dir / "README.md").exists()
+
+
+def test_export_of_an_unfinished_run_says_so(tmp_path, capsys):
+    run_dir = build_run(tmp_path / "run", stats={"kept": len(RECORDS) - 1})
+    assert _export_cli(str(run_dir), "--out", str(tmp_path / "e")) == 0
+    err = capsys.readouterr().err
+    assert f"unfinished: data.jsonl holds {len(RECORDS)} records but stats.json" in err
+    assert "**unfinished run**" in (tmp_path / "e" / "README.md").read_text()
+    assert _export_cli(str(build_run(tmp_path / "nostats", stats=None)), "--out", str(tmp_path / "f")) == 0
+    assert "has no stats.json" in capsys.readouterr().err
+    finished = build_run(tmp_path / "done", stats={"kept": len(RECORDS)})
+    assert _export_cli(str(finished), "--out", str(tmp_path / "g")) == 0
+    assert "unfinished" not in capsys.readouterr().err

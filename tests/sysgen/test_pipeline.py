@@ -54,7 +54,8 @@ def test_every_row_ends_once_and_stats_account_for_it(tmp_path):
     unreadable = [r for r in records(out)["dropped"] if r["reason"] == "unreadable_row"]
     bad_lines = sorted(3 * i + 2 for i in range(len(MALFORMED)))
     assert sorted(int(r["id"].rsplit(":", 1)[1]) for r in unreadable) == bad_lines
-    assert all(r["id"].startswith(str(tmp_path / "in.jsonl") + ":") and r["detail"] for r in unreadable)
+    # Named by the source like the file's instances: one file is one source in by_source.
+    assert all(r["id"].startswith("in:") and r["source"] == "in" and r["detail"] for r in unreadable)
     assert {r["phase"] for r in unreadable} == {"input"}
     st = stats.write(out, {})
     assert st["accounted"] and st["input"] == len(lines) and st["dropped"]["input:unreadable_row"] == 12
