@@ -73,6 +73,9 @@ class Store:
             self._lock.acquire()
         except StoreLocked as e:
             raise StoreError(str(e)) from None
+        except OSError as e:  # a read-only folder: the lock file cannot even be created
+            raise StoreError(f"{self.path.parent}: cannot write the store there ({e.strerror or e}). "
+                             "Fix: give a writable output directory, or fix its permissions") from None
         try:
             self._init_db()
         except BaseException:
@@ -93,8 +96,21 @@ class Store:
     @classmethod
     def open(cls, path: str | os.PathLike, **kw) -> Store:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"{path.parent}: cannot create the output directory ({e.strerror or e}). "
+                             "Fix: give a writable location") from None
         return cls(path, **kw)
+
+    def _one(self, sql: str, params: tuple = ()) -> tuple | None:
+        """One row from the reader; a damaged database file (pages corrupted under a running
+        store) is a StoreError, which stops the run cleanly, not a traceback."""
+        try:
+            return self._reader.execute(sql, params).fetchone()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: cannot read the store ({e}); the file is damaged or was "
+                             "changed by another program. Fix: restore it, or start a new --out") from e
 
     def _init_db(self) -> None:
         fix = "Fix: write to a new --out directory, or run the sysgen version that made it."
@@ -121,9 +137,14 @@ class Store:
     # ---- reads ----
     def _key_filter(self) -> KeyFilter:
         if self._filter is None:
-            n = self._reader.execute("SELECT max(id) FROM results").fetchone()[0] or 0
-            self._filter = KeyFilter(max(1 << 20, 2 * n))
-            self._filter.add_many(k for (k,) in self._reader.execute("SELECT key FROM results"))
+            n = self._one("SELECT max(id) FROM results")[0] or 0
+            f = KeyFilter(max(1 << 20, 2 * n))
+            try:
+                f.add_many(k for (k,) in self._reader.execute("SELECT key FROM results"))
+            except sqlite3.DatabaseError as e:
+                raise StoreError(f"{self.path}: cannot read the store ({e}). Fix: restore it, "
+                                 "or start a new --out") from e
+            self._filter = f
         return self._filter
 
     def get(self, key: bytes) -> Result | None:
@@ -133,7 +154,7 @@ class Store:
                 return None
             raw = self._hot.get(key)
             if raw is None:
-                row = self._reader.execute("SELECT value FROM results WHERE key=?", (key,)).fetchone()
+                row = self._one("SELECT value FROM results WHERE key=?", (key,))
                 if row is None:
                     return None
                 raw = row[0]
@@ -145,21 +166,21 @@ class Store:
     def has_item(self, key: bytes) -> bool:
         if key in self._recent_items:
             return True
-        return self._reader.execute("SELECT 1 FROM items WHERE key=?", (key,)).fetchone() is not None
+        return self._one("SELECT 1 FROM items WHERE key=?", (key,)) is not None
 
     def last_item(self, lo: bytes, hi: bytes) -> bytes | None:
         """The greatest committed item key in [lo, hi), or None."""
         sql = "SELECT max(key) FROM items WHERE key >= ? AND key < ?"
-        return self._reader.execute(sql, (lo, hi)).fetchone()[0]
+        return self._one(sql, (lo, hi))[0]
 
     def get_meta(self, k: str) -> bytes | None:
-        row = self._reader.execute("SELECT v FROM meta WHERE k=?", (k,)).fetchone()
+        row = self._one("SELECT v FROM meta WHERE k=?", (k,))
         return None if row is None else (row[0] if isinstance(row[0], bytes) else str(row[0]).encode())
 
     def count(self, table: str = "results") -> int:
         if table not in ("results", "items"):
             raise ValueError(f"count(): no table {table!r}; use 'results' or 'items'")
-        return self._reader.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+        return self._one(f"SELECT COUNT(*) FROM {table}")[0]
 
     def iter_results(self) -> Iterator[tuple[bytes, Result]]:
         for key, raw in self._reader.execute("SELECT key, value FROM results ORDER BY id"):
@@ -199,8 +220,17 @@ class Store:
     def add_sink(self, name: str, path: str | os.PathLike) -> int:
         """Register an append-only output file; cut it back to its committed length. Returns that length."""
         path = Path(path)
-        committed = int(self.get_meta(f"sink:{name}") or 0)
+        known = self.get_meta(f"sink:{name}")
+        committed = int(known or 0)
+        if path.is_dir():
+            raise StoreError(f"{path} is a directory, where the output file belongs. "
+                             "Fix: move it away, or give another --out")
         size = path.stat().st_size if path.exists() else 0
+        if known is None and size > 0:  # never cut a file this store did not write
+            raise StoreError(
+                f"{path} holds {size:,} bytes that this store did not write (store.db deleted or replaced, "
+                "or a file of another program). Fix: move the file away to keep it (or delete it to start "
+                "over), or give another --out")
         if size < committed:
             raise StoreError(
                 f"{path}: {size} bytes on disk but {committed} were committed; the file was truncated or "
@@ -210,6 +240,9 @@ class Store:
             f.truncate(committed)
         self._sinks[name] = path
         self._q.put(("s", name, path))
+        if known is None:  # committed before any line is written: the file is then always ours
+            self.set_meta(f"sink:{name}", "0")
+            self.flush()
         return committed
 
     def reset_outputs(self) -> None:

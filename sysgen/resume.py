@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -41,6 +42,16 @@ def fingerprint(cfg: RunConfig, settings: PhaseSettings) -> str:
     return xxhash.xxh3_64_hexdigest(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS))
 
 
+def run_info(cfg: RunConfig, settings: PhaseSettings, identities: dict[str, dict]) -> dict:
+    """What `merge` compares across shards: the same settings (fingerprint without the shard),
+    inputs (by content hash) and limit, and which shard of how many this run is."""
+    shard = cfg.shard_spec
+    names = [source_name(p) for p in cfg.inputs]
+    return {"settings": fingerprint(replace(cfg, shard=None), settings),
+            "inputs": {n: identities.get(n, {}).get("xxh3") for n in names}, "limit": cfg.limit,
+            "shard": list(shard) if shard else None}
+
+
 def in_shard(item: Instance | Rejected | Known, shard: tuple[int, int] | None) -> bool:
     """Instances split by conversation content (stable across runs, machines and file order);
     unreadable rows by their position, so each is reported by exactly one shard. A Known row has a
@@ -63,13 +74,13 @@ class Resume:
         self.resuming = False
         self.watermark: dict | None = None
         self.last_done: dict[bytes, int] = {}  # source hash -> last line with a done marker
+        self.run_info: dict = {}
 
     @classmethod
-    def open(cls, store: Store, out: Path, cfg: RunConfig, fp: str) -> Resume:
+    def open(cls, store: Store, out: Path, cfg: RunConfig, fp: str, settings: PhaseSettings) -> Resume:
         """Register the sinks; empty them if the configuration changed; load resume points."""
         r = cls(store, cfg, fp)
-        store.add_sink("data", out / "data.jsonl")
-        store.add_sink("dropped", out / "dropped.jsonl")
+        committed = sum(store.add_sink(n, out / f"{n}.jsonl") for n in ("data", "dropped"))
         old = store.get_meta("fingerprint")
         raw = store.get_meta("inputs")
         changed, identities = input_check.compare(orjson.loads(raw) if raw else {}, cfg.inputs)
@@ -82,8 +93,14 @@ class Resume:
                         "unchanged rows are answered from the store", ", ".join(changed), out)
             store.reset_outputs()
             old = None
+        if old is None and committed:  # outputs this store holds but no run wrote (a merge): afresh
+            log.warning("%s holds merged outputs: this run writes them afresh; stored requests are reused",
+                        out)
+            store.reset_outputs()
         store.set_meta("fingerprint", fp)
         store.set_meta("inputs", orjson.dumps(identities))
+        r.run_info = run_info(cfg, settings, identities)
+        store.set_meta("run", orjson.dumps({**r.run_info, "finished": False}))
         r.resuming = old is not None and old.decode() == fp
         if r.resuming:
             r._load()

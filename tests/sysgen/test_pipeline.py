@@ -56,7 +56,7 @@ def test_every_row_ends_once_and_stats_account_for_it(tmp_path):
     assert sorted(int(r["id"].rsplit(":", 1)[1]) for r in unreadable) == bad_lines
     assert all(r["id"].startswith(str(tmp_path / "in.jsonl") + ":") and r["detail"] for r in unreadable)
     assert {r["phase"] for r in unreadable} == {"input"}
-    st = stats.write(out, {})
+    st = stats.write(out, {}, rows_read=counters["rows_read"])
     assert st["accounted"] and st["input"] == len(lines) and st["dropped"]["input:unreadable_row"] == 12
 
 
@@ -162,7 +162,7 @@ def test_engine_faults_are_retried_then_recorded(tmp_path):
     assert dropped["p1:engine_error"] > 0 and dropped["p4:truncated"] > 0
     errors = [r for r in records(out)["dropped"] if r["reason"] == "engine_error"]
     assert all("gave up after 3 attempts" in r["detail"] for r in errors)
-    st = stats.write(out, {})
+    st = stats.write(out, {}, rows_read=counters["rows_read"])
     assert st["accounted"] and st["input"] == 40
 
 
