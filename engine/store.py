@@ -19,7 +19,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,7 +28,7 @@ import orjson
 from engine.keyfilter import KeyFilter
 from engine.request import Result
 from engine.store_lock import StoreLock, StoreLocked
-from engine.store_writer import Op, commit_batch
+from engine.store_writer import Op, commit_batch, finish_swap, rewrite_sink, swap_path
 
 SCHEMA_VERSION = 2
 HOT_SIZE = 4096
@@ -220,6 +220,11 @@ class Store:
     def add_sink(self, name: str, path: str | os.PathLike) -> int:
         """Register an append-only output file; cut it back to its committed length. Returns that length."""
         path = Path(path)
+        if self.get_meta(f"swap:{name}"):  # a rewrite committed before its rename: finish it
+            finish_swap(path)
+            self.set_meta(f"swap:{name}", "")
+        else:
+            swap_path(path).unlink(missing_ok=True)  # a rewrite that never committed
         known = self.get_meta(f"sink:{name}")
         committed = int(known or 0)
         if path.is_dir():
@@ -244,6 +249,17 @@ class Store:
             self.set_meta(f"sink:{name}", "0")
             self.flush()
         return committed
+
+    def drop_lines(self, name: str, drop: Callable[[bytes], bool], items: list[bytes],
+                   meta_keys: tuple[str, ...] = ()) -> int:
+        """Remove the committed lines of sink `name` that `drop` picks and forget the done markers
+        `items` (and meta `meta_keys`), atomically: re-opened work items, whose next outcome is
+        appended as usual. `drop` runs on the writer thread. Returns the lines removed."""
+        self._check()
+        box: list[int] = []
+        self._q.put(("rewrite", name, drop, items, meta_keys, box))
+        self.flush()  # returns once the writer has done it, or raises what stopped it
+        return box[0]
 
     def reset_outputs(self) -> None:
         """Forget every finished item and empty every sink, atomically (the run's configuration
@@ -307,6 +323,12 @@ class Store:
                         closing = True
                     elif kind == "s":
                         files[op[1]] = self._open_sink(op[2])
+                    elif kind == "rewrite":
+                        commit_batch(conn, pending, files, self)
+                        pending = []
+                        _, name, drop, items, metas, box = op
+                        box.append(rewrite_sink(conn, files, name, self._sinks[name], drop, items, metas))
+                        self._recent_items.difference_update(items)
                     elif kind == "reset":
                         commit_batch(conn, pending, files, self)
                         pending = []

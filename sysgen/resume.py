@@ -30,6 +30,7 @@ from sysgen.datasets.instance import Instance, Known, Rejected
 from sysgen.phases import PhaseSettings
 
 log = logging.getLogger(__name__)
+RETRYABLE = ("engine_error", "engine_rejected")  # drop reasons --retry-failed re-opens (timeouts included)
 WATERMARK_EVERY_S = 0.5  # a stale watermark only costs a few more done-marker lookups on resume
 
 
@@ -102,9 +103,41 @@ class Resume:
         r.run_info = run_info(cfg, settings, identities)
         store.set_meta("run", orjson.dumps({**r.run_info, "finished": False}))
         r.resuming = old is not None and old.decode() == fp
+        if r.resuming and cfg.retry_failed:
+            r._reopen_engine_failures(out / "dropped.jsonl")
         if r.resuming:
             r._load()
         return r
+
+    def _reopen_engine_failures(self, dropped: Path) -> None:
+        """--retry-failed: instances dropped for engine-side reasons (errors, rejections, timeouts)
+        lose their drop line and done marker in one step, and the watermark goes (they may lie
+        before it), so this run reads from the start and processes them again, once each."""
+        mine = {source_name(p) for p in self.cfg.inputs}
+
+        def engine_failure(line: bytes) -> tuple[str, int] | None:
+            try:
+                rec = orjson.loads(line)
+                if rec.get("reason") not in RETRYABLE or rec.get("source") not in mine:
+                    return None
+                _, _, n = rec["id"].rpartition(":")
+                return rec["source"], int(n)
+            except (orjson.JSONDecodeError, KeyError, ValueError, AttributeError, TypeError):
+                return None
+
+        keys = []
+        if dropped.exists():
+            with open(dropped, "rb") as f:
+                for line in f:
+                    hit = engine_failure(line)
+                    if hit is not None:
+                        src = xxhash.xxh3_64_digest(hit[0].encode())
+                        keys.append(self._fp + src + hit[1].to_bytes(8, "big"))
+        if not keys:
+            return
+        n = self.store.drop_lines("dropped", lambda line: engine_failure(line) is not None, keys,
+                                  meta_keys=("watermark",))
+        log.info("--retry-failed: %d instance(s) dropped for engine errors are processed again", n)
 
     def _load(self) -> None:
         raw = self.store.get_meta("watermark")

@@ -31,7 +31,7 @@ def _same(a: Path, b: Path) -> bool:
 def check_run(cfg: RunConfig) -> RunConfig:
     """The configuration to run (inputs that are this run's outputs left out), or ValueError
     naming the path and the fix. Touches nothing."""
-    from sysgen.datasets.readers import file_kind
+    from sysgen.datasets import iter_instances
 
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -62,6 +62,6 @@ def check_run(cfg: RunConfig) -> RunConfig:
     if not keep:
         raise ValueError(f"every input is one of this run's outputs in {out}. "
                          "Fix: pass the data files the run was made from")
-    for p in keep:
-        file_kind(p)  # a missing file or an unknown extension, before anything is opened
+    # Paths, extensions, --format and clashing source names, before anything is opened or read.
+    iter_instances(keep, fmt=cfg.format)
     return cfg if len(keep) == len(cfg.inputs) else dataclasses.replace(cfg, inputs=tuple(keep))
