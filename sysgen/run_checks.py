@@ -10,13 +10,12 @@ sysgen run (the shell's glob picked up its outputs) and other inputs remain; oth
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
+import sys
 from pathlib import Path
 
 from sysgen.config import RunConfig
 
-log = logging.getLogger("sysgen")
 SINK_FILES = ("data.jsonl", "dropped.jsonl")
 STORE_FILES = ("store.db", "store.db-wal", "store.db-shm", "store.db.lock", "stats.json")
 
@@ -58,10 +57,17 @@ def check_run(cfg: RunConfig) -> RunConfig:
         if not is_run:
             raise ValueError(f"input {p} is where this run writes its {sink} (--out {out}), so it would "
                              "be overwritten before it is read. Fix: give another --out, or move the input")
-        log.warning("input %s is this run's own output (--out %s): left out of the inputs", p, out)
+        print(f"sysgen: warning: input {p} is this run's own output (--out {out}): left out of the inputs",
+              file=sys.stderr)
     if not keep:
         raise ValueError(f"every input is one of this run's outputs in {out}. "
                          "Fix: pass the data files the run was made from")
+    for name in SINK_FILES:
+        size = (out / name).stat().st_size if (out / name).is_file() else 0
+        if not is_run and size:  # the store would cut it to nothing: never empty a file it did not write
+            raise ValueError(f"{out / name} holds {size:,} bytes but {out} has no store.db (deleted, or "
+                             "not a sysgen run), so the run would empty it. Fix: move the file away to keep "
+                             "it (or delete it to start over), or give another --out")
     # Paths, extensions, --format and clashing source names, before anything is opened or read.
     iter_instances(keep, fmt=cfg.format)
     return cfg if len(keep) == len(cfg.inputs) else dataclasses.replace(cfg, inputs=tuple(keep))
