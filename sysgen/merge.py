@@ -202,9 +202,11 @@ def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"OUT {out} is an existing file. "
                          "Fix: name a new directory as OUT (the first argument)")
-    if not out.is_dir() or (out / MARKER).exists():
+    if not out.is_dir():
         return
     held = [n for n in ("store.db", "data.jsonl", "dropped.jsonl") if (out / n).exists()]
+    if (out / MARKER).exists() and _meta(out, "fingerprint") is None:
+        return  # an earlier merge's output (that no run has written into since)
     if held:
         raise ValueError(f"OUT {out} holds a sysgen run ({', '.join(held)}), which a merge would replace. "
                          f"Fix: name a new directory first: sysgen merge MERGED {out} ...")
