@@ -30,7 +30,9 @@ from sysgen.datasets.instance import Instance, Known, Rejected
 from sysgen.phases import PhaseSettings
 
 log = logging.getLogger(__name__)
-RETRYABLE = ("engine_error", "engine_rejected")  # drop reasons --retry-failed re-opens (timeouts included)
+# Drop reasons --retry-failed re-opens: every engine-side one (engine_error covers timeouts and
+# retries given up; engine_rejected a request the engine refused), never a verdict on the data.
+RETRYABLE = ("engine_error", "engine_rejected", "timeout")
 WATERMARK_EVERY_S = 0.5  # a stale watermark only costs a few more done-marker lookups on resume
 
 
@@ -118,7 +120,8 @@ class Resume:
         def engine_failure(line: bytes) -> tuple[str, int] | None:
             try:
                 rec = orjson.loads(line)
-                if rec.get("reason") not in RETRYABLE or rec.get("source") not in mine:
+                reason = str(rec.get("reason"))
+                if not (reason in RETRYABLE or reason.startswith("engine_")) or rec.get("source") not in mine:
                     return None
                 _, _, n = rec["id"].rpartition(":")
                 return rec["source"], int(n)
