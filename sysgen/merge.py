@@ -73,19 +73,23 @@ def _merge_sinks(out: Path, shards: list[Path]) -> dict[str, int]:
     for sink in SINKS:  # data first: a kept record wins over a drop of the same id
         tmp = out / f"{sink}.jsonl.merging"
         n = 0
-        with open(tmp, "wb", buffering=1 << 20) as w:
-            for shard in shards:
-                for line in _lines(shard / f"{sink}.jsonl", _committed_length(shard, sink)):
-                    h = xxhash.xxh3_128_intdigest(orjson.loads(line)["id"].encode())
-                    if h in seen:
-                        counts["duplicates"] += 1
-                        continue
-                    seen.add(h)
-                    w.write(line)
-                    n += 1
-            w.flush()
-            os.fsync(w.fileno())
-            counts[f"{sink}_bytes"] = w.tell()
+        try:
+            with open(tmp, "wb", buffering=1 << 20) as w:
+                for shard in shards:
+                    for line in _lines(shard / f"{sink}.jsonl", _committed_length(shard, sink)):
+                        h = xxhash.xxh3_128_intdigest(orjson.loads(line)["id"].encode())
+                        if h in seen:
+                            counts["duplicates"] += 1
+                            continue
+                        seen.add(h)
+                        w.write(line)
+                        n += 1
+                w.flush()
+                os.fsync(w.fileno())
+                counts[f"{sink}_bytes"] = w.tell()
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: give the space back
+            raise
         tmp.replace(out / f"{sink}.jsonl")
         counts[sink] = n
     return counts
