@@ -96,7 +96,7 @@ class Resume:
                         "unchanged rows are answered from the store", ", ".join(changed), out)
             store.reset_outputs()
             old = None
-        if old is None and committed:  # outputs this store holds but no run wrote (a merge): afresh
+        elif old is None and committed:  # outputs this store holds but no run wrote (a merge): afresh
             log.warning("%s holds merged outputs: this run writes them afresh; stored requests are reused",
                         out)
             store.reset_outputs()
