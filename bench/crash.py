@@ -11,6 +11,11 @@ left to finish. Checked at the end, per variant:
 - duplicated: extra appearances of an id (and ids that are not input rows at all);
 - corrupt: lines that do not parse as a JSON object with an id;
 - accounted: stats.json says kept + dropped by reason = input, and input = the rows written.
+
+Then (`--merge-kills`, `--export-kills`) the input is run as two shards, and `sysgen merge` and
+`sysgen export` are SIGKILLed at random moments within their measured duration and run again:
+the merged directory must hold every row exactly once (accounted), the export every kept record
+exactly once, with no corrupt line in either.
 """
 
 from __future__ import annotations
@@ -111,8 +116,95 @@ def rows_written(out: Path) -> int:
     return n
 
 
+def _kill_loop(cmd: list[str], kills: int, rng: random.Random, timeout_s: float, output: Path,
+               busy: Path | None = None) -> dict:
+    """Time one clean run of `cmd`, delete its `output`, then start it `kills` times and SIGKILL it
+    at a uniform moment within that duration; then let it finish. `busy`: a glob whose match at
+    the kill shows the kill landed mid-write."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYSGEN_STANDIN")}
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = None  # when the work (its temporary file) began: interpreter start-up comes before
+    while proc.poll() is None:
+        if first is None and busy is not None and any(busy.parent.glob(busy.name)):
+            first = time.perf_counter() - t
+        time.sleep(0.005)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench.crash: {' '.join(cmd[3:5])} failed (exit {proc.returncode})")
+    clean_s = time.perf_counter() - t
+    lo = first if first is not None else 0.3 * clean_s
+    shutil.rmtree(output) if output.is_dir() else output.unlink()
+    moments, mid_write, early = [], 0, 0
+    done = 0
+    while done < kills:
+        if busy is not None:  # a killed run's temporary file: the next run rewrites it anyway
+            for stale in busy.parent.glob(busy.name):
+                stale.unlink()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        delay = rng.uniform(lo, clean_s)
+        try:
+            proc.wait(timeout=delay)
+            early += 1
+            if early > 4 * kills:
+                break  # the command is too quick to be killed mid-way on this machine
+            continue
+        except subprocess.TimeoutExpired:
+            mid_write += bool(busy is not None and any(busy.parent.glob(busy.name)))
+            proc.kill()
+            proc.wait()
+            done += 1
+            moments.append(round(delay, 3))
+    final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    if final.returncode != 0:
+        raise SystemExit(f"bench.crash: {' '.join(cmd[3:5])} failed after kills:\n{final.stderr[-2000:]}")
+    return {"kills": done, "clean_s": round(clean_s, 2), "work_from_s": round(lo, 2),
+            "kill_moments_s": moments, "kills_with_temp_file": mid_write, "finished_before_kill": early}
+
+
+def check_export(path: Path, kept_ids: set[str]) -> dict:
+    seen: Counter[str] = Counter()
+    corrupt = 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                seen[orjson.loads(line)["id"]] += 1
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                corrupt += 1
+    lost = len(kept_ids - seen.keys())
+    duplicated = (sum(c - 1 for c in seen.values() if c > 1)
+                  + sum(c for i, c in seen.items() if i not in kept_ids))
+    return {"lost": lost, "duplicated": duplicated, "corrupt": corrupt}
+
+
+def measure_merge_export(inp: Path, expected: set[str], workdir: Path, merge_kills: int, export_kills: int,
+                         rng: random.Random, timeout_s: float) -> list[dict]:
+    """Kills during `sysgen merge` (of a two-shard run) and `sysgen export` (of the merge)."""
+    py = [sys.executable, "-m", "sysgen"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYSGEN_STANDIN")}
+    shards = [workdir / f"shard{i}" for i in range(2)]
+    for i, d in enumerate(shards):
+        shutil.rmtree(d, ignore_errors=True)
+        cmd = [*py, "run", str(inp), "--out", str(d), "--shard", f"{i}/2", "--engine", "standin",
+               "--no-progress", "--no-report"]
+        subprocess.run(cmd, env=env, capture_output=True, check=True, timeout=timeout_s)
+    merged = workdir / "merged"
+    shutil.rmtree(merged, ignore_errors=True)
+    t0 = time.perf_counter()
+    res = _kill_loop([*py, "merge", str(merged), *map(str, shards)], merge_kills, rng, timeout_s, merged,
+                     busy=merged / "*.merging")
+    m = {"variant": "merge", **res, **check(merged, expected), "seconds": round(time.perf_counter() - t0, 1)}
+    kept = {orjson.loads(line)["id"] for line in open(merged / "data.jsonl", "rb")}
+    t0 = time.perf_counter()
+    res = _kill_loop([*py, "export", str(merged), "--format", "messages"], export_kills, rng, timeout_s,
+                     merged / "export", busy=merged / "export" / "*.tmp")
+    e = {"variant": "export", **res, **check_export(merged / "export" / "messages.jsonl", kept),
+         "accounted": True, "seconds": round(time.perf_counter() - t0, 1)}
+    return [m, e]
+
+
 def measure(n: int, kills: int, workdir: Path, window: tuple[float, float], seed: int = 0,
-            variants: dict[str, dict] | None = None, timeout_s: float = 600) -> dict:
+            variants: dict[str, dict] | None = None, timeout_s: float = 600, merge_kills: int = 0,
+            export_kills: int = 0) -> dict:
     """`variants` maps a name to the stand-in's environment (default: VARIANTS)."""
     variants = variants or VARIANTS
     rng = random.Random(seed)
@@ -132,6 +224,13 @@ def measure(n: int, kills: int, workdir: Path, window: tuple[float, float], seed
         for key in ("lost", "duplicated", "corrupt"):
             report[key] += v[key]
         report["accounted"] = report["accounted"] and v["accounted"]
+    if merge_kills or export_kills:
+        for v in measure_merge_export(inp, expected, workdir, merge_kills, export_kills, rng, timeout_s):
+            report["variants"].append(v)
+            report["kills"] += v["kills"]
+            for key in ("lost", "duplicated", "corrupt"):
+                report[key] += v[key]
+            report["accounted"] = report["accounted"] and v["accounted"]
     return report
 
 
@@ -143,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kill-window", default="0.3:2.0", help="LOW:HIGH seconds after start to kill at")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--merge-kills", type=int, default=10, help="kills during `sysgen merge` (0: skip)")
+    ap.add_argument("--export-kills", type=int, default=10, help="kills during `sysgen export` (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--workdir", help="keep inputs and outputs here (default: a temporary directory)")
@@ -156,10 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     variants = {name: VARIANTS[name] for name in names}
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        res = measure(args.instances, args.kills, Path(args.workdir), window, args.seed, variants)
+        res = measure(args.instances, args.kills, Path(args.workdir), window, args.seed, variants,
+                      merge_kills=args.merge_kills, export_kills=args.export_kills)
     else:
         with tempfile.TemporaryDirectory(prefix="sysgen-crash-") as tmp:
-            res = measure(args.instances, args.kills, Path(tmp), window, args.seed, variants)
+            res = measure(args.instances, args.kills, Path(tmp), window, args.seed, variants,
+                          merge_kills=args.merge_kills, export_kills=args.export_kills)
     print(f"bench.crash: {res['instances']:,} input rows (1 in {BAD_EVERY} malformed), "
           "SIGKILL at random moments")
     print(f"  {'variant':<14} {'kills':>5} {'lost':>5} {'dup':>5} {'corrupt':>7} {'accounted':>9} "
@@ -167,9 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     for v in res["variants"]:
         print(f"  {v['variant']:<14} {v['kills']:>5} {v['lost']:>5} {v['duplicated']:>5} {v['corrupt']:>7} "
               f"{v['accounted']!s:>9} {v['seconds']:>8}")
-        print(f"  {'':<14} rows out at each kill: {', '.join(f'{r:,}' for r in v['rows_at_kill'])}")
+        if "rows_at_kill" in v:
+            print(f"  {'':<14} rows out at each kill: {', '.join(f'{r:,}' for r in v['rows_at_kill'])}")
+        else:
+            print(f"  {'':<14} kills at {v['work_from_s']}-{v['clean_s']} s (work starts, clean run ends); "
+                  f"{v['kills_with_temp_file']} of {v['kills']} while a temporary output file existed")
     clean = not (res["lost"] or res["duplicated"] or res["corrupt"])
-    ok = res["kills"] == args.kills and clean and res["accounted"]
+    ok = res["kills"] == args.kills + args.merge_kills + args.export_kills and clean and res["accounted"]
     print(f"  total: kills={res['kills']} lost={res['lost']} duplicated={res['duplicated']} "
           f"corrupt={res['corrupt']} accounted={res['accounted']} -> {'PASS' if ok else 'FAIL'}")
     if args.json:

@@ -19,7 +19,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,7 +28,7 @@ import orjson
 from engine.keyfilter import KeyFilter
 from engine.request import Result
 from engine.store_lock import StoreLock, StoreLocked
-from engine.store_writer import Op, commit_batch
+from engine.store_writer import Op, commit_batch, finish_swap, rewrite_sink, swap_path
 
 SCHEMA_VERSION = 2
 HOT_SIZE = 4096
@@ -73,6 +73,9 @@ class Store:
             self._lock.acquire()
         except StoreLocked as e:
             raise StoreError(str(e)) from None
+        except OSError as e:  # a read-only folder: the lock file cannot even be created
+            raise StoreError(f"{self.path.parent}: cannot write the store there ({e.strerror or e}). "
+                             "Fix: give a writable output directory, or fix its permissions") from None
         try:
             self._init_db()
         except BaseException:
@@ -93,8 +96,21 @@ class Store:
     @classmethod
     def open(cls, path: str | os.PathLike, **kw) -> Store:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"{path.parent}: cannot create the output directory ({e.strerror or e}). "
+                             "Fix: give a writable location") from None
         return cls(path, **kw)
+
+    def _one(self, sql: str, params: tuple = ()) -> tuple | None:
+        """One row from the reader; a damaged database file (pages corrupted under a running
+        store) is a StoreError, which stops the run cleanly, not a traceback."""
+        try:
+            return self._reader.execute(sql, params).fetchone()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: cannot read the store ({e}); the file is damaged or was "
+                             "changed by another program. Fix: restore it, or start a new --out") from e
 
     def _init_db(self) -> None:
         fix = "Fix: write to a new --out directory, or run the sysgen version that made it."
@@ -121,9 +137,14 @@ class Store:
     # ---- reads ----
     def _key_filter(self) -> KeyFilter:
         if self._filter is None:
-            n = self._reader.execute("SELECT max(id) FROM results").fetchone()[0] or 0
-            self._filter = KeyFilter(max(1 << 20, 2 * n))
-            self._filter.add_many(k for (k,) in self._reader.execute("SELECT key FROM results"))
+            n = self._one("SELECT max(id) FROM results")[0] or 0
+            f = KeyFilter(max(1 << 20, 2 * n))
+            try:
+                f.add_many(k for (k,) in self._reader.execute("SELECT key FROM results"))
+            except sqlite3.DatabaseError as e:
+                raise StoreError(f"{self.path}: cannot read the store ({e}). Fix: restore it, "
+                                 "or start a new --out") from e
+            self._filter = f
         return self._filter
 
     def get(self, key: bytes) -> Result | None:
@@ -133,7 +154,7 @@ class Store:
                 return None
             raw = self._hot.get(key)
             if raw is None:
-                row = self._reader.execute("SELECT value FROM results WHERE key=?", (key,)).fetchone()
+                row = self._one("SELECT value FROM results WHERE key=?", (key,))
                 if row is None:
                     return None
                 raw = row[0]
@@ -145,21 +166,21 @@ class Store:
     def has_item(self, key: bytes) -> bool:
         if key in self._recent_items:
             return True
-        return self._reader.execute("SELECT 1 FROM items WHERE key=?", (key,)).fetchone() is not None
+        return self._one("SELECT 1 FROM items WHERE key=?", (key,)) is not None
 
     def last_item(self, lo: bytes, hi: bytes) -> bytes | None:
         """The greatest committed item key in [lo, hi), or None."""
         sql = "SELECT max(key) FROM items WHERE key >= ? AND key < ?"
-        return self._reader.execute(sql, (lo, hi)).fetchone()[0]
+        return self._one(sql, (lo, hi))[0]
 
     def get_meta(self, k: str) -> bytes | None:
-        row = self._reader.execute("SELECT v FROM meta WHERE k=?", (k,)).fetchone()
+        row = self._one("SELECT v FROM meta WHERE k=?", (k,))
         return None if row is None else (row[0] if isinstance(row[0], bytes) else str(row[0]).encode())
 
     def count(self, table: str = "results") -> int:
         if table not in ("results", "items"):
             raise ValueError(f"count(): no table {table!r}; use 'results' or 'items'")
-        return self._reader.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+        return self._one(f"SELECT COUNT(*) FROM {table}")[0]
 
     def iter_results(self) -> Iterator[tuple[bytes, Result]]:
         for key, raw in self._reader.execute("SELECT key, value FROM results ORDER BY id"):
@@ -199,8 +220,22 @@ class Store:
     def add_sink(self, name: str, path: str | os.PathLike) -> int:
         """Register an append-only output file; cut it back to its committed length. Returns that length."""
         path = Path(path)
-        committed = int(self.get_meta(f"sink:{name}") or 0)
+        if self.get_meta(f"swap:{name}"):  # a rewrite committed before its rename: finish it
+            finish_swap(path)
+            self.set_meta(f"swap:{name}", "")
+        else:
+            swap_path(path).unlink(missing_ok=True)  # a rewrite that never committed
+        known = self.get_meta(f"sink:{name}")
+        committed = int(known or 0)
+        if path.is_dir():
+            raise StoreError(f"{path} is a directory, where the output file belongs. "
+                             "Fix: move it away, or give another --out")
         size = path.stat().st_size if path.exists() else 0
+        if known is None and size > 0:  # never cut a file this store did not write
+            raise StoreError(
+                f"{path} holds {size:,} bytes that this store did not write (store.db deleted or replaced, "
+                "or a file of another program). Fix: move the file away to keep it (or delete it to start "
+                "over), or give another --out")
         if size < committed:
             raise StoreError(
                 f"{path}: {size} bytes on disk but {committed} were committed; the file was truncated or "
@@ -210,7 +245,21 @@ class Store:
             f.truncate(committed)
         self._sinks[name] = path
         self._q.put(("s", name, path))
+        if known is None:  # committed before any line is written: the file is then always ours
+            self.set_meta(f"sink:{name}", "0")
+            self.flush()
         return committed
+
+    def drop_lines(self, name: str, drop: Callable[[bytes], bool], items: list[bytes],
+                   meta_keys: tuple[str, ...] = ()) -> int:
+        """Remove the committed lines of sink `name` that `drop` picks and forget the done markers
+        `items` (and meta `meta_keys`), atomically: re-opened work items, whose next outcome is
+        appended as usual. `drop` runs on the writer thread. Returns the lines removed."""
+        self._check()
+        box: list[int] = []
+        self._q.put(("rewrite", name, drop, items, meta_keys, box))
+        self.flush()  # returns once the writer has done it, or raises what stopped it
+        return box[0]
 
     def reset_outputs(self) -> None:
         """Forget every finished item and empty every sink, atomically (the run's configuration
@@ -274,6 +323,12 @@ class Store:
                         closing = True
                     elif kind == "s":
                         files[op[1]] = self._open_sink(op[2])
+                    elif kind == "rewrite":
+                        commit_batch(conn, pending, files, self)
+                        pending = []
+                        _, name, drop, items, metas, box = op
+                        box.append(rewrite_sink(conn, files, name, self._sinks[name], drop, items, metas))
+                        self._recent_items.difference_update(items)
                     elif kind == "reset":
                         commit_batch(conn, pending, files, self)
                         pending = []

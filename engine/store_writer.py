@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
@@ -81,3 +83,61 @@ def commit_batch(conn: sqlite3.Connection, ops: list[Op], files: dict[str, Binar
             recent.pop(key, None)
     for key, _ in items:
         recent_items.discard(key)
+
+
+def swap_path(path: Path) -> Path:
+    return path.with_name(path.name + ".rewrite")
+
+
+def rewrite_sink(conn: sqlite3.Connection, files: dict[str, BinaryIO], name: str, path: Path,
+                 drop: Callable[[bytes], bool], items: list[bytes], meta_keys: tuple[str, ...]) -> int:
+    """Remove the lines `drop` picks from sink `name`, forget the done markers `items` and the
+    meta keys, as one step: the filtered copy is written and synced first, then one transaction
+    records its length and a swap:NAME mark, then the copy replaces the file. A crash before the
+    commit leaves the old file (the copy is discarded at the next open); after it, the next open
+    finishes the rename (Store.add_sink). Returns the number of lines removed."""
+    f = files[name]
+    committed = f.tell()  # the writer commits before calling: the file is exactly its committed bytes
+    tmp = swap_path(path)
+    removed = 0
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        left = committed
+        for line in src:
+            if left <= 0:
+                break
+            line = line[:left]
+            left -= len(line)
+            if drop(line):
+                removed += 1
+            else:
+                dst.write(line)
+        dst.flush()
+        os.fsync(dst.fileno())
+        length = dst.tell()
+    conn.execute("BEGIN")
+    try:
+        conn.executemany("DELETE FROM items WHERE key=?", [(k,) for k in items])
+        conn.executemany("DELETE FROM meta WHERE k=?", [(k,) for k in meta_keys])
+        conn.executemany("INSERT OR REPLACE INTO meta(k, v) VALUES (?, ?)",
+                         [(f"sink:{name}", str(length)), (f"swap:{name}", tmp.name)])
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    f.close()
+    finish_swap(path)
+    files[name] = open(path, "ab")  # noqa: SIM115 - owned by the writer thread until it exits
+    conn.execute("DELETE FROM meta WHERE k=?", (f"swap:{name}",))
+    return removed
+
+
+def finish_swap(path: Path) -> None:
+    tmp = swap_path(path)
+    if tmp.exists():
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)  # the rename itself must survive a power cut before swap:NAME is cleared
+        finally:
+            os.close(dfd)

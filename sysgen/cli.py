@@ -108,15 +108,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sysgen.backend_factory import make_backend
     from sysgen.datasets import DatasetError
     from sysgen.pipeline import RunInterrupted
+    from sysgen.run_checks import check_run
 
     try:
         cfg = _config_from_args(args)
         _check_inputs(cfg)
-    except ValueError as e:
+        cfg = check_run(cfg)  # every flag and path checked before the store is opened
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as e:
         print(f"sysgen run: error: {e}", file=sys.stderr)
         return 2
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     # The stand-in engine (tests and benchmarks only) takes its latency and injected faults from
@@ -133,11 +135,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ValueError, StoreError, ModelNotFound, EngineDied) as e:  # before any instance is read
         print(f"sysgen run: error: {e}", file=sys.stderr)
         return 2
+
+    def run_stats(counters: dict, rows_read: int | None) -> dict:
+        counters = dict(counters)
+        sources = counters.pop("sources", {})
+        config = {**dataclasses.asdict(cfg), "engine": backend.name}  # the resolved engine, never "auto"
+        extra = {"model": backend.model_id, "engine": backend.name, "prompts": prompts.digests(),
+                 "config": config,
+                 "sources": sources,
+                 "constrained": cfg.constrain and backend.capabilities.regex, "this_run": counters,
+                 "wall_s": round(time.monotonic() - t0, 2)}
+        return stats.write(out, extra, rows_read=rows_read, sources=set(sources) or None)
+
+    stats.mark_stale(out, "a run started after these figures were written; they are rewritten when it "
+                          "finishes or stops")
     with store:
         try:
             counters = _event_loop_runner()(_run_async(cfg, backend, store, out))
         except RunInterrupted as e:
             c = e.args[0]
+            run_stats({**c, "interrupted": True}, None)  # true figures of the outputs, marked unfinished
             print(f"\nsysgen: interrupted after {c['kept'] + c['dropped']:,} instances this run; "
                   f"{resume_hint}.",
                   file=sys.stderr)
@@ -158,13 +175,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         except DatasetError as e:
             print(f"sysgen run: error: {e}\n{_dataset_error_hint(e, resume_hint)}", file=sys.stderr)
             return 2
-    config = {**dataclasses.asdict(cfg), "engine": backend.name}  # the resolved engine, never "auto"
-    extra = {"model": backend.model_id, "engine": backend.name, "prompts": prompts.digests(),
-             "config": config,
-             "sources": counters.pop("sources", {}),
-             "constrained": cfg.constrain and backend.capabilities.regex, "this_run": counters,
-             "wall_s": round(time.monotonic() - t0, 2)}
-    st = stats.write(out, extra)
+    st = run_stats(counters, counters["rows_read"])
+    if st.get("other_sources"):
+        print(f"sysgen: warning: {out} also holds outputs of other inputs ({', '.join(st['other_sources'])}) "
+              "from an earlier run, counted below. Fix: give each dataset its own --out", file=sys.stderr)
+    elif not st["accounted"]:
+        print(f"sysgen: warning: {out} holds {st['input']:,} output lines but the inputs gave "
+              f"{st['rows_read']:,} rows (stats.json: accounted=false)", file=sys.stderr)
     sm = counters["scheduler"]
     rate = "n/a" if st["p1_parse_rate"] is None else f"{100 * st['p1_parse_rate']:.1f}%"
     earlier = counters.get("already_done")

@@ -3,6 +3,7 @@ is generated from it (sysgen/cli.py)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -84,6 +85,16 @@ class RunConfig:
         for name in ("p1_max_tokens", "p3_max_tokens", "p4_max_tokens", "max_batch", "max_turn_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        # Every flag is checked here, before the store is opened: a bad value must never reach a
+        # step that changes the outputs (a new fingerprint empties them).
+        if self.max_inflight is not None and self.max_inflight < 1:
+            raise ValueError(f"--max-inflight must be >= 1, got {self.max_inflight}")
+        if self.max_retries < 0:
+            raise ValueError(f"--max-retries must be >= 0, got {self.max_retries}")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ValueError(f"--timeout-s must be a number of seconds > 0, got {self.timeout_s}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"--temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
 
     @property
     def shard_spec(self) -> tuple[int, int] | None:

@@ -2,9 +2,12 @@
 
 Done markers name rows by source and line, so a file edited in place (a bad row fixed, rows
 reordered, the file regenerated) would have its new rows taken for finished old ones. Each run
-records every input's size, mtime and content hash; the next run compares:
-- same size and mtime: unchanged, nothing is read;
-- grown, and the old bytes hash as before: rows were appended, the finished ones still hold;
+records every input's size, mtime, ctime and content hash; the next run compares:
+- same size, mtime and ctime: unchanged, nothing is read. ctime cannot be set back by `touch -r`,
+  `rsync -t` or `tar x`, which restore the mtime of a file edited in place; when only the ctime
+  differs (such a tool, a chmod, a copy), the file is hashed to decide;
+- grown, the old bytes hash as before, and they ended in a newline: rows were appended, the
+  finished ones still hold (without that newline the first new bytes extend the old last row);
 - anything else: changed. The caller then restarts the outputs; every unchanged row is answered
   from the request store (its requests have the same keys), so only changed rows cost engine time.
 """
@@ -72,11 +75,24 @@ def compare(recorded: dict[str, dict], paths: tuple[str, ...],
             continue
         st = os.stat(path)
         old = recorded.get(name)
-        if old and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns:
+        if (old and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns
+                and old.get("ctime_ns") == st.st_ctime_ns):
             continue  # recorded as it is
         grown = old is not None and st.st_size >= old["size"]
         full, head = digest(path, old["size"] if grown else None)
-        if old is not None and not (grown and head == old["xxh3"]):
+        appended = grown and head == old["xxh3"] and (st.st_size == old["size"]
+                                                      or _ends_line(path, old["size"]))
+        if old is not None and not appended:
             changed.append(path)
-        now[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "xxh3": full}
+        now[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "xxh3": full}
     return changed, now
+
+
+def _ends_line(path: str | Path, size: int) -> bool:
+    """Whether the first `size` bytes end with a newline (or are empty): only then do appended
+    bytes start a new row instead of extending the last old one."""
+    if size == 0:
+        return True
+    with open(path, "rb") as f:
+        f.seek(size - 1)
+        return f.read(1) == b"\n"

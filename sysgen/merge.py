@@ -5,6 +5,12 @@ the same id); only the bytes each shard's store committed are read, so a shard k
 contributes no half line. The stores' results are merged with INSERT OR IGNORE, so a later
 `sysgen run` over the same inputs into OUT answers every request from the store. stats.json is
 recomputed from the merged files.
+
+Before anything is written, every shard must be a finished `--shard i/N` run, 0..N-1 each present
+once, with one N and the same settings, inputs and limit; otherwise the merge is refused with the
+list of problems (`--allow-partial` merges anyway and marks stats.json and the report partial).
+OUT must be new, empty or an earlier merge's output (marked by MARKER, written first): a shard's
+directory given as OUT by mistake is refused, not replaced.
 """
 
 from __future__ import annotations
@@ -21,12 +27,13 @@ from pathlib import Path
 import orjson
 import xxhash
 
-from engine.store import SCHEMA_VERSION, Store, StoreError
+from engine.store import SCHEMA_VERSION, Store, StoreError, describe_failure
 from engine.store_lock import StoreLock, StoreLocked
 from sysgen import stats
 
 log = logging.getLogger(__name__)
 SINKS = ("data", "dropped")
+MARKER = ".sysgen-merge"  # in OUT: written before anything else, so a killed merge can be redone
 
 
 def _committed_length(shard: Path, sink: str) -> int | None:
@@ -66,16 +73,23 @@ def _merge_sinks(out: Path, shards: list[Path]) -> dict[str, int]:
     for sink in SINKS:  # data first: a kept record wins over a drop of the same id
         tmp = out / f"{sink}.jsonl.merging"
         n = 0
-        with open(tmp, "wb", buffering=1 << 20) as w:
-            for shard in shards:
-                for line in _lines(shard / f"{sink}.jsonl", _committed_length(shard, sink)):
-                    h = xxhash.xxh3_128_intdigest(orjson.loads(line)["id"].encode())
-                    if h in seen:
-                        counts["duplicates"] += 1
-                        continue
-                    seen.add(h)
-                    w.write(line)
-                    n += 1
+        try:
+            with open(tmp, "wb", buffering=1 << 20) as w:
+                for shard in shards:
+                    for line in _lines(shard / f"{sink}.jsonl", _committed_length(shard, sink)):
+                        h = xxhash.xxh3_128_intdigest(orjson.loads(line)["id"].encode())
+                        if h in seen:
+                            counts["duplicates"] += 1
+                            continue
+                        seen.add(h)
+                        w.write(line)
+                        n += 1
+                w.flush()
+                os.fsync(w.fileno())
+                counts[f"{sink}_bytes"] = w.tell()
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: give the space back
+            raise
         tmp.replace(out / f"{sink}.jsonl")
         counts[sink] = n
     return counts
@@ -95,7 +109,7 @@ def _check_schema(db: Path) -> None:
                          "Fix: merge with the sysgen version that wrote the shards")
 
 
-def _merge_stores(out: Path, shards: list[Path]) -> int:
+def _merge_stores(out: Path, shards: list[Path], counts: dict[str, int]) -> int:
     dbs = [s / "store.db" for s in shards if (s / "store.db").exists()]
     for db in dbs:
         _check_schema(db)
@@ -110,6 +124,10 @@ def _merge_stores(out: Path, shards: list[Path]) -> int:
                          "SELECT key, value FROM shard.results ORDER BY id")
             conn.execute("COMMIT")
             conn.execute("DETACH DATABASE shard")
+        # The merged files' lengths, so the store knows them (a run into OUT then starts them afresh,
+        # and OUT can be merged again).
+        conn.executemany("INSERT OR REPLACE INTO meta(k, v) VALUES (?, ?)",
+                         [(f"sink:{s}", str(counts[f"{s}_bytes"])) for s in SINKS] + [("merge", "1")])
         return conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
     finally:
         conn.close()
@@ -125,7 +143,80 @@ def _lock(db: Path, what: str) -> StoreLock:
     return lock
 
 
-def merge(out: str | os.PathLike, shards: list[str | os.PathLike]) -> dict:
+def _meta(shard: Path, key: str) -> bytes | None:
+    db = shard / "store.db"
+    if not db.exists():
+        return None
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{db}: not a readable store ({e}). Fix: merge only sysgen output dirs") from e
+    finally:
+        conn.close()
+    return None if row is None else (row[0] if isinstance(row[0], bytes) else str(row[0]).encode())
+
+
+def shard_problems(dirs: list[Path]) -> tuple[list[str], int | None]:
+    """(what makes this set of shards incomplete or inconsistent, the rows the shards read in
+    all, None when not known for every shard)."""
+    problems: list[str] = []
+    infos: list[tuple[Path, dict]] = []
+    for d in dirs:
+        raw = _meta(d, "run")
+        if raw is None:
+            problems.append(f"{d} has no record of a sysgen run (no store.db, or an older sysgen)")
+        else:
+            infos.append((d, orjson.loads(raw)))
+    for d, info in infos:
+        if not info.get("finished"):
+            problems.append(f"{d} is unfinished (interrupted, or still running): resume it with its own "
+                            "command first")
+    sharded = [(d, info) for d, info in infos if info.get("shard")]
+    problems += [f"{d} is not a --shard i/N run" for d, info in infos if not info.get("shard")]
+    if sharded:
+        first, ref = sharded[0]
+        ns = {info["shard"][1] for _, info in sharded}
+        if len(ns) > 1:
+            problems.append("shards of different N: " + ", ".join(
+                f"{d} is {i['shard'][0]}/{i['shard'][1]}" for d, i in sharded))
+        for key, what in (("settings", "run settings"), ("inputs", "inputs"), ("limit", "--limit")):
+            for d, info in sharded:
+                if info.get(key) != ref.get(key):
+                    problems.append(f"{d} has other {what} than {first}")
+        if len(ns) == 1:
+            n = ns.pop()
+            seen: dict[int, Path] = {}
+            for d, info in sharded:
+                i = info["shard"][0]
+                if i in seen:
+                    problems.append(f"shard {i}/{n} given twice ({seen[i]} and {d})")
+                seen[i] = d
+            missing = sorted(set(range(n)) - seen.keys())
+            if missing:
+                problems.append(f"shard{'s' if len(missing) > 1 else ''} "
+                                f"{', '.join(f'{i}/{n}' for i in missing)} missing")
+    rows = [info.get("rows_read") for _, info in infos]
+    total = sum(rows) if len(infos) == len(dirs) and all(r is not None for r in rows) else None
+    return problems, total
+
+
+def _check_out(out: Path) -> None:
+    """OUT must be new, empty, or an earlier merge's output: never a run's own directory."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT {out} is an existing file. "
+                         "Fix: name a new directory as OUT (the first argument)")
+    if not out.is_dir():
+        return
+    held = [n for n in ("store.db", "data.jsonl", "dropped.jsonl") if (out / n).exists()]
+    if (out / MARKER).exists() and _meta(out, "fingerprint") is None:
+        return  # an earlier merge's output (that no run has written into since)
+    if held:
+        raise ValueError(f"OUT {out} holds a sysgen run ({', '.join(held)}), which a merge would replace. "
+                         f"Fix: name a new directory first: sysgen merge MERGED {out} ...")
+
+
+def merge(out: str | os.PathLike, shards: list[str | os.PathLike], allow_partial: bool = False) -> dict:
     """Merge shard output directories into `out` (created if needed, its outputs replaced).
     Returns the stats.json written."""
     out, dirs = Path(out), [Path(s) for s in shards]
@@ -135,7 +226,16 @@ def merge(out: str | os.PathLike, shards: list[str | os.PathLike]) -> dict:
                              "Fix: pass the --out directories of the shard runs")
         if d.resolve() == out.resolve():
             raise ValueError(f"{d}: is the merge output too. Fix: merge into a new directory")
+    _check_out(out)
+    problems, rows_read = shard_problems(dirs)
+    if problems and not allow_partial:
+        raise ValueError("refused, the shards are not one complete run: " + "; ".join(problems)
+                         + ". Fix: finish or add the missing shards, or pass --allow-partial to merge anyway "
+                         "(marked partial in stats.json)")
     out.mkdir(parents=True, exist_ok=True)
+    with open(out / MARKER, "wb") as f:
+        f.write(b"written by sysgen merge; this directory may be merged into again\n")
+        os.fsync(f.fileno())
     # A shard still being written would merge half-done (and its stats could not tell); OUT in use
     # by a run would lose its store under it. Both are refused, naming the process.
     with contextlib.ExitStack() as shard_locks:
@@ -149,22 +249,31 @@ def merge(out: str | os.PathLike, shards: list[str | os.PathLike]) -> dict:
             counts = _merge_sinks(out, dirs)
         finally:
             out_lock.release()  # _merge_stores opens OUT as a Store, which takes the lock itself
-        results = _merge_stores(out, dirs)
+        results = _merge_stores(out, dirs, counts)
     extra = {"merged_from": [str(d) for d in dirs], "merge": {**counts, "stored_results": results}}
-    return stats.write(out, extra)
+    if problems:
+        extra["partial"] = problems
+    return stats.write(out, extra, rows_read=None if problems else rows_read, partial=bool(problems))
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     try:
-        st = merge(args.out, args.shards)
+        st = merge(args.out, args.shards, allow_partial=args.allow_partial)
     except (ValueError, StoreError) as e:
         print(f"sysgen merge: error: {e}", file=sys.stderr)
         return 2
+    except (OSError, sqlite3.Error) as e:  # e.g. a full disk: OUT is incomplete, the shards untouched
+        print(f"sysgen merge: error: writing {args.out} failed: {describe_failure(e)}. The shards are "
+              "untouched. Fix: free space (or fix the cause) and run the same merge again", file=sys.stderr)
+        return 1
     m = st["merge"]
     print(f"sysgen merge: {len(args.shards)} shards → {args.out}: {m['data']:,} kept, "
           f"{m['dropped']:,} dropped, "
           f"{m['duplicates']:,} duplicate ids skipped, {m['stored_results']:,} stored results; "
           f"accounted={st['accounted']}", file=sys.stderr)
+    if st.get("partial"):
+        print(f"sysgen merge: WARNING: PARTIAL merge (--allow-partial): {'; '.join(st['partial'])}",
+              file=sys.stderr)
     return 0
 
 
@@ -173,4 +282,6 @@ def add_merge_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="merged output directory")
     p.add_argument("shards", nargs="+", help="the --out directories of the shard runs")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="merge even unfinished, missing or mismatched shards (marked partial in stats.json)")
     p.set_defaults(func=cmd_merge)

@@ -120,7 +120,7 @@ async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path, 
     case with everything finished before committed)."""
     settings = phase_settings(cfg, backend)
     fp = fingerprint(cfg, settings)
-    resume = Resume.open(store, out, cfg, fp)
+    resume = Resume.open(store, out, cfg, fp, settings)
     sched = Scheduler(backend, store, sched_config or SchedulerConfig(
         max_inflight=cfg.max_inflight, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
         retry_stored_failures=cfg.retry_failed, engine_down_s=cfg.engine_down_s))
@@ -229,6 +229,10 @@ async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path, 
                 "sources": resume.source_report()}
     if run.stop.is_set():
         raise RunInterrupted(counters)
+    counters["rows_read"] = frac.read  # every item of the stream, this run's and earlier runs'
+    # Only now is the run complete: `merge` refuses a shard without this mark.
+    store.set_meta("run", orjson.dumps({**resume.run_info, "finished": True, "rows_read": frac.read}))
+    store.flush()
     return counters
 
 

@@ -188,6 +188,10 @@ def header(run: RunDir, summary: fn.Summary) -> list[str]:
                        f"e.g. row `{unused['example']}`")
     if st.get("prompts"):
         out.append("- prompt template hashes: " + ", ".join(f"{k} `{v}`" for k, v in st["prompts"].items()))
+    if st.get("partial"):  # a merge forced with --allow-partial
+        out.append(f"- **PARTIAL MERGE** (`--allow-partial`): {'; '.join(st['partial'])}")
+    if st.get("stale") or st.get("finished") is False:
+        out.append("- **note**: the run that wrote these outputs did not finish; figures are incomplete")
     dups = summary.duplicates
     if dups:
         out.append(f"- **warning**: {len(dups)} ids appear more than once in data.jsonl + dropped.jsonl "

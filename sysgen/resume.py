@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -29,6 +30,9 @@ from sysgen.datasets.instance import Instance, Known, Rejected
 from sysgen.phases import PhaseSettings
 
 log = logging.getLogger(__name__)
+# Drop reasons --retry-failed re-opens: every engine-side one (engine_error covers timeouts and
+# retries given up; engine_rejected a request the engine refused), never a verdict on the data.
+RETRYABLE = ("engine_error", "engine_rejected", "timeout")
 WATERMARK_EVERY_S = 0.5  # a stale watermark only costs a few more done-marker lookups on resume
 
 
@@ -41,6 +45,15 @@ def fingerprint(cfg: RunConfig, settings: PhaseSettings) -> str:
     # How rows are read changes what an instance is; absent when unset, so older fingerprints hold.
     payload.update({k: getattr(cfg, k) for k in ("columns", "split", "subset") if getattr(cfg, k, None)})
     return xxhash.xxh3_64_hexdigest(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS))
+
+
+def run_info(cfg: RunConfig, settings: PhaseSettings, identities: dict[str, dict], names: list[str]) -> dict:
+    """What `merge` compares across shards: the same settings (fingerprint without the shard),
+    inputs (by content hash) and limit, and which shard of how many this run is."""
+    shard = cfg.shard_spec
+    return {"settings": fingerprint(replace(cfg, shard=None), settings),
+            "inputs": {n: identities.get(n, {}).get("xxh3") for n in names}, "limit": cfg.limit,
+            "shard": list(shard) if shard else None}
 
 
 def in_shard(item: Instance | Rejected | Known, shard: tuple[int, int] | None) -> bool:
@@ -68,6 +81,7 @@ class Resume:
         self.sources: list[Source] = []
         self.names: dict[str, str] = {}  # source path -> source name
         self.unused = UnusedFields()
+        self.run_info: dict = {}
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -75,11 +89,10 @@ class Resume:
         return tuple(s.path for s in self.sources)
 
     @classmethod
-    def open(cls, store: Store, out: Path, cfg: RunConfig, fp: str) -> Resume:
+    def open(cls, store: Store, out: Path, cfg: RunConfig, fp: str, settings: PhaseSettings) -> Resume:
         """Register the sinks; empty them if the configuration changed; load resume points."""
         r = cls(store, cfg, fp)
-        store.add_sink("data", out / "data.jsonl")
-        store.add_sink("dropped", out / "dropped.jsonl")
+        committed = sum(store.add_sink(n, out / f"{n}.jsonl") for n in ("data", "dropped"))
         old = store.get_meta("fingerprint")
         raw = store.get_meta("inputs")
         # Names an earlier run gave stay (done markers and ids use them) while they are unique.
@@ -96,16 +109,55 @@ class Resume:
                         "unchanged rows are answered from the store", ", ".join(changed), out)
             store.reset_outputs()
             old = None
+        elif old is None and committed:  # outputs this store holds but no run wrote (a merge): afresh
+            log.warning("%s holds merged outputs: this run writes them afresh; stored requests are reused",
+                        out)
+            store.reset_outputs()
         store.set_meta("fingerprint", fp)
         store.set_meta("inputs", orjson.dumps(identities))
         store.set_meta("source_names", orjson.dumps({**(orjson.loads(named) if named else {}), **r.names}))
         if old is not None and old.decode() == fp:
             saved = store.get_meta("unused_fields")
             r.unused = UnusedFields(orjson.loads(saved) if saved else None)
+        r.run_info = run_info(cfg, settings, identities, list(r.names.values()))
+        store.set_meta("run", orjson.dumps({**r.run_info, "finished": False}))
         r.resuming = old is not None and old.decode() == fp
+        if r.resuming and cfg.retry_failed:
+            r._reopen_engine_failures(out / "dropped.jsonl")
         if r.resuming:
             r._load()
         return r
+
+    def _reopen_engine_failures(self, dropped: Path) -> None:
+        """--retry-failed: instances dropped for engine-side reasons (errors, rejections, timeouts)
+        lose their drop line and done marker in one step, and the watermark goes (they may lie
+        before it), so this run reads from the start and processes them again, once each."""
+        mine = set(self.names.values())
+
+        def engine_failure(line: bytes) -> tuple[str, int] | None:
+            try:
+                rec = orjson.loads(line)
+                reason = str(rec.get("reason"))
+                if not (reason in RETRYABLE or reason.startswith("engine_")) or rec.get("source") not in mine:
+                    return None
+                _, _, n = rec["id"].rpartition(":")
+                return rec["source"], int(n)
+            except (orjson.JSONDecodeError, KeyError, ValueError, AttributeError, TypeError):
+                return None
+
+        keys = []
+        if dropped.exists():
+            with open(dropped, "rb") as f:
+                for line in f:
+                    hit = engine_failure(line)
+                    if hit is not None:
+                        src = xxhash.xxh3_64_digest(hit[0].encode())
+                        keys.append(self._fp + src + hit[1].to_bytes(8, "big"))
+        if not keys:
+            return
+        n = self.store.drop_lines("dropped", lambda line: engine_failure(line) is not None, keys,
+                                  meta_keys=("watermark",))
+        log.info("--retry-failed: %d instance(s) dropped for engine errors are processed again", n)
 
     def _load(self) -> None:
         raw = self.store.get_meta("watermark")

@@ -89,10 +89,40 @@ def compute(out: Path) -> dict[str, Any]:
     return stats
 
 
-def write(out: Path, extra: dict[str, Any]) -> dict[str, Any]:
+def write(out: Path, extra: dict[str, Any], rows_read: int | None = None, partial: bool = False,
+          sources: set[str] | None = None) -> dict[str, Any]:
+    """stats.json from the outputs. `rows_read`: the input rows the finished run (or the shards)
+    went through; `accounted` is true only when the outputs hold exactly that many lines, so an
+    interrupted run, a partial merge or outputs mixed from other inputs never read as complete.
+    `sources`: the run's own source names; others found in the outputs are listed as other_sources."""
     stats = compute(out)
+    consistent = stats["accounted"]
     stats.update(extra)
+    if sources is not None:
+        other = sorted(set(stats["by_source"]) - sources)
+        if other:
+            stats["other_sources"] = other
+    stats["rows_read"] = rows_read
+    stats["finished"] = rows_read is not None and not partial
+    stats["accounted"] = consistent and stats["finished"] and stats["input"] == rows_read
+    _dump(out, stats)
+    return stats
+
+
+def mark_stale(out: Path, why: str) -> None:
+    """A run is starting (or stopped) in `out`: figures written by an earlier one no longer
+    describe the outputs until this one finishes and rewrites them."""
+    path = out / "stats.json"
+    try:
+        stats = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return
+    if isinstance(stats, dict):
+        stats.update({"finished": False, "accounted": False, "stale": why})
+        _dump(out, stats)
+
+
+def _dump(out: Path, stats: dict[str, Any]) -> None:
     tmp = out / "stats.json.tmp"
     tmp.write_bytes(orjson.dumps(stats, option=orjson.OPT_INDENT_2))
     tmp.replace(out / "stats.json")
-    return stats

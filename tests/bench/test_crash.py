@@ -24,3 +24,12 @@ def test_check_finds_lost_duplicated_and_corrupt_lines(tmp_path):
     (tmp_path / "dropped.jsonl").write_bytes(b'{"id":"elsewhere:7"}\n')
     res = crash.check(tmp_path, expected)
     assert (res["lost"], res["duplicated"], res["corrupt"]) == (2, 2, 1)
+
+
+def test_kills_during_merge_and_export_lose_and_duplicate_nothing(tmp_path):
+    res = crash.measure(3000, 0, tmp_path, window=(0.1, 0.2), seed=2, variants={"zero-latency": {}},
+                        timeout_s=120, merge_kills=3, export_kills=3)
+    by = {v["variant"]: v for v in res["variants"]}
+    assert by["merge"]["kills"] == 3 and by["export"]["kills"] == 3
+    assert (res["lost"], res["duplicated"], res["corrupt"]) == (0, 0, 0) and res["accounted"]
+    assert by["merge"]["kept"] + sum(by["merge"]["dropped"].values()) == 3000

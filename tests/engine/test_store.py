@@ -262,3 +262,27 @@ def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, ca
     with Store.open(tmp_path / "store.db") as st:
         st.put(b"k" * 16, Result(text="x", finish_reason="stop"))
     assert "cannot lock" in caplog.text and "No locks available" in caplog.text
+
+
+def test_a_sink_the_store_did_not_write_is_refused_not_emptied(tmp_path):
+    (tmp_path / "data.jsonl").write_bytes(b"not ours\n")
+    with Store.open(tmp_path / "store.db") as st:
+        with pytest.raises(StoreError, match="did not write"):
+            st.add_sink("data", tmp_path / "data.jsonl")
+    assert (tmp_path / "data.jsonl").read_bytes() == b"not ours\n"
+
+
+def test_drop_lines_removes_lines_and_done_markers_in_one_step(tmp_path):
+    with Store.open(tmp_path / "store.db") as st:
+        st.add_sink("d", tmp_path / "d.jsonl")
+        for i in range(5):
+            st.finish_item(bytes([i]), None, (("d", b'{"n": %d}\n' % i),))
+        st.set_meta("watermark", b"x")
+        assert st.drop_lines("d", lambda line: b"3" in line or b"1" in line, [b"\x01", b"\x03"],
+                             meta_keys=("watermark",)) == 2
+        st.finish_item(b"\x03", None, (("d", b'{"n": 33}\n'),))  # re-done, appended as usual
+        st.flush()
+        assert st.get_meta("watermark") is None and not st.has_item(b"\x01")
+    assert (tmp_path / "d.jsonl").read_bytes() == b'{"n": 0}\n{"n": 2}\n{"n": 4}\n{"n": 33}\n'
+    with Store.open(tmp_path / "store.db") as st:  # the committed length matches the new file
+        assert st.add_sink("d", tmp_path / "d.jsonl") == (tmp_path / "d.jsonl").stat().st_size

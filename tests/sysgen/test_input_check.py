@@ -74,3 +74,37 @@ def test_a_row_fixed_in_place_is_redone_and_only_it_reaches_the_engine(tmp_path)
     out_recs = records(out)
     assert not [r for r in out_recs["dropped"] if r["phase"] == "input"]
     assert set(ids_once(out).values()) == {1} and len(ids_once(out)) == 12
+
+
+def test_an_edit_with_the_mtime_put_back_is_found_by_the_ctime(tmp_path):
+    import os
+    import time
+
+    from sysgen import input_check
+
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(b'{"q": "one"}\n')
+    _, ids = input_check.compare({}, (str(p),))
+    st = os.stat(p)
+    time.sleep(0.01)
+    p.write_bytes(b'{"q": "two"}\n')  # same size
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    changed, _ = input_check.compare(ids, (str(p),))
+    assert changed == [str(p)]
+
+
+def test_bytes_appended_after_a_last_row_without_newline_are_an_edit(tmp_path):
+    from sysgen import input_check
+
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(b'{"q": "one"}')
+    _, ids = input_check.compare({}, (str(p),))
+    with open(p, "ab") as f:
+        f.write(b'{"q": "two"}\n')
+    assert input_check.compare(ids, (str(p),))[0] == [str(p)]
+    q = tmp_path / "b.jsonl"
+    q.write_bytes(b'{"q": "one"}\n')
+    _, ids = input_check.compare({}, (str(q),))
+    with open(q, "ab") as f:
+        f.write(b'{"q": "two"}\n')
+    assert input_check.compare(ids, (str(q),))[0] == []  # a true append

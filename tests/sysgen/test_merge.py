@@ -66,9 +66,10 @@ def test_merge_skips_duplicate_ids_and_uncommitted_bytes(tmp_path):
     committed, n = (shard / "data.jsonl").read_bytes(), len(ids_once(shard))
     with open(shard / "data.jsonl", "ab") as f:  # a kill -9 after the write, before the commit
         f.write(b'{"id": "in:9999", "half written')
-    st = merge(tmp_path / "merged", [shard, shard])
+    st = merge(tmp_path / "merged", [shard, shard], allow_partial=True)  # shard 0/2 twice, 1/2 missing
     assert (tmp_path / "merged" / "data.jsonl").read_bytes() == committed
     assert st["merge"]["duplicates"] == n
+    assert not st["accounted"] and any("given twice" in p for p in st["partial"])
 
 
 def test_merge_cli_and_its_errors(tmp_path):

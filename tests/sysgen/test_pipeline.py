@@ -57,7 +57,7 @@ def test_every_row_ends_once_and_stats_account_for_it(tmp_path):
     # Named by the source like the file's instances: one file is one source in by_source.
     assert all(r["id"].startswith("in:") and r["source"] == "in" and r["detail"] for r in unreadable)
     assert {r["phase"] for r in unreadable} == {"input"}
-    st = stats.write(out, {})
+    st = stats.write(out, {}, rows_read=counters["rows_read"])
     assert st["accounted"] and st["input"] == len(lines) and st["dropped"]["input:unreadable_row"] == 12
 
 
@@ -163,7 +163,7 @@ def test_engine_faults_are_retried_then_recorded(tmp_path):
     assert dropped["p1:engine_error"] > 0 and dropped["p4:truncated"] > 0
     errors = [r for r in records(out)["dropped"] if r["reason"] == "engine_error"]
     assert all("gave up after 3 attempts" in r["detail"] for r in errors)
-    st = stats.write(out, {})
+    st = stats.write(out, {}, rows_read=counters["rows_read"])
     assert st["accounted"] and st["input"] == 40
 
 
