@@ -15,11 +15,13 @@ from dataclasses import dataclass, field, replace
 
 from engine.backend import Backend, EngineDied, EngineError, RequestRejected
 from engine.metrics import Metrics
-from engine.policy import backoff_s, pick_group, retry_sampling, window_size
+from engine.policy import backoff_s, engine_window, pick_group, retry_sampling, tokens_per_request
 from engine.request import Request, Result
 from engine.store import Store
 
 log = logging.getLogger(__name__)
+
+RESIZE_EVERY = 256  # engine calls between window re-sizings from observed request sizes
 
 
 async def _within(aw, timeout_s: float):
@@ -87,6 +89,12 @@ class _Gate:
             self.last_group = group
             fut.set_result(None)
 
+    def resize(self, size: int) -> None:
+        """A smaller window takes effect as requests finish; a larger one releases waiters now."""
+        self.size = size
+        self.used += 1
+        self.release()
+
 
 class Scheduler:
     """`async with Scheduler(backend, store) as s: result = await s.submit(request)`.
@@ -99,8 +107,12 @@ class Scheduler:
         self.backend = backend
         self.store = store
         self.config = replace(config or SchedulerConfig(), **overrides)
-        self.window = self.config.max_inflight or window_size(backend.capabilities.max_running)
+        caps = backend.capabilities
+        self.window = self.config.max_inflight or engine_window(caps.max_running, caps.dp_size)
         self._gate = _Gate(self.window)
+        # With the engine's KV-cache size known, the window follows what the engine can really run
+        # given the requests' observed sizes (re-sized every RESIZE_EVERY engine calls).
+        self._resize_from = (0, 0, 0, 0) if self.config.max_inflight is None and caps.kv_tokens > 0 else None
         self._pending: dict[bytes, asyncio.Future] = {}
         self.metrics = Metrics()
 
@@ -170,6 +182,8 @@ class Scheduler:
                 m.inflight -= 1
                 self._gate.release()
             m.record(result, time.perf_counter() - t0)
+            if self._resize_from is not None and m.engine_calls % RESIZE_EVERY == 0:
+                self._resize_window()
             result.attempts = attempt
             if request.regex and result.finish_reason == "length" and length_tries < cfg.length_retries:
                 length_tries += 1
@@ -177,3 +191,14 @@ class Scheduler:
                 current = replace(request, sampling=retry_sampling(request.sampling, length_tries))
                 continue
             return result
+
+    def _resize_window(self) -> None:
+        m, caps = self.metrics, self.backend.capabilities
+        now = (m.prompt_tokens, m.cached_tokens, m.completion_tokens, m.engine_calls)
+        delta = [a - b for a, b in zip(now, self._resize_from, strict=True)]
+        self._resize_from = now
+        size = engine_window(caps.max_running, caps.dp_size, caps.kv_tokens, tokens_per_request(*delta))
+        if size != self.window:
+            log.debug("window %d -> %d (KV cache of %d tokens per rank)", self.window, size, caps.kv_tokens)
+            self.window = size
+            self._gate.resize(size)

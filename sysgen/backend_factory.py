@@ -23,7 +23,10 @@ def resolve_engine(name: str) -> tuple[str, str]:
 
 def make_backend(name: str, *, model: str | None, url: str | None = None, api_key: str | None = None,
                  gpu_profile: str | None = None, max_batch: int = 8, fp8: bool = False,
-                 max_inflight: int | None = None, standin: dict[str, Any] | None = None) -> Backend:
+                 max_inflight: int | None = None, standin: dict[str, Any] | None = None,
+                 timeout_s: float = 600.0) -> Backend:
+    """timeout_s: the scheduler's per-request timeout (--timeout-s); the GPU backends' own request
+    timeouts match it, so neither cuts a request the other still allows."""
     name, why = resolve_engine(name)
     log.info("engine: %s (%s)", name, why)
     if name == "hf":
@@ -38,11 +41,11 @@ def make_backend(name: str, *, model: str | None, url: str | None = None, api_ke
 
         # Size decides tp_size and memory fractions: a 70B model must not get the 8B numbers.
         args = load_profile(gpu_profile, model_size_b=estimate_model_size_b(model), fp8=fp8)
-        return SGLangBackend(model, server_args=args)
+        return SGLangBackend(model, server_args=args, request_timeout_s=timeout_s)
     if name == "sglang_http":
         from engine.backends.sglang_http import SGLangHTTPBackend
 
-        return SGLangHTTPBackend(url, model_path=model, max_concurrency=max_inflight)
+        return SGLangHTTPBackend(url, model_path=model, max_concurrency=max_inflight, timeout_s=timeout_s)
     if name == "openai":
         from engine.backends.openai_http import OpenAIBackend
 

@@ -179,3 +179,23 @@ def test_sampling_dict_matches_the_dataclass_so_request_keys_never_drift():
     assert s.to_dict() == dataclasses.asdict(s)
     assert request_key("m", "p", s, None) == request_key("m", "p", dataclasses.replace(s), None)
     assert request_key("m", "p", s, None) != request_key("m", "p", dataclasses.replace(s, seed=5), None)
+
+
+def test_window_shrinks_to_what_the_engines_kv_cache_runs():
+    """An engine reporting 64 running slots but KV for 20,000 tokens: requests of ~1,000 tokens run
+    20 at a time, so after RESIZE_EVERY calls the window drops from 64 + 16 to 20 + 5."""
+    from engine.scheduler import RESIZE_EVERY
+
+    backend = StandInBackend(lambda r: "x" * 400, delay_s=0.0)  # completion tokens: 400 // 4 = 100
+    backend.capabilities = dataclasses.replace(backend.capabilities, kv_tokens=20_000)
+
+    async def go():
+        s = Scheduler(backend, None, SchedulerConfig(timeout_s=5))
+        before = s.window
+        big = [Request(prompt=tuple(range(899)) + (i,), sampling=SamplingParams(max_new_tokens=8), model="m")
+               for i in range(RESIZE_EVERY)]
+        await asyncio.gather(*(s.submit(r) for r in big))
+        return before, s.window, s._gate.size
+
+    before, after, gate = run(go())
+    assert before == 64 + 16 and after == gate == 20 + 5
