@@ -199,3 +199,27 @@ def test_window_shrinks_to_what_the_engines_kv_cache_runs():
 
     before, after, gate = run(go())
     assert before == 64 + 16 and after == gate == 20 + 5
+
+
+def test_timeouts_share_one_sweeper_and_outside_cancels_stay_cancels():
+    """Per-attempt timeouts come from one sweeper task, not a timer per attempt: a hung attempt
+    becomes a timeout, a cancel from outside stays a cancel, and the sweeper ends with the work."""
+    backend = StandInBackend(lambda r: "x", fault=lambda r, n: "hang" if r.prompt == "prompt 1" else None)
+
+    async def go():
+        s = Scheduler(backend, None, dataclasses.replace(FAST, max_retries=0, max_inflight=8))
+        hung = asyncio.ensure_future(s.submit(req(1)))
+        fine = await asyncio.gather(*(s.submit(req(i)) for i in range(2, 50)))
+        outside = asyncio.ensure_future(s.submit(req(1, regex="other")))
+        await asyncio.sleep(0.05)
+        outside.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await outside
+        timed_out = await hung
+        await asyncio.sleep(0.1)  # > one tick: the sweeper notices nothing is live and ends
+        return fine, timed_out, s._deadlines._sweeper, s._deadlines._live
+
+    fine, timed_out, sweeper, live = run(go())
+    assert all(r.ok for r in fine)
+    assert not timed_out.ok and "timeout after 0.2s" in timed_out.error
+    assert sweeper is None and not live
