@@ -4,6 +4,7 @@ P1 messages, P3 verdict lines, P4 answers. For tests and benchmarks only, never 
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 import xxhash
 
@@ -36,11 +37,22 @@ def respond(request: Request, answer_chars: int = 600) -> str:
         phrases = {**_PHRASES, "Role": f"{_PHRASES['Role'][:-1]} (profile {h % 100_003})."}
         return "".join(f"<{t}>{phrases[t]}</{t}>\n" for t in chosen)
     if request.group == "p3":
-        tags = _VERDICT_TAG.findall(request.regex or "") or [
+        tags = (_verdict_tags(request.regex) if request.regex else None) or [
             t for t in TAGS if f"<{t}>" in str(request.prompt)]
         return "".join(f"{t}: {'Bad' if (h >> 3 * i) & 7 == 0 else 'Good'}\n" for i, t in enumerate(tags))
+    return _answer(answer_chars)
+
+
+# Cached so that the stand-in costs next to nothing: bench.overhead measures sysgen, not this file.
+@lru_cache(maxsize=1024)
+def _verdict_tags(regex: str) -> list[str]:
+    return _VERDICT_TAG.findall(regex)
+
+
+@lru_cache(maxsize=16)
+def _answer(chars: int) -> str:
     base = "Here is a careful answer that follows the system message. "
-    return (base * (answer_chars // len(base) + 1))[:answer_chars]
+    return (base * (chars // len(base) + 1))[:chars]
 
 
 def parse_delay(spec: str | None) -> float | tuple[float, float]:
