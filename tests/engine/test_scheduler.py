@@ -223,3 +223,27 @@ def test_timeouts_share_one_sweeper_and_outside_cancels_stay_cancels():
     assert all(r.ok for r in fine)
     assert not timed_out.ok and "timeout after 0.2s" in timed_out.error
     assert sweeper is None and not live
+
+
+def _key_by_whole_dict(model, prompt, sampling, regex) -> bytes:
+    """The formula every existing store's keys were made with."""
+    import orjson
+    import xxhash
+
+    payload = {"model": model, "prompt": prompt, "sampling": sampling.to_dict(), "regex": regex}
+    return xxhash.xxh3_128_digest(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS))
+
+
+@pytest.mark.parametrize("model,prompt,sampling,regex", [
+    ("m", "plain text", SamplingParams(), None),
+    ("Llama-3.1-8B+fp8", (1, 2, 3, 128000), SamplingParams(temperature=0.7, seed=3, stop=("</s>", "\n")),
+     "(a|b)"),
+    ("m", ((("role", "system"), ("content", "é \n \"q\"")), (("role", "user"), ("content", "x"))),
+     SamplingParams(max_new_tokens=320), "<Role>[^<>\n]*</Role>\n"),
+    ("m", "p", SamplingParams(temperature=0), None),  # int 0, then float 0.0 and -0.0: spelled apart
+    ("m", "p", SamplingParams(temperature=0.0), None),
+    ("m", "p", SamplingParams(temperature=-0.0), None),
+    ("m", "p", SamplingParams(seed=True), ""),
+])
+def test_request_key_assembled_from_parts_equals_the_whole_dict_hash(model, prompt, sampling, regex):
+    assert request_key(model, prompt, sampling, regex) == _key_by_whole_dict(model, prompt, sampling, regex)
