@@ -84,9 +84,9 @@ class Request:
 
 def request_key(model: str, prompt: Prompt, sampling: SamplingParams, regex: str | None) -> bytes:
     """xxh3_128 of orjson.dumps({"model", "prompt", "regex", "sampling"}, OPT_SORT_KEYS). The bytes
-    are assembled from parts (keys in sorted order, orjson's compact separators) so that the model,
-    regex and sampling, the same for most requests, are serialized once: the P1 regex alone is
-    ~1.4 KB. Same bytes as serializing the whole dict (tested), so the same keys."""
+    are assembled from parts (keys in sorted order, orjson's compact separators) so that the model
+    and the regex, the same for most requests, are serialized once: the P1 regex alone is ~1.4 KB.
+    Same bytes as serializing the whole dict (tested), so the same keys."""
     return xxhash.xxh3_128_digest(b"".join((
         b'{"model":', _json(model), b',"prompt":', orjson.dumps(prompt, option=orjson.OPT_SORT_KEYS),
         b',"regex":', _json(regex), b',"sampling":', _sampling_json(sampling), b"}")))
@@ -97,18 +97,9 @@ def _json(value: str | None) -> bytes:
     return orjson.dumps(value)
 
 
-_SAMPLING_JSON: dict[tuple, bytes] = {}
-
-
 def _sampling_json(s: SamplingParams) -> bytes:
-    # Cached by how orjson spells the values, not by equality: 0 == 0.0 == -0.0 and True == 1.
-    spelled = (repr(s.temperature), repr(s.top_p), repr(s.max_new_tokens), repr(s.seed), s.stop)
-    raw = _SAMPLING_JSON.get(spelled)
-    if raw is None:
-        if len(_SAMPLING_JSON) >= 1024:
-            _SAMPLING_JSON.clear()
-        raw = _SAMPLING_JSON[spelled] = orjson.dumps(s.to_dict(), option=orjson.OPT_SORT_KEYS)
-    return raw
+    # Not cached: equal params can serialize apart (0 == 0.0 == -0.0, True == 1), and it is cheap.
+    return orjson.dumps(s.to_dict(), option=orjson.OPT_SORT_KEYS)
 
 
 @dataclass(slots=True)

@@ -138,17 +138,25 @@ def _filter_lines(text: str) -> Filtered:
     return Filtered(tags=ordered, dropped=dropped, well_formed=not dropped and bool(ordered))
 
 
+# Constrained P3 output exactly (p3_regex): read in one pass; anything looser goes line by line
+# through _VERDICT, which reads these lines the same way (tested).
+_VERDICT_ONLY = rf"({_TAG_ALT}): (Good|Bad|None)"
+_VERDICT_TEXT = re.compile(rf"(?:{_VERDICT_ONLY}\n)*{_VERDICT_ONLY}\n?")
+_VERDICT_EXACT = re.compile(_VERDICT_ONLY)
+
+
 def parse_verdicts(text: str, tags: Sequence[str]) -> dict[str, str]:
     """P3: one verdict per present tag. A tag the verifier did not judge gets "None" (not kept)."""
     wanted = {t.lower(): t for t in tags}
     out: dict[str, str] = {}
-    for raw in text.splitlines():
-        m = _VERDICT.match(raw)
-        if not m:
-            continue
-        tag = wanted.get(m.group(1).lower())
+    if _VERDICT_TEXT.fullmatch(text):
+        pairs = _VERDICT_EXACT.findall(text)
+    else:
+        pairs = [(m.group(1), m.group(2).capitalize()) for m in map(_VERDICT.match, text.splitlines()) if m]
+    for name, verdict in pairs:
+        tag = wanted.get(name.lower())
         if tag and tag not in out:
-            out[tag] = m.group(2).capitalize()
+            out[tag] = verdict
     return {t: out.get(t, "None") for t in tags}
 
 
