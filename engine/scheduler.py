@@ -160,7 +160,7 @@ class Scheduler:
         # With the engine's KV-cache size known, the window follows what the engine can really run
         # given the requests' observed sizes (re-sized every RESIZE_EVERY engine calls).
         self._resize_from = (0, 0, 0, 0) if self.config.max_inflight is None and caps.kv_tokens > 0 else None
-        self._pending: dict[bytes, asyncio.Future] = {}
+        self._pending: dict[bytes, asyncio.Future | None] = {}
         self._deadlines = _Deadlines(self.config.timeout_s) if sys.version_info >= (3, 11) else None
         self.metrics = Metrics()
 
@@ -178,24 +178,28 @@ class Scheduler:
             if hit is not None and (hit.ok or not self.config.retry_stored_failures):
                 m.hits += 1
                 return hit
-        shared = self._pending.get(request.key)
-        if shared is not None:
+        pending = self._pending
+        if request.key in pending:
             m.deduped += 1
+            shared = pending[request.key]
+            if shared is None:  # the first follower makes the future the leader will resolve
+                shared = pending[request.key] = asyncio.get_running_loop().create_future()
             return await asyncio.shield(shared)
-        fut = asyncio.get_running_loop().create_future()
-        self._pending[request.key] = fut
+        pending[request.key] = None  # no future until someone waits: nearly every request is alone
         try:
             result = await self._run(request)
             if self.store is not None:
                 self.store.put(request.key, result)
-            fut.set_result(result)
+            fut = pending.pop(request.key)
+            if fut is not None:
+                fut.set_result(result)
             return result
         except BaseException as e:
-            fut.set_exception(e)
-            fut.exception()  # mark retrieved: followers re-raise it themselves
+            fut = pending.pop(request.key, None)
+            if fut is not None:
+                fut.set_exception(e)
+                fut.exception()  # mark retrieved: followers re-raise it themselves
             raise
-        finally:
-            del self._pending[request.key]
 
     async def _run(self, request: Request) -> Result:
         cfg, m = self.config, self.metrics
