@@ -34,12 +34,12 @@ def test_overhead_cli_writes_json(tmp_path):
     assert res["instances"] == 300 and res["accounted"]
 
 
-def test_rss_growth_is_per_100k_instances_from_a_quarter_of_the_run():
-    flat = [(t, 200.0) for t in range(10)]
-    assert overhead.rss_growth_per_100k(flat, 50_000) == 0.0
-    growing = [(t, 100.0 + 10 * t) for t in range(9)]  # +60 MB from t=2 (a quarter of 8 s) to t=8
-    assert overhead.rss_growth_per_100k(growing, 40_000) == round(60 / 30_000 * 100_000, 1)
-    assert overhead.rss_growth_per_100k(growing[:3], 40_000) is None
+def test_rss_growth_is_per_100k_instances_over_the_second_half_of_the_run():
+    start_up_then_flat = [(0, 0.0)] + [(t, min(300.0, 100.0 * t)) for t in range(1, 11)]
+    assert overhead.rss_growth_per_100k(start_up_then_flat, 50_000) == 0.0
+    growing = [(t, 100.0 + 10 * t) for t in range(9)]  # +40 MB from t=4 (half of 8 s) to t=8
+    assert overhead.rss_growth_per_100k(growing, 40_000) == round(40 / 20_000 * 100_000, 1)
+    assert overhead.rss_growth_per_100k(growing[:5], 40_000) is None
 
 
 def test_tokenized_mode_builds_prompts_with_the_real_tokenizer(tmp_path):
