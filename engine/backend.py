@@ -80,6 +80,8 @@ class Capabilities:
     token_ids: bool  # accepts token-id prompts
     max_running: int  # requests the engine decodes at once; the scheduler sizes its window from it
     max_context: int  # prompt + completion tokens
+    dp_size: int = 1  # data-parallel ranks (schedulers) sharing max_running; each has its own queue
+    kv_tokens: int = 0  # KV-cache tokens per rank (SGLang's max_total_num_tokens); 0 = unknown
 
 
 @runtime_checkable

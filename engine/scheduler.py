@@ -26,18 +26,75 @@ from engine.backend import (
 )
 from engine.breaker import Breaker
 from engine.metrics import Metrics
-from engine.policy import Streak, backoff_s, pick_group, retry_sampling, shed_delay_s, window_size
+from engine.policy import (
+    Streak,
+    backoff_s,
+    engine_window,
+    pick_group,
+    retry_sampling,
+    shed_delay_s,
+    tokens_per_request,
+)
 from engine.request import Request, Result
 from engine.store import Store
 
 log = logging.getLogger(__name__)
 
+RESIZE_EVERY = 256  # engine calls between window re-sizings from observed request sizes
 
-async def _within(aw, timeout_s: float):
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(timeout_s):  # no extra task per request, unlike wait_for() < 3.12
+
+class _Deadlines:
+    """Per-attempt timeouts with one timer for all of them. Every attempt gets the same timeout, so
+    deadlines arrive in order: an insertion-ordered dict of live attempts, and one sweeper task
+    that wakes every `tick` and cancels the expired ones at the front (as asyncio.timeout does,
+    the cancellation becomes a TimeoutError in the attempt). asyncio.timeout() per attempt (an
+    object and a timer handle each) was ~10% of the event loop's time. Deadlines fire up to one
+    tick late (tick = timeout / 10, at most 1 s). The sweeper stops a tick after the last attempt."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.tick = min(1.0, timeout_s / 10)
+        self._live: dict[int, tuple] = {}  # id -> (deadline, task, task.cancelling() at start)
+        self._fired: set[int] = set()
+        self._next = 0
+        self._sweeper: asyncio.Task | None = None
+
+    async def run(self, aw):
+        """Await `aw` within the timeout, from the task that will be cancelled if it expires."""
+        task = asyncio.current_task()
+        self._next = key = self._next + 1
+        cancelling = task.cancelling()
+        self._live[key] = (time.monotonic() + self.timeout_s, task, cancelling)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        try:
             return await aw
-    return await asyncio.wait_for(aw, timeout_s)  # pragma: no cover - Python 3.10
+        except asyncio.CancelledError:
+            if key in self._fired and task.uncancel() <= cancelling:  # ours, not a cancel from outside
+                raise asyncio.TimeoutError from None
+            raise
+        finally:
+            del self._live[key]
+            if self._fired:
+                self._fired.discard(key)
+
+    async def _sweep(self) -> None:
+        try:
+            while self._live:
+                await asyncio.sleep(self.tick)
+                now = time.monotonic()
+                for key, (deadline, task, _) in self._live.items():
+                    if deadline > now:
+                        break
+                    if key not in self._fired:
+                        self._fired.add(key)
+                        task.cancel()
+        finally:
+            self._sweeper = None
+
+
+async def _within(aw, timeout_s: float):  # pragma: no cover - Python 3.10 (no Task.uncancel)
+    return await asyncio.wait_for(aw, timeout_s)
 
 
 @dataclass(frozen=True)
@@ -109,6 +166,12 @@ class _Gate:
             self.last_group = group
             fut.set_result(None)
 
+    def resize(self, size: int) -> None:
+        """A smaller window takes effect as requests finish; a larger one releases waiters now."""
+        self.size = size
+        self.used += 1
+        self.release()
+
 
 class Scheduler:
     """`async with Scheduler(backend, store) as s: result = await s.submit(request)`.
@@ -123,9 +186,14 @@ class Scheduler:
         self.backend = backend
         self.store = store
         self.config = replace(config or SchedulerConfig(), **overrides)
-        self.window = self.config.max_inflight or window_size(backend.capabilities.max_running)
+        caps = backend.capabilities
+        self.window = self.config.max_inflight or engine_window(caps.max_running, caps.dp_size)
         self._gate = _Gate(self.window)
-        self._pending: dict[bytes, asyncio.Future] = {}
+        # With the engine's KV-cache size known, the window follows what the engine can really run
+        # given the requests' observed sizes (re-sized every RESIZE_EVERY engine calls).
+        self._resize_from = (0, 0, 0, 0) if self.config.max_inflight is None and caps.kv_tokens > 0 else None
+        self._pending: dict[bytes, asyncio.Future | None] = {}
+        self._deadlines = _Deadlines(self.config.timeout_s) if sys.version_info >= (3, 11) else None
         self.metrics = Metrics()
         self.breaker = Breaker(self.config.engine_down_s, self.config.backoff_base_s, self.config.probe_max_s)
         self._streak = Streak(self.config.failure_streak)
@@ -144,24 +212,28 @@ class Scheduler:
             if hit is not None and (hit.ok or not self.config.retry_stored_failures):
                 m.hits += 1
                 return hit
-        shared = self._pending.get(request.key)
-        if shared is not None:
+        pending = self._pending
+        if request.key in pending:
             m.deduped += 1
+            shared = pending[request.key]
+            if shared is None:  # the first follower makes the future the leader will resolve
+                shared = pending[request.key] = asyncio.get_running_loop().create_future()
             return await asyncio.shield(shared)
-        fut = asyncio.get_running_loop().create_future()
-        self._pending[request.key] = fut
+        pending[request.key] = None  # no future until someone waits: nearly every request is alone
         try:
             result = await self._run(request)
             if self.store is not None:
                 self.store.put(request.key, result)
-            fut.set_result(result)
+            fut = pending.pop(request.key)
+            if fut is not None:
+                fut.set_result(result)
             return result
         except BaseException as e:
-            fut.set_exception(e)
-            fut.exception()  # mark retrieved: followers re-raise it themselves
+            fut = pending.pop(request.key, None)
+            if fut is not None:
+                fut.set_exception(e)
+                fut.exception()  # mark retrieved: followers re-raise it themselves
             raise
-        finally:
-            del self._pending[request.key]
 
     async def _run(self, request: Request) -> Result:
         cfg, m = self.config, self.metrics
@@ -174,7 +246,10 @@ class Scheduler:
             t0 = time.perf_counter()
             error: EngineError | asyncio.TimeoutError | None = None
             try:
-                result = await _within(self.backend.generate(current), cfg.timeout_s)
+                if self._deadlines is not None:
+                    result = await self._deadlines.run(self.backend.generate(current))
+                else:
+                    result = await _within(self.backend.generate(current), cfg.timeout_s)
             except EngineDied:
                 raise
             except (EngineError, asyncio.TimeoutError) as e:
@@ -218,6 +293,8 @@ class Scheduler:
                 continue
             m.record(result, time.perf_counter() - t0)
             self._streak.success()
+            if self._resize_from is not None and m.engine_calls % RESIZE_EVERY == 0:
+                self._resize_window()
             result.attempts = attempt
             if request.regex and result.finish_reason == "length" and length_tries < cfg.length_retries:
                 length_tries += 1
@@ -242,3 +319,14 @@ class Scheduler:
     def _sync_metrics(self) -> None:
         b = self.breaker
         self.metrics.engine_down_s = b.down_s + (time.monotonic() - b.open_since if b.is_open else 0.0)
+
+    def _resize_window(self) -> None:
+        m, caps = self.metrics, self.backend.capabilities
+        now = (m.prompt_tokens, m.cached_tokens, m.completion_tokens, m.engine_calls)
+        delta = [a - b for a, b in zip(now, self._resize_from, strict=True)]
+        self._resize_from = now
+        size = engine_window(caps.max_running, caps.dp_size, caps.kv_tokens, tokens_per_request(*delta))
+        if size != self.window:
+            log.debug("window %d -> %d (KV cache of %d tokens per rank)", self.window, size, caps.kv_tokens)
+            self.window = size
+            self._gate.resize(size)

@@ -25,6 +25,8 @@ def make_backend(name: str, *, model: str | None, url: str | None = None, api_ke
                  gpu_profile: str | None = None, max_batch: int = 8, fp8: bool = False,
                  max_inflight: int | None = None, standin: dict[str, Any] | None = None,
                  timeout_s: float = 600.0, openai_server: str | None = None) -> Backend:
+    """timeout_s: the scheduler's per-request timeout (--timeout-s); the GPU backends' own request
+    timeouts match it, so neither cuts a request the other still allows."""
     name, why = resolve_engine(name)
     log.info("engine: %s (%s)", name, why)
     if name == "hf":
@@ -39,7 +41,7 @@ def make_backend(name: str, *, model: str | None, url: str | None = None, api_ke
 
         # Size decides tp_size and memory fractions: a 70B model must not get the 8B numbers.
         args = load_profile(gpu_profile, model_size_b=estimate_model_size_b(model), fp8=fp8)
-        return SGLangBackend(model, server_args=args)
+        return SGLangBackend(model, server_args=args, request_timeout_s=timeout_s)
     if name == "sglang_http":
         from engine.backends.sglang_http import SGLangHTTPBackend
 

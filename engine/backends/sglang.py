@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import uuid
@@ -32,14 +33,59 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install -e '.[sglang]' (Linux, NVIDIA GPU, CUDA 13 drivers)"
 OOM_HINT = "exit code -9 is SIGKILL, usually the kernel's OOM killer: check `dmesg -T | grep -i oom`"
+# SGLang gives up on a grammar compile after SGLANG_GRAMMAR_MAX_POLL_ITERATIONS polls and caches the
+# grammar as invalid until flush_cache (constrained/grammar_manager.py): the timed-out request and
+# every later one with that regex are aborted with a 400 carrying this text. It says the engine was
+# slow (or overloaded), not that the request is wrong.
+GRAMMAR_TIMEOUT = "Grammar preprocessing timed out"
+GRAMMAR_TIMEOUT_HINT = (
+    "SGLang timed out compiling a regex grammar and now refuses every request with that regex until "
+    "it restarts; the run stops and resumes from the store. If it happens again, let SGLang wait "
+    "longer (environment SGLANG_GRAMMAR_MAX_POLL_ITERATIONS, default 10000 polls of 5 ms) or use "
+    "a smaller regex")
+
+
+class GrammarTimeout(TransientEngineError):
+    """SGLang's grammar compile timed out: the engine's failure, not the request's."""
+
+
+def abort_error(message: str, status: int | None, request: Request | None = None) -> EngineError:
+    """The error for an SGLang abort (Engine: a ValueError or HTTPException; HTTP: a 4xx body;
+    either: finish_reason {"type": "abort"}). 4xx is the request's fault (RequestRejected) except a
+    grammar compile timeout, which is the engine's (GrammarTimeout, retryable); other aborts (load
+    shedding, our own abort) are transient."""
+    if GRAMMAR_TIMEOUT in message:
+        return GrammarTimeout(f"SGLang: {message}", request)
+    if isinstance(status, int) and 400 <= status < 500:
+        return RequestRejected(f"SGLang rejected the request: {message}", request)
+    return TransientEngineError(f"SGLang aborted the request: {message}", request)
+
+
+def capacity_from_states(states: Any) -> tuple[int, int, int] | None:
+    """(max running requests over all ranks, DP ranks, KV-cache tokens per rank, 0 if unknown) from
+    SGLang's internal states (Engine: tokenizer_manager.get_internal_state(); HTTP: /server_info
+    "internal_states"), one per DP rank (managers/scheduler_components/internal_state.py:
+    effective_max_running_requests_per_dp, memory_usage.token_capacity = max_total_num_tokens).
+    None when they do not say."""
+    if not isinstance(states, list) or not states or not all(isinstance(s, dict) for s in states):
+        return None
+    running = [s.get("effective_max_running_requests_per_dp") or s.get("max_running_requests")
+               for s in states]
+    if not all(isinstance(n, int) and n > 0 for n in running):
+        return None
+    kv = [(s.get("memory_usage") or {}).get("token_capacity") or s.get("max_total_num_tokens")
+          for s in states]
+    kv_per_rank = min(kv) if all(isinstance(k, int) and k > 0 for k in kv) else 0
+    return sum(running), len(states), kv_per_rank
 
 
 def sampling_params_for(request: Request) -> dict[str, Any]:
     """SGLang's sampling_params for a request (the same dict for Engine and HTTP /generate).
 
-    The seed goes in as `sampling_seed`; SGLang samples with it only when the server runs with
-    enable_deterministic_inference, else sampled outputs vary run to run (the store keeps the
-    first answer, so a resumed run is stable anyway). Greedy decoding needs no seed."""
+    The seed goes in as `sampling_seed`, but SGLang samples with it only when the server runs with
+    enable_deterministic_inference (sampling/sampling_batch_info.py), which we keep off because it
+    costs throughput: seeded sampled outputs vary run to run (the store keeps the first answer, so
+    a resumed run is stable anyway). Greedy decoding needs no seed."""
     s = request.sampling
     params: dict[str, Any] = {"temperature": s.temperature, "top_p": s.top_p,
                               "max_new_tokens": s.max_new_tokens}
@@ -56,17 +102,14 @@ def result_from_output(out: dict[str, Any], request: Request | None = None) -> R
     """Map one SGLang generate output {"text", "meta_info": {...}} to a Result.
 
     finish_reason is {"type": "stop"|"length"|"abort", ...}. An abort carries a message and,
-    when it is the request's fault, an HTTP-like status_code: 4xx -> RequestRejected; other
-    aborts (engine shedding load, our own abort) -> TransientEngineError, retried by the scheduler."""
+    when it is the request's fault, an HTTP-like status_code: classified by abort_error()."""
     meta = out.get("meta_info") or {}
     reason = meta.get("finish_reason")
     kind = reason.get("type") if isinstance(reason, dict) else reason
     if kind == "abort":
         message = reason.get("message", "aborted") if isinstance(reason, dict) else "aborted"
         status = reason.get("status_code") if isinstance(reason, dict) else None
-        if isinstance(status, int) and 400 <= status < 500:
-            raise RequestRejected(f"SGLang rejected the request: {message}", request)
-        raise TransientEngineError(f"SGLang aborted the request: {message}", request)
+        raise abort_error(str(message), status, request)
     if kind not in ("stop", "length"):
         raise TransientEngineError(f"SGLang returned no finish reason (got {reason!r})", request)
     return Result(
@@ -117,12 +160,18 @@ def death_message(pid: int | None, code: int | None) -> str:
 
 class SGLangBackend(BackendBase):
     """In-process SGLang engine. Enter it (`async with`) before building the scheduler: entering
-    learns the engine's real running capacity and arms the child-process watch."""
+    learns the engine's real running capacity and arms the child-process watch.
+
+    request_timeout_s should be the scheduler's per-attempt timeout (the CLI passes --timeout-s):
+    a shorter one would cut requests the user allowed to run longer. grammar_timeouts_before_stop:
+    grammar compile timeouts (see GRAMMAR_TIMEOUT) for one regex before the engine is declared
+    unusable; the first is retried, the next proves SGLang has cached the grammar as invalid."""
 
     name = "sglang"
 
     def __init__(self, model_path: str, *, server_args: dict[str, Any], model_id: str | None = None,
-                 request_timeout_s: float | None = 900.0, watch_interval_s: float = 1.0) -> None:
+                 request_timeout_s: float | None = 600.0, watch_interval_s: float = 1.0,
+                 grammar_timeouts_before_stop: int = 2) -> None:
         if "model_path" in server_args:
             raise ValueError("pass the model as SGLangBackend(model_path, ...), not in server_args")
         self.model_path = model_path
@@ -131,11 +180,14 @@ class SGLangBackend(BackendBase):
         self.model_id = model_id or default_model_id(model_path, self.server_args)
         self.request_timeout_s = request_timeout_s
         self.watch_interval_s = watch_interval_s
+        self.grammar_timeouts_before_stop = grammar_timeouts_before_stop
+        self._grammar_timeouts: dict[str, int] = {}
         sglang = _import_sglang()
-        try:
-            self._engine = sglang.Engine(model_path=model_path, **self.server_args)
-        except Exception as e:
-            raise EngineDied(f"SGLang failed to start for {model_path}: {type(e).__name__}: {e}") from e
+        with _kept_logging():  # SGLang's configure_logger re-configures the root logger (force=True)
+            try:
+                self._engine = sglang.Engine(model_path=model_path, **self.server_args)
+            except Exception as e:
+                raise EngineDied(f"SGLang failed to start for {model_path}: {type(e).__name__}: {e}") from e
         tm = getattr(self._engine, "tokenizer_manager", None)
         self.tokenizer = getattr(tm, "tokenizer", None) or _auto_tokenizer(model_path)
         self.capabilities = Capabilities(
@@ -163,11 +215,11 @@ class SGLangBackend(BackendBase):
         get_state = getattr(tm, "get_internal_state", None)
         if get_state is not None:  # also starts SGLang's handle loop, which installs its SIGQUIT handler
             try:
-                states = await asyncio.wait_for(get_state(), timeout=60)
-                per_dp = [s.get("effective_max_running_requests_per_dp") or s.get("max_running_requests")
-                          for s in states]
-                if per_dp and all(isinstance(n, int) and n > 0 for n in per_dp):
-                    self.capabilities = _with_max_running(self.capabilities, sum(per_dp))
+                capacity = capacity_from_states(await asyncio.wait_for(get_state(), timeout=60))
+                if capacity is not None:
+                    running, dp, kv = capacity
+                    self.capabilities = dataclasses.replace(self.capabilities, max_running=running,
+                                                            dp_size=dp, kv_tokens=kv)
             except Exception as e:  # capacity stays as configured
                 log.warning("could not read SGLang's running capacity (%s); using %d",
                             e, self.capabilities.max_running)
@@ -217,7 +269,11 @@ class SGLangBackend(BackendBase):
             done, _ = await asyncio.wait({task, self._dead}, timeout=self.request_timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
             if task in done:
-                return result_from_output(self._output(task, request), request)
+                try:
+                    return result_from_output(self._output(task, request), request)
+                except GrammarTimeout as e:
+                    self._on_grammar_timeout(e, request)
+                    raise
             if self._dead.done():
                 raise EngineDied(self._dead.result(), request)
             raise TransientEngineError(f"SGLang gave no answer in {self.request_timeout_s:g}s; aborted it",
@@ -226,6 +282,16 @@ class SGLangBackend(BackendBase):
             if not task.done():
                 task.cancel()
                 self._abort(rid)
+
+    def _on_grammar_timeout(self, error: GrammarTimeout, request: Request) -> None:
+        """Retry the first time; once more for the same regex proves SGLang cached it as invalid, so
+        every later request with it would fail: stop the run (resumable) instead of storing them all."""
+        regex = request.regex or ""
+        n = self._grammar_timeouts[regex] = self._grammar_timeouts.get(regex, 0) + 1
+        if n >= self.grammar_timeouts_before_stop:
+            self._declare_dead(f"{error} ({n} times for this regex). {GRAMMAR_TIMEOUT_HINT}.")
+            assert self._dead is not None
+            raise EngineDied(self._dead.result(), request) from error
 
     def _prompt_kwargs(self, request: Request) -> dict[str, Any]:
         if request.kind == "ids":
@@ -243,12 +309,12 @@ class SGLangBackend(BackendBase):
             return task.result()
         except EngineError:
             raise
-        except ValueError as e:  # SGLang's validation (prompt too long, bad regex, 400 aborts)
-            raise RequestRejected(f"SGLang rejected the request: {e}", request) from e
+        except ValueError as e:  # SGLang's validation (prompt too long, bad regex) and 400 aborts
+            raise abort_error(str(e), 400, request) from e
         except Exception as e:
             status = getattr(e, "status_code", None)  # fastapi.HTTPException from an abort
             if isinstance(status, int) and 400 <= status < 500:
-                raise RequestRejected(f"SGLang rejected the request ({status}): {e}", request) from e
+                raise abort_error(f"({status}) {getattr(e, 'detail', None) or e}", status, request) from e
             raise TransientEngineError(f"SGLang failed: {type(e).__name__}: {e}", request) from e
 
     def _abort(self, rid: str) -> None:
@@ -270,12 +336,34 @@ class SGLangBackend(BackendBase):
         if self._sigquit_loop is not None:
             with contextlib.suppress(Exception):
                 self._sigquit_loop.remove_signal_handler(signal.SIGQUIT)
+        # Children killed by shutdown() make SGLang's watchdog send SIGQUIT; the default action
+        # would dump core over the message that matters. Ignore it from here on.
+        with contextlib.suppress(ValueError, OSError):  # ValueError: not the main thread
+            signal.signal(signal.SIGQUIT, signal.SIG_IGN)
         self._declare_dead("the SGLang engine was shut down")  # fail anything still waiting
-        self._engine.shutdown()
+        try:
+            self._engine.shutdown()  # kills every child and waits up to 60 s: it can raise
+        except Exception as e:  # the error that brought us here (often EngineDied) must stay the one shown
+            log.warning("SGLang shutdown did not finish cleanly: %s: %s", type(e).__name__, e)
 
 
-def _with_max_running(c: Capabilities, n: int) -> Capabilities:
-    return Capabilities(regex=c.regex, token_ids=c.token_ids, max_running=n, max_context=c.max_context)
+@contextlib.contextmanager
+def _kept_logging():
+    """Put the root logger back as it was (handlers, level: the CLI's format and --verbose) after
+    SGLang's start, which calls logging.basicConfig(force=True) with its own."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        if root.handlers != handlers or root.level != level:
+            for h in list(root.handlers):
+                if h not in handlers:
+                    root.removeHandler(h)
+            for h in handlers:
+                if h not in root.handlers:
+                    root.addHandler(h)
+            root.setLevel(level)
 
 
 def _import_sglang():

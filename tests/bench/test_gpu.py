@@ -65,9 +65,12 @@ class StandInEngine:
     """Stand-in for sglang.Engine with its loop rules: generate/flush_cache call run_until_complete
     on the engine's own loop (so calling them from inside that loop fails, as in SGLang)."""
 
+    bad_prompt = None  # a prompt whose last id is this is aborted with a 400, as SGLang does
+
     def __init__(self, **kwargs):
         self.loop = asyncio.new_event_loop()
         self.flushes = 0
+        self.outstanding = self.peak = 0
         self.tokenizer_manager = types.SimpleNamespace(tokenizer=object(), context_len=4096,
                                                        abort_request=lambda rid: None)
 
@@ -77,8 +80,10 @@ class StandInEngine:
         return {"text": "t" * n, "meta_info": {"finish_reason": {"type": "stop"}, "prompt_tokens": len(ids),
                                                "completion_tokens": n, "cached_tokens": len(ids) // 2}}
 
-    def generate(self, input_ids, sampling_params):
+    def generate(self, input_ids, sampling_params):  # SGLang's: one 400 abort raises for the whole list
         sps = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(input_ids)
+        if any(ids[-1] == self.bad_prompt for ids in input_ids):
+            raise ValueError("The input (9000 tokens) is longer than the model's context length")
         return self.loop.run_until_complete(self._batch(input_ids, sps))
 
     async def _batch(self, input_ids, sps):
@@ -86,8 +91,18 @@ class StandInEngine:
         return [self._out(i, s) for i, s in zip(input_ids, sps, strict=True)]
 
     async def async_generate(self, input_ids, sampling_params, rid=None):
-        await asyncio.sleep(0.001)
-        return self._out(input_ids, sampling_params)
+        self.outstanding += 1
+        self.peak = max(self.peak, self.outstanding)
+        try:
+            await asyncio.sleep(0.001)
+            if input_ids[-1] == self.bad_prompt:
+                raise ValueError("The input (9000 tokens) is longer than the model's context length")
+            return self._out(input_ids, sampling_params)
+        finally:
+            self.outstanding -= 1
+
+    async def get_internal_state(self):  # via tokenizer_manager in SGLang; see make_engine below
+        return [{"effective_max_running_requests_per_dp": 4}]
 
     def flush_cache(self):
         self.flushes += 1
@@ -122,6 +137,51 @@ def test_measure_end_to_end_on_a_stand_in_engine(tmp_path, monkeypatch, capsys):
     want = round(by["sysgen_regex"]["output_tokens_per_s"] / by["raw_regex"]["output_tokens_per_s"], 3)
     assert info["ratios"]["sysgen_vs_raw_output_tok_s"] == want
     assert "sysgen_regex" in capsys.readouterr().out
+
+
+def test_baseline_runs_in_the_same_window_and_survives_an_abort(tmp_path, monkeypatch):
+    """The raw parts keep at most the scheduler's window outstanding (the same lpm regime as ours);
+    the batch baseline sends all n at once; a 400 abort is one failed request, not a crash."""
+    engines = []
+
+    class Engine(StandInEngine):
+        bad_prompt = 13
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.tokenizer_manager.get_internal_state = self.get_internal_state
+            engines.append(self)
+
+    mod = types.ModuleType("sglang")
+    mod.Engine = Engine
+    monkeypatch.setitem(sys.modules, "sglang", mod)
+
+    def fake_requests(n, *, constrain, **kw):
+        return [Request(prompt=(1, 2, 3, i), sampling=SamplingParams(max_new_tokens=16), model="m",
+                        regex="[a-z]+" if constrain else None) for i in range(n)]
+
+    monkeypatch.setattr(gpu, "build_requests", fake_requests)
+    out = tmp_path / "bench.json"
+    peaks = []
+    real_run_raw = gpu.run_raw
+
+    def spy(engine, requests, window):
+        engine.peak = 0
+        got = real_run_raw(engine, requests, window)
+        peaks.append((window, engine.peak))
+        return got
+
+    monkeypatch.setattr(gpu, "run_raw", spy)
+    assert gpu.main(["--model", str(tmp_path), "--profile", "h100-80gb", "--n", "40", "--warmup", "0",
+                     "--batch-baseline", "--json", str(out)]) == 0
+    info = orjson.loads(out.read_bytes())
+    by = {r["part"]: r for r in info["results"]}
+    assert all(by[p]["failed"] == 1 for p in ("raw_free", "raw_regex", "sysgen_regex", "raw_batch"))
+    window = info["regime"]["window"]
+    assert window == 4 + 2 and info["regime"]["waiting_per_rank_max"] == 2
+    assert peaks[:2] == [(window, window), (window, window)]  # raw_free, raw_regex: windowed
+    assert peaks[2] == (None, 40)  # raw_batch: everything at once
+    assert "windowed_vs_batch_output_tok_s" in info["ratios"]
 
 
 @pytest.mark.gpu

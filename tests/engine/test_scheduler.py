@@ -293,3 +293,71 @@ def test_content_filter_drops_never_stop_the_run():
 def test_auth_failure_propagates():
     with pytest.raises(EngineAuthError):
         run(Scheduler(Flaky(lambda n: EngineAuthError("401")), None, BREAKER).submit(req(1)))
+
+
+def test_window_shrinks_to_what_the_engines_kv_cache_runs():
+    """An engine reporting 64 running slots but KV for 20,000 tokens: requests of ~1,000 tokens run
+    20 at a time, so after RESIZE_EVERY calls the window drops from 64 + 16 to 20 + 5."""
+    from engine.scheduler import RESIZE_EVERY
+
+    backend = StandInBackend(lambda r: "x" * 400, delay_s=0.0)  # completion tokens: 400 // 4 = 100
+    backend.capabilities = dataclasses.replace(backend.capabilities, kv_tokens=20_000)
+
+    async def go():
+        s = Scheduler(backend, None, SchedulerConfig(timeout_s=5))
+        before = s.window
+        big = [Request(prompt=tuple(range(899)) + (i,), sampling=SamplingParams(max_new_tokens=8), model="m")
+               for i in range(RESIZE_EVERY)]
+        await asyncio.gather(*(s.submit(r) for r in big))
+        return before, s.window, s._gate.size
+
+    before, after, gate = run(go())
+    assert before == 64 + 16 and after == gate == 20 + 5
+
+
+def test_timeouts_share_one_sweeper_and_outside_cancels_stay_cancels():
+    """Per-attempt timeouts come from one sweeper task, not a timer per attempt: a hung attempt
+    becomes a timeout, a cancel from outside stays a cancel, and the sweeper ends with the work."""
+    backend = StandInBackend(lambda r: "x", fault=lambda r, n: "hang" if r.prompt == "prompt 1" else None)
+
+    async def go():
+        s = Scheduler(backend, None, dataclasses.replace(FAST, max_retries=0, max_inflight=8))
+        hung = asyncio.ensure_future(s.submit(req(1)))
+        fine = await asyncio.gather(*(s.submit(req(i)) for i in range(2, 50)))
+        outside = asyncio.ensure_future(s.submit(req(1, regex="other")))
+        await asyncio.sleep(0.05)
+        outside.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await outside
+        timed_out = await hung
+        await asyncio.sleep(0.1)  # > one tick: the sweeper notices nothing is live and ends
+        return fine, timed_out, s._deadlines._sweeper, s._deadlines._live
+
+    fine, timed_out, sweeper, live = run(go())
+    assert all(r.ok for r in fine)
+    assert not timed_out.ok and "timeout after 0.2s" in timed_out.error
+    assert sweeper is None and not live
+
+
+def _key_by_whole_dict(model, prompt, sampling, regex) -> bytes:
+    """The formula every existing store's keys were made with."""
+    import orjson
+    import xxhash
+
+    payload = {"model": model, "prompt": prompt, "sampling": sampling.to_dict(), "regex": regex}
+    return xxhash.xxh3_128_digest(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS))
+
+
+@pytest.mark.parametrize("model,prompt,sampling,regex", [
+    ("m", "plain text", SamplingParams(), None),
+    ("Llama-3.1-8B+fp8", (1, 2, 3, 128000), SamplingParams(temperature=0.7, seed=3, stop=("</s>", "\n")),
+     "(a|b)"),
+    ("m", ((("role", "system"), ("content", "é \n \"q\"")), (("role", "user"), ("content", "x"))),
+     SamplingParams(max_new_tokens=320), "<Role>[^<>\n]*</Role>\n"),
+    ("m", "p", SamplingParams(temperature=0), None),  # int 0, then float 0.0 and -0.0: spelled apart
+    ("m", "p", SamplingParams(temperature=0.0), None),
+    ("m", "p", SamplingParams(temperature=-0.0), None),
+    ("m", "p", SamplingParams(seed=True), ""),
+])
+def test_request_key_assembled_from_parts_equals_the_whole_dict_hash(model, prompt, sampling, regex):
+    assert request_key(model, prompt, sampling, regex) == _key_by_whole_dict(model, prompt, sampling, regex)

@@ -6,6 +6,7 @@ Child-process death must surface as EngineDied within seconds, never a hang."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import subprocess
 import sys
@@ -15,7 +16,14 @@ import types
 import pytest
 
 from engine.backend import Backend, EngineDied, RequestRejected, TransientEngineError
-from engine.backends.sglang import SGLangBackend, child_exit, result_from_output, sampling_params_for
+from engine.backends.sglang import (
+    GrammarTimeout,
+    SGLangBackend,
+    capacity_from_states,
+    child_exit,
+    result_from_output,
+    sampling_params_for,
+)
 from engine.request import Request, SamplingParams, messages_prompt
 from kernels_cfg.fields import class_field_names, method_params, server_arg_fields, sglang_root
 
@@ -51,20 +59,30 @@ class StandInTokenizerManager:
         self.tokenizer = StandInTokenizer()
 
     async def get_internal_state(self):
-        return [{"effective_max_running_requests_per_dp": 48}, {"effective_max_running_requests_per_dp": 48}]
+        # Shaped like sglang 0.5.23 managers/scheduler_components/internal_state.py, one per DP rank.
+        return [{"effective_max_running_requests_per_dp": 48, "memory_usage": {"token_capacity": 200_000}}
+                for _ in range(2)]
 
     def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
         self.aborted.append(rid)
 
 
-def stand_in_sglang(behaviour="ok", child_pids=()):
-    """A module named like sglang whose Engine records calls. behaviour: ok | hang | reject | abort."""
+GRAMMAR_TIMEOUT_FIRST = "Grammar preprocessing timed out: req.grammar_key=('regex', '(a|b)')"
+GRAMMAR_TIMEOUT_CACHED = "Failed to compile regex grammar: Grammar preprocessing timed out"
+
+
+def stand_in_sglang(behaviour="ok", child_pids=(), shutdown_error=None):
+    """A module named like sglang whose Engine records calls. behaviour: ok | hang | reject | abort |
+    grammar_timeout (SGLang's ValueError for a 400 abort: the first request gets the timeout itself,
+    later ones the cached invalid grammar, as in constrained/grammar_manager.py)."""
     calls: dict = {"init": None, "generate": [], "shutdown": 0}
 
     class StandInEngine:
         def __init__(self, **kwargs):
             calls["init"] = kwargs
             self.tokenizer_manager = StandInTokenizerManager()
+            # What sglang's configure_logger does at Engine start (utils/common.py).
+            logging.basicConfig(level=logging.ERROR, format="[%(asctime)s] %(message)s", force=True)
 
         def get_all_child_pids(self):
             return list(child_pids)
@@ -76,6 +94,9 @@ def stand_in_sglang(behaviour="ok", child_pids=()):
             if behaviour == "reject":
                 raise ValueError("The input (9000 tokens) is longer than the model's context length "
                                  "(8192 tokens).")
+            if behaviour == "grammar_timeout":
+                first = len(calls["generate"]) == 1
+                raise ValueError(GRAMMAR_TIMEOUT_FIRST if first else GRAMMAR_TIMEOUT_CACHED)
             reason = {"type": "abort", "message": "server busy"} if behaviour == "abort" else \
                 {"type": "length", "length": 5}
             return {"text": "<Role>x</Role>\n", "meta_info": {
@@ -84,14 +105,16 @@ def stand_in_sglang(behaviour="ok", child_pids=()):
 
         def shutdown(self):
             calls["shutdown"] += 1
+            if shutdown_error is not None:
+                raise shutdown_error
 
     mod = types.ModuleType("sglang")
     mod.Engine = StandInEngine
     return mod, calls
 
 
-def make(monkeypatch, behaviour="ok", child_pids=(), **kw):
-    mod, calls = stand_in_sglang(behaviour, child_pids)
+def make(monkeypatch, behaviour="ok", child_pids=(), shutdown_error=None, **kw):
+    mod, calls = stand_in_sglang(behaviour, child_pids, shutdown_error)
     monkeypatch.setitem(sys.modules, "sglang", mod)
     server_args = {"mem_fraction_static": 0.8, "max_running_requests": 64, "schedule_policy": "lpm"}
     backend = SGLangBackend("/models/Llama-3.1-8B-Instruct", server_args=server_args, **kw)
@@ -140,6 +163,15 @@ def test_protocol_capacity_and_model_id(monkeypatch):
             return backend.capabilities.max_running
 
     assert asyncio.run(run()) == 96  # 2 data-parallel ranks x 48, as the engine reports
+    assert (backend.capabilities.dp_size, backend.capabilities.kv_tokens) == (2, 200_000)
+
+
+def test_capacity_from_states_reads_every_rank():
+    rank = {"effective_max_running_requests_per_dp": 256, "memory_usage": {"token_capacity": 400_000}}
+    assert capacity_from_states([rank] * 4) == (1024, 4, 400_000)
+    assert capacity_from_states([{"effective_max_running_requests_per_dp": 64}]) == (64, 1, 0)  # KV unknown
+    assert capacity_from_states([{"effective_max_running_requests_per_dp": None}]) is None
+    assert capacity_from_states([]) is None and capacity_from_states(None) is None
 
 
 def test_fp8_changes_the_model_id(monkeypatch):
@@ -303,3 +335,87 @@ def test_misspelt_server_arg_fails_before_loading(monkeypatch, pinned):
     with pytest.raises(ValueError, match="max_runing_requests"):
         SGLangBackend("/m", server_args={"max_runing_requests": 4})
     assert backend_calls[1]["init"] is None
+
+
+def test_grammar_timeout_is_the_engines_failure_not_the_requests():
+    """SGLang caches a timed-out grammar as invalid and aborts every later request with that regex
+    (400): stored as RequestRejected, one slow compile would reject every remaining P1 request."""
+    for message in (GRAMMAR_TIMEOUT_FIRST, GRAMMAR_TIMEOUT_CACHED):
+        with pytest.raises(GrammarTimeout) as info:
+            result_from_output({"text": "", "meta_info": {
+                "finish_reason": {"type": "abort", "message": message, "status_code": 400}}})
+        assert info.value.retryable and not isinstance(info.value, RequestRejected)
+
+
+def test_repeated_grammar_timeout_stops_the_run_instead_of_rejecting_requests(monkeypatch, tmp_path):
+    from engine.scheduler import Scheduler
+    from engine.store import Store
+
+    backend, calls = make(monkeypatch, behaviour="grammar_timeout")
+
+    async def run():
+        async with backend:
+            with Store.open(tmp_path / "s.db") as store:
+                scheduler = Scheduler(backend, store, max_retries=3, backoff_base_s=0.001,
+                                      backoff_max_s=0.002)
+                with pytest.raises(EngineDied, match="SGLANG_GRAMMAR_MAX_POLL_ITERATIONS"):
+                    await scheduler.submit(req(regex="(a|b)"))
+                with pytest.raises(EngineDied):  # the engine is unusable for the rest of the run
+                    await backend.generate(req(regex="(c|d)", prompt=(4,)))
+                return store.get(req(regex="(a|b)").key)
+
+    assert asyncio.run(run()) is None  # nothing stored: a resumed run asks again
+    assert len(calls["generate"]) == 2  # retried once, then stopped
+
+
+def test_shutdown_error_does_not_hide_the_engine_death(monkeypatch, caplog):
+    backend, calls = make(monkeypatch, shutdown_error=RuntimeError("kill_process_tree: timed out"))
+
+    async def run():
+        async with backend:
+            raise EngineDied("SGLang child process 7 exited with code -9")
+
+    with pytest.raises(EngineDied, match="code -9"):
+        asyncio.run(run())
+    assert calls["shutdown"] == 1 and "kill_process_tree: timed out" in caplog.text
+
+
+def test_sigquit_is_ignored_during_shutdown_not_reset_to_core_dump(monkeypatch):
+    backend, _ = make(monkeypatch)
+    before = signal.getsignal(signal.SIGQUIT)
+    try:
+        async def run():
+            async with backend:
+                pass
+
+        asyncio.run(run())
+        assert signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGQUIT, before)
+
+
+def test_our_logging_survives_sglangs_configure_logger(monkeypatch):
+    root = logging.getLogger()
+    handler = logging.StreamHandler()
+    old_handlers, old_level = list(root.handlers), root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)  # what --verbose sets
+    try:
+        make(monkeypatch)  # the stand-in Engine calls logging.basicConfig(force=True, level=ERROR)
+        assert handler in root.handlers and root.level == logging.DEBUG
+        assert all(h in old_handlers or h is handler for h in root.handlers)
+    finally:
+        root.handlers[:] = old_handlers
+        root.setLevel(old_level)
+
+
+def test_request_timeout_follows_the_schedulers(monkeypatch):
+    from engine.scheduler import SchedulerConfig
+    from sysgen.backend_factory import make_backend
+
+    mod, _ = stand_in_sglang()
+    monkeypatch.setitem(sys.modules, "sglang", mod)
+    backend = make_backend("sglang", model="/models/Llama-3.1-8B-Instruct", gpu_profile="h100-80gb",
+                           timeout_s=1234.0)
+    assert backend.request_timeout_s == 1234.0
+    assert SGLangBackend("/m", server_args={}).request_timeout_s == SchedulerConfig().timeout_s

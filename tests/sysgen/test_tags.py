@@ -112,3 +112,46 @@ def test_p3_token_bound_covers_the_longest_admitted_answer_in_single_characters(
     answer = "".join(f"{t}: {data.draw(st.sampled_from(tags.VERDICTS))}\n" for t in present)
     # one character per token, plus end-of-sequence: the worst tokenization still fits
     assert len(answer) + 1 <= len(longest) + 1 == tags.p3_token_bound(present)
+
+
+_line_piece = st.one_of(
+    st.sampled_from([f"<{t}>" for t in TAGS] + [f"</{t}>" for t in TAGS] + ["<role>", "<Tone>", "</Tone>"]),
+    st.from_regex(tags.PHRASE_RE, fullmatch=True),
+    st.sampled_from(["\n", " ", "\t", "\r", "\u2028", "\u00a0", "", "x" * 301, "<", ">"]),
+)
+
+
+@given(st.one_of(st.from_regex(p1_regex(), fullmatch=True),
+                 st.lists(_line_piece, max_size=24).map("".join),
+                 tagged().map(lambda d: "".join(f"<{t}>{p}</{t}>\n" for t, p in d.items()) * 2)))
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+def test_the_one_pass_parse_agrees_with_the_line_by_line_parse(text):
+    """filter_tags parses well-formed output in one regex pass; the line-by-line parse must agree
+    on everything, well-formed or not (duplicates, overlong phrases, stray blanks, unknown tags)."""
+    fast, slow = filter_tags(text), tags._filter_lines(text)
+    assert (fast.tags, fast.dropped, fast.well_formed) == (slow.tags, slow.dropped, slow.well_formed)
+    assert list(fast.tags) == list(slow.tags)
+
+
+def _verdicts_line_by_line(text, present):  # the reference: every line through the loose _VERDICT
+    wanted, out = {t.lower(): t for t in present}, {}
+    for raw in text.splitlines():
+        m = tags._VERDICT.match(raw)
+        if m and (tag := wanted.get(m.group(1).lower())) and tag not in out:
+            out[tag] = m.group(2).capitalize()
+    return {t: out.get(t, "None") for t in present}
+
+
+_verdict_piece = st.one_of(
+    st.builds(lambda t, v: f"{t}: {v}", st.sampled_from(TAGS + ("role", "Tone")),
+              st.sampled_from(("Good", "Bad", "None", "good", "BAD", "Goodish"))),
+    st.sampled_from(["\n", "\r\n", "\u2028", " ", "**", "-", ":", ""]),
+)
+
+
+@given(st.lists(_verdict_piece, max_size=20).map("".join), tag_subset)
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+def test_the_one_pass_verdict_parse_agrees_with_the_line_by_line_parse(text, present):
+    assert parse_verdicts(text, present) == _verdicts_line_by_line(text, present)
+    exact = "".join(f"{t}: Good\n" for t in present)
+    assert parse_verdicts(exact, present) == _verdicts_line_by_line(exact, present)
