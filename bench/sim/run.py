@@ -80,15 +80,16 @@ def stream(workload: Workload, spec: EngineSpec, tokenizer, *, max_inflight: int
         return asyncio.run(_stream(workload, spec, tokenizer, Path(tmp), max_inflight, charge_wrapper))
 
 
-def batch(spec: EngineSpec, recorded: Recorded) -> dict:
+def batch(spec: EngineSpec, recorded: Recorded, limit: int | None = None) -> dict:
     """The offline way: all P1 requests at once, run to the end, then all P3, then all P4
-    (what `Engine.generate(list)` users do). The same engine calls as the streaming run."""
+    (what `Engine.generate(list)` users do). The same engine calls as the streaming run (with
+    `limit`, the first `limit` of each phase)."""
     eng = SimEngine(spec)
     t = 0.0
     phases = {}
     rid = 0
     for phase in (*PHASES, *sorted(set(recorded.calls) - set(PHASES))):
-        calls = recorded.calls.get(phase, [])
+        calls = recorded.calls.get(phase, [])[:limit]
         for plen, raw, max_new, out_len, con in calls:
             eng.add(SimReq(rid, plen, replay_chain(raw), max_new, out_len, con, group=phase))
             rid += 1
