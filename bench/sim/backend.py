@@ -32,8 +32,8 @@ from engine.request import Request, Result
 from sysgen.tags import TAGS
 
 # Paper Table 8 (LLaMA-3.1-8B-instruct) tag counts / 806,796 instances: how often P1 writes each tag.
-TAG_RATE = dict(zip(TAGS, (576_341, 580_231, 579_558, 495_301, 283_579, 293_791, 10_238, 327_909)))
-TAG_RATE = {t: c / 806_796 for t, c in TAG_RATE.items()}
+_TAG_COUNTS = (576_341, 580_231, 579_558, 495_301, 283_579, 293_791, 10_238, 327_909)
+TAG_RATE = {t: c / 806_796 for t, c in zip(TAGS, _TAG_COUNTS, strict=True)}
 GOOD_RATE = 0.93  # P3 verdicts Good; the paper keeps 586,831 of 602,750 after P3 (97%) with ~4 tags
 _WORDS = ("clear", "user", "answer", "steps", "concise", "math", "code", "explain", "task", "style")
 
@@ -53,7 +53,8 @@ class SimBackend(BackendBase):
     name = "sim"
 
     def __init__(self, engine: SimEngine, tokenizer, workload: Workload | None = None, *,
-                 model_id: str = "sim:Llama-3.1-8B", record: bool = True, charge_wrapper: bool = True) -> None:
+                 model_id: str = "sim:Llama-3.1-8B", record: bool = True,
+                 charge_wrapper: bool = True) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.workload = workload
@@ -147,7 +148,8 @@ class SimBackend(BackendBase):
         while not self._closed:
             c0, s0 = time.process_time(), self.sim_cpu_s
             await self._settle()
-            wrapper = max(0.0, time.process_time() - c0 - (self.sim_cpu_s - s0)) if self.charge_wrapper else 0.0
+            wrapper = max(0.0, time.process_time() - c0 - (self.sim_cpu_s - s0))
+            wrapper = wrapper if self.charge_wrapper else 0.0
             t0 = time.process_time()
             out = eng.step()
             if out is None:

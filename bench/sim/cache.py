@@ -75,7 +75,8 @@ class PrefixCache:
                 lru[h] = None
 
     def evict(self, tokens: int) -> int:
-        """Drop unlocked blocks, oldest first, until `tokens` are freed or none is left; returns tokens freed."""
+        """Drop unlocked blocks, oldest first, until `tokens` are freed or none is left; returns the
+        tokens freed."""
         freed = 0
         while freed < tokens and self.lru:
             h, _ = self.lru.popitem(last=False)

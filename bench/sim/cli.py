@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> dict:
     spec = engine_spec(args.profile, fp8=args.fp8)
     with tempfile.TemporaryDirectory(prefix="sysgen-sim-wl-") as tmp:
         try:
-            wl = build(Path(tmp) / "workload.jsonl", args.instances, tok, data_dir=args.data, turns=args.turns,
-                       seed=args.seed)
+            wl = build(Path(tmp) / "workload.jsonl", args.instances, tok, data_dir=args.data,
+                       turns=args.turns, seed=args.seed)
         except NoData as e:
             print(f"bench.sim: {e}; only the calibration ran", file=sys.stderr)
             res["skipped"] = str(e)
@@ -97,9 +97,9 @@ def run(args: argparse.Namespace) -> dict:
     for prof, fp8 in PROFILES if not args.quick else ():
         name = prof + (" fp8" if fp8 else " bf16")
         b = batch(engine_spec(prof, fp8=fp8), recorded, limit)
+        streamed_s = b["virtual_s"] / res["wrapper_vs_batch"]
         table[name] = {"batch_hours_806796": round(predicted_hours(b["virtual_s"], share), 2),
-                       "predicted_hours_806796": round(predicted_hours(b["virtual_s"] / res["wrapper_vs_batch"],
-                                                                       share), 2),
+                       "predicted_hours_806796": round(predicted_hours(streamed_s, share), 2),
                        "output_tokens_per_s": b["output_tokens_per_s"], "cached_ratio": b["cached_ratio"]}
     res["profiles"] = table
     res["profiles_from_instances"] = round(share)
@@ -111,16 +111,18 @@ def run(args: argparse.Namespace) -> dict:
 def _print(res: dict) -> None:
     print("bench.sim: SIMULATED SGLang engine in virtual time (not a GPU measurement)")
     c = res["calibration"]
-    print(f"  calibration: {c['output_tokens_per_s']:,.0f} simulated vs {c['published']['output_tokens_per_s']:,} "
-          f"published output tok/s ({c['published']['what']})")
+    pub = c["published"]
+    print(f"  calibration: {c['output_tokens_per_s']:,.0f} simulated vs {pub['output_tokens_per_s']:,} "
+          f"published output tok/s ({pub['what']})")
     for key in ("calibration_ratio", "instances", "wrapper_vs_batch", "engine_busy", "cached_ratio_p1_p3",
                 "predicted_hours_806796"):
         if key in res:
             print(f"  {key:<24} {res[key]!s:>10}  {_verdict(key, res[key])}")
     if "stream" in res:
         s, b = res["stream"], res["batch"]
-        print(f"  stream: {s['virtual_s']:,.0f} virtual s, {s['output_tokens_per_s']:,.0f} output tok/s, kept "
-              f"{s['kept']:,}, wrapper CPU {s['wrapper_cpu_us_per_request']} us/request, real {s['real_s']} s")
+        print(f"  stream: {s['virtual_s']:,.0f} virtual s, {s['output_tokens_per_s']:,.0f} output tok/s, "
+              f"kept {s['kept']:,}, wrapper CPU {s['wrapper_cpu_us_per_request']} us/request, "
+              f"real {s['real_s']} s")
         phases = ", ".join(f"{k} {v['virtual_s']:,.0f} s" for k, v in b["phases"].items())
         print(f"  batch:  {b['virtual_s']:,.0f} virtual s, {b['output_tokens_per_s']:,.0f} output tok/s "
               f"(phases {phases})")
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--instances", type=int, default=100_000)
     ap.add_argument("--profile", default="h100-80gb", help="kernels_cfg profile of the streamed run")
     ap.add_argument("--fp8", action="store_true", help="the profile's fp8 settings (Hopper)")
-    ap.add_argument("--max-inflight", type=int, default=None, help="scheduler window (default: from capacity)")
+    ap.add_argument("--max-inflight", type=int, default=None,
+                    help="scheduler window (default: from capacity)")
     ap.add_argument("--sweep", type=int, nargs="*", help="also stream with each of these max_inflight values")
     ap.add_argument("--turns", type=int, default=None, help="keep the first N exchanges of each conversation")
     ap.add_argument("--data", type=Path, default=default_data_dir(), help="the real sample rows (SOURCES.md)")

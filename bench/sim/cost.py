@@ -94,7 +94,8 @@ class CostModel:
 
     def linear_s(self, tokens: int) -> float:
         m = self.model
-        return max(m.matmul_params * m.weight_bytes_per_param / self.bw, 2 * m.matmul_params * tokens / self.fl)
+        weights = m.matmul_params * m.weight_bytes_per_param / self.bw
+        return max(weights, 2 * m.matmul_params * tokens / self.fl)
 
     def step_s(self, *, decode: int, decode_ctx: int, prefill: int = 0, prefill_pairs: float = 0.0,
                prefill_ctx_read: int = 0, constrained: int = 0) -> float:
@@ -153,5 +154,5 @@ def engine_spec(profile: str, *, fp8: bool = False, model: ModelSpec | None = No
     static = meta["memory_mib"] * 1024**2 * args["mem_fraction_static"]
     kv_tokens = int((static - m.params * m.weight_bytes_per_param) / m.kv_bytes_per_token)
     cost = CostModel(profile, hw["hbm_bytes_s"], flops, m, **cost_kw)
-    return EngineSpec(profile, int(args["max_running_requests"]), kv_tokens, int(args["chunked_prefill_size"]),
-                      bool(args.get("enable_mixed_chunk", False)), cost)
+    return EngineSpec(profile, int(args["max_running_requests"]), kv_tokens,
+                      int(args["chunked_prefill_size"]), bool(args.get("enable_mixed_chunk", False)), cost)

@@ -181,7 +181,8 @@ class SimEngine:
                 pairs += n * p0 + n * (n + 1) / 2
                 ctx_read += p0
                 r.done += n
-            dur = self.cost.step_s(decode=decode, decode_ctx=self._sum_prompt + self.generated if decode else 0,
+            ctx = self._sum_prompt + self.generated if decode else 0
+            dur = self.cost.step_s(decode=decode, decode_ctx=ctx,
                                    prefill=ptoks, prefill_pairs=pairs, prefill_ctx_read=ctx_read,
                                    constrained=self._constrained if decode else 0)
             if decode:
@@ -198,7 +199,8 @@ class SimEngine:
             if k == 0:
                 self._retract()
                 return 0.0, []
-            dur = self.cost.decode_run_s(k, n_run, self._sum_prompt + self.generated + n_run, self._constrained)
+            ctx0 = self._sum_prompt + self.generated + n_run
+            dur = self.cost.decode_run_s(k, n_run, ctx0, self._constrained)
             self.S += k
             self.ratio = max(MIN_NEW_TOKEN_RATIO, self.ratio - RATIO_DECAY * k)
         self._make_room()

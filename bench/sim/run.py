@@ -14,6 +14,7 @@ from bench.sim.engine import SimEngine, SimReq
 from bench.sim.workload import PAPER_TOTAL, Workload
 
 PHASES = ("p1", "p3", "p4")
+_PHASE_KEYS = ("requests", "prompt_tokens", "cached_tokens", "output_tokens")
 
 
 def _ratio(stats, groups) -> float:
@@ -36,8 +37,7 @@ def engine_summary(eng: SimEngine, seconds: float) -> dict:
         "cached_ratio": round(s.cached_tokens / s.prompt_tokens, 4) if s.prompt_tokens else 0.0,
         "cached_ratio_p1_p3": round(_ratio(s, ("p1", "p3")), 4),
         "retractions": s.retractions,
-        "by_phase": {g: dict(zip(("requests", "prompt_tokens", "cached_tokens", "output_tokens"), v))
-                     for g, v in sorted(s.by_group.items())},
+        "by_phase": {g: dict(zip(_PHASE_KEYS, v, strict=True)) for g, v in sorted(s.by_group.items())},
     }
 
 

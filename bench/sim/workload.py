@@ -121,7 +121,5 @@ def build(out: Path, n: int, tokenizer, *, data_dir: Path | None = None, turns: 
 
 
 def parse_marker(text: str) -> tuple[int, int] | None:
-    m = None
-    for m in MARKER.finditer(text):
-        pass
-    return (int(m.group(1)), int(m.group(2))) if m else None
+    found = MARKER.findall(text)
+    return (int(found[-1][0]), int(found[-1][1])) if found else None
