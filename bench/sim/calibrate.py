@@ -6,7 +6,8 @@ SGLang v0.3.0, `--enable-torch-compile --disable-radix-cache`, `bench_serving --
 --num-prompts 5000` (request rate inf: every request submitted at once): 22.03 requests/s,
 4281.51 output tokens/s. No SGLang-published ShareGPT offline figure for 8B on one H100 was found
 (only charts and CI lower bounds), so the cost model is checked on the A100 and run with the same
-efficiencies on the H100/H200 datasheet figures.
+efficiencies on the H100/H200 datasheet figures; `prefill_check` adds a prefill-bound point measured
+on an H100 by an SGLang maintainer. That run and this one use SGLang 0.3's defaults (no mixed chunk).
 
 The ShareGPT mix: bench_serving keeps conversations with prompt 4..1024 tokens and prompt + output
 <= 2048, prompt = first human turn, output = the first reply's length. We draw both from lognormals
@@ -88,3 +89,30 @@ def calibrate(n: int = PUBLISHED["num_prompts"], seed: int = 0) -> dict:
     res["published"] = PUBLISHED
     res["engine"] = spec.describe()
     return res
+
+
+PREFILL_PUBLISHED = {
+    "source": "github.com/sgl-project/sglang/pull/1060 (an SGLang maintainer's run on the PR's H100)",
+    "what": "Llama-3.1-8B-Instruct, --enable-torch-compile --disable-radix-cache --disable-flashinfer; "
+            "bench_serving random, 1000 prompts, input uniform in [0, 8192], output in [0, 8], all at once",
+    "gpu_profile": "h100-80gb",
+    "input_tokens_per_s": 27670.26,
+}
+
+
+def prefill_check(seed: int = 0) -> dict:
+    """A second, prefill-bound point on the H100 itself (the ShareGPT point above is decode-heavy
+    and on an A100): simulated input tokens/s over the published figure."""
+    spec = engine_spec("h100-80gb", overrides={"enable_mixed_chunk": False})
+    eng = SimEngine(spec)
+    rng = random.Random(seed)
+    for i in range(1000):
+        p, o = rng.randint(1, 8192), rng.randint(1, 8)
+        eng.add(SimReq(i, p, array("q", (rng.getrandbits(62) for _ in range(p // eng.block))), o, o))
+    eng.feeding = False
+    t = 0.0
+    while (out := eng.step()) is not None:
+        t += out[0]
+    rate = eng.stats.prompt_tokens / t
+    return {"input_tokens_per_s": rate, "ratio": rate / PREFILL_PUBLISHED["input_tokens_per_s"],
+            "published": PREFILL_PUBLISHED}

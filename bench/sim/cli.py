@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.sim.calibrate import calibrate
+from bench.sim.calibrate import calibrate, prefill_check
 from bench.sim.cost import engine_spec
 from bench.sim.run import batch, predicted_hours, stream
 from bench.sim.workload import PAPER_TOTAL, NoData, build, default_data_dir
@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> dict:
     cal = calibrate(seed=args.seed)
     res["calibration_ratio"] = round(cal["calibration_ratio"], 3)
     res["calibration"] = cal
+    pre = prefill_check(seed=args.seed)
+    res["calibration_prefill_ratio_h100"] = round(pre["ratio"], 3)
+    res["calibration_prefill"] = pre
     tok = _tokenizer()
     spec = engine_spec(args.profile, fp8=args.fp8)
     with tempfile.TemporaryDirectory(prefix="sysgen-sim-wl-") as tmp:
@@ -114,8 +117,13 @@ def _print(res: dict) -> None:
     pub = c["published"]
     print(f"  calibration: {c['output_tokens_per_s']:,.0f} simulated vs {pub['output_tokens_per_s']:,} "
           f"published output tok/s ({pub['what']})")
-    for key in ("calibration_ratio", "instances", "wrapper_vs_batch", "engine_busy", "cached_ratio_p1_p3",
-                "predicted_hours_806796"):
+    pre = res["calibration_prefill"]
+    print(f"  prefill check: {pre['input_tokens_per_s']:,.0f} simulated vs "
+          f"{pre['published']['input_tokens_per_s']:,} published input tok/s on an H100 "
+          f"({pre['published']['source']})")
+    keys = ("calibration_ratio", "calibration_prefill_ratio_h100", "instances", "wrapper_vs_batch",
+            "engine_busy", "cached_ratio_p1_p3", "predicted_hours_806796")
+    for key in keys:
         if key in res:
             print(f"  {key:<24} {res[key]!s:>10}  {_verdict(key, res[key])}")
     if "stream" in res:

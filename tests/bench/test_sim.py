@@ -115,6 +115,12 @@ def test_calibration_lands_near_the_published_figure():
     assert 0.85 <= res["calibration_ratio"] <= 1.15
 
 
+def test_prefill_check_on_the_h100():
+    from bench.sim.calibrate import prefill_check
+
+    assert 0.85 <= prefill_check()["ratio"] <= 1.15
+
+
 def test_the_simulation_is_never_an_auto_choice():
     from engine.backends.select import _NAMES, choose_backend
 
