@@ -42,11 +42,12 @@ _WORDS = ("clear", "user", "answer", "steps", "concise", "math", "code", "explai
 class Recorded:
     """Every engine call of a run, by phase, for the phase-by-phase batch replay."""
 
-    calls: dict[str, list[tuple[int, bytes, int, int, bool]]] = field(default_factory=dict)
+    calls: dict[str, list[tuple]] = field(default_factory=dict)
 
     def add(self, group: str, r: SimReq) -> None:
+        keep = r.keep.tobytes() if r.keep is not None else None
         self.calls.setdefault(group, []).append((r.prompt_len, r.chain.tobytes(), r.max_new, r.out_len,
-                                                  r.constrained))
+                                                  r.constrained, keep))
 
 
 class SimBackend(BackendBase):
@@ -54,7 +55,7 @@ class SimBackend(BackendBase):
 
     def __init__(self, engine: SimEngine, tokenizer, workload: Workload | None = None, *,
                  model_id: str = "sim:Llama-3.1-8B", record: bool = True,
-                 charge_wrapper: bool = True) -> None:
+                 charge_wrapper: bool = True, keep_outputs: bool = False) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.workload = workload
@@ -63,6 +64,7 @@ class SimBackend(BackendBase):
                                          max_context=131_072)
         self.record = Recorded() if record else None
         self.charge_wrapper = charge_wrapper
+        self.keep_outputs = keep_outputs  # cache prompt + answer token ids (multi-turn chains)
         self.vt = 0.0  # virtual seconds
         self.wrapper_cpu_s = 0.0  # charged wrapper CPU
         self.wrapper_bound_s = 0.0  # virtual time where the wrapper, not the GPU, set the pace
@@ -97,6 +99,9 @@ class SimBackend(BackendBase):
             self.p1_seen += 1
             if self.expected_p1 is not None and self.p1_seen >= self.expected_p1:
                 self.engine.feeding = False
+        if self.keep_outputs and self.tokenizer is not None and request.group == "p4":
+            out_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            r.keep = block_chain(list(prompt) + list(out_ids))
         self.engine.add(r)
         if self.record is not None:
             self.record.add(request.group or "other", r)

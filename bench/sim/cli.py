@@ -79,10 +79,11 @@ def run(args: argparse.Namespace) -> dict:
             return res
         res["instances"] = args.instances
         res["workload"] = {"datasets": wl.datasets, "turns": args.turns or "all"}
+        keep = args.keep_outputs if args.keep_outputs is not None else bool(args.turns and args.turns > 1)
         for mi in args.sweep or ():
-            s, _ = stream(wl, spec, tok, max_inflight=mi)
+            s, _ = stream(wl, spec, tok, max_inflight=mi, keep_outputs=keep)
             res.setdefault("sweep", {})[str(mi)] = s
-        streamed, recorded = stream(wl, spec, tok, max_inflight=args.max_inflight)
+        streamed, recorded = stream(wl, spec, tok, max_inflight=args.max_inflight, keep_outputs=keep)
         base = batch(spec, recorded)
     res["engine"] = spec.describe()
     res["stream"] = streamed
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="scheduler window (default: from capacity)")
     ap.add_argument("--sweep", type=int, nargs="*", help="also stream with each of these max_inflight values")
     ap.add_argument("--turns", type=int, default=None, help="keep the first N exchanges of each conversation")
+    ap.add_argument("--keep-outputs", action=argparse.BooleanOptionalAction, default=None,
+                    help="cache P4 prompt + answer ids for the next turn (default: on when --turns > 1)")
     ap.add_argument("--data", type=Path, default=default_data_dir(), help="the real sample rows (SOURCES.md)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="skip the per-profile table")

@@ -9,7 +9,9 @@ Modelled on SGLang's scheduler (srt/managers/scheduler.py, schedule_policy.py), 
 - the prefix cache (cache.py): cached prompt tokens are not recomputed and are reported per request,
   like meta_info.cached_tokens; finished requests' blocks stay cached until evicted (LRU);
 - waiting order: longest cached prefix first while at most 128 wait (lpm), arrival order beyond;
-- retraction: when decode would overflow the pool, the newest request goes back to the queue.
+- retraction: when decode would overflow the pool, the newest request goes back to the queue;
+- a finished request's prompt and output stay cached when the caller passes their ids (`keep`),
+  so a multi-turn chain's next prompt (this one plus its answer plus the next user turn) hits.
 Decode steps between events are summed in closed form (cost.py), so hours of GPU time take seconds.
 The match used for lpm ordering is taken when a request arrives (SGLang recomputes it each round;
 the difference is small here: the shared templates are cached from the first request on).
@@ -45,6 +47,7 @@ class SimReq:
     done: int = 0  # prompt tokens prefilled (cached ones included)
     start: int = 0  # decode-step counter at which its first output token counted
     finish_at: int = 0
+    keep: array | None = None  # prompt + output blocks left in the cache when it finishes
 
     @property
     def tail(self) -> int:
@@ -203,9 +206,10 @@ class SimEngine:
             dur = self.cost.decode_run_s(k, n_run, ctx0, self._constrained)
             self.S += k
             self.ratio = max(MIN_NEW_TOKEN_RATIO, self.ratio - RATIO_DECAY * k)
-        self._make_room()
         self._count(k, n_run + len(work), kv_full, dur)
-        return dur, self._finished()
+        done = self._finished()
+        self._make_room()
+        return dur, done
 
     def _decode_run_length(self) -> int:
         n = len(self.running)
@@ -245,6 +249,9 @@ class SimEngine:
             if r is None or r.finish_at != at:
                 continue  # retracted
             self._leave(r)
+            if r.keep is not None:  # SGLang caches prompt + output: a next turn extending it hits
+                self.cache.lock(r.keep)
+                self.cache.unlock(r.keep)
             self.stats.add(r)
             out.append(r)
         return out

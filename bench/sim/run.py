@@ -42,13 +42,13 @@ def engine_summary(eng: SimEngine, seconds: float) -> dict:
 
 
 async def _stream(workload: Workload, spec: EngineSpec, tokenizer, out: Path, max_inflight: int | None,
-                  charge_wrapper: bool) -> tuple[dict, Recorded]:
+                  charge_wrapper: bool, keep_outputs: bool) -> tuple[dict, Recorded]:
     from engine.store import Store
     from sysgen.config import RunConfig
     from sysgen.pipeline import run_stream
 
     eng = SimEngine(spec)
-    backend = SimBackend(eng, tokenizer, workload, charge_wrapper=charge_wrapper)
+    backend = SimBackend(eng, tokenizer, workload, charge_wrapper=charge_wrapper, keep_outputs=keep_outputs)
     backend.expected_p1 = workload.instances
     # engine="auto" is never resolved here: the simulated backend is passed in directly.
     cfg = RunConfig(inputs=(str(workload.path),), out=str(out), max_inflight=max_inflight,
@@ -73,11 +73,13 @@ async def _stream(workload: Workload, spec: EngineSpec, tokenizer, out: Path, ma
 
 
 def stream(workload: Workload, spec: EngineSpec, tokenizer, *, max_inflight: int | None = None,
-           workdir: Path | None = None, charge_wrapper: bool = True) -> tuple[dict, Recorded]:
+           workdir: Path | None = None, charge_wrapper: bool = True,
+           keep_outputs: bool = False) -> tuple[dict, Recorded]:
     """sysgen's real run_stream (scheduler, store, pipeline) over the workload, simulated engine.
     Runs on asyncio's default loop: the driver needs to see when the loop is idle."""
     with tempfile.TemporaryDirectory(prefix="sysgen-sim-", dir=workdir) as tmp:
-        return asyncio.run(_stream(workload, spec, tokenizer, Path(tmp), max_inflight, charge_wrapper))
+        return asyncio.run(_stream(workload, spec, tokenizer, Path(tmp), max_inflight, charge_wrapper,
+                                   keep_outputs))
 
 
 def batch(spec: EngineSpec, recorded: Recorded, limit: int | None = None) -> dict:
@@ -90,8 +92,9 @@ def batch(spec: EngineSpec, recorded: Recorded, limit: int | None = None) -> dic
     rid = 0
     for phase in (*PHASES, *sorted(set(recorded.calls) - set(PHASES))):
         calls = recorded.calls.get(phase, [])[:limit]
-        for plen, raw, max_new, out_len, con in calls:
-            eng.add(SimReq(rid, plen, replay_chain(raw), max_new, out_len, con, group=phase))
+        for plen, raw, max_new, out_len, con, keep in calls:
+            eng.add(SimReq(rid, plen, replay_chain(raw), max_new, out_len, con, group=phase,
+                           keep=replay_chain(keep) if keep is not None else None))
             rid += 1
         t0 = t
         while (out := eng.step()) is not None:

@@ -168,5 +168,19 @@ def test_streaming_run_through_the_real_pipeline(tmp_path, shared_data, smol_tok
     assert 0.5 < base["virtual_s"] / res["virtual_s"] < 2
 
 
+def test_a_kept_answer_serves_the_next_turn():
+    """Multi-turn chains: turn j+1's prompt is turn j's prompt + answer + the next user turn."""
+    eng = SimEngine(_spec())
+    turn1 = list(range(1000, 1320))
+    answer = list(range(5000, 5160))
+    first = SimReq(0, len(turn1), block_chain(turn1), 160, 160, keep=block_chain(turn1 + answer))
+    eng.add(first)
+    _drain(eng)
+    nxt = turn1 + answer + list(range(9000, 9100))
+    eng.add(SimReq(1, len(nxt), block_chain(nxt), 10, 10))
+    (second,), _ = _drain(eng)
+    assert second.cached == 480  # 320 + 160: the whole first turn, answer included
+
+
 def test_block_chain_of_a_partial_block():
     assert len(block_chain(array("q", range(BLOCK * 3 + 5)))) == 3
