@@ -4,7 +4,9 @@ For bench.sim only. It is not in engine/backends/ and `--engine auto` never pick
 builds it and hands it to sysgen's real pipeline (run_stream), scheduler and store.
 
 generate() turns a request into a SimReq (prompt block hashes, the output length it will produce)
-and waits for the simulated engine (engine.py) to finish it. A driver task alternates:
+and waits for the simulated engine (engine.py) to finish it. Requests submitted while a forward
+runs join the engine's queue after it (one forward of lag, as SGLang forms the next batch while
+results travel back). A driver task alternates:
   1. let the wrapper run until the event loop has nothing ready (it reacts to finished requests:
      store writes, parsing, next-phase prompts, new submissions), measuring the process CPU time it
      took, minus the simulation's own share;
@@ -72,6 +74,7 @@ class SimBackend(BackendBase):
         self.expected_p1: int | None = None  # instances; "feeding" lasts until that many P1s arrived
         self.p1_seen = 0
         self._futs: dict[int, tuple[asyncio.Future, SimReq, str, str]] = {}
+        self._arriving: list[SimReq] = []  # submitted during the wrapper's last reaction
         self._next = 0
         self._wake = asyncio.Event()
         self._driver: asyncio.Task | None = None
@@ -102,7 +105,7 @@ class SimBackend(BackendBase):
         if self.keep_outputs and self.tokenizer is not None and request.group == "p4":
             out_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             r.keep = block_chain(list(prompt) + list(out_ids))
-        self.engine.add(r)
+        self._arriving.append(r)
         if self.record is not None:
             self.record.add(request.group or "other", r)
         fut = asyncio.get_running_loop().create_future()
@@ -135,6 +138,11 @@ class SimBackend(BackendBase):
         where = parse_marker(self.tokenizer.decode(list(request.prompt[-24:])))
         return self.workload.answer_tokens(*where) if where else None
 
+    def _admit_arrivals(self) -> None:
+        for r in self._arriving:
+            self.engine.add(r)
+        self._arriving.clear()
+
     # ---- the virtual clock ----
     async def _settle(self) -> None:
         """Yield until the event loop has no ready callbacks (asyncio's default loop keeps them in
@@ -156,7 +164,13 @@ class SimBackend(BackendBase):
             wrapper = max(0.0, time.process_time() - c0 - (self.sim_cpu_s - s0))
             wrapper = wrapper if self.charge_wrapper else 0.0
             t0 = time.process_time()
+            # Requests submitted while the engine ran the last forward reach its queue one forward
+            # later (SGLang forms the next batch while the wrapper reacts), unless it is idle.
+            if eng.idle:
+                self._admit_arrivals()
+            eng.max_run = 1 if self._arriving else None
             out = eng.step()
+            self._admit_arrivals()
             if out is None:
                 self.vt += wrapper
                 self.wrapper_cpu_s += wrapper

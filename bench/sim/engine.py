@@ -101,6 +101,7 @@ class SimEngine:
         self._constrained = 0
         self.ratio = INIT_NEW_TOKEN_RATIO
         self.feeding = True  # set by the driver: more requests may still arrive
+        self.max_run: int | None = None  # set by the driver: cap on decode steps summed at once
         self.stats = EngineStats()
 
     # ---- bookkeeping ----
@@ -214,6 +215,8 @@ class SimEngine:
     def _decode_run_length(self) -> int:
         n = len(self.running)
         k = self._heap[0][0] - self.S
+        if self.max_run is not None:
+            k = min(k, self.max_run)
         if self.waiting and n < self.spec.max_running:
             k = min(k, 8)  # admission may open up as new_token_ratio decays: look again soon
         room = self.spec.kv_tokens - self.used + self.cache.evictable_tokens
