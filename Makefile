@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.sysgen-installed
 SGLANG_PIN := 0.5.23
 
-.PHONY: setup demo test lint bench-overhead bench-crash bench-cpu bench-grammar clean
+.PHONY: setup demo test lint bench-overhead bench-crash bench-cpu bench-grammar bench-sim clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench-cpu: $(STAMP)
 
 bench-grammar: $(STAMP)
 	$(PY) -m bench.grammar --json bench-grammar.json
+
+bench-sim: $(STAMP)
+	$(PY) -m bench.sim --json bench-sim.json
 
 clean:
 	rm -rf demo-out .pytest_cache
