@@ -72,13 +72,14 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="sysgen-sim-wl-") as tmp:
         try:
             wl = build(Path(tmp) / "workload.jsonl", args.instances, tok, data_dir=args.data,
-                       turns=args.turns, seed=args.seed)
+                       turns=args.turns, seed=args.seed, paper_answers=args.paper_answers)
         except NoData as e:
             print(f"bench.sim: {e}; only the calibration ran", file=sys.stderr)
             res["skipped"] = str(e)
             return res
         res["instances"] = args.instances
-        res["workload"] = {"datasets": wl.datasets, "turns": args.turns or "all"}
+        res["workload"] = {"datasets": wl.datasets, "turns": args.turns or "all",
+                           "answer_lengths": "paper Table 9 means" if args.paper_answers else "real rows"}
         keep = args.keep_outputs if args.keep_outputs is not None else bool(args.turns and args.turns > 1)
         for mi in args.sweep or ():
             s, _ = stream(wl, spec, tok, max_inflight=mi, keep_outputs=keep)
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-outputs", action=argparse.BooleanOptionalAction, default=None,
                     help="cache P4 prompt + answer ids for the next turn (default: on when --turns > 1)")
     ap.add_argument("--data", type=Path, default=default_data_dir(), help="the real sample rows (SOURCES.md)")
+    ap.add_argument("--paper-answers", action="store_true",
+                    help="scale answer lengths to the paper's Table 9 means per dataset")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="skip the per-profile table")
     ap.add_argument("--profile-instances", type=int, default=20_000,

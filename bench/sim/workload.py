@@ -85,14 +85,21 @@ def _exchanges(inst: Instance, turns: int | None) -> list[tuple[str, str]]:
 
 
 def build(out: Path, n: int, tokenizer, *, data_dir: Path | None = None, turns: int | None = None,
-          seed: int = 0) -> Workload:
-    """Write n instances (ShareGPT JSON Lines) to `out`; lengths per real row are tokenized once."""
+          seed: int = 0, paper_answers: bool = False) -> Workload:
+    """Write n instances (ShareGPT JSON Lines) to `out`; lengths per real row are tokenized once.
+    `paper_answers`: scale each dataset's answer lengths so their mean matches the paper's Table 9
+    (our samples' answers are shorter: GSM8K's 290 characters against Orca-Math's 878)."""
     samples = load_samples(data_dir or default_data_dir())
     names = list(PAPER)
     weights = [PAPER[k][0] for k in names]
     enc = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-    row_answers = {k: [tuple(enc(c) for r, c in _exchanges(i, turns) if r == "assistant") for i in rows]
-                   for k, rows in samples.items()}
+    row_answers = {}
+    for k, rows in samples.items():
+        scale = 1.0
+        if paper_answers:
+            scale = PAPER[k][3] / (sum(len(r.original_answer or "") for r in rows) / len(rows))
+        row_answers[k] = [tuple(max(1, round(scale * enc(c))) for r, c in _exchanges(i, turns)
+                                if r == "assistant") for i in rows]
     rng = random.Random(seed)
     answers: list[tuple[int, ...]] = []
     drawn = dict.fromkeys(names, 0)
