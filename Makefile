@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.sysgen-installed
 SGLANG_PIN := 0.5.23
 
-.PHONY: setup demo test lint bench-overhead bench-crash bench-cpu bench-grammar bench-http clean
+.PHONY: setup demo test lint bench-overhead bench-crash bench-cpu bench-grammar bench-http bench-sim clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,9 @@ bench-grammar: $(STAMP)
 
 bench-http: $(STAMP)
 	$(PY) -m bench.http --candidates --json bench-http.json
+
+bench-sim: $(STAMP)
+	$(PY) -m bench.sim --json bench-sim.json
 
 clean:
 	rm -rf demo-out .pytest_cache

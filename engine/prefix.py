@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 _SENTINEL = "\ue000SYSGEN-USER\ue000"
 VERIFY_FIRST = 4  # prompts per template checked against whole-string tokenization
+MAX_SPLITS = 256  # templates whose split is kept (and one-off system texts remembered)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ChatPrompter:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self._splits: dict[str | None, _Split] = {}
+        self._seen_once: dict[str | None, None] = {}  # insertion-ordered: the oldest goes first
         specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
         for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
             if getattr(tok, "special", False):
@@ -53,6 +55,16 @@ class ChatPrompter:
     def ids(self, system: str | None, user: str) -> tuple[int, ...]:
         split = self._splits.get(system)
         if split is None:
+            # A system text seen once (P4's per-instance system message) is tokenized whole: a split
+            # would cost two more tokenizations and stay in memory for good. Templates seen twice
+            # are split; at most MAX_SPLITS are kept (oldest dropped).
+            if system not in self._seen_once:
+                self._seen_once[system] = None
+                if len(self._seen_once) > MAX_SPLITS:
+                    del self._seen_once[next(iter(self._seen_once))]
+                return tuple(self.encode(self.render(system, user)))
+            if len(self._splits) >= MAX_SPLITS:
+                del self._splits[next(iter(self._splits))]
             split = self._splits[system] = self._make_split(system)
         if not split.ok:
             return tuple(self.encode(self.render(system, user)))

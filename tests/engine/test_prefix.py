@@ -63,6 +63,7 @@ def test_split_equals_whole_prompt_for_every_sample(tokenizer, request):
 def test_prefix_is_identical_across_instances(smol_tokenizer):
     chat = ChatPrompter(smol_tokenizer)
     system = prompts.load("p3_verify")
+    chat.ids(system, "a first sight is tokenized whole")
     a, b = chat.ids(system, "first instance"), chat.ids(system, "second, different instance")
     n = chat.prefix_len(system)
     assert n > 50 and a[:n] == b[:n] and a[n:] != b[n:]
@@ -71,9 +72,26 @@ def test_prefix_is_identical_across_instances(smol_tokenizer):
 def test_mismatch_disables_split(smol_tokenizer):
     """If a tokenizer ever merged across the split, the prompter must fall back to the whole string."""
     chat = ChatPrompter(smol_tokenizer)
-    chat.ids("sys", "x")  # build the split
+    chat.ids("sys", "x")
+    chat.ids("sys", "x")  # seen twice: the split is built
     chat._splits["sys"].prefix_ids = (1, 2, 3)  # corrupt it as a merge across the boundary would
     chat._splits["sys"].checked = 0
     got = chat.ids("sys", "hello")
     assert got == tuple(chat.encode(chat.render("sys", "hello")))
     assert not chat._splits["sys"].ok
+
+
+def test_one_off_system_texts_are_not_split_or_kept(smol_tokenizer):
+    """P4's system message differs per instance: splitting it cost two extra tokenizations each time
+    and kept every one in memory (806k entries at the paper's scale)."""
+    from engine import prefix
+
+    chat = ChatPrompter(smol_tokenizer)
+    calls = []
+    encode = chat.encode
+    chat.encode = lambda text: calls.append(text) or encode(text)
+    for i in range(prefix.MAX_SPLITS + 50):
+        system = f"You are assistant number {i}."
+        assert chat.ids(system, "hi") == tuple(encode(chat.render(system, "hi")))
+    assert len(calls) == prefix.MAX_SPLITS + 50, "one tokenization per one-off prompt"
+    assert not chat._splits and len(chat._seen_once) <= prefix.MAX_SPLITS
