@@ -71,12 +71,20 @@ def capacity_from_states(states: Any) -> tuple[int, int, int] | None:
         return None
     running = [s.get("effective_max_running_requests_per_dp") or s.get("max_running_requests")
                for s in states]
-    if not all(isinstance(n, int) and n > 0 for n in running):
+    if not all(_pos_int(n) for n in running):
         return None
-    kv = [(s.get("memory_usage") or {}).get("token_capacity") or s.get("max_total_num_tokens")
-          for s in states]
-    kv_per_rank = min(kv) if all(isinstance(k, int) and k > 0 for k in kv) else 0
+    kv = [_memory(s).get("token_capacity") or s.get("max_total_num_tokens") for s in states]
+    kv_per_rank = min(kv) if all(_pos_int(k) for k in kv) else 0
     return sum(running), len(states), kv_per_rank
+
+
+def _memory(state: dict[str, Any]) -> dict[str, Any]:
+    usage = state.get("memory_usage")
+    return usage if isinstance(usage, dict) else {}  # a malformed one says nothing
+
+
+def _pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0  # a server's JSON true is not 1
 
 
 def sampling_params_for(request: Request) -> dict[str, Any]:

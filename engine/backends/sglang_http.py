@@ -4,10 +4,13 @@ sglang-router) in front of many of them: the path to many GPUs and many nodes.
 Request: POST /generate {"input_ids" | "text", "sampling_params", "rid"}; response {"text",
 "meta_info": {"prompt_tokens", "completion_tokens", "cached_tokens", "finish_reason"}} (sglang
 0.5.23 api/v1 GenerateRequest / GenerateResponse). Errors are classified by type and status in
-engine/backends/http_client.py. Every answer is checked before it becomes a Result: a body that is
-not an object, non-string text or non-integer token counts are a transient engine error, never a
-stored success. Retries are the scheduler's job; `retries` here only covers reaching the server at
-start.
+engine/backends/http_client.py, except SGLang's grammar compile timeout (a 4xx, or an abort
+finish_reason in a 200): the engine's failure, retried once per regex, then the run stops
+(GrammarTimeout, as in engine/backends/sglang.py). Capacity (running requests, DP ranks, KV tokens per
+rank) comes from /server_info's internal_states, one per DP rank, when given. Every answer is
+checked before it becomes a Result: a body that is not an object, non-string text or non-integer
+token counts are a transient engine error, never a stored success. Retries are the scheduler's job;
+`retries` here only covers reaching the server at start.
 """
 
 from __future__ import annotations
@@ -26,7 +29,16 @@ from engine.backend import (
     TransientEngineError,
 )
 from engine.backends.http_client import HTTPClient, Reply, error_message, max_body_bytes, status_error
-from engine.backends.sglang import default_model_id, result_from_output, sampling_params_for
+from engine.backends.sglang import (
+    GRAMMAR_TIMEOUT,
+    GRAMMAR_TIMEOUT_HINT,
+    GrammarTimeout,
+    abort_error,
+    capacity_from_states,
+    default_model_id,
+    result_from_output,
+    sampling_params_for,
+)
 from engine.request import Request, Result, prompt_messages
 
 log = logging.getLogger(__name__)
@@ -67,6 +79,10 @@ class SGLangHTTPBackend(BackendBase):
         self.__key = api_key  # `sglang.launch_server --api-key`; name-mangled, never formatted
         self._client: HTTPClient | None = None
         self._sem = asyncio.Semaphore(self.max_concurrency)
+        # Grammar compile timeouts per regex (see _on_grammar_timeout); once set, the run is over.
+        self.grammar_timeouts_before_stop = 2
+        self._grammar_timeouts: dict[str, int] = {}
+        self._stopped: str | None = None
 
     def __repr__(self) -> str:
         return f"SGLangHTTPBackend(base_url={self.base_url!r}, api_key=<{'set' if self.__key else 'none'}>)"
@@ -141,11 +157,18 @@ class SGLangHTTPBackend(BackendBase):
         if self.model_path and served and _name(served) != _name(self.model_path):
             log.warning("the server at %s serves %s but --model is %s: the tokenizer may not match",
                         self.base_url, served, self.model_path)
-        running = _running_capacity(info)
+        # internal_states: one per DP rank (sglang 0.5.23 http_server.server_info), giving each rank's
+        # running capacity and KV-cache size; older servers and routers give only the flat fields.
+        capacity = capacity_from_states(info.get("internal_states"))
+        if capacity is not None:
+            running, dp, kv = capacity
+        else:
+            running, dp, kv = _running_capacity(info), _pos_int(info.get("dp_size")) or 1, 0
         if running is not None and running > MAX_REPORTED_RUNNING:
             log.warning("the server at %s reports %d requests running at once; using %d (pass --max-inflight "
                         "to go higher)", self.base_url, running, MAX_REPORTED_RUNNING)
             running = MAX_REPORTED_RUNNING
+        dp = min(dp, running) if running else 1  # no more ranks than requests: each rank runs one
         context = _pos_int(info.get("context_length")) or _pos_int(info.get("max_req_input_len"))
         grammar = info.get("grammar_backend")
         if self._cap is None and running:
@@ -156,6 +179,8 @@ class SGLangHTTPBackend(BackendBase):
             token_ids=self.tokenizer is not None,
             max_running=min(self.max_concurrency, running) if running else self.max_concurrency,
             max_context=context or 1 << 20,
+            dp_size=dp,
+            kv_tokens=kv,
         )
 
     def payload(self, request: Request) -> dict[str, Any]:
@@ -174,6 +199,8 @@ class SGLangHTTPBackend(BackendBase):
         return body
 
     async def generate(self, request: Request) -> Result:
+        if self._stopped is not None:
+            raise EngineDied(self._stopped, request)
         if self._client is None:
             await self.start()
         body = self.payload(request)
@@ -181,20 +208,47 @@ class SGLangHTTPBackend(BackendBase):
         async with self._sem:
             r = await self._client.post("/generate", body, request=request,
                                         max_bytes=max_body_bytes(request.sampling.max_new_tokens))
-        if r.status >= 400:
-            raise status_error(url, r, request)
         try:
-            out = r.json()
-        except ValueError as e:
-            raise TransientEngineError(f"{url}: answer is not JSON: {r.body[:200]!r}", request) from e
-        if isinstance(out, list) and len(out) == 1:  # a batch answer to a single request
-            out = out[0]
-        return checked_result(out, request, url)
+            if r.status >= 400:
+                raise generate_error(url, r, request)
+            try:
+                out = r.json()
+            except ValueError as e:
+                raise TransientEngineError(f"{url}: answer is not JSON: {r.body[:200]!r}", request) from e
+            if isinstance(out, list) and len(out) == 1:  # a batch answer to a single request
+                out = out[0]
+            return checked_result(out, request, url)
+        except GrammarTimeout as e:  # a 4xx body, or finish_reason {"type": "abort"} in a 200 one
+            self._on_grammar_timeout(e, request)
+            raise
+
+    def _on_grammar_timeout(self, error: GrammarTimeout, request: Request) -> None:
+        """As SGLangBackend's: retry the first time; a second timeout for the same regex proves the
+        server cached it as invalid (every later request with it would fail until it restarts), so
+        stop the run (resumable) instead of failing them one by one."""
+        regex = request.regex or ""
+        n = self._grammar_timeouts[regex] = self._grammar_timeouts.get(regex, 0) + 1
+        if n >= self.grammar_timeouts_before_stop:
+            self._stopped = self._stopped or f"{error} ({n} times for this regex). {GRAMMAR_TIMEOUT_HINT}."
+            log.error("%s", self._stopped)
+            raise EngineDied(self._stopped, request) from error
 
     async def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
             await client.close()
+
+
+def generate_error(url: str, reply: Reply, request: Request) -> EngineError:
+    """status_error() for a /generate reply, except that a 4xx saying SGLang's grammar compile timed
+    out is the engine's failure (GrammarTimeout, retryable), not the request's (sglang 0.5.23 answers
+    a 400 abort as {"error": {"message"}}: entrypoints/http_server.py generate_request)."""
+    error = status_error(url, reply, request)
+    if isinstance(error, RequestRejected):
+        message = error_message(reply)
+        if GRAMMAR_TIMEOUT in message:
+            return abort_error(f"{url}: {reply.status} {message}", reply.status, request)
+    return error
 
 
 def checked_result(out: Any, request: Request, url: str) -> Result:
@@ -224,13 +278,8 @@ def _pos_int(v: Any) -> int | None:
 
 
 def _running_capacity(info: dict[str, Any]) -> int | None:
-    """Requests the server runs at once: the per-DP-rank figures when it gives them, else
-    max_running_requests x dp_size. A value of the wrong type counts as not given."""
-    states = info.get("internal_states")
-    per_dp = [s.get("effective_max_running_requests_per_dp") for s in states or [] if isinstance(s, dict)] \
-        if isinstance(states, list) else []
-    if per_dp and all(_pos_int(n) for n in per_dp):
-        return sum(per_dp)
+    """Requests the server runs at once when it gives no internal_states: max_running_requests x
+    dp_size. A value of the wrong type counts as not given."""
     running = _pos_int(info.get("max_running_requests"))
     if running is None:
         return None

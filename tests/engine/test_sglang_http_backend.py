@@ -461,3 +461,88 @@ def test_retry_after_as_seconds_or_an_http_date():
     assert retry_after_s("3") == 3.0 and retry_after_s(None) is None and retry_after_s("soon") is None
     assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
     assert retry_after_s("99999") == RETRY_AFTER_CAP_S and retry_after_s("-5") == 0.0
+
+
+# --- SGLang's own signals over HTTP: per-rank capacity, grammar compile timeouts ------------------
+
+def server_capabilities(srv, info: dict):
+    srv.inject("/server_info", Canned(200, info))
+
+    async def go():
+        async with SGLangHTTPBackend(srv.url, model_path=None) as b:
+            return b.capabilities
+
+    return run(go())
+
+
+def test_internal_states_give_dp_ranks_and_kv_capacity():
+    """/server_info's internal_states, one per DP rank (sglang 0.5.23 http_server.server_info):
+    the scheduler sizes its window per rank and by KV cache, so both must reach Capabilities."""
+    ranks = [{"effective_max_running_requests_per_dp": 48, "memory_usage": {"token_capacity": 300_000}},
+             {"effective_max_running_requests_per_dp": 48, "memory_usage": {"token_capacity": 280_000}}]
+    with StandInSGLangServer() as srv:
+        caps = server_capabilities(srv, {"max_running_requests": 48, "dp_size": 2, "internal_states": ranks})
+    assert (caps.max_running, caps.dp_size, caps.kv_tokens) == (96, 2, 280_000)  # the smallest rank's KV
+
+
+def test_absurd_or_malformed_internal_states_are_clamped_or_ignored():
+    with StandInSGLangServer() as srv:
+        caps = server_capabilities(srv, {"internal_states": [
+            {"effective_max_running_requests_per_dp": 10**9, "memory_usage": "lots"}] * 8})
+        assert (caps.max_running, caps.dp_size, caps.kv_tokens) == (MAX_REPORTED_RUNNING, 8, 0)
+        caps = server_capabilities(srv, {"max_running_requests": 64, "dp_size": 4, "internal_states": [
+            {"effective_max_running_requests_per_dp": True}, {"effective_max_running_requests_per_dp": 32}]})
+        assert (caps.max_running, caps.dp_size, caps.kv_tokens) == (256, 4, 0)  # the flat fields instead
+
+
+GRAMMAR_400 = Canned(400, {"error": {"message": "Grammar preprocessing timed out: req.grammar_key=('regex', "
+                                                "'(a|b)')", "type": "invalid_request_error", "code": 400}})
+GRAMMAR_ABORT = Canned(200, {"text": "", "meta_info": {"finish_reason": {
+    "type": "abort", "message": "Failed to compile regex grammar: Grammar preprocessing timed out"},
+    "prompt_tokens": 3, "completion_tokens": 0, "cached_tokens": 0}})
+
+
+@pytest.mark.parametrize("timeout", [GRAMMAR_400, GRAMMAR_ABORT], ids=["400", "abort-in-200"])
+def test_grammar_timeout_is_retried_and_a_second_one_stops_the_run(timeout):
+    """SGLang caches a timed-out grammar as invalid and aborts every later request with that regex:
+    as RequestRejected, one slow compile would store every remaining request as a failure."""
+    with StandInSGLangServer() as srv:
+        srv.inject("/generate", timeout)
+        (result,), _ = through_scheduler(srv, 1)
+        assert result.ok and result.attempts == 2  # the engine's failure: retried, not rejected
+
+        async def go():
+            async with SGLangHTTPBackend(srv.url, model_path=None) as b:
+                sched = Scheduler(b, None, QUICK)
+                try:
+                    with pytest.raises(EngineDied, match="2 times for this regex.*SGLANG_GRAMMAR_MAX_POLL"):
+                        await sched.submit(req())
+                    with pytest.raises(EngineDied):  # and it stays stopped
+                        await b.generate(req(7, regex=None))
+                finally:
+                    await sched.__aexit__(None, None, None)
+
+        srv.inject("/generate", timeout, timeout)
+        n = len(srv.bodies)
+        run(go())
+        assert len(srv.bodies) == n  # both attempts got the canned timeouts; nothing sent after the stop
+
+
+def test_an_ordinary_400_is_still_rejected_and_does_not_count_as_a_grammar_timeout():
+    """Only SGLang's grammar-timeout text is the engine's failure: other 400s (a bad regex, a prompt
+    too long) stay the request's, and do not bring the same regex closer to stopping the run."""
+    with StandInSGLangServer() as srv:
+        async def go():
+            async with SGLangHTTPBackend(srv.url, model_path=None) as b:
+                sched = Scheduler(b, None, QUICK)
+                try:
+                    rejected = [await sched.submit(req(BAD)) for _ in range(2)]
+                    srv.inject("/generate", GRAMMAR_400)  # the same regex, one compile timeout
+                    return rejected, await sched.submit(req())
+                finally:
+                    await sched.__aexit__(None, None, None)
+
+        rejected, retried = run(go())
+    assert [(r.ok, r.attempts) for r in rejected] == [(False, 1)] * 2
+    assert all("400 Invalid regex" in r.error for r in rejected)
+    assert retried.ok and retried.attempts == 2
