@@ -32,7 +32,8 @@ from engine.request import Request, Result, prompt_messages
 
 INSTALL_HINT = "pip install -e '.[cpu]' (brings openvino-genai)"
 MAX_BATCHED_TOKENS = 2048  # tokens per step: ~3 P1 prompts prefill beside a full decode batch
-_REGEX_CACHE = 1024  # P3 regexes vary with the set of present tags: at most 255 of them
+_REGEX_CACHE = 1024
+CPU_PROPERTIES: dict[str, Any] = {}  # P3 regexes vary with the set of present tags: at most 255 of them
 
 
 def default_kv_cache_gb(available_bytes: int | None = None) -> int:
@@ -87,7 +88,8 @@ class OpenVINOBackend(BackendBase):
     def __init__(self, model: str | Path | None = None, *, model_id: str | None = None,
                  max_num_seqs: int = 32, kv_cache_gb: int | None = None,
                  max_num_batched_tokens: int = MAX_BATCHED_TOKENS, prefix_cache: bool = True,
-                 threads: int | None = None, cache_root: Path | None = None) -> None:
+                 threads: int | None = None, cache_root: Path | None = None,
+                 properties: dict[str, Any] | None = None) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if kv_cache_gb is not None and kv_cache_gb < 1:
@@ -95,7 +97,7 @@ class OpenVINOBackend(BackendBase):
         self._ov = _import_openvino_genai()
         self._init_model(model, model_id, cache_root)
         self.kv_cache_gb = kv_cache_gb or default_kv_cache_gb()
-        self._init_engine(max_num_seqs, max_num_batched_tokens, prefix_cache, threads)
+        self._init_engine(max_num_seqs, max_num_batched_tokens, prefix_cache, threads, properties)
         self.capabilities = Capabilities(regex=True, token_ids=True, max_running=max_num_seqs,
                                          max_context=self.max_context)
         self._valid_regexes: OrderedDict[str, None] = OrderedDict()
@@ -128,7 +130,7 @@ class OpenVINOBackend(BackendBase):
         self.vocab_size = len(self.tokenizer)
 
     def _init_engine(self, max_num_seqs: int, max_batched: int, prefix_cache: bool,
-                     threads: int | None) -> None:
+                     threads: int | None, properties: dict[str, Any] | None) -> None:
         import numpy as np
         import openvino
 
@@ -138,7 +140,9 @@ class OpenVINOBackend(BackendBase):
         sched.cache_size = self.kv_cache_gb
         sched.max_num_seqs = max_num_seqs
         sched.max_num_batched_tokens = max(max_batched, max_num_seqs)
-        props = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        props = dict(CPU_PROPERTIES if properties is None else properties)
+        if threads:
+            props["INFERENCE_NUM_THREADS"] = threads
 
         def make_pipeline() -> Any:
             try:
