@@ -110,10 +110,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=32, help="engine max_num_seqs")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--cache-root", type=Path, default=None, help="model cache root (default ~/.cache/sysgen)")
+    ap.add_argument("--cache-root", type=Path, default=None,
+                    help="model cache root (default ~/.cache/sysgen)")
     args = ap.parse_args(argv)
     n_new = args.max_new_tokens
-    kw: dict[str, Any] = {"max_num_seqs": args.max_batch, "threads": args.threads, "cache_root": args.cache_root}
+    kw: dict[str, Any] = {"max_num_seqs": args.max_batch, "threads": args.threads,
+                          "cache_root": args.cache_root}
 
     engine = OpenVINOBackend(**kw)
     tok = engine.tokenizer
@@ -122,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     warm = chat_ids(tok, "Say hello.")
 
     res: dict[str, Any] = {"engine": "openvino", "model": engine.model_id, "prompts": len(p1),
-                           "prompt_source": source, "p1_prompt_tokens_mean": round(sum(map(len, p1)) / len(p1)),
+                           "prompt_source": source,
+                           "p1_prompt_tokens_mean": round(sum(map(len, p1)) / len(p1)),
                            "max_new_tokens": n_new, "max_batch": args.max_batch,
                            "threads": args.threads or os.cpu_count(), "kv_cache_gb": engine.kv_cache_gb,
                            "loadavg_1min_start": os.getloadavg()[0]}
@@ -175,8 +178,8 @@ def _strip(r: dict) -> dict:
 
 
 def _print(res: dict) -> None:
-    print(f"{res['prompts']} P1 prompts (~{res['p1_prompt_tokens_mean']} tokens; {res['prompt_source']}), greedy, "
-          f"{res['max_new_tokens']} new tokens, batch {res['max_batch']}, {res['threads']} threads, "
+    print(f"{res['prompts']} P1 prompts (~{res['p1_prompt_tokens_mean']} tokens; {res['prompt_source']}), "
+          f"greedy, {res['max_new_tokens']} new tokens, batch {res['max_batch']}, {res['threads']} threads, "
           f"load average {res['loadavg_1min_start']:.2f} -> {res['loadavg_1min_end']:.2f}")
     print(f"{'run':28} {'tokens':>7} {'seconds':>8} {'tok/s':>8}")
     for name in ("sequential_generate", "p1_unconstrained", "p1_constrained", "p1_unconstrained_cached",

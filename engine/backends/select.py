@@ -1,8 +1,8 @@
 """Which backend a run gets, and which GPU it runs on: decided without importing torch or sglang.
 
 `choose_backend("auto")` is SGLang in-process when a CUDA GPU and a full SGLang install are both
-there, else the CPU `openvino` backend (OpenVINO GenAI). Explicit choices are checked too, so a run asking for `sglang`
-on a machine without it fails before any model loads, with the fix in the message.
+there, else the CPU `openvino` backend (OpenVINO GenAI). Explicit choices are checked too, so a run
+asking for `sglang` on a machine without it fails before any model loads, with the fix in the message.
 """
 
 from __future__ import annotations

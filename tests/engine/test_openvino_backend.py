@@ -69,9 +69,6 @@ def _run(coro):
     return asyncio.run(coro)
 
 
-pytestmark_model = pytest.mark.model
-
-
 @pytest.mark.model
 def test_token_ids_in_text_out_with_counts_and_finish_reasons(backend):
     async def go():
@@ -184,7 +181,8 @@ def test_timeout_through_wait_for_also_drops_the_request(backend):
 def test_prefix_cache_serves_a_long_shared_prefix(backend):
     """The second prompt shares a ~2,500-token prefix (like a conversation so far) with the first:
     its prefill must come from the cache, so it finishes much faster than the cold first one."""
-    history = " ".join(f"Turn {i}: the user asked about topic number {i} and got an answer." for i in range(160))
+    history = " ".join(f"Turn {i}: the user asked about topic number {i} and got an answer."
+                       for i in range(160))
 
     def timed(suffix: str) -> float:
         t0 = time.perf_counter()
