@@ -235,7 +235,7 @@ class OpenVINOBackend(BackendBase):
 
     @property
     def stats(self) -> dict[str, int]:
-        """Engine steps, most requests running in one step, pipeline rebuilds after failed steps."""
+        """Engine steps so far, most requests running in one step, requests in the engine now."""
         s = self._stepper
         return {"steps": s.steps, "peak_running": s.peak_running, "live": len(s.live)}
 
