@@ -128,9 +128,11 @@ def main(argv: list[str] | None = None) -> dict:
     instrs, source = instructions(args.prompts)
     p1, p1_regex = p1_prompts(tok, instrs)
     warm = chat_ids(tok, "Say hello.")
-    # The baseline first, before OpenVINO starts its thread pool: measured after it in the same
-    # process, torch's threads ran 5x slower (2.2 vs 11.6 tok/s) while OpenVINO's idled.
+    # The baseline first, before OpenVINO starts its thread pool, so the two never compete. It is very
+    # sensitive to other load: torch's OpenMP threads did 11.6 tok/s at load average 0.5 and 1.2-2.2
+    # tok/s at 3.4-4 on 2 cores, so read speedup_vs_sequential next to loadavg_1min_start.
     step = max(1, len(p1) // max(1, args.sequential_prompts))
+    load_start = os.getloadavg()[0]
     seq = _sequential(p1[::step][: args.sequential_prompts], n_new, tok, args.cache_root)
 
     engine = OpenVINOBackend(**kw)
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "p1_prompt_tokens_mean": round(sum(map(len, p1)) / len(p1)),
                            "max_new_tokens": n_new, "max_batch": args.max_batch,
                            "threads": args.threads or os.cpu_count(), "kv_cache_gb": engine.kv_cache_gb,
-                           "loadavg_1min_start": os.getloadavg()[0]}
+                           "loadavg_1min_start": load_start}
     # Warm-up: first inference and the P1 regex's first compile, on a prompt outside the measured set
     # (so no measured prompt is cached before its first timed run).
     run_engine(engine, [warm], 4)
