@@ -1,4 +1,4 @@
-"""Backends built from CLI choices. Heavy imports (torch, sglang, aiohttp) happen only for the one chosen."""
+"""Backends built from CLI choices. Heavy imports (openvino, sglang, aiohttp) happen only for the one chosen."""
 
 from __future__ import annotations
 
@@ -12,27 +12,30 @@ log = logging.getLogger(__name__)
 
 def resolve_engine(name: str) -> tuple[str, str]:
     """(backend name, why) for --engine; `auto` looks for CUDA and sglang."""
+    if name == "hf":
+        return "openvino", "--engine hf is the old name of the CPU engine, now openvino"
     if name != "auto":
         return name, "chosen with --engine"
     try:
         from engine.backends.select import choose_backend
     except ImportError:
-        return "hf", "auto: GPU backend selection unavailable in this install; using the CPU backend"
+        return "openvino", "auto: GPU backend selection unavailable in this install; using the CPU engine"
     return choose_backend("auto")
 
 
 def make_backend(name: str, *, model: str | None, url: str | None = None, api_key: str | None = None,
-                 gpu_profile: str | None = None, max_batch: int = 8, fp8: bool = False,
+                 gpu_profile: str | None = None, max_batch: int = 32, fp8: bool = False,
                  max_inflight: int | None = None, standin: dict[str, Any] | None = None,
-                 timeout_s: float = 600.0, openai_server: str | None = None) -> Backend:
+                 timeout_s: float = 600.0, openai_server: str | None = None,
+                 kv_cache_gb: int | None = None) -> Backend:
     """timeout_s: the scheduler's per-request timeout (--timeout-s); the GPU backends' own request
     timeouts match it, so neither cuts a request the other still allows."""
     name, why = resolve_engine(name)
     log.info("engine: %s (%s)", name, why)
-    if name == "hf":
-        from engine.backends.hf import HFBackend
+    if name == "openvino":
+        from engine.backends.openvino import OpenVINOBackend
 
-        return HFBackend(model, max_batch=max_batch) if model else HFBackend.default(max_batch=max_batch)
+        return OpenVINOBackend(model, max_num_seqs=max_batch, kv_cache_gb=kv_cache_gb)
     if name == "sglang":
         if not model:
             raise ValueError("--engine sglang needs --model /path/to/hf/model")

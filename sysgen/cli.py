@@ -131,7 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         backend = make_backend(cfg.engine, model=cfg.model, url=cfg.url, api_key=api_key,
                                gpu_profile=cfg.gpu_profile, max_batch=cfg.max_batch, fp8=cfg.fp8,
                                max_inflight=cfg.max_inflight, standin=standin, timeout_s=cfg.timeout_s,
-                               openai_server=cfg.openai_server)
+                               openai_server=cfg.openai_server, kv_cache_gb=cfg.kv_cache_gb)
         store = Store.open(out / "store.db")
     except (ValueError, StoreError, ModelNotFound, EngineDied) as e:  # before any instance is read
         print(f"sysgen run: error: {e}", file=sys.stderr)

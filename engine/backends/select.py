@@ -1,8 +1,8 @@
 """Which backend a run gets, and which GPU it runs on: decided without importing torch or sglang.
 
 `choose_backend("auto")` is SGLang in-process when a CUDA GPU and a full SGLang install are both
-there, else the CPU `hf` backend. Explicit choices are checked too, so a run asking for `sglang`
-on a machine without it fails before any model loads, with the fix in the message.
+there, else the CPU `openvino` backend (OpenVINO GenAI). Explicit choices are checked too, so a run
+asking for `sglang` on a machine without it fails before any model loads, with the fix in the message.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import shutil
 import subprocess
 from typing import Literal
 
-BackendName = Literal["auto", "hf", "sglang", "sglang_http", "vllm_http", "openai"]
-_NAMES = ("auto", "hf", "sglang", "sglang_http", "vllm_http", "openai")
+BackendName = Literal["auto", "openvino", "sglang", "sglang_http", "vllm_http", "openai"]
+_NAMES = ("auto", "openvino", "sglang", "sglang_http", "vllm_http", "openai")
 
 SGLANG_INSTALL_HINT = "pip install -e '.[sglang]' (on a Linux machine with an NVIDIA GPU and CUDA)"
 
@@ -68,8 +68,8 @@ def choose_backend(
     `cuda_available` / `sglang_available` default to detection on this machine; tests pass them."""
     if requested not in _NAMES:
         raise ValueError(f"unknown engine {requested!r}; choose one of {', '.join(_NAMES)}")
-    if requested in ("hf", "sglang_http", "vllm_http", "openai"):
-        where = {"hf": "on the CPU", "sglang_http": "on a remote SGLang server or router",
+    if requested in ("openvino", "sglang_http", "vllm_http", "openai"):
+        where = {"openvino": "on the CPU", "sglang_http": "on a remote SGLang server or router",
                  "vllm_http": "on a remote vLLM server or router",
                  "openai": "on an OpenAI-compatible endpoint"}[requested]
         return requested, f"engine {requested!r} was asked for explicitly; it runs {where}."
@@ -80,14 +80,15 @@ def choose_backend(
             raise ValueError(f"--engine sglang needs SGLang, which is not installed: {SGLANG_INSTALL_HINT}")
         if not has_cuda:
             raise ValueError("--engine sglang needs a CUDA GPU and none was found (nvidia-smi lists none); "
-                             "use --engine hf on this machine, or --engine sglang_http --url URL "
+                             "use --engine openvino on this machine, or --engine sglang_http --url URL "
                              "for a GPU server")
         return "sglang", "engine 'sglang' was asked for and a CUDA GPU and SGLang are both present."
     if has_cuda and has_sglang:
         return "sglang", "a CUDA GPU and SGLang are both present, so the in-process SGLang engine runs."
     if has_cuda:
-        return "hf", f"a CUDA GPU is present but SGLang is not installed ({SGLANG_INSTALL_HINT}), so hf runs."
-    return "hf", "no CUDA GPU was found, so the CPU backend (hf) runs."
+        return "openvino", (f"a CUDA GPU is present but SGLang is not installed ({SGLANG_INSTALL_HINT}), "
+                            "so the CPU engine (openvino) runs.")
+    return "openvino", "no CUDA GPU was found, so the CPU engine (openvino) runs."
 
 
 def _cuda_now() -> bool:

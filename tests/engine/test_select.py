@@ -12,8 +12,8 @@ from engine.backends import select
 from engine.backends.select import choose_backend, detect_gpu
 
 
-@pytest.mark.parametrize("cuda,sgl,want", [(True, True, "sglang"), (True, False, "hf"),
-                                           (False, True, "hf"), (False, False, "hf")])
+@pytest.mark.parametrize("cuda,sgl,want", [(True, True, "sglang"), (True, False, "openvino"),
+                                           (False, True, "openvino"), (False, False, "openvino")])
 def test_auto(cuda, sgl, want):
     name, reason = choose_backend("auto", cuda_available=cuda, sglang_available=sgl)
     assert name == want
@@ -25,12 +25,12 @@ def test_auto(cuda, sgl, want):
 def test_explicit_sglang_without_gpu_or_package_fails_with_the_fix():
     with pytest.raises(ValueError, match=r"pip install -e '\.\[sglang\]'"):
         choose_backend("sglang", cuda_available=True, sglang_available=False)
-    with pytest.raises(ValueError, match="--engine hf"):
+    with pytest.raises(ValueError, match="--engine openvino"):
         choose_backend("sglang", cuda_available=False, sglang_available=True)
     assert choose_backend("sglang", cuda_available=True, sglang_available=True)[0] == "sglang"
 
 
-@pytest.mark.parametrize("name", ["hf", "sglang_http", "openai"])
+@pytest.mark.parametrize("name", ["openvino", "sglang_http", "openai"])
 def test_explicit_choices_need_no_detection(name, monkeypatch):
     monkeypatch.setattr(select, "detect_gpu", lambda: pytest.fail("detection ran"))
     assert choose_backend(name)[0] == name
@@ -58,7 +58,7 @@ def test_detect_gpu_none_when_smi_fails_and_no_cuda(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", _fake_smi(tmp_path, "exit 9") + os.pathsep + "/nonexistent")
     monkeypatch.setattr(select, "_has_module", lambda name: False)  # no torch either
     assert detect_gpu() is None
-    assert choose_backend("auto", sglang_available=True)[0] == "hf"
+    assert choose_backend("auto", sglang_available=True)[0] == "openvino"
 
 
 def test_sglang_installed_needs_the_kernels_too(monkeypatch):

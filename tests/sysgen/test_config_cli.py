@@ -47,5 +47,5 @@ def test_a_model_path_that_is_not_a_model_is_a_clean_error(tmp_path, capsys):
                "--model", str(tmp_path / "not-a-model")])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "not a Hugging Face model directory" in err and "save_pretrained" in err
+    assert "not-a-model" in err and "fix: pass a .gguf file or an OpenVINO model folder" in err
     assert "Traceback" not in err

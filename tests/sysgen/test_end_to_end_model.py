@@ -12,14 +12,14 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.model
 SAMPLES = [str(REPO / "sysgen" / "samples" / "demo_mixed.jsonl")]
 SMALL = ["--limit", "2", "--p1-max-tokens", "96", "--p3-max-tokens", "40", "--p4-max-tokens", "40",
-         "--no-progress", "--no-report", "--engine", "hf", "--max-batch", "4"]
+         "--no-progress", "--no-report", "--engine", "openvino", "--max-batch", "4"]
 
 
 def _stats(out):
     return json.loads((out / "stats.json").read_text())
 
 
-def test_real_model_end_to_end_then_rerun_makes_no_engine_call(tmp_path, smol_dir):
+def test_real_model_end_to_end_then_rerun_makes_no_engine_call(tmp_path, smol_gguf):
     out = tmp_path / "run"
     assert main(["run", *SAMPLES, "--out", str(out), *SMALL]) == 0
     st = _stats(out)
