@@ -1,4 +1,5 @@
-"""Backends built from CLI choices. Heavy imports (openvino, sglang, aiohttp) happen only for the one chosen."""
+"""Backends built from CLI choices. Heavy imports (openvino, sglang, aiohttp) happen only for the
+one chosen."""
 
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ class RunConfig:
                                   "folders, or hf:OWNER/NAME from the local Hugging Face cache",
                                   positional=True)
     out: str = opt("", "output directory (data.jsonl, dropped.jsonl, stats.json, store.db)", required=True)
-    engine: Literal["auto", "openvino", "sglang", "sglang_http", "vllm_http", "openai", "standin", "hf"] = opt(
+    engine: Literal["auto", "openvino", "sglang", "sglang_http", "vllm_http", "openai", "standin",
+                    "hf"] = opt(
         "auto", "inference backend; auto = sglang when CUDA and sglang are present, else openvino (CPU: "
         "OpenVINO GenAI; hf is its old name); "
         "standin = a model-free stand-in for tests and benchmarks only (answers are canned)")
