@@ -169,7 +169,7 @@ class Scheduler:
             finally:
                 m.inflight -= 1
                 self._gate.release()
-            m.record(result, time.perf_counter() - t0)
+            m.record(result, time.perf_counter() - t0, request.group)
             result.attempts = attempt
             if request.regex and result.finish_reason == "length" and length_tries < cfg.length_retries:
                 length_tries += 1
