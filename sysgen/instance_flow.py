@@ -10,7 +10,7 @@ from engine.request import Result
 from sysgen import tags
 from sysgen.datasets.instance import Instance, Rejected
 from sysgen.p4_turns import answer_turns
-from sysgen.phases import PhaseSettings, PromptBuilder, p1_request, p3_request, p4_request
+from sysgen.phases import PhaseSettings, PromptBuilder, p1_request, p3_request, p4_request, user_turns
 
 
 @dataclass
@@ -55,9 +55,12 @@ def _failed(inst: Instance, phase: str, res: Result, keys: dict, extra: dict | N
 async def run_instance(inst: Instance, submit, build: PromptBuilder, s: PhaseSettings) -> Outcome:
     """`submit` is Scheduler.submit (or anything with its signature)."""
     try:
-        return await _run_instance(inst, submit, build, s)
+        out = await _run_instance(inst, submit, build, s)
     except PromptError as e:  # a tokenizer that cannot keep special-token text in this row as text
-        return Outcome(inst.id, inst.source, phase="input", reason="unsafe_prompt", detail=str(e))
+        out = Outcome(inst.id, inst.source, phase="input", reason="unsafe_prompt", detail=str(e))
+    if s.turns == "all" and not out.kept:  # for retention per turn (stats "turns")
+        out.extra.setdefault("user_turns", len(user_turns(inst)))
+    return out
 
 
 async def _run_instance(inst: Instance, submit, build: PromptBuilder, s: PhaseSettings) -> Outcome:
