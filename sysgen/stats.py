@@ -114,6 +114,16 @@ class _Turns:
                 "partial_records": self.partial}
 
 
+def turn_stats(records, dropped) -> dict[str, Any]:
+    """The `turns` section from record and dropped-line iterables (for the report)."""
+    t = _Turns()
+    for rec in records:
+        t.add_kept(rec)
+    for rec in dropped:
+        t.add_dropped(rec)
+    return t.to_dict()
+
+
 def compute(out: Path) -> dict[str, Any]:
     overall = _Tally()
     turns = _Turns()

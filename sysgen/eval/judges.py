@@ -19,7 +19,7 @@ from typing import Any, Literal
 import xxhash
 
 from engine.request import Prompt, Request, Result, SamplingParams, messages_prompt
-from sysgen.eval.rundir import message
+from sysgen.eval.rundir import message, turn_pairs
 
 Kind = Literal["original_first", "new_first", "alignment"]
 PAIRWISE_REGEX = r"(A|B|tie)"
@@ -155,7 +155,9 @@ Job = tuple[dict[str, Any], Kind, Request]
 def _judged(rec: dict[str, Any], pairwise: bool, alignment: bool) -> tuple[str | None, str | None]:
     """(original answer, system message) of a record, each None where its judge does not apply:
     pairwise needs an original answer, alignment a system message."""
-    original, system = rec.get("original_answer"), message(rec, "system")
+    turns = turn_pairs(rec)
+    original = turns[0][2] if turns else rec.get("original_answer")
+    system = message(rec, "system")
     return (original if pairwise and original and original.strip() else None,
             system if alignment and system else None)
 
@@ -180,7 +182,17 @@ def iter_plan(records: Iterable[dict[str, Any]], backend: Any, *, pairwise: bool
             yield rec, "original_first", pairwise_request(user, original, new, backend)
             yield rec, "new_first", pairwise_request(user, new, original, backend)
         if system is not None:
-            yield rec, "alignment", alignment_request(system, user, new, backend)
+            yield rec, "alignment", alignment_request(system, *_whole_conversation(rec, user, new), backend)
+
+
+def _whole_conversation(rec: dict[str, Any], user: str, new: str) -> tuple[str, str]:
+    """(instruction, response) for the alignment judge: a multi-turn record shows every turn, labelled,
+    so the judge sees the whole conversation; a single-turn record is unchanged."""
+    turns = turn_pairs(rec)
+    if len(turns) < 2:
+        return user, new
+    return ("\n\n".join(f"[Turn {j}] {u}" for j, (u, _, _) in enumerate(turns, 1)),
+            "\n\n".join(f"[Turn {j}] {a}" for j, (_, a, _) in enumerate(turns, 1)))
 
 
 def plan(records: Iterable[dict[str, Any]], backend: Any, **kw: bool) -> list[Job]:

@@ -191,3 +191,17 @@ def test_a_turn_that_loops_again_is_dropped_as_a_loop(tmp_path):
     assert Counter(d["reason"] for d in out["dropped"]) == {"loop@turn1": 3}
     st = stats.write(tmp_path / "out", {})
     assert st["turns"]["p4_resampled"] == 3 and st["turns"]["p4_resample_kept"] == 0
+
+
+def test_report_shows_turns_retention_and_cached_ratio_by_phase(tmp_path):
+    from sysgen.report import write_report
+
+    write(tmp_path / "in.jsonl", capybara_rows(4, turns=3) + capybara_rows(2, turns=1))
+    out = tmp_path / "out"
+    counters = run([tmp_path / "in.jsonl"], out, Recorder(fault=_cut_turn_2).backend, keep_partial=True)
+    st = stats.write(out, {"this_run": counters})
+    assert st["turns"]["user_turns_histogram"] == {"1": 2, "3": 4}
+    assert st["turns"]["retention_by_turn"]["2"] == {"instances": 4, "answered": 0, "pct": 0.0}
+    assert st["turns"]["partial_records"] == 4
+    text = write_report(out).read_text()
+    assert "## Conversations (multi-turn P4)" in text and "| p4 |" in text and "cached / prompt" in text
