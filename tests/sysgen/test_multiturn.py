@@ -205,3 +205,26 @@ def test_report_shows_turns_retention_and_cached_ratio_by_phase(tmp_path):
     assert st["turns"]["partial_records"] == 4
     text = write_report(out).read_text()
     assert "## Conversations (multi-turn P4)" in text and "| p4 |" in text and "cached / prompt" in text
+
+
+def test_eval_export_and_judges_see_every_turn(tmp_path):
+    from sysgen.eval.evaluate import EvalConfig, answer_metrics
+    from sysgen.eval.judges import iter_plan
+    from sysgen.eval.rundir import load_run, turn_pairs
+    from sysgen.export import rows
+
+    write(tmp_path / "in.jsonl", capybara_rows(3, turns=3))
+    out = tmp_path / "out"
+    run([tmp_path / "in.jsonl"], out, Recorder().backend)
+    rd = load_run(out)
+    m = answer_metrics(rd, EvalConfig(bertscore=False))
+    assert m["by_source"]["all"]["with_original"] == 3  # first turns: the paper's comparison
+    assert m["all_turns"]["pairs"] == 9 and m["all_turns"]["by_source"]["all"]["with_original"] == 9
+    assert all(len(r["messages"]) == 7 for r in rows(rd, "messages"))
+    assert all(len(r["conversations"]) == 7 for r in rows(rd, "sharegpt"))
+    jobs = [j for j in iter_plan(rd.records, Recorder().backend) if j[1] == "alignment"]
+    assert len(jobs) == 3 and all("[Turn 3]" in str(req.prompt) for _, _, req in jobs)
+    # records written before multi-turn (one original_answer) still read
+    old = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                        {"role": "assistant", "content": "a"}], "original_answer": "o"}
+    assert turn_pairs(old) == [("u", "a", "o")]
