@@ -9,6 +9,7 @@ requests, parses the verdicts and counts them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -18,6 +19,7 @@ from typing import Any, Literal
 
 import xxhash
 
+from engine.prefix import ChatPrompter
 from engine.request import Prompt, Request, Result, SamplingParams, messages_prompt
 from sysgen.eval.rundir import message, turn_pairs
 
@@ -73,11 +75,14 @@ def to_prompt(messages: list[dict[str, str]], backend: Any) -> Prompt:
     """Token ids through the backend's chat template when it takes ids, else chat messages."""
     tok = getattr(backend, "tokenizer", None)
     if backend.capabilities.token_ids and tok is not None:
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return tuple(int(i) for i in ids)
+        # The judged texts are data: special-token text in them must stay text (engine/prefix.py).
+        return _prompter(tok).prompt([(m["role"], m["content"]) for m in messages])
     return messages_prompt(messages)
+
+
+@functools.lru_cache(maxsize=4)
+def _prompter(tokenizer: Any) -> ChatPrompter:
+    return ChatPrompter(tokenizer)
 
 
 def make_request(text: str, backend: Any, regex: str, group: str) -> Request:

@@ -13,7 +13,8 @@ def test_loops_are_recognised():
     assert looks_like_loop("Intro text. " + "The answer is 42. " * 40)
     assert looks_like_loop("x" * 300)
     # near-loops: a counter changes in every repetition
-    assert looks_like_loop("Steps:\n" + "".join(f"Step {i}: mix the flour and the water again.\n" for i in range(40)))
+    steps = "".join(f"Step {i}: mix the flour and the water again.\n" for i in range(40))
+    assert looks_like_loop("Steps:\n" + steps)
 
 
 def test_prose_is_not_a_loop(shared_data):
