@@ -24,14 +24,24 @@ class Metrics:
     unreachable: int = 0  # attempts that found no engine listening (they waited, no retry spent)
     shed: int = 0  # attempts the engine answered 429/503 (retried after Retry-After, no retry spent)
     engine_down_s: float = 0.0  # time the engine was unreachable (the breaker open)
+    by_phase: dict[str, dict[str, int]] = field(default_factory=dict)  # per Request.group
     started: float = field(default_factory=time.monotonic)
 
-    def record(self, result: Result, seconds: float) -> None:
+    def record(self, result: Result, seconds: float, group: str = "") -> None:
         self.engine_calls += 1
         self.prompt_tokens += result.prompt_tokens
         self.completion_tokens += result.completion_tokens
         self.cached_tokens += result.cached_tokens
         self.engine_s += seconds
+        if group:
+            g = self.by_phase.get(group)
+            if g is None:
+                g = self.by_phase[group] = {"engine_calls": 0, "prompt_tokens": 0, "cached_tokens": 0,
+                                            "completion_tokens": 0}
+            g["engine_calls"] += 1
+            g["prompt_tokens"] += result.prompt_tokens
+            g["cached_tokens"] += result.cached_tokens
+            g["completion_tokens"] += result.completion_tokens
 
     @property
     def misses(self) -> int:

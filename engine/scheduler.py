@@ -291,7 +291,7 @@ class Scheduler:
                             reason)
                 await asyncio.sleep(backoff_s(attempt, cfg.backoff_base_s, cfg.backoff_max_s))
                 continue
-            m.record(result, time.perf_counter() - t0)
+            m.record(result, time.perf_counter() - t0, request.group)
             self._streak.success()
             if self._resize_from is not None and m.engine_calls % RESIZE_EVERY == 0:
                 self._resize_window()

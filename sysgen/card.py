@@ -106,8 +106,10 @@ def render_card(run: RunDir, license: str | None = None, exports: dict[str, Path
                     [[t] + [f"{tags[g].generated[t]:,} / {tags[g].kept[t]:,}" for g in tags]
                      for t in tags[fn.ALL].tags]), "",
               "## Record fields", "",
-              "`messages` = [system (generated), user (original), assistant (new)]; the original "
-              "answer, the tags, the P3 verdicts and the P2 removals are in the run's `data.jsonl`.",
+              "`messages` = [system (generated), then the conversation's user turns (original) each "
+              "followed by a new assistant answer written under that system message]; the original "
+              "answers (`original_answers`, one per turn), the tags, the P3 verdicts and the P2 removals "
+              "are in the run's `data.jsonl`.",
               ""]
     return "\n".join(lines)
 

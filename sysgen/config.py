@@ -55,7 +55,19 @@ class RunConfig:
     p1_max_tokens: int = opt(320, "token budget of a P1 system message")
     p3_max_tokens: int = opt(128, "token budget of P3 verdicts with --no-constrain (constrained, the "
                                   "budget is exactly the longest answer the verdict format admits)")
-    p4_max_tokens: int = opt(512, "token budget of a P4 answer")
+    p4_max_tokens: int = opt(512, "P4 answer budget: fixed with --turns first; with --turns all the floor "
+                                  "of each turn's budget (and the budget of a turn with no original answer)")
+    p4_budget_factor: float = opt(2.0, "--turns all: a turn's budget is this multiple of its original "
+                                       "answer's tokens, from --p4-max-tokens up to --p4-budget-cap")
+    p4_budget_cap: int = opt(2048, "largest P4 budget of one turn (the model's context also bounds it)")
+    turns: Literal["all", "first"] = opt(
+        "all", "P4 answers every user turn in order (all), or only the first (first: the paper's "
+               "single-turn records, the same requests as sysgen made before)")
+    history: Literal["new", "original"] = opt(
+        "new", "history shown for later turns: the new answers (a self-consistent conversation) or the "
+               "original ones")
+    keep_partial: bool = opt(False, "when a later turn is cut or overflows the context, keep the complete "
+                                    "turns before it instead of dropping the conversation")
     temperature: float = opt(0.0, "sampling temperature for all phases")
     seed: int = opt(0, "sampling seed")
     max_turn_chars: int = opt(3000, "characters of each turn shown to P1 (longer turns are cut)")
@@ -92,7 +104,10 @@ class RunConfig:
                 raise ValueError("--columns and --format both say how to read rows. Fix: pass one of them")
         if self.kv_cache_gb is not None and self.kv_cache_gb < 1:
             raise ValueError(f"--kv-cache-gb must be >= 1 (whole GB), got {self.kv_cache_gb}")
-        for name in ("p1_max_tokens", "p3_max_tokens", "p4_max_tokens", "max_batch", "max_turn_chars"):
+        if not self.p4_budget_factor >= 0:  # also refuses nan
+            raise ValueError(f"--p4-budget-factor must be >= 0, got {self.p4_budget_factor}")
+        for name in ("p1_max_tokens", "p3_max_tokens", "p4_max_tokens", "p4_budget_cap", "max_batch",
+                     "max_turn_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         # Every flag is checked here, before the store is opened: a bad value must never reach a

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.prefix import PromptError
 from engine.request import Result
 from sysgen import tags
 from sysgen.datasets.instance import Instance, Rejected
-from sysgen.phases import PhaseSettings, PromptBuilder, p1_request, p3_request, p4_request
+from sysgen.p4_turns import answer_turns
+from sysgen.phases import PhaseSettings, PromptBuilder, p1_request, p3_request, p4_request, user_turns
 
 
 @dataclass
@@ -54,6 +56,16 @@ def _failed(inst: Instance, phase: str, res: Result, keys: dict, extra: dict | N
 
 async def run_instance(inst: Instance, submit, build: PromptBuilder, s: PhaseSettings) -> Outcome:
     """`submit` is Scheduler.submit (or anything with its signature)."""
+    try:
+        out = await _run_instance(inst, submit, build, s)
+    except PromptError as e:  # a tokenizer that cannot keep special-token text in this row as text
+        out = Outcome(inst.id, inst.source, phase="input", reason="unsafe_prompt", detail=str(e))
+    if s.turns == "all" and not out.kept:  # for retention per turn (stats "turns")
+        out.extra.setdefault("user_turns", len(user_turns(inst)))
+    return out
+
+
+async def _run_instance(inst: Instance, submit, build: PromptBuilder, s: PhaseSettings) -> Outcome:
     keys: dict[str, str] = {}
     req1 = p1_request(inst, build, s)
     keys["p1"] = req1.key.hex()
@@ -79,26 +91,12 @@ async def run_instance(inst: Instance, submit, build: PromptBuilder, s: PhaseSet
                        extra={"request_keys": keys, "tags": filtered.tags, "verdicts": verdicts, **p2})
 
     system = tags.strip_tags(kept)
-    req4 = p4_request(inst, system, build, s)
-    keys["p4"] = req4.key.hex()
-    r4 = await submit(req4)
-    if (out := _failed(inst, "p4", r4, keys, p2)) is not None:
-        return out
-    answer = r4.text.strip()
-    if not answer:
-        return Outcome(inst.id, inst.source, phase="p4", reason="empty_answer",
-                       extra={"request_keys": keys, **p2})
-
     record = {
         "id": inst.id,
         "source": inst.source,
         "fmt": inst.fmt,
-        "messages": [
-            {"role": "system", "content": system},
-            {"role": "user", "content": inst.first_user},
-            {"role": "assistant", "content": answer},
-        ],
-        "original_answer": inst.original_answer,
+        "messages": None,
+        "original_answers": None,
         "original_system": inst.system,
         "tags": filtered.tags,
         "verdicts": verdicts,
@@ -108,4 +106,39 @@ async def run_instance(inst: Instance, submit, build: PromptBuilder, s: PhaseSet
         "model": s.model_id,
         "request_keys": keys,
     }
+    if s.turns == "first":
+        return await _first_turn(inst, system, record, submit, build, s, keys, p2)
+    done = await answer_turns(inst, system, submit, build, s)
+    keys["p4"] = done.keys
+    turn_info = {"user_turns": done.user_turns, "answered_turns": done.answered,
+                 "p4_resampled_turns": done.resampled}
+    if done.reason and not (s.keep_partial and done.partial_ok):
+        detail = done.detail
+        return Outcome(inst.id, inst.source, phase="p4", reason=done.reason, detail=detail,
+                       extra={"request_keys": keys, **p2, **turn_info})
+    record.update(messages=done.messages, original_answers=done.original_answers, **turn_info)
+    if done.reason:
+        record["partial"] = {"reason": f"p4:{done.reason}", "kept_turns": done.answered,
+                             "note": "--keep-partial: the turns after the failed one are left out"}
+    return Outcome(inst.id, inst.source, record=record)
+
+
+async def _first_turn(inst: Instance, system: str, record: dict, submit, build: PromptBuilder,
+                      s: PhaseSettings, keys: dict, p2: dict) -> Outcome:
+    """`--turns first`: the paper's single-turn P4, the same request and outcome as before multi-turn."""
+    req4 = p4_request(inst, system, build, s)
+    keys["p4"] = req4.key.hex()
+    r4 = await submit(req4)
+    if (out := _failed(inst, "p4", r4, keys, p2)) is not None:
+        return out
+    answer = r4.text.strip()
+    if not answer:
+        return Outcome(inst.id, inst.source, phase="p4", reason="empty_answer",
+                       extra={"request_keys": keys, **p2})
+    record["messages"] = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": inst.first_user},
+        {"role": "assistant", "content": answer},
+    ]
+    record["original_answers"] = [inst.original_answer]
     return Outcome(inst.id, inst.source, record=record)

@@ -6,11 +6,12 @@ so the engine's prefix cache reuses it) and the instance's text last.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from engine.prefix import ChatPrompter
-from engine.request import Request, SamplingParams, messages_prompt
+from engine.request import Prompt, Request, SamplingParams, messages_prompt
 from sysgen import prompts, tags
 from sysgen.datasets.instance import Instance
 
@@ -27,21 +28,58 @@ class PhaseSettings:
     temperature: float = 0.0
     seed: int = 0
     max_turn_chars: int = 3000
+    turns: str = "all"  # "first": the paper's single-turn P4, exactly as before multi-turn
+    history: str = "new"
+    keep_partial: bool = False
+    p4_budget_factor: float = 2.0
+    p4_budget_cap: int = 2048
+    max_context: int = 0  # prompt + answer tokens the engine takes; 0 = unknown
 
 
 class PromptBuilder:
-    """Turns (system, user) text into the prompt form the backend takes: token ids when it has a
-    tokenizer (template tokenized once), else chat messages."""
+    """Turns chats into the prompt form the backend takes: token ids when it has a tokenizer
+    (templates tokenized once, data always plain text), else chat messages."""
 
     def __init__(self, tokenizer: Any | None) -> None:
         self.chat = ChatPrompter(tokenizer) if tokenizer is not None else None
 
-    def __call__(self, system: str | None, user: str):
+    def __call__(self, system: str | None, user: str) -> Prompt:
+        """A prompt whose system text is one of our shared templates (P1, P3)."""
         if self.chat is not None:
             return self.chat.ids(system, user)
         msgs = ([{"role": "system", "content": system}] if system is not None else []) + [
             {"role": "user", "content": user}]
         return messages_prompt(msgs)
+
+    def conversation(self, messages: Sequence[tuple[str, str]]) -> Prompt:
+        """A conversation ending with a user turn, nothing cached (P4: a new system message each time)."""
+        if self.chat is not None:
+            return self.chat.prompt(messages)
+        return messages_prompt([{"role": r, "content": c} for r, c in messages])
+
+    def extend(self, prev: Prompt, messages: Sequence[tuple[str, str]]) -> Prompt:
+        """The next turn's prompt; with token ids it extends `prev` + the last answer exactly."""
+        if self.chat is not None and isinstance(prev, tuple) and (not prev or isinstance(prev[0], int)):
+            return self.chat.extend(prev, messages)
+        return self.conversation(messages)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` (about a quarter of its characters without a tokenizer)."""
+        if self.chat is not None:
+            return len(self.chat.encode_data([text])[0])
+        return len(text) // 4 + 1
+
+
+def user_turns(inst: Instance) -> list[tuple[str, str | None]]:
+    """(user text, original answer or None) per user turn, in order: prompt-only conversations have
+    None where the source has no assistant turn (at the end, or between two user turns)."""
+    pairs: list[tuple[str, str | None]] = []
+    for t in inst.turns:
+        if t.role == "user":
+            pairs.append((t.content, None))
+        elif t.role == "assistant" and pairs and pairs[-1][1] is None:
+            pairs[-1] = (pairs[-1][0], t.content)
+    return pairs
 
 
 def show_conversation(inst: Instance, max_chars: int) -> str:
@@ -76,5 +114,7 @@ def p3_request(filtered: tags.Filtered, build: PromptBuilder, s: PhaseSettings) 
 
 
 def p4_request(inst: Instance, system_message: str, build: PromptBuilder, s: PhaseSettings) -> Request:
-    return Request(prompt=build(system_message, inst.first_user), sampling=_sampling(s, s.p4_max_tokens),
-                   model=s.model_id, regex=None, group="p4")
+    """`--turns first`: the paper's single-turn P4 (the same request as before multi-turn)."""
+    prompt = build.conversation([("system", system_message), ("user", inst.first_user)])
+    return Request(prompt=prompt, sampling=_sampling(s, s.p4_max_tokens), model=s.model_id, regex=None,
+                   group="p4")

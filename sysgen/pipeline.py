@@ -110,7 +110,10 @@ def phase_settings(cfg: RunConfig, backend: Backend) -> PhaseSettings:
     return PhaseSettings(model_id=backend.model_id, constrain=cfg.constrain and backend.capabilities.regex,
                          p1_max_tokens=cfg.p1_max_tokens, p3_max_tokens=cfg.p3_max_tokens,
                          p4_max_tokens=cfg.p4_max_tokens, temperature=cfg.temperature, seed=cfg.seed,
-                         max_turn_chars=cfg.max_turn_chars)
+                         max_turn_chars=cfg.max_turn_chars, turns=cfg.turns, history=cfg.history,
+                         keep_partial=cfg.keep_partial, p4_budget_factor=cfg.p4_budget_factor,
+                         p4_budget_cap=cfg.p4_budget_cap,
+                         max_context=backend.capabilities.max_context if cfg.turns == "all" else 0)
 
 
 async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path, progress_enabled: bool = True,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sysgen import plots
+from sysgen import plots, stats
 from sysgen.eval import funnel as fn
 from sysgen.eval import paper
 from sysgen.eval.evaluate import read_eval
@@ -60,6 +60,32 @@ def funnel_section(funnels: dict[str, fn.Funnel]) -> list[str]:
            "![retention funnel](funnel.png)", ""]
     out += ["### Why instances were dropped", ""]
     out += [table(["phase:reason", *groups, "all"], drop_rows) if drop_rows else "Nothing was dropped.", ""]
+    return out
+
+
+def turns_section(turns: dict[str, Any], run_stats: dict[str, Any]) -> list[str]:
+    """Conversations: user turns per instance, retention per turn, loops, and prefix reuse per phase."""
+    out = ["## Conversations (multi-turn P4)", ""]
+    hist = turns.get("user_turns_histogram") or {}
+    if hist:
+        out += ["User turns per conversation (instances whose turns are known):", "",
+                table(["user turns", "instances"], [[k, f"{v:,}"] for k, v in hist.items()]), "",
+                "Retention per turn: conversations that have turn j, and kept records with turn j answered:",
+                "", table(["turn", "conversations", "answered", "retention"],
+                          [[j, f"{r['instances']:,}", f"{r['answered']:,}", f"{r['pct']:.1f}%"]
+                           for j, r in (turns.get("retention_by_turn") or {}).items()]), ""]
+    out += [f"- turns resampled after a repetition loop: {turns.get('p4_resampled', 0):,} "
+            f"({turns.get('p4_resample_kept', 0):,} of them kept)",
+            f"- records kept partial (--keep-partial): {turns.get('partial_records', 0):,}", ""]
+    by_phase = ((run_stats.get("this_run") or {}).get("scheduler") or {}).get("by_phase") or {}
+    if by_phase:
+        rows = [[ph, f"{d.get('prompt_tokens', 0):,}", f"{d.get('cached_tokens', 0):,}",
+                 f"{d.get('completion_tokens', 0):,}",
+                 f"{100 * d['cached_tokens'] / d['prompt_tokens']:.1f}%" if d.get("prompt_tokens") else "n/a"]
+                for ph, d in sorted(by_phase.items())]
+        out += ["Engine tokens by phase in the last run (cached = prompt tokens the engine's prefix cache "
+                "served; P4's later turns reuse their whole history):", "",
+                table(["phase", "prompt", "cached", "completion", "cached / prompt"], rows), ""]
     return out
 
 
@@ -118,6 +144,14 @@ def metrics_section(ev: dict[str, Any]) -> list[str]:
                                  else f"skipped ({bl.get('reason')})"))
     notes.append("- n/a: no instance in that group has an original answer (prompt-only data); "
                  "'no orig.' counts them, they only enter the new-answer length.")
+    every = (m.get("all_turns") or {}).get("by_source") or {}
+    if every:
+        rows_all = [[_group(g), r["with_original"], _num(r.get("rouge1")), _num(r.get("rouge2")),
+                     _num(r.get("rougeL")), _num(r.get("gleu_corpus")), _num((r.get("length") or {}).get(
+                         "ratio_words"), 2)] for g, r in every.items()]
+        notes += ["", "Every answered turn pair (multi-turn records; the table above is first turns only, "
+                      "as in the paper):", "",
+                  table(["source", "turn pairs", "R1", "R2", "RL", "GLEU", "Len. (words)"], rows_all)]
     return ["## Answer quality: new vs original (the paper's Table 1)", "",
             table(["source", "pairs", "no orig.", "R1", "R2", "RL", "BERTScore", "BLEURT", "GLEU",
                    "sent. GLEU", "words orig → new", "Len. (words)", "Len. (chars)"], rows), "",
@@ -204,7 +238,9 @@ def header(run: RunDir, summary: fn.Summary) -> list[str]:
 
 
 def render(run: RunDir, summary: fn.Summary, ev: dict[str, Any] | None = None) -> str:
-    parts = header(run, summary) + funnel_section(summary.funnels) + tags_section(summary.tags)
+    parts = header(run, summary) + funnel_section(summary.funnels)
+    parts += turns_section(stats.turn_stats(run.iter_records(), run.iter_dropped()), run.stats)
+    parts += tags_section(summary.tags)
     if ev:
         parts += metrics_section(ev) + judges_section({**ev, "_dir": str(run.path)})
     else:

@@ -74,18 +74,72 @@ class _Tally:
         }
 
 
+class _Turns:
+    """Multi-turn counts: user turns per conversation, how many were answered, loops resampled."""
+
+    def __init__(self) -> None:
+        self.hist = Counter()  # user turns -> instances (read instances whose turns are known)
+        self.answered = Counter()  # answered turns -> kept records
+        self.resampled = 0
+        self.resample_kept = 0
+        self.partial = 0
+
+    def add_kept(self, rec: dict) -> None:
+        msgs = rec.get("messages") or []
+        answered = rec.get("answered_turns", sum(m.get("role") == "assistant" for m in msgs))
+        self.hist[rec.get("user_turns", sum(m.get("role") == "user" for m in msgs))] += 1
+        self.answered[answered] += 1
+        looped = rec.get("p4_resampled_turns") or []
+        self.resampled += len(looped)
+        self.resample_kept += sum(1 for t in looped if t <= answered)
+        self.partial += "partial" in rec
+
+    def add_dropped(self, rec: dict) -> None:
+        if rec.get("user_turns"):
+            self.hist[rec["user_turns"]] += 1
+        self.resampled += len(rec.get("p4_resampled_turns") or [])
+
+    def to_dict(self) -> dict[str, Any]:
+        most = max(self.hist, default=0)
+        retention = {}
+        for j in range(1, most + 1):
+            reached = sum(n for t, n in self.hist.items() if t >= j)
+            got = sum(n for t, n in self.answered.items() if t >= j)
+            retention[str(j)] = {"instances": reached, "answered": got,
+                                 "pct": round(100 * got / reached, 2) if reached else 0.0}
+        return {"user_turns_histogram": {str(k): self.hist[k] for k in sorted(self.hist)},
+                "retention_by_turn": retention,
+                "answered_turns": sum(t * n for t, n in self.answered.items()),
+                "p4_resampled": self.resampled, "p4_resample_kept": self.resample_kept,
+                "partial_records": self.partial}
+
+
+def turn_stats(records, dropped) -> dict[str, Any]:
+    """The `turns` section from record and dropped-line iterables (for the report)."""
+    t = _Turns()
+    for rec in records:
+        t.add_kept(rec)
+    for rec in dropped:
+        t.add_dropped(rec)
+    return t.to_dict()
+
+
 def compute(out: Path) -> dict[str, Any]:
     overall = _Tally()
+    turns = _Turns()
     by_source: dict[str, _Tally] = defaultdict(_Tally)
     for rec in _iter_jsonl(out / "data.jsonl"):
         overall.add_kept(rec)
+        turns.add_kept(rec)
         by_source[rec["source"]].add_kept(rec)
     for rec in _iter_jsonl(out / "dropped.jsonl"):
         overall.add_dropped(rec)
+        turns.add_dropped(rec)
         by_source[rec["source"]].add_dropped(rec)
     stats = overall.to_dict()
     stats["accounted"] = stats["kept"] + sum(overall.dropped.values()) == stats["input"]
     stats["by_source"] = {s: t.to_dict() for s, t in sorted(by_source.items())}
+    stats["turns"] = turns.to_dict()
     return stats
 
 

@@ -13,7 +13,7 @@ import orjson
 
 from engine.progress import Progress
 from sysgen.eval import judge_stats, judges, metrics, semantic
-from sysgen.eval.rundir import RunDir, message
+from sysgen.eval.rundir import RunDir, message, turn_pairs
 
 log = logging.getLogger(__name__)
 EVAL_JSON = "eval.json"
@@ -35,10 +35,15 @@ class EvalConfig:
             raise ValueError(f"--bertscore-layer must be >= 0, got {self.bertscore_layer}")
 
 
-def pairs_from(records: Sequence[dict[str, Any]]) -> list[metrics.Pair]:
-    return [metrics.Pair(id=str(r.get("id")), source=str(r.get("source") or "unknown"),
-                         new=message(r, "assistant") or "", original=r.get("original_answer"))
-            for r in records]
+def pairs_from(records: Sequence[dict[str, Any]], all_turns: bool = False) -> list[metrics.Pair]:
+    """One pair per record (its first turn: the paper's comparison), or one per answered turn."""
+    out = []
+    for r in records:
+        turns = turn_pairs(r) or [("", message(r, "assistant") or "", r.get("original_answer"))]
+        for j, (_, new, original) in enumerate(turns if all_turns else turns[:1], 1):
+            out.append(metrics.Pair(id=f"{r.get('id')}#{j}" if all_turns else str(r.get("id")),
+                                    source=str(r.get("source") or "unknown"), new=new, original=original))
+    return out
 
 
 def _model_metric(name: str, fn, with_orig: list[metrics.Pair]) -> tuple[dict[str, Any], list[float] | None]:
@@ -76,6 +81,10 @@ def answer_metrics(run: RunDir, cfg: EvalConfig) -> dict[str, Any]:
         out["bleurt"] = {"status": "skipped",
                          "reason": "no --bleurt-checkpoint given; BLEURT needs a local checkpoint"}
     out["by_source"] = metrics.by_source(pairs, extra, use_stemmer=cfg.use_stemmer)
+    if any(len(turn_pairs(r)) > 1 for r in run.records):  # multi-turn: every turn pair, beside the first
+        every = pairs_from(run.records, all_turns=True)
+        out["all_turns"] = {"pairs": len(every),
+                            "by_source": metrics.by_source(every, {}, use_stemmer=cfg.use_stemmer)}
     out["conventions"] = {
         "scale": "0-100, mean over instances with an original answer (reference = original)",
         "rouge": f"rouge-score F1, use_stemmer={cfg.use_stemmer}",
@@ -83,6 +92,8 @@ def answer_metrics(run: RunDir, cfg: EvalConfig) -> dict[str, Any]:
                 "regex word/punctuation tokens, lower-cased",
         "length": "mean words (whitespace split) and characters; ratio = mean new / mean original "
                   "over instances with an original answer",
+        "turns": "by_source compares each record's first turn (the paper's setting); all_turns compares "
+                 "every answered turn pair (ROUGE, GLEU and lengths only)",
     }
     return out
 

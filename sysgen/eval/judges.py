@@ -9,6 +9,7 @@ requests, parses the verdicts and counts them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -18,8 +19,9 @@ from typing import Any, Literal
 
 import xxhash
 
+from engine.prefix import ChatPrompter
 from engine.request import Prompt, Request, Result, SamplingParams, messages_prompt
-from sysgen.eval.rundir import message
+from sysgen.eval.rundir import message, turn_pairs
 
 Kind = Literal["original_first", "new_first", "alignment"]
 PAIRWISE_REGEX = r"(A|B|tie)"
@@ -73,11 +75,14 @@ def to_prompt(messages: list[dict[str, str]], backend: Any) -> Prompt:
     """Token ids through the backend's chat template when it takes ids, else chat messages."""
     tok = getattr(backend, "tokenizer", None)
     if backend.capabilities.token_ids and tok is not None:
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return tuple(int(i) for i in ids)
+        # The judged texts are data: special-token text in them must stay text (engine/prefix.py).
+        return _prompter(tok).prompt([(m["role"], m["content"]) for m in messages])
     return messages_prompt(messages)
+
+
+@functools.lru_cache(maxsize=4)
+def _prompter(tokenizer: Any) -> ChatPrompter:
+    return ChatPrompter(tokenizer)
 
 
 def make_request(text: str, backend: Any, regex: str, group: str) -> Request:
@@ -155,7 +160,9 @@ Job = tuple[dict[str, Any], Kind, Request]
 def _judged(rec: dict[str, Any], pairwise: bool, alignment: bool) -> tuple[str | None, str | None]:
     """(original answer, system message) of a record, each None where its judge does not apply:
     pairwise needs an original answer, alignment a system message."""
-    original, system = rec.get("original_answer"), message(rec, "system")
+    turns = turn_pairs(rec)
+    original = turns[0][2] if turns else rec.get("original_answer")
+    system = message(rec, "system")
     return (original if pairwise and original and original.strip() else None,
             system if alignment and system else None)
 
@@ -180,7 +187,17 @@ def iter_plan(records: Iterable[dict[str, Any]], backend: Any, *, pairwise: bool
             yield rec, "original_first", pairwise_request(user, original, new, backend)
             yield rec, "new_first", pairwise_request(user, new, original, backend)
         if system is not None:
-            yield rec, "alignment", alignment_request(system, user, new, backend)
+            yield rec, "alignment", alignment_request(system, *_whole_conversation(rec, user, new), backend)
+
+
+def _whole_conversation(rec: dict[str, Any], user: str, new: str) -> tuple[str, str]:
+    """(instruction, response) for the alignment judge: a multi-turn record shows every turn, labelled,
+    so the judge sees the whole conversation; a single-turn record is unchanged."""
+    turns = turn_pairs(rec)
+    if len(turns) < 2:
+        return user, new
+    return ("\n\n".join(f"[Turn {j}] {u}" for j, (u, _, _) in enumerate(turns, 1)),
+            "\n\n".join(f"[Turn {j}] {a}" for j, (_, a, _) in enumerate(turns, 1)))
 
 
 def plan(records: Iterable[dict[str, Any]], backend: Any, **kw: bool) -> list[Job]:

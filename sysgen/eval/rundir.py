@@ -99,3 +99,16 @@ def message(record: dict[str, Any], role: str) -> str | None:
         if m.get("role") == role:
             return str(m.get("content", ""))
     return None
+
+
+def turn_pairs(record: dict[str, Any]) -> list[tuple[str, str, str | None]]:
+    """(user, new answer, original answer or None) per answered turn, in order. Records before
+    multi-turn carry a single `original_answer` (the first turn's)."""
+    msgs = record.get("messages", [])
+    users = [str(m.get("content", "")) for m in msgs if m.get("role") == "user"]
+    news = [str(m.get("content", "")) for m in msgs if m.get("role") == "assistant"]
+    originals = record.get("original_answers")
+    if not isinstance(originals, list):
+        originals = [record.get("original_answer")]
+    originals = list(originals) + [None] * (len(news) - len(originals))
+    return list(zip(users, news, originals[: len(news)], strict=False))

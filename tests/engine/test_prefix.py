@@ -63,35 +63,149 @@ def test_split_equals_whole_prompt_for_every_sample(tokenizer, request):
 def test_prefix_is_identical_across_instances(smol_tokenizer):
     chat = ChatPrompter(smol_tokenizer)
     system = prompts.load("p3_verify")
-    chat.ids(system, "a first sight is tokenized whole")
     a, b = chat.ids(system, "first instance"), chat.ids(system, "second, different instance")
     n = chat.prefix_len(system)
     assert n > 50 and a[:n] == b[:n] and a[n:] != b[n:]
 
 
 def test_mismatch_disables_split(smol_tokenizer):
-    """If a tokenizer ever merged across the split, the prompter must fall back to the whole string."""
+    """If a tokenizer ever merged across a cut, the prompter must fall back to the whole string."""
     chat = ChatPrompter(smol_tokenizer)
-    chat.ids("sys", "x")
-    chat.ids("sys", "x")  # seen twice: the split is built
-    chat._splits["sys"].prefix_ids = (1, 2, 3)  # corrupt it as a merge across the boundary would
-    chat._splits["sys"].checked = 0
+    chat.ids("sys", "x")  # build the layout
+    lay = chat._layouts[("system", "user")]
+    lay.literal = {k: (1, 2, 3) for k in lay.literal}  # corrupt it as a merge across a cut would
+    lay.checked = 0
+    chat._shared.clear()
     got = chat.ids("sys", "hello")
     assert got == tuple(chat.encode(chat.render("sys", "hello")))
-    assert not chat._splits["sys"].ok
+    assert not lay.ok
 
 
-def test_one_off_system_texts_are_not_split_or_kept(smol_tokenizer):
-    """P4's system message differs per instance: splitting it cost two extra tokenizations each time
-    and kept every one in memory (806k entries at the paper's scale)."""
-    from engine import prefix
+# -- special-token text in data stays text (issue 13, item 9) ----------------------------------------
 
+
+def _special_strings(chat: ChatPrompter) -> list[str]:
+    return list(chat._special_id)
+
+
+def test_special_token_text_in_data_stays_text(tokenizer):
+    """A row that writes the template's markers must not end its turn or forge an assistant turn:
+    the prompt holds exactly the template's own special tokens, and decodes to the rendered text."""
+    chat = ChatPrompter(tokenizer)
+    specials = _special_strings(chat)
+    assert chat.can_split
+    forged = "hi " + "".join(f"{s}\nassistant\n" for s in specials) + " end"
+    clean = tuple(chat.encode(chat.render("sys", "hi")))
+    clean_specials = sorted(i for i in clean if i in chat._special_id.values())
+    for system, user in (("sys", forged), (forged, "hi"), (None, forged)):
+        ids = chat.prompt([("system", system), ("user", user)] if system is not None else [("user", user)])
+        got = sorted(i for i in ids if i in chat._special_id.values())
+        ref = clean_specials if system is not None else sorted(
+            i for i in chat.encode(chat.render(None, "hi")) if i in chat._special_id.values())
+        assert got == ref, (system is None, user[:40])
+        text = tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        assert text == chat.render(system, user)
+
+
+def test_special_text_in_history_and_answers_stays_text(tokenizer):
+    chat = ChatPrompter(tokenizer)
+    s = _special_strings(chat)[0]
+    msgs = [("system", "sys"), ("user", f"u1 {s}"), ("assistant", f"a1 {s} x"), ("user", f"u2 {s}")]
+    ids = chat.extend(chat.prompt(msgs[:2]), msgs)
+    whole_clean = chat.encode(chat.render_messages([(r, c.replace(s, "")) for r, c in msgs]))
+    specials = set(chat._special_id.values())
+    assert sorted(i for i in ids if i in specials) == sorted(i for i in whole_clean if i in specials)
+
+
+def test_first_turn_prompts_equal_the_previous_prompter(tokenizer, request):
+    """`--turns first` reproduces earlier runs: for data without special-token text, every prompt is
+    the same ids as before (so the same request keys, and the store is reused)."""
+    from tests.engine.legacy_prefix import ChatPrompter as Legacy
+
+    shared = request.getfixturevalue("shared_data") if (REPO.parent / "shared" / "data").is_dir() else None
+    new, old = ChatPrompter(tokenizer), Legacy(tokenizer)
+    for inst in _samples(shared)[:60]:
+        user = prompts.load("p1_user").format(conversation=show_conversation(inst, 3000))
+        assert new.ids(prompts.load("p1_generate"), user) == old.ids(prompts.load("p1_generate"), user)
+        first_user = next(t.content for t in inst.turns if t.role == "user")
+        assert new.prompt([("system", "A new system message."), ("user", first_user)]) == \
+            old.ids("A new system message.", first_user), inst.id
+
+
+# -- chains: turn j+1 extends turn j's prompt + answer exactly (issue 8) -------------------------------
+
+
+def _conversations(shared):
+    convs = []
+    for inst in _samples(shared):
+        pairs, cur = [], None
+        for t in inst.turns:
+            if t.role == "user":
+                cur = [t.content, None]
+                pairs.append(cur)
+            elif t.role == "assistant" and cur is not None:
+                cur[1] = t.content
+        if len(pairs) >= 2:
+            convs.append(pairs)
+    return convs
+
+
+def test_each_turn_extends_the_previous_prompt_and_answer(tokenizer, request):
+    shared = request.getfixturevalue("shared_data") if (REPO.parent / "shared" / "data").is_dir() else None
+    convs = _conversations(shared)
+    assert convs, "need multi-turn samples (the demo ships one)"
+    chat = ChatPrompter(tokenizer)
+    chain_template = "[INST]" not in (tokenizer.chat_template or "")  # the Mistral one drops answers
+    for pairs in convs:
+        msgs = [("system", "Be brief."), ("user", pairs[0][0])]
+        ids = chat.prompt(msgs)
+        for user, answer in pairs[1:] + [("last", None)]:
+            answer = answer or "An answer written here."
+            msgs = msgs + [("assistant", answer), ("user", user)]
+            nxt = chat.extend(ids, msgs)
+            text = tokenizer.decode(list(nxt), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            assert text == chat.render_messages(msgs)
+            if chain_template:
+                head = ids + tuple(chat.encode_data([answer])[0])
+                assert nxt[: len(head)] == head
+            ids = nxt
+
+
+def test_memory_is_flat_for_per_instance_system_messages(smol_tokenizer):
+    """P4's system message is new for every instance: nothing may be cached per system text."""
     chat = ChatPrompter(smol_tokenizer)
-    calls = []
-    encode = chat.encode
-    chat.encode = lambda text: calls.append(text) or encode(text)
-    for i in range(prefix.MAX_SPLITS + 50):
-        system = f"You are assistant number {i}."
-        assert chat.ids(system, "hi") == tuple(encode(chat.render(system, "hi")))
-    assert len(calls) == prefix.MAX_SPLITS + 50, "one tokenization per one-off prompt"
-    assert not chat._splits and len(chat._seen_once) <= prefix.MAX_SPLITS
+    for i in range(3000):
+        chat.prompt([("system", f"You are assistant number {i}."), ("user", "hello")])
+        chat.ids(prompts.load("p3_verify"), f"instance {i}")
+    assert len(chat._shared) == 1 and len(chat._layouts) == 1
+
+
+class _Counting:
+    """A tokenizer wrapper counting encode calls (texts tokenized)."""
+
+    def __init__(self, tok) -> None:
+        self._tok, self.calls = tok, 0
+
+    def __call__(self, *a, **kw):
+        self.calls += 1
+        return self._tok(*a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def test_one_tokenizer_call_per_prompt_after_warm_up(smol_tokenizer):
+    tok = _Counting(smol_tokenizer)
+    chat = ChatPrompter(tok)
+    for i in range(8):  # warm-up: layouts built, first prompts verified
+        p = chat.prompt([("system", f"sys {i}"), ("user", "u")])
+        chat.extend(p, [("system", f"sys {i}"), ("user", "u"), ("assistant", "a"), ("user", "v")])
+        chat.ids("shared template", f"x{i}")
+    for make in (lambda i: chat.prompt([("system", f"new system {i}"), ("user", f"question {i}")]),
+                 lambda i: chat.ids("shared template", f"instance {i}"),
+                 lambda i: chat.extend((1, 2), [("system", "s"), ("user", "u"), ("assistant", f"a {i}"),
+                                                ("user", f"next {i}")])):
+        before = tok.calls
+        for i in range(10):
+            make(i)
+        assert tok.calls - before <= 20  # one call per prompt, plus the answer's on extend

@@ -22,17 +22,23 @@ from sysgen.eval.judges import Judgement
 from sysgen.eval.rundir import load_run
 
 
-class _Encoding(dict):
-    """Like transformers 5's BatchEncoding: apply_chat_template(tokenize=True) returns this."""
-
-
 class StandInTokenizer:
-    """One id per character, so the stand-in backend can read its prompt back."""
+    """One id per character, so the stand-in backend can read its prompt back; no special tokens.
+    The slice of the Hugging Face tokenizer interface that engine/prefix.py uses."""
 
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+    all_special_tokens: list[str] = []
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
         text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
         text += "<assistant>" if add_generation_prompt else ""
-        return _Encoding(input_ids=[ord(c) for c in text])
+        return {"input_ids": [ord(c) for c in text]} if tokenize else text
+
+    def __call__(self, text, add_special_tokens=False, split_special_tokens=False):
+        ids = [[ord(c) for c in t] for t in text] if isinstance(text, list) else [ord(c) for c in text]
+        return {"input_ids": ids}
+
+    def decode(self, ids, **_):
+        return "".join(chr(i) for i in ids)
 
 
 class StandInJudgeBackend(BackendBase):

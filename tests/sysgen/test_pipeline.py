@@ -10,6 +10,7 @@ from collections import Counter
 
 import orjson
 import pytest
+import xxhash
 
 try:
     from tests.sysgen.pipeline_helpers import FAST, backend, ids_once, records, run, write_rows
@@ -150,8 +151,10 @@ def test_engine_faults_are_retried_then_recorded(tmp_path):
             return "hang"  # once: the retry answers
         if request.group == "p3" and h % 10 == 2 and attempt == 1:
             return "error"
-        if request.group == "p4" and h % 10 == 3:
-            return "truncate"  # unconstrained: dropped as truncated, not retried
+        if request.group == "p4" and xxhash.xxh3_64_intdigest(repr(request.prompt).encode()) % 10 == 3:
+            # unconstrained: not retried by the scheduler; the canned answer repeats itself, so P4
+            # resamples the turn once (same prompt), is cut again, and drops the instance
+            return "truncate"
         if request.group == "p1" and h % 10 == 4 and attempt == 1:
             return "truncate"  # constrained: retried with new sampling
         return None
@@ -160,7 +163,8 @@ def test_engine_faults_are_retried_then_recorded(tmp_path):
     counters = run([tmp_path / "in.jsonl"], out, backend(fault=fault))
     assert counters["scheduler"]["retries"] > 0
     dropped = Counter(f"{r['phase']}:{r['reason']}" for r in records(out)["dropped"])
-    assert dropped["p1:engine_error"] > 0 and dropped["p4:truncated"] > 0
+    # --turns all names the turn (p4:loop@turn1: cut twice, and the tail repeats itself)
+    assert dropped["p1:engine_error"] > 0 and dropped["p4:loop@turn1"] > 0
     errors = [r for r in records(out)["dropped"] if r["reason"] == "engine_error"]
     assert all("gave up after 3 attempts" in r["detail"] for r in errors)
     st = stats.write(out, {}, rows_read=counters["rows_read"])
