@@ -127,7 +127,7 @@ def test_the_simulation_is_never_an_auto_choice():
     assert "sim" not in _NAMES
     for cuda in (True, False):
         for sg in (True, False):
-            assert choose_backend("auto", cuda_available=cuda, sglang_available=sg)[0] in ("hf", "sglang")
+            assert choose_backend("auto", cuda_available=cuda, sglang_available=sg)[0] in ("openvino", "sglang")
 
 
 def test_workload_markers(tmp_path, shared_data, smol_tokenizer):
