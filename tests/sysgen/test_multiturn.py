@@ -140,7 +140,7 @@ def test_a_turn_cut_in_the_middle_drops_the_conversation_naming_the_turn(tmp_pat
     out = records(tmp_path / "out")
     assert [r["user_turns"] for r in out["data"]] == [1]
     assert Counter(f"{d['phase']}:{d['reason']}" for d in out["dropped"]) == {"p4:truncated@turn2": 4}
-    st = stats.write(tmp_path / "out", {})
+    st = stats.write(tmp_path / "out", {}, rows_read=5)
     assert st["accounted"] and st["dropped"] == {"p4:truncated@turn2": 4}
 
 
