@@ -135,6 +135,16 @@ def test_resume_with_continue_makes_no_engine_calls(tmp_path):
     assert records(tmp_path / "out") == first
 
 
+def test_resume_with_continue_and_token_ids_makes_no_engine_calls(tmp_path, smol_tokenizer):
+    write(tmp_path / "in.jsonl", capybara_rows(4, turns=2))
+    eng = RadixStandIn(smol_tokenizer)
+    run([tmp_path / "in.jsonl"], tmp_path / "out", eng, p3_context="continue")
+    assert eng.seen and len(records(tmp_path / "out")["data"]) == 4
+    again = RadixStandIn(smol_tokenizer)
+    run([tmp_path / "in.jsonl"], tmp_path / "out", again, p3_context="continue")
+    assert again.seen == []
+
+
 @pytest.mark.parametrize("bad", ["both", ""])
 def test_unknown_layout_is_refused_by_the_cli(bad, tmp_path, capsys):
     from sysgen.cli import main
