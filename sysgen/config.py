@@ -68,6 +68,10 @@ class RunConfig:
                "original ones")
     keep_partial: bool = opt(False, "when a later turn is cut or overflows the context, keep the complete "
                                     "turns before it instead of dropping the conversation")
+    p3_context: Literal["standalone", "continue"] = opt(
+        "standalone", "P3 prompt layout: standalone (the P3 template as system turn) or continue (P3 as "
+                      "the next turn of P1's own chat, so a prefix cache that keeps finished requests, "
+                      "SGLang's radix cache, serves P1's prompt and answer: more cached prefill on GPU)")
     temperature: float = opt(0.0, "sampling temperature for all phases")
     seed: int = opt(0, "sampling seed")
     max_turn_chars: int = opt(3000, "characters of each turn shown to P1 (longer turns are cut)")

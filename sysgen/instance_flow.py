@@ -10,7 +10,16 @@ from engine.request import Result
 from sysgen import tags
 from sysgen.datasets.instance import Instance, Rejected
 from sysgen.p4_turns import answer_turns
-from sysgen.phases import PhaseSettings, PromptBuilder, p1_request, p3_request, p4_request, user_turns
+from sysgen.phases import (
+    P1Turn,
+    PhaseSettings,
+    PromptBuilder,
+    p1_request,
+    p1_user_text,
+    p3_request,
+    p4_request,
+    user_turns,
+)
 
 
 @dataclass
@@ -79,7 +88,8 @@ async def _run_instance(inst: Instance, submit, build: PromptBuilder, s: PhaseSe
         return Outcome(inst.id, inst.source, phase="p2", reason="no_valid_tags", detail=r1.text[:300],
                        extra={"request_keys": keys, **p2})
 
-    req3 = p3_request(filtered, build, s)
+    p1 = P1Turn(req1.prompt, p1_user_text(inst, s), r1.text) if s.p3_context == "continue" else None
+    req3 = p3_request(filtered, build, s, p1)
     keys["p3"] = req3.key.hex()
     r3 = await submit(req3)
     if (out := _failed(inst, "p3", r3, keys, p2)) is not None:

@@ -34,6 +34,7 @@ class PhaseSettings:
     p4_budget_factor: float = 2.0
     p4_budget_cap: int = 2048
     max_context: int = 0  # prompt + answer tokens the engine takes; 0 = unknown
+    p3_context: str = "standalone"  # "continue": P3 is the next turn of P1's chat (see p3_request)
 
 
 class PromptBuilder:
@@ -97,19 +98,44 @@ def _sampling(s: PhaseSettings, max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=s.temperature, max_new_tokens=max_tokens, seed=s.seed)
 
 
+def p1_user_text(inst: Instance, s: PhaseSettings) -> str:
+    return prompts.load("p1_user").format(conversation=show_conversation(inst, s.max_turn_chars))
+
+
 def p1_request(inst: Instance, build: PromptBuilder, s: PhaseSettings) -> Request:
-    user = prompts.load("p1_user").format(conversation=show_conversation(inst, s.max_turn_chars))
+    user = p1_user_text(inst, s)
     return Request(prompt=build(prompts.load("p1_generate"), user), sampling=_sampling(s, s.p1_max_tokens),
                    model=s.model_id, regex=tags.p1_regex() if s.constrain else None, group="p1")
 
 
-def p3_request(filtered: tags.Filtered, build: PromptBuilder, s: PhaseSettings) -> Request:
+@dataclass(frozen=True)
+class P1Turn:
+    """What `--p3-context continue` needs of P1: its prompt as sent, its user text, its raw answer."""
+
+    prompt: Prompt
+    user: str
+    answer: str
+
+
+def p3_request(filtered: tags.Filtered, build: PromptBuilder, s: PhaseSettings,
+               p1: P1Turn | None = None) -> Request:
+    """`standalone`: the P3 template as system turn, the message as user turn. `continue` (with `p1`):
+    the next turn of P1's chat, [P1 system, P1 user, P1's raw answer, P3 instructions + message], so
+    a prefix cache that keeps P1's prompt + answer (SGLang's radix cache) serves all of P1's part.
+    The self-model judge then sees the conversation its tags were written for."""
     user = prompts.load("p3_user").format(filtered=tags.strip_tags(filtered.tags),
                                           annotated=filtered.render())
     present = list(filtered.tags)
     # Constrained, the answer is a fixed form: budget exactly enough for its longest spelling.
     budget = tags.p3_token_bound(present) if s.constrain else s.p3_max_tokens
-    return Request(prompt=build(prompts.load("p3_verify"), user), sampling=_sampling(s, budget),
+    if s.p3_context == "continue" and p1 is not None:
+        # The same instruction text as standalone; one joining line says it is a new task.
+        turn = f"Now a new task.\n\n{prompts.load('p3_verify')}\n\n{user}"
+        prompt = build.extend(p1.prompt, [("system", prompts.load("p1_generate")), ("user", p1.user),
+                                          ("assistant", p1.answer), ("user", turn)])
+    else:
+        prompt = build(prompts.load("p3_verify"), user)
+    return Request(prompt=prompt, sampling=_sampling(s, budget),
                    model=s.model_id, regex=tags.p3_regex(present) if s.constrain else None, group="p3")
 
 

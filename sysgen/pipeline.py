@@ -112,7 +112,7 @@ def phase_settings(cfg: RunConfig, backend: Backend) -> PhaseSettings:
                          p4_max_tokens=cfg.p4_max_tokens, temperature=cfg.temperature, seed=cfg.seed,
                          max_turn_chars=cfg.max_turn_chars, turns=cfg.turns, history=cfg.history,
                          keep_partial=cfg.keep_partial, p4_budget_factor=cfg.p4_budget_factor,
-                         p4_budget_cap=cfg.p4_budget_cap,
+                         p4_budget_cap=cfg.p4_budget_cap, p3_context=cfg.p3_context,
                          max_context=backend.capabilities.max_context if cfg.turns == "all" else 0)
 
 

@@ -40,7 +40,10 @@ def fingerprint(cfg: RunConfig, settings: PhaseSettings) -> str:
     """16 hex digits over everything that makes this run's outputs comparable to an earlier one's:
     settings, prompt texts, the tag grammar (a new sysgen version may change it), format, shard."""
     grammar = tags.p1_regex() + tags.p3_regex(tags.TAGS) + str(tags.PHRASE_MAX)
-    payload = {"settings": settings.__dict__, "prompts": prompts.digests(), "format": cfg.format,
+    sets = dict(settings.__dict__)
+    if sets.get("p3_context") == "standalone":  # the default layout keeps earlier runs' fingerprints
+        del sets["p3_context"]
+    payload = {"settings": sets, "prompts": prompts.digests(), "format": cfg.format,
                "shard": cfg.shard, "grammar": xxhash.xxh3_64_hexdigest(grammar.encode())}
     # How rows are read changes what an instance is; absent when unset, so older fingerprints hold.
     payload.update({k: getattr(cfg, k) for k in ("columns", "split", "subset") if getattr(cfg, k, None)})

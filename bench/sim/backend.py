@@ -66,7 +66,9 @@ class SimBackend(BackendBase):
                                          max_context=131_072)
         self.record = Recorded() if record else None
         self.charge_wrapper = charge_wrapper
-        self.keep_outputs = keep_outputs  # cache prompt + answer token ids (multi-turn chains)
+        # cache prompt + answer token ids of P1 and P4: the next request extending them (a later P4
+        # turn, a --p3-context continue P3) hits them, as in SGLang's radix cache
+        self.keep_outputs = keep_outputs
         self.vt = 0.0  # virtual seconds
         self.wrapper_cpu_s = 0.0  # charged wrapper CPU
         self.wrapper_bound_s = 0.0  # virtual time where the wrapper, not the GPU, set the pace
@@ -102,7 +104,7 @@ class SimBackend(BackendBase):
             self.p1_seen += 1
             if self.expected_p1 is not None and self.p1_seen >= self.expected_p1:
                 self.engine.feeding = False
-        if self.keep_outputs and self.tokenizer is not None and request.group == "p4":
+        if self.keep_outputs and self.tokenizer is not None and request.group in ("p1", "p4"):
             out_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             r.keep = block_chain(list(prompt) + list(out_ids))
         self._arriving.append(r)

@@ -42,7 +42,7 @@ def engine_summary(eng: SimEngine, seconds: float) -> dict:
 
 
 async def _stream(workload: Workload, spec: EngineSpec, tokenizer, out: Path, max_inflight: int | None,
-                  charge_wrapper: bool, keep_outputs: bool) -> tuple[dict, Recorded]:
+                  charge_wrapper: bool, keep_outputs: bool, p3_context: str) -> tuple[dict, Recorded]:
     from engine.store import Store
     from sysgen.config import RunConfig
     from sysgen.pipeline import run_stream
@@ -52,7 +52,7 @@ async def _stream(workload: Workload, spec: EngineSpec, tokenizer, out: Path, ma
     backend.expected_p1 = workload.instances
     # engine="auto" is never resolved here: the simulated backend is passed in directly.
     cfg = RunConfig(inputs=(str(workload.path),), out=str(out), max_inflight=max_inflight,
-                    progress=False, report=False)
+                    progress=False, report=False, p3_context=p3_context)
     t0, c0 = time.perf_counter(), time.process_time()
     async with backend:
         with Store.open(out / "store.db") as store:
@@ -74,12 +74,13 @@ async def _stream(workload: Workload, spec: EngineSpec, tokenizer, out: Path, ma
 
 def stream(workload: Workload, spec: EngineSpec, tokenizer, *, max_inflight: int | None = None,
            workdir: Path | None = None, charge_wrapper: bool = True,
-           keep_outputs: bool = False) -> tuple[dict, Recorded]:
+           keep_outputs: bool = False, p3_context: str = "standalone") -> tuple[dict, Recorded]:
     """sysgen's real run_stream (scheduler, store, pipeline) over the workload, simulated engine.
+    `p3_context` is sysgen's --p3-context (continue pays off with keep_outputs: P1's answers cached).
     Runs on asyncio's default loop: the driver needs to see when the loop is idle."""
     with tempfile.TemporaryDirectory(prefix="sysgen-sim-", dir=workdir) as tmp:
         return asyncio.run(_stream(workload, spec, tokenizer, Path(tmp), max_inflight, charge_wrapper,
-                                   keep_outputs))
+                                   keep_outputs, p3_context))
 
 
 def batch(spec: EngineSpec, recorded: Recorded, limit: int | None = None) -> dict:

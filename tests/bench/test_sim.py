@@ -127,7 +127,8 @@ def test_the_simulation_is_never_an_auto_choice():
     assert "sim" not in _NAMES
     for cuda in (True, False):
         for sg in (True, False):
-            assert choose_backend("auto", cuda_available=cuda, sglang_available=sg)[0] in ("openvino", "sglang")
+            chosen = choose_backend("auto", cuda_available=cuda, sglang_available=sg)[0]
+            assert chosen in ("openvino", "sglang")
 
 
 def test_workload_markers(tmp_path, shared_data, smol_tokenizer):
@@ -187,3 +188,23 @@ def test_a_kept_answer_serves_the_next_turn():
 
 def test_block_chain_of_a_partial_block():
     assert len(block_chain(array("q", range(BLOCK * 3 + 5)))) == 3
+
+
+def test_p3_continuing_p1_is_served_from_p1s_cached_prompt_and_answer(tmp_path, shared_data, smol_tokenizer):
+    from bench.sim.run import stream
+    from bench.sim.workload import build
+
+    n = 20
+    wl = build(tmp_path / "w.jsonl", n, smol_tokenizer, data_dir=shared_data, turns=1)
+    spec = _spec(max_running=16)
+    by = {}
+    for mode in ("standalone", "continue"):
+        res, _ = stream(wl, spec, smol_tokenizer, workdir=tmp_path, keep_outputs=True, p3_context=mode)
+        assert res["kept"] + res["dropped"] == n
+        by[mode] = res["by_phase"]
+    p1, p3 = by["continue"]["p1"], by["continue"]["p3"]
+    # each P3 prompt starts with its P1 prompt + answer, kept in the cache: more than all of P1's
+    # prompts is served (the simulated P1 reports an estimate of its answer's tokens, not the count)
+    assert p3["cached_tokens"] > p1["prompt_tokens"]
+    assert p3["cached_tokens"] > 3 * by["standalone"]["p3"]["cached_tokens"]
+    assert by["standalone"]["p1"] == p1  # P1 is the same either way
