@@ -44,7 +44,7 @@ def build_requests(n: int, *, input_path: str | None, tokenizer: Any, model_id: 
     from bench import synthetic
     from sysgen.datasets.instance import Instance
     from sysgen.datasets.stream import iter_instances
-    from sysgen.phases import PhaseSettings, PromptBuilder, p1_request
+    from sysgen.run.phases import PhaseSettings, PromptBuilder, p1_request
 
     if input_path is None:
         input_path = str(workdir / "synthetic.jsonl")

@@ -111,7 +111,7 @@ def resume_seconds(inp: Path, out: Path) -> tuple[float, dict]:
     from engine.store import Store
     from sysgen import standin
     from sysgen.config import RunConfig
-    from sysgen.pipeline import run_stream
+    from sysgen.run.pipeline import run_stream
 
     cfg = RunConfig(inputs=(str(inp),), out=str(out), engine="standin")
 

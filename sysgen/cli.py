@@ -85,7 +85,7 @@ def _dataset_error_hint(e: Exception, resume_hint: str) -> str:
 
 
 async def _run_async(cfg: RunConfig, backend, store, out: Path) -> dict:
-    from sysgen.pipeline import run_stream
+    from sysgen.run.pipeline import run_stream
 
     async with backend:
         return await run_stream(cfg, backend, store, out, progress_enabled=cfg.progress)
@@ -104,11 +104,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from engine.backend import EngineAuthError, EngineDied, EngineDown, FailureStreak
     from engine.backends.model_cache import ModelNotFound
     from engine.store import Store, StoreError
-    from sysgen import prompts, stats
+    from sysgen import prompts
     from sysgen.backend_factory import make_backend
     from sysgen.datasets import DatasetError
-    from sysgen.pipeline import RunInterrupted
-    from sysgen.run_checks import check_run
+    from sysgen.run import stats
+    from sysgen.run.pipeline import RunInterrupted
+    from sysgen.run.run_checks import check_run
 
     try:
         cfg = _config_from_args(args)
@@ -207,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_parser(sub)
     try:
-        from sysgen.merge import add_merge_parser
+        from sysgen.run.merge import add_merge_parser
     except ImportError:
         pass
     else:

@@ -61,7 +61,7 @@ def register(subparsers: Any) -> None:
 
 def report_after_run(out_dir: Path) -> Path:
     """The report `sysgen run` writes at its end (no eval: that loads more models)."""
-    from sysgen.report import write_report
+    from sysgen.publish.report import write_report
 
     return write_report(out_dir)
 
@@ -73,7 +73,7 @@ def _fail(msg: str) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from sysgen.eval.rundir import RunDirError
-    from sysgen.report import write_report
+    from sysgen.publish.report import write_report
 
     try:
         path = write_report(args.dir)
@@ -131,7 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sysgen.eval.evaluate import EvalConfig, answer_metrics, write_eval
     from sysgen.eval.rundir import RunDirError, load_run
     from sysgen.eval.semantic import DEFAULT_BERTSCORE_LAYER
-    from sysgen.report import write_report
+    from sysgen.publish.report import write_report
 
     if args.judge_limit is not None and args.judge_limit < 1:
         return _fail(f"--judge-limit must be >= 1, got {args.judge_limit}")
@@ -162,9 +162,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sysgen.card import write_card
     from sysgen.eval.rundir import RunDirError, load_run
-    from sysgen.export import export, unfinished
+    from sysgen.publish.card import write_card
+    from sysgen.publish.export import export, unfinished
 
     try:
         run = load_run(args.dir)

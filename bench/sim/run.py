@@ -45,7 +45,7 @@ async def _stream(workload: Workload, spec: EngineSpec, tokenizer, out: Path, ma
                   charge_wrapper: bool, keep_outputs: bool, p3_context: str) -> tuple[dict, Recorded]:
     from engine.store import Store
     from sysgen.config import RunConfig
-    from sysgen.pipeline import run_stream
+    from sysgen.run.pipeline import run_stream
 
     eng = SimEngine(spec)
     backend = SimBackend(eng, tokenizer, workload, charge_wrapper=charge_wrapper, keep_outputs=keep_outputs)

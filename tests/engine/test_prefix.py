@@ -9,7 +9,7 @@ import pytest
 from engine.prefix import ChatPrompter
 from sysgen import prompts
 from sysgen.datasets import iter_instances
-from sysgen.phases import show_conversation
+from sysgen.run.phases import show_conversation
 from tests.conftest import REPO
 
 # Chat templates of other model families, rendered with SmolLM2's vocabulary plus their special

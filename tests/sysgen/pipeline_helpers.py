@@ -13,7 +13,7 @@ from engine.scheduler import SchedulerConfig
 from engine.store import Store
 from sysgen import standin
 from sysgen.config import RunConfig
-from sysgen.pipeline import run_stream
+from sysgen.run.pipeline import run_stream
 
 FAST = SchedulerConfig(max_inflight=8, max_retries=2, timeout_s=0.3,
                        backoff_base_s=0.001, backoff_max_s=0.002)

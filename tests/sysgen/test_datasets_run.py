@@ -14,7 +14,7 @@ except ImportError:  # tests/sysgen is not a package: pytest put its folder on s
     from pipeline_helpers import ids_once, records, run
 
 from sysgen.cli import main
-from sysgen.merge import merge
+from sysgen.run.merge import merge
 
 
 def jsonl(path, rows) -> None:

@@ -10,9 +10,9 @@ try:
 except ImportError:  # tests/sysgen is not a package: pytest put its folder on sys.path
     from eval_fixtures import RECORDS, build_run
 
-from sysgen.card import UNKNOWN, source_license, write_card
 from sysgen.eval.rundir import load_run
-from sysgen.export import export
+from sysgen.publish.card import UNKNOWN, source_license, write_card
+from sysgen.publish.export import export
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_source_licence_map():
     assert source_license("magicoder_oss_instruct_first500")[1] == "mit"
     assert source_license("stuff", "data/gsm8k_test_first300.jsonl")[1] == "mit"
     assert source_license("airoboros") == ("", UNKNOWN)
-    from sysgen.card import SAMPLES_DIR
+    from sysgen.publish.card import SAMPLES_DIR
 
     assert source_license("demo_mixed", str(SAMPLES_DIR / "demo_mixed.jsonl"))[1] == "apache-2.0"
     assert source_license("demo_mixed", "/elsewhere/demo_mixed.jsonl") == ("", UNKNOWN)
@@ -112,7 +112,7 @@ def test_source_licence_map():
 def test_parquet_written_in_row_groups(tmp_path, monkeypatch, offline):
     import pyarrow.parquet as pq
 
-    from sysgen import export as export_mod
+    from sysgen.publish import export as export_mod
 
     monkeypatch.setattr(export_mod, "PARQUET_BATCH", 2)
     run = load_run(build_run(tmp_path / "run"))

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import xxhash
 
-from sysgen import input_check
+from sysgen.run import input_check
 
 try:
     from tests.sysgen.pipeline_helpers import backend, ids_once, records, run, write_rows
@@ -80,7 +80,7 @@ def test_an_edit_with_the_mtime_put_back_is_found_by_the_ctime(tmp_path):
     import os
     import time
 
-    from sysgen import input_check
+    from sysgen.run import input_check
 
     p = tmp_path / "a.jsonl"
     p.write_bytes(b'{"q": "one"}\n')
@@ -94,7 +94,7 @@ def test_an_edit_with_the_mtime_put_back_is_found_by_the_ctime(tmp_path):
 
 
 def test_bytes_appended_after_a_last_row_without_newline_are_an_edit(tmp_path):
-    from sysgen import input_check
+    from sysgen.run import input_check
 
     p = tmp_path / "a.jsonl"
     p.write_bytes(b'{"q": "one"}')

@@ -16,7 +16,7 @@ except ImportError:  # tests/sysgen is not a package: pytest put its folder on s
     from pipeline_helpers import ids_once, records, run, write_rows
 
 from engine.store import Store, StoreError
-from sysgen.merge import merge
+from sysgen.run.merge import merge
 
 REPO = Path(__file__).resolve().parents[2]
 

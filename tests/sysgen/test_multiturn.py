@@ -10,7 +10,8 @@ import xxhash
 
 from engine.backends.standin import StandInBackend
 from engine.request import prompt_messages
-from sysgen import standin, stats
+from sysgen import standin
+from sysgen.run import stats
 
 try:
     from tests.sysgen.pipeline_helpers import records, run
@@ -123,7 +124,7 @@ def test_prompt_only_conversations_get_every_missing_answer(tmp_path):
 def test_user_turns_pairs_answers_and_gaps():
     """Shapes a reader may yield for prompt-only data: consecutive user turns leave a gap (None)."""
     from sysgen.datasets.instance import Instance, Turn
-    from sysgen.phases import user_turns
+    from sysgen.run.phases import user_turns
 
     turns = (Turn("system", "s"), Turn("user", "u1"), Turn("user", "u2"), Turn("assistant", "a2"),
              Turn("user", "u3"))
@@ -194,7 +195,7 @@ def test_a_turn_that_loops_again_is_dropped_as_a_loop(tmp_path):
 
 
 def test_report_shows_turns_retention_and_cached_ratio_by_phase(tmp_path):
-    from sysgen.report import write_report
+    from sysgen.publish.report import write_report
 
     write(tmp_path / "in.jsonl", capybara_rows(4, turns=3) + capybara_rows(2, turns=1))
     out = tmp_path / "out"
@@ -211,7 +212,7 @@ def test_eval_export_and_judges_see_every_turn(tmp_path):
     from sysgen.eval.evaluate import EvalConfig, answer_metrics
     from sysgen.eval.judges import iter_plan
     from sysgen.eval.rundir import load_run, turn_pairs
-    from sysgen.export import rows
+    from sysgen.publish.export import rows
 
     write(tmp_path / "in.jsonl", capybara_rows(3, turns=3))
     out = tmp_path / "out"

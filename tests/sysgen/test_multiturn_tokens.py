@@ -10,8 +10,9 @@ from engine.backend import Capabilities
 from engine.backends.standin import StandInBackend
 from engine.prefix import ChatPrompter
 from engine.request import Request, Result, SamplingParams
-from sysgen import prompts, standin, stats
-from sysgen.phases import show_conversation
+from sysgen import prompts, standin
+from sysgen.run import stats
+from sysgen.run.phases import show_conversation
 
 try:
     from tests.sysgen.pipeline_helpers import records, run
@@ -131,7 +132,7 @@ def test_turns_first_makes_the_same_requests_as_before_multi_turn(tmp_path, engi
 
 def test_p1_prompts_are_unchanged_for_rows_without_special_token_text(tmp_path, smol_tokenizer):
     from sysgen.datasets import iter_instances
-    from sysgen.phases import PhaseSettings, PromptBuilder, p1_request
+    from sysgen.run.phases import PhaseSettings, PromptBuilder, p1_request
     from tests.engine.legacy_prefix import ChatPrompter as Legacy
 
     write(tmp_path / "in.jsonl", capybara_rows(3, turns=3))

@@ -11,8 +11,8 @@ from engine.request import Request, SamplingParams, prompt_messages
 from sysgen import prompts, tags
 from sysgen.config import RunConfig
 from sysgen.datasets import iter_instances
-from sysgen.phases import P1Turn, PhaseSettings, PromptBuilder, p1_request, p1_user_text, p3_request
-from sysgen.resume import fingerprint
+from sysgen.run.phases import P1Turn, PhaseSettings, PromptBuilder, p1_request, p1_user_text, p3_request
+from sysgen.run.resume import fingerprint
 
 try:
     from tests.sysgen.pipeline_helpers import backend, records, run, write_rows

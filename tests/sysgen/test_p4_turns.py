@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from sysgen.p4_turns import looks_like_loop, turn_budget
-from sysgen.phases import PhaseSettings
+from sysgen.run.p4_turns import looks_like_loop, turn_budget
+from sysgen.run.phases import PhaseSettings
 from tests.conftest import SHARED_DATA
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sysgen import tags
-from sysgen.phases import PhaseSettings, PromptBuilder, p3_request
+from sysgen.run.phases import PhaseSettings, PromptBuilder, p3_request
 
 FILTERED = tags.filter_tags("<Role>You are a tutor.</Role>\n<Background>The user is ten.</Background>\n"
                             "<Format>Numbered steps.</Format>\n")

@@ -20,9 +20,9 @@ except ImportError:  # tests/sysgen is not a package: pytest put its folder on s
 import sysgen.prompts
 import sysgen.tags
 from engine.store import Store, StoreError
-from sysgen import stats
 from sysgen.config import RunConfig
-from sysgen.pipeline import run_stream
+from sysgen.run import stats
+from sysgen.run.pipeline import run_stream
 
 # Twelve kinds of unreadable rows: each must come out in dropped.jsonl naming file:line.
 MALFORMED = [

@@ -15,7 +15,7 @@ try:
 except ImportError:  # tests/sysgen is not a package: pytest put its folder on sys.path
     from pipeline_helpers import ids_once, write_rows
 
-from sysgen.pipeline import DRAIN_S
+from sysgen.run.pipeline import DRAIN_S
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,7 +7,7 @@ import io
 from engine.metrics import Metrics
 from engine.progress import Progress, fmt_eta
 from sysgen.datasets.instance import Instance, Rejected, Turn
-from sysgen.pipeline import InputFraction
+from sysgen.run.pipeline import InputFraction
 
 
 def _rows(path, n: int) -> list[Instance]:

@@ -86,7 +86,7 @@ def test_merge_with_out_forgotten_leaves_the_first_shard_alone(tmp_path, capsys)
 
 
 def test_an_incomplete_or_mismatched_shard_set_is_refused(tmp_path, capsys):
-    from sysgen.merge import merge
+    from sysgen.run.merge import merge
 
     s0, s1, s2 = _shards(tmp_path, 3)
     with pytest.raises(ValueError, match=r"shard 1/3 missing.*--allow-partial"):
@@ -112,7 +112,7 @@ def test_an_incomplete_or_mismatched_shard_set_is_refused(tmp_path, capsys):
 
 
 def test_an_interrupted_shard_is_refused(tmp_path, monkeypatch, capsys):
-    from sysgen.merge import merge
+    from sysgen.run.merge import merge
 
     s0, s1 = _shards(tmp_path, 2)
     write_rows(tmp_path / "in.jsonl", 40)  # grown: shard 1 runs again, and its engine dies midway
@@ -274,7 +274,7 @@ def test_corrupt_store_pages_mid_run_stop_cleanly(tmp_path, capsys, monkeypatch)
 def test_merge_on_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     import errno
 
-    from sysgen import merge as merge_mod
+    from sysgen.run import merge as merge_mod
 
     shards = _shards(tmp_path, 2)
 

@@ -16,7 +16,7 @@ except ImportError:  # tests/sysgen is not a package: pytest put its folder on s
 from sysgen.cli_eval import report_after_run
 from sysgen.eval import funnel as fn
 from sysgen.eval.rundir import RunDirError, load_run
-from sysgen.report import write_report
+from sysgen.publish.report import write_report
 
 
 def test_funnel_counts_per_source_and_overall():

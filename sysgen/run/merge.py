@@ -29,7 +29,7 @@ import xxhash
 
 from engine.store import SCHEMA_VERSION, Store, StoreError, describe_failure
 from engine.store_lock import StoreLock, StoreLocked
-from sysgen import stats
+from sysgen.run import stats
 
 log = logging.getLogger(__name__)
 SINKS = ("data", "dropped")

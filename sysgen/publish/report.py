@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sysgen import plots, stats
 from sysgen.eval import funnel as fn
 from sysgen.eval import paper
 from sysgen.eval.evaluate import read_eval
 from sysgen.eval.rundir import RunDir, load_run
+from sysgen.publish import plots
+from sysgen.run import stats
 
 REPORT_MD = "report.md"
 

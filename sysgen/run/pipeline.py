@@ -2,7 +2,7 @@
 
 Every stream item (an instance, or an unreadable row) ends as exactly one line in data.jsonl or
 dropped.jsonl, written by the store's writer in the same transaction that marks the item done.
-Where a re-run starts, and which items it skips, is sysgen/resume.py.
+Where a re-run starts, and which items it skips, is sysgen/run/resume.py.
 
 SIGINT/SIGTERM stop the feeding at once, give in-flight instances DRAIN_S seconds to finish (a
 second signal cuts that short), cancel the rest, commit, and raise RunInterrupted.
@@ -27,9 +27,9 @@ from engine.scheduler import Scheduler, SchedulerConfig
 from engine.store import Store, StoreError
 from sysgen.config import RunConfig
 from sysgen.datasets.instance import Instance, Known, Rejected
-from sysgen.instance_flow import Outcome, rejected_outcome, run_instance
-from sysgen.phases import PhaseSettings, PromptBuilder
-from sysgen.resume import Position, Resume, Watermark, fingerprint
+from sysgen.run.instance_flow import Outcome, rejected_outcome, run_instance
+from sysgen.run.phases import PhaseSettings, PromptBuilder
+from sysgen.run.resume import Position, Resume, Watermark, fingerprint
 
 log = logging.getLogger(__name__)
 DRAIN_S = 6.0  # on SIGINT/SIGTERM: let in-flight instances finish this long, then cancel them

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from engine.policy import retry_sampling
 from engine.request import Request, Result, SamplingParams
 from sysgen.datasets.instance import Instance
-from sysgen.phases import PhaseSettings, PromptBuilder, user_turns
+from sysgen.run.phases import PhaseSettings, PromptBuilder, user_turns
 
 LOOP_TAIL = 1500  # characters of a cut answer examined for a loop
 LOOP_MIN = 240  # shorter tails are never called loops

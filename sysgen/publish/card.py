@@ -9,12 +9,12 @@ from pathlib import Path
 
 from sysgen.eval import funnel as fn
 from sysgen.eval.rundir import RunDir
-from sysgen.export import existing_exports
-from sysgen.report import table
+from sysgen.publish.export import existing_exports
+from sysgen.publish.report import table
 
 CARD = "README.md"
 UNKNOWN = "unknown — check upstream"
-SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+SAMPLES_DIR = Path(__file__).resolve().parents[1] / "samples"
 # Known upstream datasets (matched on the source name with non-letters removed) and their licences.
 KNOWN_LICENSES: dict[str, tuple[str, str]] = {
     "capybara": ("LDJnr/Capybara", "mit"),

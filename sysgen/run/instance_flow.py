@@ -9,8 +9,8 @@ from engine.prefix import PromptError
 from engine.request import Result
 from sysgen import tags
 from sysgen.datasets.instance import Instance, Rejected
-from sysgen.p4_turns import answer_turns
-from sysgen.phases import (
+from sysgen.run.p4_turns import answer_turns
+from sysgen.run.phases import (
     P1Turn,
     PhaseSettings,
     PromptBuilder,

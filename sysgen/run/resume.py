@@ -23,11 +23,12 @@ import orjson
 import xxhash
 
 from engine.store import Store
-from sysgen import input_check, prompts, tags
+from sysgen import prompts, tags
 from sysgen.config import RunConfig
 from sysgen.datasets import Source, UnusedFields, iter_instances, resolve_inputs, source_name
 from sysgen.datasets.instance import Instance, Known, Rejected
-from sysgen.phases import PhaseSettings
+from sysgen.run import input_check
+from sysgen.run.phases import PhaseSettings
 
 log = logging.getLogger(__name__)
 # Drop reasons --retry-failed re-opens: every engine-side one (engine_error covers timeouts and

@@ -1,0 +1,1 @@
+"""What a finished run is published as: the report and its plots, the dataset card, the export."""
