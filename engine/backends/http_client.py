@@ -193,6 +193,33 @@ async def _read_bounded(resp, max_bytes: int, url: str, request: Request | None)
     return b"".join(chunks)
 
 
+
+def model_name(path: str) -> str:
+    """The last component of a model path or served name ("/models/Llama-3.1-8B/" -> "Llama-3.1-8B")."""
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def scrub_key(text: str, key: str | None) -> str:
+    """`text` with the API key (and its first 8 characters) blanked: servers and proxies sometimes
+    echo the key they refused ("Incorrect API key provided: sk-...")."""
+    if key:
+        text = text.replace(key, "<api key>")
+        if len(key) > 8:
+            text = text.replace(key[:8], "<api key>")
+    return text
+
+
+def load_tokenizer(model_path: str | None, engine: str):
+    """The tokenizer of a local copy of the served model (prompts go out as token ids), or None."""
+    if not model_path:
+        return None
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise ImportError(f"--model for {engine} loads its tokenizer with transformers: "
+                          "pip install -e '.[cpu]' (or pass no --model for text-only prompts)") from e
+    return AutoTokenizer.from_pretrained(model_path)
+
 def _too_large(url: str, size: str, limit: int, request: Request | None) -> TransientEngineError:
     return TransientEngineError(f"{url}: refused an answer of {size} bytes, more than the request's token "
                                 f"budget can produce ({limit:,} bytes)", request)

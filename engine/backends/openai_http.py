@@ -18,7 +18,7 @@ import asyncio
 from typing import Any
 
 from engine.backend import BackendBase, Capabilities, ContentFiltered, RequestRejected, TransientEngineError
-from engine.backends.http_client import HTTPClient, error_message, max_body_bytes, status_error
+from engine.backends.http_client import HTTPClient, error_message, max_body_bytes, scrub_key, status_error
 from engine.backends.vllm_http import openai_regex_body
 from engine.request import Request, Result, prompt_messages
 
@@ -95,13 +95,7 @@ class OpenAIBackend(BackendBase):
         return checked_result(body, request, url)
 
     def _scrub(self, text: str) -> str:
-        """Servers sometimes echo the key they refused ("Incorrect API key provided: sk-...")."""
-        key = self.__key
-        if key:
-            text = text.replace(key, "<api key>")
-            if len(key) > 8:
-                text = text.replace(key[:8], "<api key>")
-        return text
+        return scrub_key(text, self.__key)
 
     async def close(self) -> None:
         if self._client is not None:

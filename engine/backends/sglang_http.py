@@ -28,7 +28,15 @@ from engine.backend import (
     RequestRejected,
     TransientEngineError,
 )
-from engine.backends.http_client import HTTPClient, Reply, error_message, max_body_bytes, status_error
+from engine.backends.http_client import (
+    HTTPClient,
+    Reply,
+    error_message,
+    load_tokenizer,
+    max_body_bytes,
+    model_name,
+    status_error,
+)
 from engine.backends.sglang import (
     GRAMMAR_TIMEOUT,
     GRAMMAR_TIMEOUT_HINT,
@@ -71,7 +79,7 @@ class SGLangHTTPBackend(BackendBase):
         self._explicit_model_id = model_id
         fallback = default_model_id(model_path, {}) if model_path else f"sglang@{self.base_url}"
         self.model_id = model_id or fallback
-        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model_path)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, "sglang_http")
         self.capabilities = Capabilities(regex=True, token_ids=self.tokenizer is not None,
                                          max_running=self.max_concurrency, max_context=1 << 20)
         self.server_info: dict[str, Any] = {}
@@ -154,7 +162,7 @@ class SGLangHTTPBackend(BackendBase):
         served = served if isinstance(served, str) else None
         if self._explicit_model_id is None and served:
             self.model_id = default_model_id(served, {k: v for k, v in info.items() if isinstance(v, str)})
-        if self.model_path and served and _name(served) != _name(self.model_path):
+        if self.model_path and served and model_name(served) != model_name(self.model_path):
             log.warning("the server at %s serves %s but --model is %s: the tokenizer may not match",
                         self.base_url, served, self.model_path)
         # internal_states: one per DP rank (sglang 0.5.23 http_server.server_info), giving each rank's
@@ -288,17 +296,3 @@ def _running_capacity(info: dict[str, Any]) -> int | None:
         log.warning("ignoring dp_size=%r from /server_info (not a positive integer)", dp)
     return running * (_pos_int(dp) or 1)
 
-
-def _name(path: str) -> str:
-    return str(path).rstrip("/").rsplit("/", 1)[-1]
-
-
-def _load_tokenizer(model_path: str | None):
-    if not model_path:
-        return None
-    try:
-        from transformers import AutoTokenizer
-    except ImportError as e:
-        raise ImportError("--model for sglang_http loads its tokenizer with transformers: "
-                          "pip install -e '.[cpu]' (or pass no --model for text-only prompts)") from e
-    return AutoTokenizer.from_pretrained(model_path)

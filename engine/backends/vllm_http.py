@@ -40,7 +40,16 @@ from engine.backend import (
     RequestRejected,
     TransientEngineError,
 )
-from engine.backends.http_client import HTTPClient, Reply, error_message, max_body_bytes, status_error
+from engine.backends.http_client import (
+    HTTPClient,
+    Reply,
+    error_message,
+    load_tokenizer,
+    max_body_bytes,
+    model_name,
+    scrub_key,
+    status_error,
+)
 from engine.request import Request, Result, prompt_messages
 
 log = logging.getLogger(__name__)
@@ -73,8 +82,8 @@ class VLLMHTTPBackend(BackendBase):
         self._cap = max_concurrency  # an int is a hard cap; None: sized from the server at start
         self.max_concurrency = max_concurrency or DEFAULT_RUNNING
         self.served_model: str | None = None
-        self.model_id = _name(model_path) if model_path else f"vllm@{self.base_url}"
-        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model_path)
+        self.model_id = model_name(model_path) if model_path else f"vllm@{self.base_url}"
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, "vllm_http")
         self.capabilities = Capabilities(regex=True, token_ids=self.tokenizer is not None,
                                          max_running=self.max_concurrency, max_context=1 << 20)
         self.server_version: str | None = None
@@ -113,13 +122,7 @@ class VLLMHTTPBackend(BackendBase):
             raise TransientEngineError(f"{url}: answer is not JSON: {self._scrub(text)!r}", request) from e
 
     def _scrub(self, text: str) -> str:
-        """Servers and proxies sometimes echo the key they refused."""
-        key = self.__key
-        if key:
-            text = text.replace(key, "<api key>")
-            if len(key) > 8:
-                text = text.replace(key[:8], "<api key>")
-        return text
+        return scrub_key(text, self.__key)
 
     # -- start: what the server serves ---------------------------------------------------------
 
@@ -188,14 +191,14 @@ class VLLMHTTPBackend(BackendBase):
             raise EngineDied(f"{self.base_url}/v1/models: no model card with an id")
         card = _pick_card(cards, self.model_path)
         self.served_model = card["id"]
-        self.model_id = _name(card["id"])
+        self.model_id = model_name(card["id"])
         root = card.get("root") if isinstance(card.get("root"), str) else card["id"]
-        if self.model_path and _name(root) != _name(self.model_path) and _name(card["id"]) != _name(
-                self.model_path):
+        wanted = model_name(self.model_path) if self.model_path else None
+        if wanted and wanted not in (model_name(root), model_name(card["id"])):
             log.warning("the server at %s serves %s but --model is %s: the tokenizer may not match",
                         self.base_url, root, self.model_path)
         if self.tokenizer is None and Path(root).is_dir():  # same node: the server's own tokenizer
-            self.tokenizer = _load_tokenizer(root)
+            self.tokenizer = load_tokenizer(root, "vllm_http")
         ctx = card.get("max_model_len")
         self.capabilities = Capabilities(
             regex=True, token_ids=self.tokenizer is not None,
@@ -341,21 +344,7 @@ def _pick_card(cards: list[dict], model_path: str | None) -> dict:
     parent)."""
     if model_path:
         for c in cards:
-            if _name(model_path) in (_name(c["id"]), _name(str(c.get("root") or ""))):
+            if model_name(model_path) in (model_name(c["id"]), model_name(str(c.get("root") or ""))):
                 return c
     return next((c for c in cards if not c.get("parent")), cards[0])
 
-
-def _name(path: str) -> str:
-    return str(path).rstrip("/").rsplit("/", 1)[-1]
-
-
-def _load_tokenizer(model_path: str | None):
-    if not model_path:
-        return None
-    try:
-        from transformers import AutoTokenizer
-    except ImportError as e:
-        raise ImportError("--model for vllm_http loads its tokenizer with transformers: "
-                          "pip install -e '.[cpu]' (or pass no --model for text-only prompts)") from e
-    return AutoTokenizer.from_pretrained(model_path)
