@@ -134,6 +134,19 @@ def ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
+def part_ratios(info: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Record the parts and their two headline ratios in `info`; returns the parts by name."""
+    by = {r["part"]: r for r in rows}
+    info["results"] = rows
+    info["ratios"] = {
+        "sysgen_vs_raw_output_tok_s": ratio(by["sysgen_regex"]["output_tokens_per_s"],
+                                            by["raw_regex"]["output_tokens_per_s"]),
+        "regex_vs_free_output_tok_s": ratio(by["raw_regex"]["output_tokens_per_s"],
+                                            by["raw_free"]["output_tokens_per_s"]),
+    }
+    return by
+
+
 def plan(args, requests: list, server_args: dict | None, profile_note: str) -> dict[str, Any]:
     lens = [len(r.prompt) if r.kind == "ids" else len(orjson.dumps(r.prompt)) for r in requests]
     unit = "tokens" if requests and requests[0].kind == "ids" else "JSON bytes (no tokenizer)"
@@ -229,14 +242,7 @@ def _measure(args, server_args: dict, note: str, work: Path) -> int:
             rows.append(part_stats("raw_batch", *run_raw(engine, regex_reqs, None)))
     finally:
         engine.loop.run_until_complete(backend.close())
-    by = {r["part"]: r for r in rows}
-    info["results"] = rows
-    info["ratios"] = {
-        "sysgen_vs_raw_output_tok_s": ratio(by["sysgen_regex"]["output_tokens_per_s"],
-                                            by["raw_regex"]["output_tokens_per_s"]),
-        "regex_vs_free_output_tok_s": ratio(by["raw_regex"]["output_tokens_per_s"],
-                                            by["raw_free"]["output_tokens_per_s"]),
-    }
+    by = part_ratios(info, rows)
     if "raw_batch" in by:
         info["ratios"]["windowed_vs_batch_output_tok_s"] = ratio(by["raw_regex"]["output_tokens_per_s"],
                                                                  by["raw_batch"]["output_tokens_per_s"])

@@ -66,7 +66,7 @@ async def run_direct(backend, requests: list) -> tuple[list, float]:
 
 
 async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from bench.gpu import build_requests, part_stats, plan, ratio, run_sysgen
+    from bench.gpu import build_requests, part_ratios, part_stats, plan, run_sysgen
 
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     backend = make_url_backend(args.engine, args.url, args.model, api_key)
@@ -90,14 +90,7 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         info["cache_reset"]["sysgen_regex"] = await reset_cache(backend, args.engine)
         rows.append(part_stats("sysgen_regex", *await run_sysgen(backend, regex_reqs, work / "store.db",
                                                                    args.max_inflight)))
-    by = {r["part"]: r for r in rows}
-    info["results"] = rows
-    info["ratios"] = {
-        "sysgen_vs_raw_output_tok_s": ratio(by["sysgen_regex"]["output_tokens_per_s"],
-                                            by["raw_regex"]["output_tokens_per_s"]),
-        "regex_vs_free_output_tok_s": ratio(by["raw_regex"]["output_tokens_per_s"],
-                                            by["raw_free"]["output_tokens_per_s"]),
-    }
+    part_ratios(info, rows)
     return info
 
 
