@@ -29,7 +29,7 @@ from engine.backend import (
     RequestRejected,
     TransientEngineError,
 )
-from engine.request import Request
+from engine.request import Request, prompt_messages
 
 HTTP_HINT = "pip install -e '.[http]'"
 RETRY_AFTER_CAP_S = 300.0  # a server asking for more than this is not believed
@@ -113,13 +113,14 @@ class HTTPClient:
     One aiohttp session; its connector keeps up to `max_connections` keep-alive connections (the
     backend bounds requests in flight to the same number, so no request waits for a connection)."""
 
-    def __init__(self, base_url: str, *, headers: dict[str, str] | None = None, timeout_s: float = 600.0,
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout_s: float = 600.0,
                  connect_timeout_s: float = 10.0, max_connections: int = 256) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.max_connections = max_connections
-        self._headers = {**_JSON, **(headers or {})}  # may hold a key: never formatted anywhere
+        # The key travels in this header only, and the headers are never formatted anywhere.
+        self._headers = {**_JSON, **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
         self._session = None
         self._aiohttp = _aiohttp()
 
@@ -207,6 +208,21 @@ def scrub_key(text: str, key: str | None) -> str:
         if len(key) > 8:
             text = text.replace(key[:8], "<api key>")
     return text
+
+
+def wire_prompt(request: Request, tokenizer: Any) -> list[int] | str | None:
+    """What an HTTP backend sends as the prompt: token ids (chat messages rendered by the model's
+    own chat template when a tokenizer is at hand), the text of a text prompt, or None for chat
+    messages without a tokenizer (the caller says what to do about it)."""
+    if request.kind == "ids":
+        return list(request.prompt)
+    if request.kind == "text":
+        return request.prompt
+    if tokenizer is None:
+        return None
+    ids = tokenizer.apply_chat_template(prompt_messages(request.prompt), add_generation_prompt=True,
+                                        tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def load_tokenizer(model_path: str | None, engine: str):

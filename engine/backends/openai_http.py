@@ -57,8 +57,7 @@ class OpenAIBackend(BackendBase):
 
     def _open(self) -> HTTPClient:
         if self._client is None:
-            headers = {"Authorization": f"Bearer {self.__key}"} if self.__key else None
-            self._client = HTTPClient(self.base_url, headers=headers, timeout_s=self.timeout_s,
+            self._client = HTTPClient(self.base_url, api_key=self.__key, timeout_s=self.timeout_s,
                                       max_connections=self.max_concurrency)
         return self._client
 

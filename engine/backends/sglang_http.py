@@ -36,6 +36,7 @@ from engine.backends.http_client import (
     max_body_bytes,
     model_name,
     status_error,
+    wire_prompt,
 )
 from engine.backends.sglang import (
     GRAMMAR_TIMEOUT,
@@ -47,7 +48,7 @@ from engine.backends.sglang import (
     result_from_output,
     sampling_params_for,
 )
-from engine.request import Request, Result, prompt_messages
+from engine.request import Request, Result
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,7 @@ class SGLangHTTPBackend(BackendBase):
         """Open the connection pool and read /model_info and /server_info."""
         if self._client is not None:
             return
-        headers = {"Authorization": f"Bearer {self.__key}"} if self.__key else None
-        self._client = HTTPClient(self.base_url, headers=headers, timeout_s=self.timeout_s)
+        self._client = HTTPClient(self.base_url, api_key=self.__key, timeout_s=self.timeout_s)
         try:
             self.model_info = await self._get_info("model_info")
             self.server_info = await self._get_info("server_info")
@@ -193,14 +193,11 @@ class SGLangHTTPBackend(BackendBase):
 
     def payload(self, request: Request) -> dict[str, Any]:
         body: dict[str, Any] = {"sampling_params": sampling_params_for(request)}
-        if request.kind == "ids":
-            body["input_ids"] = list(request.prompt)
-        elif request.kind == "text":
-            body["text"] = request.prompt
-        elif self.tokenizer is not None:
-            ids = self.tokenizer.apply_chat_template(prompt_messages(request.prompt),
-                                                     add_generation_prompt=True, tokenize=True)
-            body["input_ids"] = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        prompt = wire_prompt(request, self.tokenizer)
+        if isinstance(prompt, list):
+            body["input_ids"] = prompt
+        elif prompt is not None:
+            body["text"] = prompt
         else:
             raise RequestRejected("a chat-messages prompt needs --model (for its chat template) with "
                                   "sglang_http; or use the openai backend", request)

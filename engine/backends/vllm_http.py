@@ -49,8 +49,9 @@ from engine.backends.http_client import (
     model_name,
     scrub_key,
     status_error,
+    wire_prompt,
 )
-from engine.request import Request, Result, prompt_messages
+from engine.request import Request, Result
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,7 @@ class VLLMHTTPBackend(BackendBase):
 
     def _open(self) -> HTTPClient:
         if self._client is None:
-            headers = {"Authorization": f"Bearer {self.__key}"} if self.__key else None
-            self._client = HTTPClient(self.base_url, headers=headers, timeout_s=self.timeout_s,
+            self._client = HTTPClient(self.base_url, api_key=self.__key, timeout_s=self.timeout_s,
                                       max_connections=self.max_concurrency)
         return self._client
 
@@ -252,15 +252,8 @@ class VLLMHTTPBackend(BackendBase):
         s = request.sampling
         body: dict[str, Any] = {"model": self.served_model, "max_tokens": s.max_new_tokens,
                                 "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}
-        if request.kind == "ids":
-            body["prompt"] = list(request.prompt)
-        elif request.kind == "text":
-            body["prompt"] = request.prompt
-        elif self.tokenizer is not None:
-            ids = self.tokenizer.apply_chat_template(prompt_messages(request.prompt),
-                                                     add_generation_prompt=True, tokenize=True)
-            body["prompt"] = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        else:
+        body["prompt"] = wire_prompt(request, self.tokenizer)
+        if body["prompt"] is None:
             raise RequestRejected("a chat-messages prompt needs --model (a local copy of the served model, "
                                   "for its chat template) with vllm_http", request)
         if s.stop:
