@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
-JUDGE_ENGINES = ("same", "hf", "sglang", "sglang_http", "vllm_http", "openai")
+# "hf": the CPU engine's old name, still accepted (it runs openvino), as `sysgen run --engine hf` is.
+JUDGE_ENGINES = ("same", "openvino", "sglang", "sglang_http", "vllm_http", "openai", "hf")
 
 
 def register(subparsers: Any) -> None:
@@ -32,7 +33,8 @@ def register(subparsers: Any) -> None:
                    help="local BLEURT checkpoint directory (skipped without it)")
     e.add_argument("--no-judges", action="store_true", help="skip the LLM judges")
     e.add_argument("--judge-engine", choices=JUDGE_ENGINES, default="same",
-                   help="engine for the judges; 'same' = the run's engine per stats.json (else hf)")
+                   help="engine for the judges; 'same' = the run's engine per stats.json (else openvino, "
+                        "the CPU engine)")
     e.add_argument("--judge-model", default=None,
                    help="judge model (default: the engine's default); for sglang_http/vllm_http a local "
                         "copy of the served model (its chat template turns the judge prompt into token ids)")
@@ -89,7 +91,7 @@ def _judge_backend_args(args: argparse.Namespace, stats: dict[str, Any]) -> dict
     server = args.judge_openai_server
     if engine == "same":
         conf = stats.get("config") or {}
-        engine = conf.get("engine") or stats.get("engine") or "hf"
+        engine = conf.get("engine") or stats.get("engine") or "openvino"
         model = model or conf.get("model")
         url = url or conf.get("url")
         server = server or conf.get("openai_server")

@@ -21,11 +21,13 @@ from typing import Any
 from engine.backend import BackendBase, Capabilities, EngineDied, RequestRejected, TransientEngineError
 from engine.backends.model_cache import (
     DEFAULT_MODEL_ID,
+    REENCODED_SUFFIX,
     ModelNotFound,
     context_length,
     default_gguf_path,
     gguf_tokenizer_dir,
     local_model_id,
+    openvino_gguf,
 )
 from engine.backends.openvino_stepper import Job, Stepper
 from engine.request import Request, Result, prompt_messages
@@ -111,16 +113,21 @@ class OpenVINOBackend(BackendBase):
             self.model_id = model_id or DEFAULT_MODEL_ID
         else:
             self.model_path = Path(model)
+            self.model_id = model_id
             if not self.model_path.exists():
                 raise ModelNotFound(f"--model {model}: no such file or folder; fix: pass a .gguf file or "
                                     "an OpenVINO model folder")
-            self.model_id = model_id or local_model_id(self.model_path)
+        self.engine_path = self.model_path  # what OpenVINO loads
         if self.model_path.is_file():
             if self.model_path.suffix != ".gguf":
                 raise ModelNotFound(f"--model {model}: a file must be a .gguf model")
             tok_dir = gguf_tokenizer_dir(self.model_path, cache_root)
+            self.engine_path = openvino_gguf(self.model_path, cache_root)
         else:
             tok_dir = self.model_path
+        if self.model_id is None:  # a local model: its id names the weights the engine runs
+            self.model_id = local_model_id(self.model_path) + (
+                REENCODED_SUFFIX if self.engine_path != self.model_path else "")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         except (OSError, ValueError) as exc:
@@ -146,7 +153,7 @@ class OpenVINOBackend(BackendBase):
 
         def make_pipeline() -> Any:
             try:
-                return ov.ContinuousBatchingPipeline(str(self.model_path), sched, "CPU", props)
+                return ov.ContinuousBatchingPipeline(str(self.engine_path), sched, "CPU", props)
             except RuntimeError as exc:
                 raise EngineDied(f"OpenVINO could not load {self.model_path}: {exc}") from exc
 

