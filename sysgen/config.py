@@ -68,7 +68,7 @@ class RunConfig:
                "original ones")
     keep_partial: bool = opt(False, "when a later turn is cut or overflows the context, keep the complete "
                                     "turns before it instead of dropping the conversation")
-    p3_context: Literal["standalone", "continue"] = opt(
+    p3_context: Literal["standalone", "continue", "chat"] = opt(
         "standalone", "P3 prompt layout: standalone (the P3 template as system turn) or continue (P3 as "
                       "the next turn of P1's own chat, so a prefix cache that keeps finished requests, "
                       "SGLang's radix cache, serves P1's prompt and answer: more cached prefill on GPU)")

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
         res["workload"] = {"datasets": wl.datasets, "turns": args.turns or "all",
                            "answer_lengths": "paper Table 9 means" if args.paper_answers else "real rows"}
         keep = args.keep_outputs if args.keep_outputs is not None else (
-            bool(args.turns and args.turns > 1) or args.p3_context == "continue")
+            bool(args.turns and args.turns > 1) or args.p3_context != "standalone")
         res["p3_context"] = args.p3_context
         for mi in args.sweep or ():
             s, _ = stream(wl, spec, tok, max_inflight=mi, keep_outputs=keep, p3_context=args.p3_context)
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turns", type=int, default=None, help="keep the first N exchanges of each conversation")
     ap.add_argument("--keep-outputs", action=argparse.BooleanOptionalAction, default=None,
                     help="cache P1/P4 prompt + answer ids for the request extending them (default: on "
-                         "when --turns > 1 or --p3-context continue)")
-    ap.add_argument("--p3-context", choices=("standalone", "continue"), default="standalone",
+                         "when --turns > 1 or --p3-context continue/chat)")
+    ap.add_argument("--p3-context", choices=("standalone", "continue", "chat"), default="standalone",
                     help="sysgen's P3 prompt layout (continue: P3 extends P1's prompt + answer)")
     ap.add_argument("--data", type=Path, default=default_data_dir(), help="the real sample rows (SOURCES.md)")
     ap.add_argument("--paper-answers", action="store_true",

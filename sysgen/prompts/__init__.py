@@ -7,7 +7,7 @@ from importlib import resources
 
 import xxhash
 
-NAMES = ("p1_generate", "p1_user", "p3_verify", "p3_user")
+NAMES = ("p1_generate", "p1_user", "p3_verify", "p3_user", "p3_chat_system", "p3_chat_user")
 
 
 @cache

@@ -88,7 +88,7 @@ async def _run_instance(inst: Instance, submit, build: PromptBuilder, s: PhaseSe
         return Outcome(inst.id, inst.source, phase="p2", reason="no_valid_tags", detail=r1.text[:300],
                        extra={"request_keys": keys, **p2})
 
-    p1 = P1Turn(req1.prompt, p1_user_text(inst, s), r1.text) if s.p3_context == "continue" else None
+    p1 = P1Turn(req1.prompt, p1_user_text(inst, s), r1.text) if s.p3_context != "standalone" else None
     req3 = p3_request(filtered, build, s, p1)
     keys["p3"] = req3.key.hex()
     r3 = await submit(req3)

@@ -34,7 +34,7 @@ class PhaseSettings:
     p4_budget_factor: float = 2.0
     p4_budget_cap: int = 2048
     max_context: int = 0  # prompt + answer tokens the engine takes; 0 = unknown
-    p3_context: str = "standalone"  # "continue": P3 is the next turn of P1's chat (see p3_request)
+    p3_context: str = "standalone"  # "continue", "chat": P3 is the next turn of P1's chat (see p3_request)
 
 
 class PromptBuilder:
@@ -102,9 +102,17 @@ def p1_user_text(inst: Instance, s: PhaseSettings) -> str:
     return prompts.load("p1_user").format(conversation=show_conversation(inst, s.max_turn_chars))
 
 
+def p1_system(s: PhaseSettings) -> str:
+    """P1's system turn. `--p3-context chat` adds P3's instructions to it, so the shared cached
+    prefix holds both phases' templates and P3 can continue P1's chat with only the message to judge."""
+    if s.p3_context == "chat":
+        return f"{prompts.load('p1_generate')}\n\n{prompts.load('p3_chat_system')}{prompts.load('p3_verify')}"
+    return prompts.load("p1_generate")
+
+
 def p1_request(inst: Instance, build: PromptBuilder, s: PhaseSettings) -> Request:
     user = p1_user_text(inst, s)
-    return Request(prompt=build(prompts.load("p1_generate"), user), sampling=_sampling(s, s.p1_max_tokens),
+    return Request(prompt=build(p1_system(s), user), sampling=_sampling(s, s.p1_max_tokens),
                    model=s.model_id, regex=tags.p1_regex() if s.constrain else None, group="p1")
 
 
@@ -131,7 +139,17 @@ def p3_request(filtered: tags.Filtered, build: PromptBuilder, s: PhaseSettings,
     if s.p3_context == "continue" and p1 is not None:
         # The same instruction text as standalone; one joining line says it is a new task.
         turn = f"Now a new task.\n\n{prompts.load('p3_verify')}\n\n{user}"
-        prompt = build.extend(p1.prompt, [("system", prompts.load("p1_generate")), ("user", p1.user),
+        prompt = build.extend(p1.prompt, [("system", p1_system(s)), ("user", p1.user),
+                                          ("assistant", p1.answer), ("user", turn)])
+    elif s.p3_context == "chat" and p1 is not None:
+        # P3's instructions are already in P1's system turn. The annotated message is P1's answer
+        # just above unless P2 changed it (dropped or reordered tags): only then is it repeated.
+        annotated = filtered.render()
+        if annotated.strip() == p1.answer.strip():
+            annotated = "(the tagged system message you wrote above)"
+        turn = prompts.load("p3_chat_user").format(filtered=tags.strip_tags(filtered.tags),
+                                                   annotated=annotated)
+        prompt = build.extend(p1.prompt, [("system", p1_system(s)), ("user", p1.user),
                                           ("assistant", p1.answer), ("user", turn)])
     else:
         prompt = build(prompts.load("p3_verify"), user)

@@ -11,7 +11,15 @@ from engine.request import Request, SamplingParams, prompt_messages
 from sysgen import prompts, tags
 from sysgen.config import RunConfig
 from sysgen.datasets import iter_instances
-from sysgen.run.phases import P1Turn, PhaseSettings, PromptBuilder, p1_request, p1_user_text, p3_request
+from sysgen.run.phases import (
+    P1Turn,
+    PhaseSettings,
+    PromptBuilder,
+    p1_request,
+    p1_system,
+    p1_user_text,
+    p3_request,
+)
 from sysgen.run.resume import fingerprint
 
 try:
@@ -64,6 +72,52 @@ def test_continued_p3_with_chat_messages_is_the_same_conversation(tmp_path):
     assert msgs[3]["content"].endswith(prompts.load("p3_verify") + "\n\n" + alone[1]["content"])
 
 
+def test_chat_puts_p3_instructions_in_p1_system_and_p3_sends_only_the_message(tmp_path, smol_tokenizer):
+    build, s = PromptBuilder(smol_tokenizer), PhaseSettings(model_id="m", p3_context="chat")
+    inst = _inst(tmp_path)
+    req1 = p1_request(inst, build, s)
+    system = prompt_messages(p1_request(inst, PromptBuilder(None), s).prompt)[0]["content"]
+    assert system == p1_system(s) and system.startswith(prompts.load("p1_generate"))
+    assert system.endswith(prompts.load("p3_verify"))  # the shared prefix holds both templates
+    alone1 = p1_request(inst, build, PhaseSettings(model_id="m"))
+    assert req1.key != alone1.key and req1.regex == alone1.regex and req1.sampling == alone1.sampling
+
+    n = len(req1.prompt)
+    answer = build.chat.encode_data([P1_TEXT])[0]
+    filtered = tags.filter_tags(P1_TEXT)  # P2 changes nothing: the annotated message is P1's answer above
+    req3 = p3_request(filtered, build, s, P1Turn(req1.prompt, p1_user_text(inst, s), P1_TEXT))
+    assert req3.prompt[:n] == req1.prompt and list(req3.prompt[n:n + len(answer)]) == answer
+    turn = smol_tokenizer.decode(list(req3.prompt[n + len(answer):]))
+    assert prompts.load("p3_verify") not in turn and tags.strip_tags(filtered.tags) in turn
+    assert filtered.render() not in turn and "you wrote above" in turn
+    standalone = p3_request(filtered, build, PhaseSettings(model_id="m"))
+    assert (req3.regex, req3.sampling) == (standalone.regex, standalone.sampling)
+    new_chat = len(req3.prompt) - n - len(answer)
+    new_alone = len(standalone.prompt) - len(build.chat.ids(prompts.load("p3_verify"), ""))
+    assert new_chat < new_alone + 40  # about what standalone adds after its template, not P3's template
+
+    # P2 reordered and dropped a tag: the message as judged differs from the answer, so it is sent.
+    messy = ("<Task>Explain sorting step by step.</Task>\n<Role>You are a patient tutor.</Role>\n"
+             "<Bogus>x</Bogus>\n")
+    filtered = tags.filter_tags(messy)
+    req3 = p3_request(filtered, build, s, P1Turn(req1.prompt, p1_user_text(inst, s), messy))
+    assert filtered.render() in smol_tokenizer.decode(list(req3.prompt[n:]))
+
+
+def test_chat_is_served_from_the_cache_of_p1_and_keeps_every_row(tmp_path, smol_tokenizer):
+    write(tmp_path / "in.jsonl", capybara_rows(6, turns=1))
+    ratio = {}
+    for mode in ("standalone", "chat"):
+        eng = RadixStandIn(smol_tokenizer)
+        counters = run([tmp_path / "in.jsonl"], tmp_path / mode, eng, turns="first", p3_context=mode)
+        assert len(records(tmp_path / mode)["data"]) == 6
+        by = counters["scheduler"]["by_phase"]
+        ratio[mode] = (by["p3"]["cached_tokens"] / by["p3"]["prompt_tokens"],
+                       by["p3"]["prompt_tokens"] - by["p3"]["cached_tokens"])
+    assert ratio["chat"][0] > 0.8 > ratio["standalone"][0]
+    assert ratio["chat"][1] < ratio["standalone"][1] * 1.5  # new P3 tokens: the message, not the template
+
+
 def test_standalone_p3_is_the_request_sysgen_always_made(smol_tokenizer):
     build = PromptBuilder(smol_tokenizer)
     filtered = tags.filter_tags(P1_TEXT)
@@ -89,6 +143,8 @@ def test_fingerprint_keeps_earlier_runs_for_standalone_and_names_continue(tmp_pa
 
     assert fingerprint(cfg, old) == fingerprint(cfg, Legacy())  # type: ignore[arg-type]
     assert fingerprint(cfg, PhaseSettings(model_id="m", p3_context="continue")) != fingerprint(cfg, old)
+    assert fingerprint(cfg, PhaseSettings(model_id="m", p3_context="chat")) not in (
+        fingerprint(cfg, old), fingerprint(cfg, PhaseSettings(model_id="m", p3_context="continue")))
 
 
 def test_continue_is_served_from_the_cache_of_p1(tmp_path, smol_tokenizer):
