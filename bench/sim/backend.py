@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from array import array
 from dataclasses import dataclass, field
 
 import xxhash
 
-from bench.sim.cache import block_chain
+from bench.sim.cache import block_chain, compact_ids
 from bench.sim.engine import SimEngine, SimReq
 from bench.sim.workload import Workload, parse_marker
 from engine.backend import BackendBase, Capabilities
@@ -47,9 +46,9 @@ class Recorded:
     calls: dict[str, list[tuple]] = field(default_factory=dict)
 
     def add(self, group: str, r: SimReq) -> None:
-        keep = r.keep.tobytes() if r.keep is not None else None
-        self.calls.setdefault(group, []).append((r.prompt_len, r.chain.tobytes(), r.max_new, r.out_len,
-                                                  r.constrained, keep))
+        # Token ids, not block chains: the replay matches to the token too (chains are rebuilt from them).
+        self.calls.setdefault(group, []).append((r.prompt_len, r.ids, r.max_new, r.out_len, r.constrained,
+                                                  r.keep_ids))
 
 
 class SimBackend(BackendBase):
@@ -99,14 +98,15 @@ class SimBackend(BackendBase):
         text, out_len, finish = self._respond(request)
         prompt = request.prompt
         r = SimReq(rid, len(prompt), block_chain(prompt), request.sampling.max_new_tokens, out_len,
-                   constrained=request.regex is not None, group=request.group)
+                   constrained=request.regex is not None, group=request.group, ids=compact_ids(prompt))
         if request.group == "p1":
             self.p1_seen += 1
             if self.expected_p1 is not None and self.p1_seen >= self.expected_p1:
                 self.engine.feeding = False
         if self.keep_outputs and self.tokenizer is not None and request.group in ("p1", "p4"):
             out_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            r.keep = block_chain(list(prompt) + list(out_ids))
+            r.keep_ids = compact_ids(list(prompt) + list(out_ids))
+            r.keep = block_chain(r.keep_ids)
         self._arriving.append(r)
         if self.record is not None:
             self.record.add(request.group or "other", r)
@@ -225,9 +225,3 @@ def _p1_text(h: int) -> tuple[str, int]:
             lines.append(f"<{t}>{phrase}</{t}>\n")
             n += k + 7  # the two tags and the newline
     return "".join(lines), n + 1
-
-
-def replay_chain(raw: bytes) -> array:
-    a = array("q")
-    a.frombytes(raw)
-    return a

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="sysgen-sim-wl-") as tmp:
         try:
             wl = build(Path(tmp) / "workload.jsonl", args.instances, tok, data_dir=args.data,
-                       turns=args.turns, seed=args.seed, paper_answers=args.paper_answers)
+                       turns=args.turns or None, seed=args.seed, paper_answers=args.paper_answers)
         except NoData as e:
             print(f"bench.sim: {e}; only the calibration ran", file=sys.stderr)
             res["skipped"] = str(e)
@@ -158,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-inflight", type=int, default=None,
                     help="scheduler window (default: from capacity)")
     ap.add_argument("--sweep", type=int, nargs="*", help="also stream with each of these max_inflight values")
-    ap.add_argument("--turns", type=int, default=None, help="keep the first N exchanges of each conversation")
+    ap.add_argument("--turns", type=int, default=1,
+                    help="keep the first N exchanges of each conversation (default 1: the paper's 806,796 "
+                         "instances are single-turn, so the prediction for them is; 0 = every turn)")
     ap.add_argument("--keep-outputs", action=argparse.BooleanOptionalAction, default=None,
                     help="cache P1/P4 prompt + answer ids for the request extending them (default: on "
                          "when --turns > 1 or --p3-context continue/chat)")

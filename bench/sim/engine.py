@@ -42,12 +42,14 @@ class SimReq:
     out_len: int  # tokens it will generate before stopping (<= max_new)
     constrained: bool = False
     group: str = ""
-    match: int = 0  # cached blocks when it arrived (lpm key)
+    match: int = 0  # cached prompt tokens when it arrived (lpm key)
     cached: int = 0  # prompt tokens served from the cache
     done: int = 0  # prompt tokens prefilled (cached ones included)
     start: int = 0  # decode-step counter at which its first output token counted
     finish_at: int = 0
     keep: array | None = None  # prompt + output blocks left in the cache when it finishes
+    ids: array | None = None  # the prompt's token ids (cache.compact_ids): the match goes on past blocks
+    keep_ids: array | None = None  # ... and those of `keep`
 
     @property
     def tail(self) -> int:
@@ -118,7 +120,7 @@ class SimEngine:
         return self.cache.tokens + self._tails + self.generated
 
     def add(self, req: SimReq) -> None:
-        req.match = self.cache.match(req.chain)
+        req.match = self.cache.match_tokens(req.chain, req.ids)
         self.waiting.append(req)
 
     def _available(self) -> float:
@@ -147,8 +149,8 @@ class SimEngine:
                 break
             lpm = len(self.waiting) <= self.spec.lpm_limit
             r = max(self.waiting, key=_lpm_key) if lpm else self.waiting[0]  # first of the longest
-            m = self.cache.match(r.chain)
-            extend = r.prompt_len - m * self.block
+            m = self.cache.match_tokens(r.chain, r.ids)
+            extend = r.prompt_len - m
             if extend + min(r.max_new, CLIP_MAX_NEW) > self._available():
                 kv_full = True
                 break
@@ -156,10 +158,10 @@ class SimEngine:
                 self.waiting.remove(r)
             else:
                 self.waiting.popleft()
-            self.cache.lock(r.chain)
+            self.cache.lock(r.chain, r.ids)
             self._tails += r.tail
             self._make_room()
-            r.cached = r.done = m * self.block
+            r.cached = r.done = m
             n = min(budget, r.prompt_len - r.done)
             if n <= 0:  # fully cached: SGLang still runs one token to produce logits
                 n = 1
@@ -253,7 +255,7 @@ class SimEngine:
                 continue  # retracted
             self._leave(r)
             if r.keep is not None:  # SGLang caches prompt + output: a next turn extending it hits
-                self.cache.lock(r.keep)
+                self.cache.lock(r.keep, r.keep_ids)
                 self.cache.unlock(r.keep)
             self.stats.add(r)
             out.append(r)

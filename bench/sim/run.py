@@ -8,7 +8,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.sim.backend import Recorded, SimBackend, replay_chain
+from bench.sim.backend import Recorded, SimBackend
+from bench.sim.cache import block_chain
 from bench.sim.cost import EngineSpec
 from bench.sim.engine import SimEngine, SimReq
 from bench.sim.workload import PAPER_TOTAL, Workload
@@ -93,9 +94,9 @@ def batch(spec: EngineSpec, recorded: Recorded, limit: int | None = None) -> dic
     rid = 0
     for phase in (*PHASES, *sorted(set(recorded.calls) - set(PHASES))):
         calls = recorded.calls.get(phase, [])[:limit]
-        for plen, raw, max_new, out_len, con, keep in calls:
-            eng.add(SimReq(rid, plen, replay_chain(raw), max_new, out_len, con, group=phase,
-                           keep=replay_chain(keep) if keep is not None else None))
+        for plen, ids, max_new, out_len, con, keep_ids in calls:
+            eng.add(SimReq(rid, plen, block_chain(ids), max_new, out_len, con, group=phase, ids=ids,
+                           keep=block_chain(keep_ids) if keep_ids is not None else None, keep_ids=keep_ids))
             rid += 1
         t0 = t
         while (out := eng.step()) is not None:

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from bench.sim.cache import BLOCK, PrefixCache, block_chain
+from bench.sim.cache import BLOCK, PrefixCache, block_chain, compact_ids
 from bench.sim.cost import CostModel, ModelSpec, engine_spec
 from bench.sim.engine import SimEngine, SimReq
 
@@ -22,7 +22,7 @@ def _req(rid, prompt, out, shared=0, max_new=None, seed=None):
     """A request whose first `shared` tokens are a common template; the rest unique to it."""
     rng = random.Random(rid if seed is None else seed)
     ids = list(range(1, shared + 1)) + [rng.randrange(10**6, 10**7) for _ in range(prompt - shared)]
-    return SimReq(rid, prompt, block_chain(ids), max_new or out, out)
+    return SimReq(rid, prompt, block_chain(ids), max_new or out, out, ids=array("i", ids))
 
 
 def _drain(eng):
@@ -59,6 +59,32 @@ def test_cache_shares_prefixes_and_evicts_leaves_first():
     assert cache.match(a) == 4 and cache.match(b) == 4
 
 
+def test_a_match_goes_on_to_the_token_past_the_last_shared_block():
+    """SGLang (page_size 1 on CUDA) matches a prompt to the token; memory stays in blocks here."""
+    cache = PrefixCache()
+    template = list(range(1, 75))  # 4 blocks + 10 tokens
+    a = template + [7] * 40
+    b = template + [9] * 40
+    ca, cb = block_chain(a), block_chain(b)
+    assert cache.match_tokens(cb, b) == 0
+    cache.lock(ca, a)
+    assert cache.match(cb) == 4 and cache.match_tokens(cb, b) == 74
+    assert cache.match_tokens(cb, None) == 64  # without its ids, whole blocks only
+    assert cache.match_tokens(ca, a) == len(ca) * BLOCK  # its own blocks; its 2-token tail is private
+    short = template[:70]  # ends inside the fifth block: all 70 tokens are cached
+    assert cache.match_tokens(block_chain(short), short) == 70
+    cache.unlock(ca)
+    cache.evict(3 * BLOCK)  # a's three leaves (the 10 shared tokens' block among them) go first
+    assert cache.match_tokens(cb, b) == 64 and not cache.kids.get(ca[3])
+    cache.evict(10**6)
+    assert cache.match_tokens(cb, b) == 0 and not cache.kids and not cache.filed
+
+
+def test_compact_ids_keep_large_vocabularies():
+    assert compact_ids([1, 65535]).typecode == "H" and compact_ids([1, 128_000]).typecode == "i"
+    assert list(compact_ids([5, 128_000])) == [5, 128_000]
+
+
 def test_running_batch_never_exceeds_max_running_and_reports_cached_tokens():
     eng = SimEngine(_spec(max_running=8))
     peak = 0
@@ -70,6 +96,12 @@ def test_running_batch_never_exceeds_max_running_and_reports_cached_tokens():
     s = eng.stats
     assert s.output_tokens == 40 * 20
     assert s.cached_tokens == 39 * 160  # every request after the first finds the template cached
+
+    eng = SimEngine(_spec(max_running=8))  # a template that ends inside a block: cached to the token
+    for i in range(40):
+        eng.add(_req(i, 300, 20, shared=170))
+    _drain(eng)
+    assert eng.stats.cached_tokens == 39 * 170
 
 
 def test_kv_pool_limits_admission():
