@@ -69,9 +69,11 @@ class RunConfig:
     keep_partial: bool = opt(False, "when a later turn is cut or overflows the context, keep the complete "
                                     "turns before it instead of dropping the conversation")
     p3_context: Literal["standalone", "continue", "chat"] = opt(
-        "standalone", "P3 prompt layout: standalone (the P3 template as system turn) or continue (P3 as "
+        "standalone", "P3 prompt layout: standalone (the P3 template as system turn), continue (P3 as "
                       "the next turn of P1's own chat, so a prefix cache that keeps finished requests, "
-                      "SGLang's radix cache, serves P1's prompt and answer: more cached prefill on GPU)")
+                      "SGLang's radix cache, serves P1's prompt and answer), or chat (P3's instructions "
+                      "join P1's system turn and P3 continues P1's chat with only the message to judge; "
+                      "README: 'P3 prompt layout')")
     temperature: float = opt(0.0, "sampling temperature for all phases")
     seed: int = opt(0, "sampling seed")
     max_turn_chars: int = opt(3000, "characters of each turn shown to P1 (longer turns are cut)")
