@@ -40,7 +40,8 @@ def compact_ids(ids: Sequence[int]) -> array:
     return array("H" if not ids or max(ids) < 65536 else "i", ids)
 
 
-def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -87,7 +88,7 @@ class PrefixCache:
         if not kids:
             return m * b
         i = bisect_left(kids, q)
-        best = max((_common(kids[j], q) for j in (i - 1, i) if 0 <= j < len(kids)), default=0)
+        best = max((common_prefix(kids[j], q) for j in (i - 1, i) if 0 <= j < len(kids)), default=0)
         return m * b + best
 
     def lock(self, chain: Sequence[int], ids: Sequence[int] | None = None) -> int:

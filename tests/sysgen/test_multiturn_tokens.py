@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from bench.sim.cache import common_prefix
 from engine.backend import Capabilities
 from engine.backends.standin import StandInBackend
 from engine.prefix import ChatPrompter
@@ -43,22 +44,13 @@ class RadixStandIn(StandInBackend):
         ids = tuple(request.prompt)
         end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         gen = tuple(self.chat.encode_data([res.text])[0]) + (end,)
-        cached = max((_common(ids, s) for s in self.seen), default=0)
+        cached = max((common_prefix(ids, s) for s in self.seen), default=0)
         self.seen.append(ids + gen)
         if request.group == "p4":
             self.p4.append((ids, gen, cached))
         res.prompt_tokens, res.completion_tokens = len(ids), len(gen)
         res.cached_tokens = min(cached, len(ids) - 1)  # an engine computes at least the last token
         return res
-
-
-def _common(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @pytest.fixture
