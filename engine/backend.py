@@ -37,7 +37,8 @@ class EngineUnreachable(TransientEngineError):
 
 
 class EngineOverloaded(TransientEngineError):
-    """The engine shed load (HTTP 429 or 503): retry after `retry_after_s` (the server's Retry-After,
+    """The engine shed load (HTTP 429 or 503; 502/504 from a router or proxy in front of it): retry after
+    `retry_after_s` (the server's Retry-After,
     or a backoff when it gave none), without spending the request's retries."""
 
     def __init__(self, message: str, request: Request | None = None, status: int | None = None,

@@ -6,7 +6,10 @@ httpx 0.28 spent ~3 ms of CPU per request at 64 in flight and ~25 ms at 512 (its
 grows with the pool: 29 req/s at 1 s latency and 512 in flight), aiohttp ~0.1-0.25 ms at any size.
 
 Status mapping: 401/403 -> EngineAuthError (stop the run); 429/503 -> EngineOverloaded (retry after
-Retry-After); other 5xx and 408 -> TransientEngineError; other 4xx -> RequestRejected. Connection refused or
+Retry-After), and so are 502/504, a router or proxy in front saying the server behind it is down, restarting
+or not answering in time (`sglang-router` while a worker restarts): waited out, bounded by --engine-down-s,
+instead of spending each request's retries; other 5xx and 408 -> TransientEngineError; other 4xx ->
+RequestRejected. Connection refused or
 a connect timeout -> EngineUnreachable (the scheduler's circuit breaker); a dropped connection or a
 read timeout -> TransientEngineError. A body larger than `max_bytes` is refused unread (transient).
 """
@@ -100,7 +103,7 @@ def status_error(url: str, reply: Reply, request: Request | None, message: str |
     if status in (401, 403):
         return EngineAuthError(f"{text}. The server refused our credentials: check --api-key (or "
                                "OPENAI_API_KEY) and the server's auth settings", request, status)
-    if status in (429, 503):
+    if status in (429, 502, 503, 504):
         return EngineOverloaded(text, request, status, retry_after_s(reply.retry_after))
     if status >= 500 or status == 408:  # 408: the server gave up waiting for us, try again
         return TransientEngineError(text, request, status)

@@ -286,13 +286,23 @@ def through_scheduler(srv, n: int, config: SchedulerConfig = QUICK, during=None)
     return run(go())
 
 
-@pytest.mark.parametrize("status", [429, 503])
+@pytest.mark.parametrize("status", [429, 503, 502, 504])
 def test_load_shedding_is_overloaded_with_retry_after(status):
     with StandInSGLangServer() as srv:
         srv.inject("/generate", Canned(status, {"error": "busy"}, headers={"Retry-After": "7"}))
         with pytest.raises(EngineOverloaded, match=f"{status} busy") as e:
             generate_once(srv)
     assert e.value.retry_after_s == 7.0
+
+
+def test_a_router_whose_worker_restarts_loses_nothing():
+    """502 then 504 from a router in front (its worker restarting, then slow): waited out like load
+    shedding, no retry spent, so a run with no retries left still gets its answer."""
+    with StandInSGLangServer() as srv:
+        gateway = Canned(502, {"error": "bad gateway"})
+        srv.inject("/generate", gateway, Canned(504, {"error": "gateway timeout"}), gateway)
+        (result,), m = through_scheduler(srv, 1, dataclasses.replace(QUICK, max_retries=0))
+    assert result.ok and m.shed == 3 and m.failures == 0
 
 
 def test_load_shedding_is_retried_after_retry_after_without_spending_retries():
