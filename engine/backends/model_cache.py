@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import xxhash
+
+log = logging.getLogger(__name__)
 
 # The weights the engine runs: the Q4_1 file's values, exactly, held as F16 (see openvino_gguf).
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct@gguf-Q4_1-as-f16"
@@ -85,31 +88,42 @@ def gguf_tokenizer_dir(gguf: Path, cache_root: Path | None = None) -> Path:
 # dequantization on 40 of 60 teacher-forced tokens, logits up to 4.5 apart, and the demo's answers
 # loop. The same values written as F16 agree on 60 of 60 (tests/engine/test_openvino_gguf.py).
 REENCODE_TYPES = frozenset({"Q4_1"})
-REENCODED_SUFFIX = "-as-f16"
+# The copy holds those tensors as F16 (exact) while that stays small; past it, as Q8_0: half the
+# size and memory, and nearly exact (SmolLM2-135M: 57 of 60 teacher-forced tokens, logits within
+# 0.25 of the exact model's). Only the CPU engine reads it, where models are small.
+F16_COPY_MAX_BYTES = 4 << 30
 
 
-def reencoded_types(gguf: Path) -> set[str]:
-    """The tensor types in `gguf` that `openvino_gguf` re-encodes (empty: the file is used as is)."""
+def openvino_gguf(gguf: Path, cache_root: Path | None = None,
+                  f16_max_bytes: int = F16_COPY_MAX_BYTES) -> tuple[Path, str]:
+    """(the GGUF file for OpenVINO to load, how it was re-encoded: "" for none, "f16" or "q8_0").
+
+    `gguf` itself, or, when it holds tensors of REENCODE_TYPES, a copy with exactly those tensors
+    dequantized and stored as F16 (as Q8_0 when F16 would pass `f16_max_bytes`), every other tensor
+    and all metadata copied unchanged, written once under `cache_root/gguf/`: ~3 s and 244 MB for
+    SmolLM2-135M. Costs nothing in speed there: bench.cpu measured the F16 copy at the Q4_1 file's
+    tok/s (README)."""
+    root = (cache_root or default_cache_root()) / "gguf"
+    fingerprint = _stat_fingerprint(gguf)
+    for kind in ("f16", "q8_0"):  # reading the tensor types takes ~2 s: skip it once a copy exists
+        done = root / f"{gguf.stem}-as-{kind}-{fingerprint}"
+        if (done / _COMPLETE_MARKER).is_file():
+            return done / gguf.name, kind
     from gguf import GGUFReader
 
-    return {t.tensor_type.name for t in GGUFReader(str(gguf)).tensors} & REENCODE_TYPES
+    tensors = [t for t in GGUFReader(str(gguf)).tensors if t.tensor_type.name in REENCODE_TYPES]
+    if not tensors:
+        return gguf, ""
+    kind = "f16" if 2 * sum(int(t.n_elements) for t in tensors) <= f16_max_bytes else "q8_0"
+    log.info("%s holds %s tensors, which OpenVINO does not read as they are: writing a copy with them as "
+             "%s (once) under %s", gguf, "/".join(sorted({t.tensor_type.name for t in tensors})),
+             kind.upper(), root)
+    done = _cached_conversion(root / f"{gguf.stem}-as-{kind}-{fingerprint}",
+                              lambda out: _reencode_gguf(gguf, out / gguf.name, kind))
+    return done / gguf.name, kind
 
 
-def openvino_gguf(gguf: Path, cache_root: Path | None = None) -> Path:
-    """The GGUF file for OpenVINO to load: `gguf` itself, or, when it holds tensors of
-    REENCODE_TYPES, a copy with exactly those tensors dequantized and stored as F16 (every other
-    tensor and all metadata copied unchanged), written once under `cache_root/gguf/`: ~3 s and
-    244 MB for SmolLM2-135M. Costs nothing in speed here: bench.cpu measured the F16 copy at
-    the Q4_1 file's tok/s (README)."""
-    root = (cache_root or default_cache_root()) / "gguf"
-    target = root / f"{gguf.stem}{REENCODED_SUFFIX}-{_stat_fingerprint(gguf)}"
-    # Reading the tensor types takes ~2 s: skip it once the copy exists.
-    if not (target / _COMPLETE_MARKER).is_file() and not reencoded_types(gguf):
-        return gguf
-    return _cached_conversion(target, lambda out: _reencode_gguf(gguf, out / gguf.name)) / gguf.name
-
-
-def _reencode_gguf(src: Path, dst: Path) -> None:
+def _reencode_gguf(src: Path, dst: Path, kind: str) -> None:
     import gguf
     import numpy as np
 
@@ -121,11 +135,17 @@ def _reencode_gguf(src: Path, dst: Path) -> None:
         vtype = field.types[0]
         sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
+    q8 = gguf.GGMLQuantizationType.Q8_0
     for t in reader.tensors:
-        if t.tensor_type.name in REENCODE_TYPES:
-            writer.add_tensor(t.name, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float16))
-        else:
+        if t.tensor_type.name not in REENCODE_TYPES:
             writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+            continue
+        values = gguf.quants.dequantize(t.data, t.tensor_type)
+        if kind == "f16":
+            writer.add_tensor(t.name, values.astype(np.float16))
+        else:
+            packed = gguf.quants.quantize(values, q8)
+            writer.add_tensor(t.name, packed, raw_shape=packed.shape, raw_dtype=q8)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

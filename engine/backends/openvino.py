@@ -21,7 +21,6 @@ from typing import Any
 from engine.backend import BackendBase, Capabilities, EngineDied, RequestRejected, TransientEngineError
 from engine.backends.model_cache import (
     DEFAULT_MODEL_ID,
-    REENCODED_SUFFIX,
     ModelNotFound,
     context_length,
     default_gguf_path,
@@ -122,12 +121,11 @@ class OpenVINOBackend(BackendBase):
             if self.model_path.suffix != ".gguf":
                 raise ModelNotFound(f"--model {model}: a file must be a .gguf model")
             tok_dir = gguf_tokenizer_dir(self.model_path, cache_root)
-            self.engine_path = openvino_gguf(self.model_path, cache_root)
+            self.engine_path, reencoded = openvino_gguf(self.model_path, cache_root)
         else:
-            tok_dir = self.model_path
+            tok_dir, reencoded = self.model_path, ""
         if self.model_id is None:  # a local model: its id names the weights the engine runs
-            self.model_id = local_model_id(self.model_path) + (
-                REENCODED_SUFFIX if self.engine_path != self.model_path else "")
+            self.model_id = local_model_id(self.model_path) + (f"-as-{reencoded}" if reencoded else "")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         except (OSError, ValueError) as exc:
