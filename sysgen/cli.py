@@ -53,7 +53,8 @@ def add_run_parser(sub) -> None:
         p.add_argument(flag, type=typ, choices=choices, default=f.default, help=help_,
                        required=f.metadata.get("required", False))
     p.add_argument("--api-key", default=None,
-                   help="key for --engine openai, sglang_http or vllm_http (default: env OPENAI_API_KEY)")
+                   help="key for --engine openai, sglang_http or vllm_http (default: env OPENAI_API_KEY; "
+                        "for vllm_http first VLLM_API_KEY, the variable a vLLM server takes its key from)")
     p.set_defaults(func=cmd_run)
 
 
@@ -61,6 +62,13 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
     kw = {f.name: getattr(args, f.name) for f in config_fields()}
     kw["inputs"] = tuple(kw["inputs"])
     return RunConfig(**kw)
+
+
+def env_api_key(engine: str) -> str | None:
+    """The API key from the environment when --api-key is not given."""
+    if engine == "vllm_http" and os.environ.get("VLLM_API_KEY"):
+        return os.environ["VLLM_API_KEY"]
+    return os.environ.get("OPENAI_API_KEY")
 
 
 def _check_inputs(cfg: RunConfig) -> None:
@@ -121,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"sysgen run: error: {e}", file=sys.stderr)
         return 2
     t0 = time.monotonic()
-    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    api_key = args.api_key or env_api_key(cfg.engine)
     # The stand-in engine (tests and benchmarks only) takes its latency and injected faults from
     # the environment, so they never appear among a real run's flags.
     standin = {"delay": os.environ.get("SYSGEN_STANDIN_DELAY"),

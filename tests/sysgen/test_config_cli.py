@@ -49,3 +49,16 @@ def test_a_model_path_that_is_not_a_model_is_a_clean_error(tmp_path, capsys):
     assert rc == 2
     assert "not-a-model" in err and "fix: pass a .gguf file or an OpenVINO model folder" in err
     assert "Traceback" not in err
+
+
+def test_api_key_from_the_environment(monkeypatch):
+    from sysgen.cli import env_api_key
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    assert env_api_key("vllm_http") is None
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    assert env_api_key("vllm_http") == env_api_key("openai") == env_api_key("sglang_http") == "sk-openai"
+    monkeypatch.setenv("VLLM_API_KEY", "vllm-key")  # what `vllm serve` reads: the vLLM client takes it first
+    assert env_api_key("vllm_http") == "vllm-key"
+    assert env_api_key("openai") == env_api_key("sglang_http") == "sk-openai"
