@@ -1,4 +1,5 @@
-"""The report's figures as PNGs: retention funnel, tag counts and (after eval) judge results.
+"""The report's figures as PNGs: retention funnel, tag counts, multi-turn conversations and (after eval)
+judge results.
 
 One panel per source plus one for all sources, numbers printed on every bar so the picture can
 be read without the table beside it.
@@ -15,6 +16,7 @@ from sysgen.eval.funnel import ALL, STAGE_LABELS, STAGES, Funnel, TagStats
 FUNNEL_PNG = "funnel.png"
 TAGS_PNG = "tags.png"
 JUDGES_PNG = "judges.png"
+TURNS_PNG = "turns.png"
 _STAGE_COLORS = ["#9e9e9e", "#b0bec5", "#90caf9", "#42a5f5", "#1e88e5", "#0d47a1"]
 
 
@@ -92,6 +94,45 @@ def tags_png(tag_stats: dict[str, TagStats], path: Path) -> Path:
     fig.legend(*axes[0].get_legend_handles_labels(), loc="upper right", ncols=2, frameon=False, fontsize=9)
     fig.suptitle("Tag counts over kept instances (as the paper's Table 8)", fontsize=13)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def turns_png(turns: dict[str, Any], path: Path) -> Path | None:
+    """User turns per conversation, and per turn j: conversations reaching j and kept records with turn
+    j answered. None (nothing drawn) when no conversation has more than one user turn."""
+    hist = {int(k): v for k, v in (turns.get("user_turns_histogram") or {}).items()}
+    if not hist or max(hist) < 2:
+        return None
+    retention = turns.get("retention_by_turn") or {}
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    counts = sorted(hist)
+    bars = left.bar(range(len(counts)), [hist[k] for k in counts], color="#64b5f6")
+    left.bar_label(bars, labels=[f"{hist[k]:,}" for k in counts], fontsize=8, padding=1)
+    left.set_xticks(range(len(counts)), [str(k) for k in counts])
+    left.set_xlabel("user turns in the conversation")
+    left.set_ylabel("instances")
+    left.set_title("User turns per conversation", fontsize=11)
+    turn_ids = sorted(retention, key=int)
+    x = range(len(turn_ids))
+    w = 0.4
+    reached = [retention[j]["instances"] for j in turn_ids]
+    answered = [retention[j]["answered"] for j in turn_ids]
+    right.bar([i - w / 2 for i in x], reached, w, label="conversations with turn j", color="#90caf9")
+    got = right.bar([i + w / 2 for i in x], answered, w, label="kept with turn j answered", color="#0d47a1")
+    right.bar_label(got, labels=[f"{retention[j]['pct']:.0f}%" for j in turn_ids], fontsize=8, padding=1)
+    right.set_xticks(list(x), turn_ids)
+    right.set_xlabel("turn j")
+    right.set_ylabel("conversations")
+    right.set_ylim(0, max(1, *reached) * 1.25)
+    right.set_title("Retention per turn (P4)", fontsize=11)
+    right.legend(fontsize=8, frameon=False, loc="upper right")
+    for ax in (left, right):
+        ax.yaxis.set_major_locator(_int_ticks())
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

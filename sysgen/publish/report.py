@@ -75,6 +75,8 @@ def turns_section(turns: dict[str, Any], run_stats: dict[str, Any]) -> list[str]
                 "", table(["turn", "conversations", "answered", "retention"],
                           [[j, f"{r['instances']:,}", f"{r['answered']:,}", f"{r['pct']:.1f}%"]
                            for j, r in (turns.get("retention_by_turn") or {}).items()]), ""]
+        if max(int(k) for k in hist) > 1:  # the figure plots.turns_png draws
+            out += ["![conversations](turns.png)", ""]
     out += [f"- turns resampled after a repetition loop: {turns.get('p4_resampled', 0):,} "
             f"({turns.get('p4_resample_kept', 0):,} of them kept)",
             f"- records kept partial (--keep-partial): {turns.get('partial_records', 0):,}", ""]
@@ -238,9 +240,12 @@ def header(run: RunDir, summary: fn.Summary) -> list[str]:
     return out + [""]
 
 
-def render(run: RunDir, summary: fn.Summary, ev: dict[str, Any] | None = None) -> str:
+def render(run: RunDir, summary: fn.Summary, ev: dict[str, Any] | None = None,
+           turns: dict[str, Any] | None = None) -> str:
     parts = header(run, summary) + funnel_section(summary.funnels)
-    parts += turns_section(stats.turn_stats(run.iter_records(), run.iter_dropped()), run.stats)
+    if turns is None:
+        turns = stats.turn_stats(run.iter_records(), run.iter_dropped())
+    parts += turns_section(turns, run.stats)
     parts += tags_section(summary.tags)
     if ev:
         parts += metrics_section(ev) + judges_section({**ev, "_dir": str(run.path)})
@@ -250,14 +255,17 @@ def render(run: RunDir, summary: fn.Summary, ev: dict[str, Any] | None = None) -
 
 
 def write_report(out_dir: Path | str) -> Path:
-    """Write DIR/report.md, DIR/funnel.png, DIR/tags.png (and DIR/judges.png after eval)."""
+    """Write DIR/report.md, DIR/funnel.png, DIR/tags.png, DIR/turns.png when conversations have more
+    than one user turn (and DIR/judges.png after eval)."""
     run = load_run(out_dir)
     ev = read_eval(run.path)
     summary = fn.summarize(run.iter_records(), run.iter_dropped())
+    turns = stats.turn_stats(run.iter_records(), run.iter_dropped())
     plots.funnel_png(summary.funnels, run.path / plots.FUNNEL_PNG)
     plots.tags_png(summary.tags, run.path / plots.TAGS_PNG)
+    plots.turns_png(turns, run.path / plots.TURNS_PNG)
     if ev and (ev.get("judges") or {}).get("status") == "ok":
         plots.judges_png(ev["judges"], run.path / plots.JUDGES_PNG)
     path = run.path / REPORT_MD
-    path.write_text(render(run, summary, ev), encoding="utf-8")
+    path.write_text(render(run, summary, ev, turns), encoding="utf-8")
     return path

@@ -3,6 +3,7 @@ turns written, failures named by turn, --keep-partial, loops resampled once, --t
 
 from __future__ import annotations
 
+import struct
 from collections import Counter
 
 import orjson
@@ -206,6 +207,9 @@ def test_report_shows_turns_retention_and_cached_ratio_by_phase(tmp_path):
     assert st["turns"]["partial_records"] == 4
     text = write_report(out).read_text()
     assert "## Conversations (multi-turn P4)" in text and "| p4 |" in text and "cached / prompt" in text
+    head = (out / "turns.png").read_bytes()[:24]  # the figure, linked from the report
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24])[0] > 800
+    assert "![conversations](turns.png)" in text
 
 
 def test_eval_export_and_judges_see_every_turn(tmp_path):

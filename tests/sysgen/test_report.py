@@ -63,6 +63,7 @@ def test_write_report_tables_and_pngs(tmp_path):
     for name in ("funnel.png", "tags.png"):
         w, h = _png_size(out / name)
         assert w > 400 and h > 300
+    assert not (out / "turns.png").exists() and "turns.png" not in md  # single-turn records: no figure
 
 
 def test_report_without_stats_and_after_run_hook(tmp_path):
