@@ -105,10 +105,13 @@ def openvino_gguf(gguf: Path, cache_root: Path | None = None,
     tok/s (README)."""
     root = (cache_root or default_cache_root()) / "gguf"
     fingerprint = _stat_fingerprint(gguf)
+
+    def copy_dir(kind: str) -> Path:
+        return root / f"{gguf.stem}-as-{kind}-{fingerprint}"
+
     for kind in ("f16", "q8_0"):  # reading the tensor types takes ~2 s: skip it once a copy exists
-        done = root / f"{gguf.stem}-as-{kind}-{fingerprint}"
-        if (done / _COMPLETE_MARKER).is_file():
-            return done / gguf.name, kind
+        if (copy_dir(kind) / _COMPLETE_MARKER).is_file():
+            return copy_dir(kind) / gguf.name, kind
     from gguf import GGUFReader
 
     tensors = [t for t in GGUFReader(str(gguf)).tensors if t.tensor_type.name in REENCODE_TYPES]
@@ -118,8 +121,7 @@ def openvino_gguf(gguf: Path, cache_root: Path | None = None,
     log.info("%s holds %s tensors, which OpenVINO does not read as they are: writing a copy with them as "
              "%s (once) under %s", gguf, "/".join(sorted({t.tensor_type.name for t in tensors})),
              kind.upper(), root)
-    done = _cached_conversion(root / f"{gguf.stem}-as-{kind}-{fingerprint}",
-                              lambda out: _reencode_gguf(gguf, out / gguf.name, kind))
+    done = _cached_conversion(copy_dir(kind), lambda out: _reencode_gguf(gguf, out / gguf.name, kind))
     return done / gguf.name, kind
 
 

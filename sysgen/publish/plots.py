@@ -99,12 +99,17 @@ def tags_png(tag_stats: dict[str, TagStats], path: Path) -> Path:
     return path
 
 
+def has_turns_figure(turns: dict[str, Any]) -> bool:
+    """Whether turns_png draws: some conversation has more than one user turn."""
+    return any(int(k) > 1 for k in turns.get("user_turns_histogram") or {})
+
+
 def turns_png(turns: dict[str, Any], path: Path) -> Path | None:
     """User turns per conversation, and per turn j: conversations reaching j and kept records with turn
-    j answered. None (nothing drawn) when no conversation has more than one user turn."""
-    hist = {int(k): v for k, v in (turns.get("user_turns_histogram") or {}).items()}
-    if not hist or max(hist) < 2:
+    j answered. None (nothing drawn) unless has_turns_figure."""
+    if not has_turns_figure(turns):
         return None
+    hist = {int(k): v for k, v in turns["user_turns_histogram"].items()}
     retention = turns.get("retention_by_turn") or {}
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))

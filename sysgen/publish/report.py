@@ -75,8 +75,8 @@ def turns_section(turns: dict[str, Any], run_stats: dict[str, Any]) -> list[str]
                 "", table(["turn", "conversations", "answered", "retention"],
                           [[j, f"{r['instances']:,}", f"{r['answered']:,}", f"{r['pct']:.1f}%"]
                            for j, r in (turns.get("retention_by_turn") or {}).items()]), ""]
-        if max(int(k) for k in hist) > 1:  # the figure plots.turns_png draws
-            out += ["![conversations](turns.png)", ""]
+        if plots.has_turns_figure(turns):
+            out += [f"![conversations]({plots.TURNS_PNG})", ""]
     out += [f"- turns resampled after a repetition loop: {turns.get('p4_resampled', 0):,} "
             f"({turns.get('p4_resample_kept', 0):,} of them kept)",
             f"- records kept partial (--keep-partial): {turns.get('partial_records', 0):,}", ""]

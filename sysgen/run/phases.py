@@ -118,7 +118,7 @@ def p1_request(inst: Instance, build: PromptBuilder, s: PhaseSettings) -> Reques
 
 @dataclass(frozen=True)
 class P1Turn:
-    """What `--p3-context continue` needs of P1: its prompt as sent, its user text, its raw answer."""
+    """What `--p3-context continue|chat` needs of P1: its prompt as sent, its user text, its raw answer."""
 
     prompt: Prompt
     user: str
@@ -127,34 +127,39 @@ class P1Turn:
 
 def p3_request(filtered: tags.Filtered, build: PromptBuilder, s: PhaseSettings,
                p1: P1Turn | None = None) -> Request:
-    """`standalone`: the P3 template as system turn, the message as user turn. `continue` (with `p1`):
-    the next turn of P1's chat, [P1 system, P1 user, P1's raw answer, P3 instructions + message], so
-    a prefix cache that keeps P1's prompt + answer (SGLang's radix cache) serves all of P1's part.
-    The self-model judge then sees the conversation its tags were written for."""
-    user = prompts.load("p3_user").format(filtered=tags.strip_tags(filtered.tags),
-                                          annotated=filtered.render())
+    """`standalone`: the P3 template as system turn, the message as user turn. `continue` and `chat`
+    (with `p1`): the next turn of P1's chat, [P1 system, P1 user, P1's raw answer, P3's turn], so a
+    prefix cache that keeps P1's prompt + answer (SGLang's radix cache) serves all of P1's part. The
+    self-model judge then sees the conversation its tags were written for."""
     present = list(filtered.tags)
     # Constrained, the answer is a fixed form: budget exactly enough for its longest spelling.
     budget = tags.p3_token_bound(present) if s.constrain else s.p3_max_tokens
-    if s.p3_context == "continue" and p1 is not None:
-        # The same instruction text as standalone; one joining line says it is a new task.
-        turn = f"Now a new task.\n\n{prompts.load('p3_verify')}\n\n{user}"
+    if s.p3_context != "standalone" and p1 is not None:
         prompt = build.extend(p1.prompt, [("system", p1_system(s)), ("user", p1.user),
-                                          ("assistant", p1.answer), ("user", turn)])
-    elif s.p3_context == "chat" and p1 is not None:
-        # P3's instructions are already in P1's system turn. The annotated message is P1's answer
-        # just above unless P2 changed it (dropped or reordered tags): only then is it repeated.
-        annotated = filtered.render()
-        if annotated.strip() == p1.answer.strip():
-            annotated = "(the tagged system message you wrote above)"
-        turn = prompts.load("p3_chat_user").format(filtered=tags.strip_tags(filtered.tags),
-                                                   annotated=annotated)
-        prompt = build.extend(p1.prompt, [("system", p1_system(s)), ("user", p1.user),
-                                          ("assistant", p1.answer), ("user", turn)])
+                                          ("assistant", p1.answer), ("user", _p3_turn(filtered, s, p1))])
     else:
-        prompt = build(prompts.load("p3_verify"), user)
+        prompt = build(prompts.load("p3_verify"), _p3_user(filtered))
     return Request(prompt=prompt, sampling=_sampling(s, budget),
                    model=s.model_id, regex=tags.p3_regex(present) if s.constrain else None, group="p3")
+
+
+def _p3_user(filtered: tags.Filtered) -> str:
+    """The standalone P3 user turn: the filtered and the annotated message."""
+    return prompts.load("p3_user").format(filtered=tags.strip_tags(filtered.tags),
+                                          annotated=filtered.render())
+
+
+def _p3_turn(filtered: tags.Filtered, s: PhaseSettings, p1: P1Turn) -> str:
+    """P3's turn in P1's chat. `continue`: the same instruction text as standalone, after one joining
+    line saying it is a new task. `chat`: P3's instructions are already in P1's system turn, and the
+    annotated message is P1's answer just above unless P2 changed it (dropped or reordered tags):
+    only then is it repeated."""
+    if s.p3_context == "continue":
+        return f"Now a new task.\n\n{prompts.load('p3_verify')}\n\n{_p3_user(filtered)}"
+    annotated = filtered.render()
+    if annotated.strip() == p1.answer.strip():
+        annotated = "(the tagged system message you wrote above)"
+    return prompts.load("p3_chat_user").format(filtered=tags.strip_tags(filtered.tags), annotated=annotated)
 
 
 def p4_request(inst: Instance, system_message: str, build: PromptBuilder, s: PhaseSettings) -> Request:
