@@ -198,6 +198,34 @@ async def _read_bounded(resp, max_bytes: int, url: str, request: Request | None)
 
 
 
+class HTTPEndpoint:
+    """What the HTTP backends share: the server's URL, the API key and the one client. The key is
+    name-mangled here, so no repr or message of a backend formats it; `_scrub` blanks it from server
+    text, `_key_shown` is what a repr may say of it."""
+
+    max_concurrency: int
+
+    def _init_endpoint(self, base_url: str, api_key: str | None, timeout_s: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.__key = api_key
+        self._client: HTTPClient | None = None
+
+    @property
+    def _key_shown(self) -> str:
+        return "set" if self.__key else "none"
+
+    def _scrub(self, text: str) -> str:
+        return scrub_key(text, self.__key)
+
+    def _open(self) -> HTTPClient:
+        """The client, created on first use with one keep-alive connection per request in flight."""
+        if self._client is None:
+            self._client = HTTPClient(self.base_url, api_key=self.__key, timeout_s=self.timeout_s,
+                                      max_connections=self.max_concurrency)
+        return self._client
+
+
 def model_name(path: str) -> str:
     """The last component of a model path or served name ("/models/Llama-3.1-8B/" -> "Llama-3.1-8B")."""
     return str(path).rstrip("/").rsplit("/", 1)[-1]

@@ -18,14 +18,14 @@ import asyncio
 from typing import Any
 
 from engine.backend import BackendBase, Capabilities, ContentFiltered, RequestRejected, TransientEngineError
-from engine.backends.http_client import HTTPClient, error_message, max_body_bytes, scrub_key, status_error
+from engine.backends.http_client import HTTPEndpoint, error_message, max_body_bytes, status_error
 from engine.backends.vllm_http import openai_regex_body
 from engine.request import Request, Result, prompt_messages
 
 _FINISH = {"stop": "stop", "length": "length", "tool_calls": "stop", "function_call": "stop"}
 
 
-class OpenAIBackend(BackendBase):
+class OpenAIBackend(HTTPEndpoint, BackendBase):
     name = "openai"
     tokenizer = None
 
@@ -36,30 +36,20 @@ class OpenAIBackend(BackendBase):
         if server is not None:
             openai_regex_body(server, "")  # raises for a server whose regex field we do not know
         self.server = server  # "vllm" | "sglang": a self-hosted server taking our regex; None: hosted
-        self.base_url = base_url.rstrip("/")
+        self._init_endpoint(base_url, api_key, timeout_s)
         self.model = model
         self.model_id = f"openai:{model}@{self.base_url}"
-        self.timeout_s = timeout_s
         self.max_concurrency = max_concurrency
         self.capabilities = Capabilities(regex=server is not None, token_ids=False,
                                          max_running=max_concurrency, max_context=1 << 20)
-        self.__key = api_key  # name-mangled and never formatted anywhere
-        self._client: HTTPClient | None = None
         self._sem = asyncio.Semaphore(max_concurrency)
 
     def __repr__(self) -> str:
-        key = "set" if self.__key else "none"
-        return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r}, api_key=<{key}>)"
+        return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r}, api_key=<{self._key_shown}>)"
 
     async def __aenter__(self) -> OpenAIBackend:
         self._open()
         return self
-
-    def _open(self) -> HTTPClient:
-        if self._client is None:
-            self._client = HTTPClient(self.base_url, api_key=self.__key, timeout_s=self.timeout_s,
-                                      max_connections=self.max_concurrency)
-        return self._client
 
     def payload(self, request: Request) -> dict[str, Any]:
         if request.kind == "messages":
@@ -92,9 +82,6 @@ class OpenAIBackend(BackendBase):
         except ValueError as e:
             raise TransientEngineError(f"{url}: answer is not JSON: {r.body[:200]!r}", request) from e
         return checked_result(body, request, url)
-
-    def _scrub(self, text: str) -> str:
-        return scrub_key(text, self.__key)
 
     async def close(self) -> None:
         if self._client is not None:

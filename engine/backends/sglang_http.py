@@ -29,7 +29,7 @@ from engine.backend import (
     TransientEngineError,
 )
 from engine.backends.http_client import (
-    HTTPClient,
+    HTTPEndpoint,
     Reply,
     error_message,
     load_tokenizer,
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 MAX_REPORTED_RUNNING = 4096
 
 
-class SGLangHTTPBackend(BackendBase):
+class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
     """`async with SGLangHTTPBackend(url, model_path=...) as b:`: entering asks the server what it
     serves and how many requests it runs at once (for the scheduler's window), and fails fast
     with a clear message when nothing answers at `base_url`."""
@@ -69,9 +69,8 @@ class SGLangHTTPBackend(BackendBase):
                  tokenizer: Any = None, api_key: str | None = None) -> None:
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
-        self.base_url = base_url.rstrip("/")
+        self._init_endpoint(base_url, api_key, timeout_s)  # `sglang.launch_server --api-key`
         self.model_path = model_path
-        self.timeout_s = timeout_s
         self.retries = retries
         # None: sized from the server's running capacity at start (capacity + 128, at least 256),
         # so an 8-GPU server is not starved by a client-side cap; an int is a hard cap.
@@ -85,8 +84,6 @@ class SGLangHTTPBackend(BackendBase):
                                          max_running=self.max_concurrency, max_context=1 << 20)
         self.server_info: dict[str, Any] = {}
         self.model_info: dict[str, Any] = {}
-        self.__key = api_key  # `sglang.launch_server --api-key`; name-mangled, never formatted
-        self._client: HTTPClient | None = None
         self._sem = asyncio.Semaphore(self.max_concurrency)
         # Grammar compile timeouts per regex (see _on_grammar_timeout); once set, the run is over.
         self.grammar_timeouts_before_stop = 2
@@ -94,7 +91,7 @@ class SGLangHTTPBackend(BackendBase):
         self._stopped: str | None = None
 
     def __repr__(self) -> str:
-        return f"SGLangHTTPBackend(base_url={self.base_url!r}, api_key=<{'set' if self.__key else 'none'}>)"
+        return f"SGLangHTTPBackend(base_url={self.base_url!r}, api_key=<{self._key_shown}>)"
 
     async def __aenter__(self) -> SGLangHTTPBackend:
         await self.start()
@@ -104,7 +101,7 @@ class SGLangHTTPBackend(BackendBase):
         """Open the connection pool and read /model_info and /server_info."""
         if self._client is not None:
             return
-        self._client = HTTPClient(self.base_url, api_key=self.__key, timeout_s=self.timeout_s)
+        self._open()
         try:
             self.model_info = await self._get_info("model_info")
             self.server_info = await self._get_info("server_info")

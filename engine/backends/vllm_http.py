@@ -41,13 +41,12 @@ from engine.backend import (
     TransientEngineError,
 )
 from engine.backends.http_client import (
-    HTTPClient,
+    HTTPEndpoint,
     Reply,
     error_message,
     load_tokenizer,
     max_body_bytes,
     model_name,
-    scrub_key,
     status_error,
     wire_prompt,
 )
@@ -65,7 +64,7 @@ _FINISH = {"stop": "stop", "length": "length", "repetition": "length"}
 _ENGINE_LABEL = re.compile(r'^vllm:num_requests_running\{[^}]*engine="(\d+)"', re.M)
 
 
-class VLLMHTTPBackend(BackendBase):
+class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
     """`async with VLLMHTTPBackend(url, model_path=...) as b:` reads the served model, its context
     length and (where the server says) its capacity, and fails fast when nothing answers."""
 
@@ -76,9 +75,8 @@ class VLLMHTTPBackend(BackendBase):
                  tokenizer: Any = None) -> None:
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
-        self.base_url = base_url.rstrip("/")
+        self._init_endpoint(base_url, api_key, timeout_s)
         self.model_path = model_path
-        self.timeout_s = timeout_s
         self.retries = retries
         self._cap = max_concurrency  # an int is a hard cap; None: sized from the server at start
         self.max_concurrency = max_concurrency or DEFAULT_RUNNING
@@ -89,26 +87,18 @@ class VLLMHTTPBackend(BackendBase):
                                          max_running=self.max_concurrency, max_context=1 << 20)
         self.server_version: str | None = None
         self.capacity_source = "default"
-        self.__key = api_key  # name-mangled, never formatted: see __repr__ and _scrub
-        self._client: HTTPClient | None = None
         self._sem = asyncio.Semaphore(self.max_concurrency)
         self._warned_no_cache_counts = False
 
     def __repr__(self) -> str:
-        key = "set" if self.__key else "none"
-        return f"VLLMHTTPBackend(base_url={self.base_url!r}, model={self.served_model!r}, api_key=<{key}>)"
+        return (f"VLLMHTTPBackend(base_url={self.base_url!r}, model={self.served_model!r}, "
+                f"api_key=<{self._key_shown}>)")
 
     async def __aenter__(self) -> VLLMHTTPBackend:
         await self.start()
         return self
 
     # -- transport: the shared client ----------------------------------------------------------
-
-    def _open(self) -> HTTPClient:
-        if self._client is None:
-            self._client = HTTPClient(self.base_url, api_key=self.__key, timeout_s=self.timeout_s,
-                                      max_connections=self.max_concurrency)
-        return self._client
 
     def _json(self, reply: Reply, path: str, request: Request | None = None) -> Any:
         """The JSON body of a 2xx reply, else the engine error its status means (server text scrubbed)."""
@@ -120,9 +110,6 @@ class VLLMHTTPBackend(BackendBase):
         except ValueError as e:
             text = reply.body[:200].decode("utf-8", "replace")
             raise TransientEngineError(f"{url}: answer is not JSON: {self._scrub(text)!r}", request) from e
-
-    def _scrub(self, text: str) -> str:
-        return scrub_key(text, self.__key)
 
     # -- start: what the server serves ---------------------------------------------------------
 
