@@ -7,10 +7,14 @@ Fault injection, for any handler that starts with `if self.server.canned(self): 
 - `delay_s`: latency before every canned or normal answer (handlers honour it);
 - `down()` / `up()` / `outage(seconds)`: stop listening (connections are refused, as when a server
   restarts) and listen again on the same port.
+
+`scheduled(backend, requests, config)` runs requests through a Scheduler over an entered backend;
+`tiny_tokenizer_dir(path)` writes a three-word tokenizer with a chat template for the clients.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -18,6 +22,9 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
 
 
 @dataclass
@@ -114,3 +121,35 @@ class LocalHTTPServer(ThreadingHTTPServer):
         timer.daemon = True
         timer.start()
         return timer
+
+
+async def scheduled(backend, requests, config, srv=None, during=None):
+    """`requests` through a Scheduler over the entered `backend`: (results, scheduler metrics).
+    `during(srv)` runs in a thread once they are going."""
+    from engine.scheduler import Scheduler
+
+    sched = Scheduler(backend, None, config)
+    tasks = [asyncio.create_task(sched.submit(r)) for r in requests]
+    if during is not None:
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(during, srv)
+    try:
+        return await asyncio.gather(*tasks), sched.metrics
+    finally:
+        for t in tasks:
+            t.cancel()
+        await sched.__aexit__(None, None, None)
+
+
+def tiny_tokenizer_dir(path: Path) -> Path:
+    """A Hugging Face tokenizer folder at `path`: words "hi" (1) and "there" (2), and a chat template
+    that joins the messages' contents."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    vocab = {"[UNK]": 0, "hi": 1, "there": 2}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    fast.save_pretrained(path)
+    return path

@@ -30,7 +30,7 @@ from engine.backends.sglang_http import MAX_REPORTED_RUNNING, SGLangHTTPBackend
 from engine.request import Request, SamplingParams, messages_prompt
 from engine.scheduler import Scheduler, SchedulerConfig
 from kernels_cfg.fields import class_field_names, sglang_root
-from tests.local_http import Canned, LocalHTTPServer
+from tests.local_http import Canned, LocalHTTPServer, scheduled, tiny_tokenizer_dir
 
 pytest.importorskip("aiohttp", reason="the sglang_http backend needs aiohttp: pip install -e '.[http]'")
 
@@ -227,14 +227,7 @@ def test_text_prompt_and_messages_without_tokenizer():
 
 
 def test_tokenizer_from_a_local_model_dir(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
-    transformers = pytest.importorskip("transformers")
-    vocab = {"[UNK]": 0, "hi": 1, "there": 2}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    fast.save_pretrained(tmp_path)
+    tiny_tokenizer_dir(tmp_path)
     with StandInSGLangServer() as srv:
         async def go():
             async with SGLangHTTPBackend(srv.url, model_path=str(tmp_path)) as b:
@@ -271,17 +264,7 @@ def through_scheduler(srv, n: int, config: SchedulerConfig = QUICK, during=None)
     """n distinct requests through a Scheduler; `during(srv)` runs in a thread once they are going."""
     async def go():
         async with SGLangHTTPBackend(srv.url, model_path=None) as b:
-            sched = Scheduler(b, None, config)
-            tasks = [asyncio.create_task(sched.submit(req(1000 + i))) for i in range(n)]
-            if during is not None:
-                await asyncio.sleep(0.05)
-                await asyncio.to_thread(during, srv)
-            try:
-                return await asyncio.gather(*tasks), sched.metrics
-            finally:
-                for t in tasks:
-                    t.cancel()
-                await sched.__aexit__(None, None, None)
+            return await scheduled(b, [req(1000 + i) for i in range(n)], config, srv, during)
 
     return run(go())
 

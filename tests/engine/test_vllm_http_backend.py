@@ -29,9 +29,9 @@ from engine.backend import (
 )
 from engine.backends.vllm_http import VLLM_PIN, VLLMHTTPBackend, openai_regex_body
 from engine.request import Request, SamplingParams, messages_prompt
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import SchedulerConfig
 from tests.engine import vllm_fields
-from tests.local_http import Canned, LocalHTTPServer
+from tests.local_http import Canned, LocalHTTPServer, scheduled, tiny_tokenizer_dir
 
 pytest.importorskip("aiohttp", reason="the vllm_http backend needs aiohttp: pip install -e '.[http]'")
 
@@ -382,17 +382,7 @@ def through_scheduler(srv: StandInVLLMServer, n: int, config: SchedulerConfig = 
     """n distinct requests through a Scheduler; `during(srv)` runs in a thread once they are going."""
     async def go():
         async with VLLMHTTPBackend(srv.url) as b:
-            sched = Scheduler(b, None, config)
-            tasks = [asyncio.create_task(sched.submit(req(1000 + i))) for i in range(n)]
-            if during is not None:
-                await asyncio.sleep(0.05)
-                await asyncio.to_thread(during, srv)
-            try:
-                return await asyncio.gather(*tasks), sched.metrics
-            finally:
-                for t in tasks:
-                    t.cancel()
-                await sched.__aexit__(None, None, None)
+            return await scheduled(b, [req(1000 + i) for i in range(n)], config, srv, during)
 
     with srv:
         return asyncio.run(go())
@@ -480,18 +470,6 @@ def test_vllm_and_sglang_regex_fields_for_the_openai_route():
                                             "ChatCompletionRequest")
     with pytest.raises(ValueError, match="vllm"):
         openai_regex_body("tgi", "a+")
-
-
-def tiny_tokenizer_dir(tmp_path: Path) -> Path:
-    tokenizers = pytest.importorskip("tokenizers")
-    transformers = pytest.importorskip("transformers")
-    vocab = {"[UNK]": 0, "hi": 1, "there": 2}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    fast.save_pretrained(tmp_path)
-    return tmp_path
 
 
 def test_vllm_chat_prompts_become_token_ids_with_a_local_tokenizer(tmp_path):
