@@ -13,7 +13,17 @@ import types
 import typing
 from pathlib import Path
 
+from engine.backend import Backend, EngineAuthError, EngineDied, EngineDown, FailureStreak
+from engine.backends.model_cache import ModelNotFound
+from engine.store import Store, StoreError
+from sysgen.backend_factory import make_backend
+from sysgen.cli_eval import register, report_after_run
 from sysgen.config import RunConfig, config_fields
+from sysgen.datasets import DatasetError
+from sysgen.run import stats
+from sysgen.run.merge import add_merge_parser
+from sysgen.run.pipeline import RunInterrupted, run_stream
+from sysgen.run.plan import RunPlan, plan_run
 
 log = logging.getLogger("sysgen")
 
@@ -71,14 +81,6 @@ def env_api_key(engine: str) -> str | None:
     return os.environ.get("OPENAI_API_KEY")
 
 
-def _check_inputs(cfg: RunConfig) -> None:
-    """Paths, globs, Hugging Face splits and --columns, checked before anything is opened; a
-    DatasetError (a ValueError) says which input and what to do."""
-    from sysgen.datasets import preflight
-
-    preflight(cfg.inputs, columns=cfg.columns, split=cfg.split, subset=cfg.subset)
-
-
 def _dataset_error_hint(e: Exception, resume_hint: str) -> str:
     """What to do after a DatasetError mid-run, by what is at fault (the resume hint only where
     re-running the same command is the way on)."""
@@ -92,100 +94,61 @@ def _dataset_error_hint(e: Exception, resume_hint: str) -> str:
     return "Fix the command line (finished work is kept in the output directory)."
 
 
-async def _run_async(cfg: RunConfig, backend, store, out: Path) -> dict:
-    from sysgen.run.pipeline import run_stream
-
+async def _run_async(plan: RunPlan, backend: Backend, store: Store) -> dict:
     async with backend:
-        return await run_stream(cfg, backend, store, out, progress_enabled=cfg.progress)
+        return await run_stream(plan.cfg, backend, store, plan.out, progress_enabled=plan.cfg.progress,
+                                sources=plan.sources)
 
 
 def _event_loop_runner():
     try:
-        import uvloop
+        import uvloop  # optional (not on Windows)
 
         return uvloop.run
     except ImportError:
         return asyncio.run
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from engine.backend import EngineAuthError, EngineDied, EngineDown, FailureStreak
-    from engine.backends.model_cache import ModelNotFound
-    from engine.store import Store, StoreError
-    from sysgen import prompts
-    from sysgen.backend_factory import make_backend
-    from sysgen.datasets import DatasetError
-    from sysgen.run import stats
-    from sysgen.run.pipeline import RunInterrupted
-    from sysgen.run.run_checks import check_run
+RESUME_HINT = "re-run the same command to resume; finished work is kept"
 
-    try:
-        cfg = _config_from_args(args)
-        _check_inputs(cfg)
-        cfg = check_run(cfg)  # every flag and path checked before the store is opened
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-    except (ValueError, OSError) as e:
-        print(f"sysgen run: error: {e}", file=sys.stderr)
-        return 2
-    t0 = time.monotonic()
-    api_key = args.api_key or env_api_key(cfg.engine)
-    # The stand-in engine (tests and benchmarks only) takes its latency and injected faults from
-    # the environment, so they never appear among a real run's flags.
-    standin = {"delay": os.environ.get("SYSGEN_STANDIN_DELAY"),
-               "faults": os.environ.get("SYSGEN_STANDIN_FAULTS"),
-               "tokenizer": os.environ.get("SYSGEN_STANDIN_TOKENIZER")}
-    resume_hint = "re-run the same command to resume; finished work is kept"
-    try:
-        backend = make_backend(cfg.engine, model=cfg.model, url=cfg.url, api_key=api_key,
-                               gpu_profile=cfg.gpu_profile, max_batch=cfg.max_batch, fp8=cfg.fp8,
-                               max_inflight=cfg.max_inflight, standin=standin, timeout_s=cfg.timeout_s,
-                               openai_server=cfg.openai_server, kv_cache_gb=cfg.kv_cache_gb)
-        store = Store.open(out / "store.db")
-    except (ValueError, StoreError, ModelNotFound, EngineDied) as e:  # before any instance is read
-        print(f"sysgen run: error: {e}", file=sys.stderr)
-        return 2
 
-    def run_stats(counters: dict, rows_read: int | None) -> dict:
-        counters = dict(counters)
-        sources = counters.pop("sources", {})
-        config = {**dataclasses.asdict(cfg), "engine": backend.name}  # the resolved engine, never "auto"
-        extra = {"model": backend.model_id, "engine": backend.name, "prompts": prompts.digests(),
-                 "config": config,
-                 "sources": sources,
-                 "constrained": cfg.constrain and backend.capabilities.regex, "this_run": counters,
-                 "wall_s": round(time.monotonic() - t0, 2)}
-        return stats.write(out, extra, rows_read=rows_read, sources=set(sources) or None)
+def _standin_env() -> dict[str, str | None]:
+    """The stand-in engine (tests and benchmarks only) takes its latency and injected faults from
+    the environment, so they never appear among a real run's flags."""
+    return {"delay": os.environ.get("SYSGEN_STANDIN_DELAY"),
+            "faults": os.environ.get("SYSGEN_STANDIN_FAULTS"),
+            "tokenizer": os.environ.get("SYSGEN_STANDIN_TOKENIZER")}
 
-    stats.mark_stale(out, "a run started after these figures were written; they are rewritten when it "
-                          "finishes or stops")
-    with store:
-        try:
-            counters = _event_loop_runner()(_run_async(cfg, backend, store, out))
-        except RunInterrupted as e:
-            c = e.args[0]
-            run_stats({**c, "interrupted": True}, None)  # true figures of the outputs, marked unfinished
-            print(f"\nsysgen: interrupted after {c['kept'] + c['dropped']:,} instances this run; "
-                  f"{resume_hint}.",
-                  file=sys.stderr)
-            return 130
-        except StoreError as e:
-            print(f"sysgen: store error: {e}\nThe store is intact up to the last commit; {resume_hint} "
-                  "once the cause (e.g. a full disk) is fixed.", file=sys.stderr)
-            return 1
-        except EngineAuthError as e:
-            print(f"sysgen: stopped: {e}.\nNothing was dropped; fix the credentials, then {resume_hint}.",
-                  file=sys.stderr)
-            return 1
-        except EngineDied as e:
-            what = "stopped" if isinstance(e, (EngineDown, FailureStreak)) else "the engine died"
-            print(f"sysgen: {what}: {e}\nEverything finished before is committed; {resume_hint} "
-                  "once the engine is fixed.", file=sys.stderr)
-            return 1
-        except DatasetError as e:
-            print(f"sysgen run: error: {e}\n{_dataset_error_hint(e, resume_hint)}", file=sys.stderr)
-            return 2
-    st = run_stats(counters, counters["rows_read"])
+
+def _open_run(args: argparse.Namespace) -> tuple[RunPlan, Backend, Store]:
+    """Parse, plan (every flag and path checked before the store is opened), then the engine and
+    the store; ValueError, OSError, StoreError, ModelNotFound or EngineDied before any instance is read."""
+    plan = plan_run(_config_from_args(args))
+    plan.out.mkdir(parents=True, exist_ok=True)
+    cfg = plan.cfg
+    backend = make_backend(cfg.engine, model=cfg.model, url=cfg.url,
+                           api_key=args.api_key or env_api_key(cfg.engine), gpu_profile=cfg.gpu_profile,
+                           max_batch=cfg.max_batch, fp8=cfg.fp8, max_inflight=cfg.max_inflight,
+                           standin=_standin_env(), timeout_s=cfg.timeout_s,
+                           openai_server=cfg.openai_server, kv_cache_gb=cfg.kv_cache_gb)
+    return plan, backend, Store.open(plan.out / "store.db")
+
+
+def _stopped(e: Exception) -> tuple[str, int]:
+    """(message, exit code) for an error that stopped a run after it started."""
+    if isinstance(e, StoreError):
+        return (f"sysgen: store error: {e}\nThe store is intact up to the last commit; {RESUME_HINT} "
+                "once the cause (e.g. a full disk) is fixed."), 1
+    if isinstance(e, EngineAuthError):
+        return f"sysgen: stopped: {e}.\nNothing was dropped; fix the credentials, then {RESUME_HINT}.", 1
+    if isinstance(e, EngineDied):
+        what = "stopped" if isinstance(e, (EngineDown, FailureStreak)) else "the engine died"
+        return (f"sysgen: {what}: {e}\nEverything finished before is committed; {RESUME_HINT} "
+                "once the engine is fixed."), 1
+    return f"sysgen run: error: {e}\n{_dataset_error_hint(e, RESUME_HINT)}", 2
+
+
+def _print_summary(st: dict, counters: dict, out: Path) -> None:
     if st.get("other_sources"):
         print(f"sysgen: warning: {out} also holds outputs of other inputs ({', '.join(st['other_sources'])}) "
               "from an earlier run, counted below. Fix: give each dataset its own --out", file=sys.stderr)
@@ -200,13 +163,37 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"({st['funnel_pct']['p4_kept']:.1f}%); {done}P1 parse rate {rate}; "
           f"engine calls {sm['engine_calls']:,}, store hits {sm['hits']:,}; "
           f"{sm['completion_tokens']:,} output tokens; wrote {out}/data.jsonl", file=sys.stderr)
-    if cfg.report:
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """parse → plan → run → print."""
+    t0 = time.monotonic()
+    try:
+        plan, backend, store = _open_run(args)
+    except (ValueError, OSError, StoreError, ModelNotFound, EngineDied) as e:
+        print(f"sysgen run: error: {e}", file=sys.stderr)
+        return 2
+    cfg, out = plan.cfg, plan.out
+    stats.mark_stale(out, "a run started after these figures were written; they are rewritten when it "
+                          "finishes or stops")
+    with store:
         try:
-            from sysgen.cli_eval import report_after_run
-        except ImportError:
-            pass
-        else:
-            report_after_run(out)
+            counters = _event_loop_runner()(_run_async(plan, backend, store))
+        except RunInterrupted as e:
+            c = e.args[0]
+            # true figures of the outputs, marked unfinished
+            stats.write_run(out, cfg, backend, {**c, "interrupted": True}, None, time.monotonic() - t0)
+            print(f"\nsysgen: interrupted after {c['kept'] + c['dropped']:,} instances this run; "
+                  f"{RESUME_HINT}.", file=sys.stderr)
+            return 130
+        except (StoreError, EngineAuthError, EngineDied, DatasetError) as e:
+            msg, rc = _stopped(e)
+            print(msg, file=sys.stderr)
+            return rc
+    st = stats.write_run(out, cfg, backend, counters, counters["rows_read"], time.monotonic() - t0)
+    _print_summary(st, counters, out)
+    if cfg.report:
+        report_after_run(out)
     return 0
 
 
@@ -215,18 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_parser(sub)
-    try:
-        from sysgen.run.merge import add_merge_parser
-    except ImportError:
-        pass
-    else:
-        add_merge_parser(sub)
-    try:
-        from sysgen.cli_eval import register
-    except ImportError:
-        pass
-    else:
-        register(sub)
+    add_merge_parser(sub)
+    register(sub)
     return parser
 
 

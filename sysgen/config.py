@@ -102,12 +102,6 @@ class RunConfig:
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"--limit must be >= 0, got {self.limit}")
         _ = self.shard_spec  # parses and validates --shard
-        if self.columns is not None:
-            from sysgen.datasets.columns import ColumnMap
-
-            ColumnMap.parse(self.columns)
-            if self.format != "auto":
-                raise ValueError("--columns and --format both say how to read rows. Fix: pass one of them")
         if self.kv_cache_gb is not None and self.kv_cache_gb < 1:
             raise ValueError(f"--kv-cache-gb must be >= 1 (whole GB), got {self.kv_cache_gb}")
         if not self.p4_budget_factor >= 0:  # also refuses nan

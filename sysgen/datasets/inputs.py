@@ -72,8 +72,13 @@ def resolve_inputs(inputs: Sequence[str | Path], previous: dict[str, str] | None
                 continue
             seen.add(ident)
             found.append((path, kind))
-    names = _names([p for p, _ in found], previous or {})
-    return [Source(p, n, k) for (p, k), n in zip(found, names, strict=True)]
+    return named([Source(p, "", k) for p, k in found], previous)
+
+
+def named(sources: Sequence[Source], previous: dict[str, str] | None = None) -> list[Source]:
+    """`sources` (resolved already) with their names, pinning the names an earlier run gave."""
+    names = _names([s.path for s in sources], previous or {})
+    return [Source(s.path, n, s.kind) for s, n in zip(sources, names, strict=True)]
 
 
 def source_names(inputs: Sequence[str | Path]) -> dict[str, str]:

@@ -43,15 +43,7 @@ def iter_instances(
     sources are done). With strict=True the first bad row or file raises DatasetError instead.
     `known(path, line)` true yields a Known in that row's place, unconverted (and unchecked, even
     with strict). `unused` collects the text rows carry outside what their format reads."""
-    if fmt != "auto" and fmt not in FORMATS:
-        raise DatasetError(f"unknown format {fmt!r}. Fix: use one of auto, {', '.join(FORMATS)}")
-    if isinstance(columns, str):
-        try:
-            columns = ColumnMap.parse(columns)
-        except ValueError as e:
-            raise DatasetError(str(e)) from None
-    if columns is not None and fmt != "auto":
-        raise DatasetError("--columns and --format both say how to read rows. Fix: pass one of them")
+    columns = _reading(fmt, columns)
     srcs = list(sources) if sources is not None else resolve_inputs(paths)
     by_path = {s.path: s for s in srcs}
     start = {_key(k, by_path): v for k, v in (start or {}).items()}
@@ -66,6 +58,20 @@ def iter_instances(
             raise DatasetError(f"resume source {skip_before} is not among the inputs")
         srcs = srcs[[s.path for s in srcs].index(skip_before):]
     return _generate(srcs, fmt, strict, start, known, columns, split, subset, unused)
+
+
+def _reading(fmt: str, columns: ColumnMap | str | None) -> ColumnMap | None:
+    """How rows are read: --format checked, --columns parsed; DatasetError when they are wrong or clash."""
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DatasetError(f"unknown format {fmt!r}. Fix: use one of auto, {', '.join(FORMATS)}")
+    if isinstance(columns, str):
+        try:
+            columns = ColumnMap.parse(columns)
+        except ValueError as e:
+            raise DatasetError(str(e)) from None
+    if columns is not None and fmt != "auto":
+        raise DatasetError("--columns and --format both say how to read rows. Fix: pass one of them")
+    return columns
 
 
 def _key(path: str, by_path: dict[str, Source]) -> str:
@@ -109,17 +115,17 @@ def _generate(
         unused.log_summary()
 
 
-def preflight(inputs: Sequence[str | Path], *, columns: str | None = None, split: str | None = None,
-              subset: str | None = None) -> list[Source]:
+def preflight(inputs: Sequence[str | Path], *, fmt: str = "auto", columns: str | None = None,
+              split: str | None = None, subset: str | None = None) -> list[Source]:
     """Everything about the inputs that can be wrong before a run starts, checked now: paths,
-    Hugging Face splits and subsets, and --columns against each source's first row. Returns the
-    sources; DatasetError (kind "argument" or "file") otherwise."""
+    --format and --columns, Hugging Face splits and subsets, and --columns against each source's
+    first row. Returns the sources; DatasetError (kind "argument" or "file") otherwise."""
+    cmap = _reading(fmt, columns or None)
     srcs = resolve_inputs(inputs)
     if (split or subset) and all(s.is_file for s in srcs):
         flag = "--split" if split else "--subset"
         raise DatasetError(f"{flag} applies to hf:NAME and save_to_disk inputs, and none is given. Fix: drop "
                            f"{flag}, or pass the dataset as hf:OWNER/NAME")
-    cmap = ColumnMap.parse(columns) if columns else None
     for src in srcs:
         if not src.is_file:
             open_source(src, split, subset)  # a bad split or subset, or a dataset not to be had, fails here

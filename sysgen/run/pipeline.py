@@ -11,12 +11,13 @@ second signal cuts that short), cancel the rest, commit, and raise RunInterrupte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import orjson
@@ -26,9 +27,11 @@ from engine.progress import Progress
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.store import Store, StoreError
 from sysgen.config import RunConfig
+from sysgen.datasets import Source
 from sysgen.datasets.instance import Instance, Known, Rejected
 from sysgen.run.instance_flow import Outcome, rejected_outcome, run_instance
 from sysgen.run.phases import PhaseSettings, PromptBuilder
+from sysgen.run.plan import phase_settings, scheduler_config
 from sysgen.run.resume import Position, Resume, Watermark, fingerprint
 
 log = logging.getLogger(__name__)
@@ -39,39 +42,6 @@ MAX_SPREAD = 50_000  # items between the oldest unfinished one and the newest (a
 
 class RunInterrupted(Exception):
     """Stopped by a signal; everything finished so far is committed and a re-run resumes."""
-
-
-@dataclass
-class _Run:
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    hurry: asyncio.Event = field(default_factory=asyncio.Event)  # a second signal: skip the drain
-    idle: asyncio.Event = field(default_factory=asyncio.Event)  # feeder finished and no work left
-    fatal: BaseException | None = None
-    tasks: set = field(default_factory=set)
-    feeding: bool = True
-    kept: int = 0
-    dropped: int = 0
-    skipped_done: int = 0
-
-    def on_signal(self) -> None:
-        if self.stop.is_set():
-            self.hurry.set()
-            print("\nsysgen: stopping now", file=sys.stderr, flush=True)
-        else:
-            print(f"\nsysgen: stopping: no new instances; those in flight get up to {DRAIN_S:g} s to "
-                  "finish (press Ctrl-C again to stop at once; either way the run resumes)",
-                  file=sys.stderr, flush=True)
-        self.stop.set()
-
-    def fail(self, e: BaseException) -> None:
-        self.fatal = self.fatal or e
-        self.stop.set()
-        self.hurry.set()
-
-    def task_done(self, task: asyncio.Task) -> None:
-        self.tasks.discard(task)
-        if not self.tasks and not self.feeding:
-            self.idle.set()
 
 
 class InputFraction:
@@ -106,137 +76,188 @@ class InputFraction:
         return max(self.read / self.bytes_frac, float(self.read))
 
 
-def phase_settings(cfg: RunConfig, backend: Backend) -> PhaseSettings:
-    return PhaseSettings(model_id=backend.model_id, constrain=cfg.constrain and backend.capabilities.regex,
-                         p1_max_tokens=cfg.p1_max_tokens, p3_max_tokens=cfg.p3_max_tokens,
-                         p4_max_tokens=cfg.p4_max_tokens, temperature=cfg.temperature, seed=cfg.seed,
-                         max_turn_chars=cfg.max_turn_chars, turns=cfg.turns, history=cfg.history,
-                         keep_partial=cfg.keep_partial, p4_budget_factor=cfg.p4_budget_factor,
-                         p4_budget_cap=cfg.p4_budget_cap, p3_context=cfg.p3_context,
-                         max_context=backend.capabilities.max_context if cfg.turns == "all" else 0)
-
-
 async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path, progress_enabled: bool = True,
-                     sched_config: SchedulerConfig | None = None) -> dict:
+                     sched_config: SchedulerConfig | None = None,
+                     sources: Sequence[Source] | None = None) -> dict:
     """Stream every item to completion (or to a signal). Returns this run's counters; raises
     RunInterrupted after a signal, EngineDied or StoreError when the run cannot go on (in every
-    case with everything finished before committed)."""
+    case with everything finished before committed). `sources`: the inputs as the run plan
+    resolved them (else resolved from `cfg`)."""
     settings = phase_settings(cfg, backend)
-    fp = fingerprint(cfg, settings)
-    resume = Resume.open(store, out, cfg, fp, settings)
-    sched = Scheduler(backend, store, sched_config or SchedulerConfig(
-        max_inflight=cfg.max_inflight, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
-        retry_stored_failures=cfg.retry_failed, engine_down_s=cfg.engine_down_s))
+    resume = Resume.open(store, out, cfg, fingerprint(cfg, settings), settings, sources)
+    sched = Scheduler(backend, store, sched_config or scheduler_config(cfg))
     build = PromptBuilder(backend.tokenizer if backend.capabilities.token_ids else None)
-    wm = Watermark(store, fp, resume.files)  # inputs expanded: a file added to a folder moves positions
-    frac = InputFraction(resume.files)
-    progress = Progress(sched.metrics, frac, enabled=progress_enabled)
-    before_watermark = resume.watermark["seq"] if resume.watermark else 0  # done, and not read again
-    frac.read = progress.done = before_watermark
-    if resume.resuming:
-        progress.kept_label = "kept this run"
-    window = asyncio.Semaphore(max(4, sched.window * 2))
-    run = _Run()
-    clock = time.monotonic
+    stream = _Stream(resume, sched, store, settings, build, progress_enabled)
+    with _signals_to(stream.on_signal):
+        await stream.run()
+    counters = stream.counters()
+    if stream.stop.is_set():
+        raise RunInterrupted(counters)
+    counters["rows_read"] = stream.frac.read  # every item of the stream, this run's and earlier runs'
+    _mark_finished(store, resume, stream.frac.read)
+    return counters
 
-    def finish(pos: Position, key: bytes, outcome: Outcome) -> None:
-        sink, obj = outcome.to_line()
-        store.finish_item(key, None, ((sink, orjson.dumps(obj) + b"\n"),))
-        if outcome.record is not None:
-            run.kept += 1
-            progress.kept += 1
-        else:
-            run.dropped += 1
-        pos.done = True
-        progress.done += 1
-        wm.advance(clock())
 
-    async def work(pos: Position, key: bytes, item: Instance | Rejected) -> None:
-        try:
-            if isinstance(item, Rejected):
-                outcome = rejected_outcome(item)
-            else:
-                outcome = await run_instance(item, sched.submit, build, settings)
-            finish(pos, key, outcome)
-        except Exception as e:  # EngineDied, StoreError, or a bug: stop loudly, never lose the item quietly
-            run.fail(e)
-        finally:
-            window.release()
-            progress.tick()
-
-    async def feed() -> None:
-        for seq, item in resume.stream():
-            frac.update(item)
-            key = resume.item_key(item)
-            if resume.is_done(item):
-                run.skipped_done += 1
-                progress.done += 1
-                wm.add(seq, item, done=True)
-                wm.advance(clock())
-                continue
-            while store.backlog > MAX_BACKLOG or wm.spread > MAX_SPREAD:
-                await asyncio.sleep(0.005)
-            await window.acquire()
-            task = asyncio.create_task(work(wm.add(seq, item), key, item))
-            run.tasks.add(task)
-            task.add_done_callback(run.task_done)
-
-    def fed(task: asyncio.Task) -> None:
-        run.feeding = False
-        frac.exhausted = not task.cancelled() and task.exception() is None
-        if not task.cancelled() and task.exception() is not None:
-            run.fail(task.exception())  # e.g. a bad row with --strict, or a store error
-        if not run.tasks:
-            run.idle.set()
-
+@contextlib.contextmanager
+def _signals_to(handler: Callable[[], None]) -> Iterator[None]:
+    """SIGINT and SIGTERM call `handler` on the running loop while inside (where signals can be
+    handled: the main thread of a platform that has them)."""
     loop = asyncio.get_running_loop()
     handled = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, run.on_signal)
+            loop.add_signal_handler(sig, handler)
             handled.append(sig)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals
             pass
-    feeder = asyncio.create_task(feed())
-    feeder.add_done_callback(fed)
     try:
-        await _first(run.idle, run.stop)
-        if not feeder.done():
-            feeder.cancel()
-        if run.tasks:  # stopped: a short drain, then cancel what is left
-            await _first(run.idle, run.hurry, timeout=DRAIN_S)
-            for t in list(run.tasks):
-                t.cancel()
-            await asyncio.gather(*run.tasks, return_exceptions=True)
-        await asyncio.gather(feeder, return_exceptions=True)
+        yield
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
-        if run.tasks or not feeder.done():  # cancelled from outside: leave nothing running
-            feeder.cancel()
-            for t in list(run.tasks):
-                t.cancel()
-            await asyncio.gather(feeder, *run.tasks, return_exceptions=True)
-        if not isinstance(run.fatal, StoreError):
-            try:
-                wm.advance(clock(), force=True)
-                store.flush()
-            except StoreError as e:
-                run.fatal = run.fatal or e
-        progress.tick(force=True)
-    if run.fatal is not None:
-        raise run.fatal
-    counters = {"kept": run.kept, "dropped": run.dropped, "skipped_done": run.skipped_done,
-                "already_done": before_watermark + run.skipped_done,
-                "scheduler": sched.metrics.to_dict(), "interrupted": run.stop.is_set(),
-                "sources": resume.source_report()}
-    if run.stop.is_set():
-        raise RunInterrupted(counters)
-    counters["rows_read"] = frac.read  # every item of the stream, this run's and earlier runs'
-    # Only now is the run complete: `merge` refuses a shard without this mark.
-    store.set_meta("run", orjson.dumps({**resume.run_info, "finished": True, "rows_read": frac.read}))
+
+
+def _mark_finished(store: Store, resume: Resume, rows_read: int) -> None:
+    """Only now is the run complete: `merge` refuses a shard without this mark."""
+    store.set_meta("run", orjson.dumps({**resume.run_info, "finished": True, "rows_read": rows_read}))
     store.flush()
-    return counters
+
+
+class _Stream:
+    """One run's items: fed from the resume point through a bounded window, each run through the
+    phases and finished as one output line; on a signal the feeding stops and in-flight items drain."""
+
+    def __init__(self, resume: Resume, sched: Scheduler, store: Store, settings: PhaseSettings,
+                 build: PromptBuilder, progress_enabled: bool) -> None:
+        self.resume, self.sched, self.store, self.settings, self.build = resume, sched, store, settings, build
+        self.stop = asyncio.Event()
+        self.hurry = asyncio.Event()  # a second signal: skip the drain
+        self.idle = asyncio.Event()  # feeder finished and no work left
+        self.fatal: BaseException | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self.feeding = True
+        self.kept = self.dropped = self.skipped_done = 0
+        # The inputs expanded: a file added to a folder moves positions.
+        self.wm = Watermark(store, resume.fp, resume.files)
+        self.frac = InputFraction(resume.files)
+        self.progress = Progress(sched.metrics, self.frac, enabled=progress_enabled)
+        self.before_watermark = resume.watermark["seq"] if resume.watermark else 0  # done, not read again
+        self.frac.read = self.progress.done = self.before_watermark
+        if resume.resuming:
+            self.progress.kept_label = "kept this run"
+        self.window = asyncio.Semaphore(max(4, sched.window * 2))
+
+    def on_signal(self) -> None:
+        if self.stop.is_set():
+            self.hurry.set()
+            print("\nsysgen: stopping now", file=sys.stderr, flush=True)
+        else:
+            print(f"\nsysgen: stopping: no new instances; those in flight get up to {DRAIN_S:g} s to "
+                  "finish (press Ctrl-C again to stop at once; either way the run resumes)",
+                  file=sys.stderr, flush=True)
+        self.stop.set()
+
+    def counters(self) -> dict:
+        return {"kept": self.kept, "dropped": self.dropped, "skipped_done": self.skipped_done,
+                "already_done": self.before_watermark + self.skipped_done,
+                "scheduler": self.sched.metrics.to_dict(), "interrupted": self.stop.is_set(),
+                "sources": self.resume.source_report()}
+
+    async def run(self) -> None:
+        """Until every item is finished, or a signal's drain is over; raises what stopped the run."""
+        feeder = asyncio.create_task(self._feed())
+        feeder.add_done_callback(self._fed)
+        try:
+            await _first(self.idle, self.stop)
+            if not feeder.done():
+                feeder.cancel()
+            if self.tasks:  # stopped: a short drain, then cancel what is left
+                await _first(self.idle, self.hurry, timeout=DRAIN_S)
+                for t in list(self.tasks):
+                    t.cancel()
+                await asyncio.gather(*self.tasks, return_exceptions=True)
+            await asyncio.gather(feeder, return_exceptions=True)
+        finally:
+            await self._shutdown(feeder)
+        if self.fatal is not None:
+            raise self.fatal
+
+    async def _shutdown(self, feeder: asyncio.Task) -> None:
+        """Leave nothing running (also when cancelled from outside) and commit what is finished."""
+        if self.tasks or not feeder.done():
+            feeder.cancel()
+            for t in list(self.tasks):
+                t.cancel()
+            await asyncio.gather(feeder, *self.tasks, return_exceptions=True)
+        if not isinstance(self.fatal, StoreError):
+            try:
+                self.wm.advance(time.monotonic(), force=True)
+                self.store.flush()
+            except StoreError as e:
+                self.fatal = self.fatal or e
+        self.progress.tick(force=True)
+
+    def _fail(self, e: BaseException) -> None:
+        self.fatal = self.fatal or e
+        self.stop.set()
+        self.hurry.set()
+
+    async def _feed(self) -> None:
+        resume, wm = self.resume, self.wm
+        for seq, item in resume.stream():
+            self.frac.update(item)
+            key = resume.item_key(item)
+            if resume.is_done(item):
+                self.skipped_done += 1
+                self.progress.done += 1
+                wm.add(seq, item, done=True)
+                wm.advance(time.monotonic())
+                continue
+            while self.store.backlog > MAX_BACKLOG or wm.spread > MAX_SPREAD:
+                await asyncio.sleep(0.005)
+            await self.window.acquire()
+            task = asyncio.create_task(self._work(wm.add(seq, item), key, item))
+            self.tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+    def _fed(self, task: asyncio.Task) -> None:
+        self.feeding = False
+        failed = not task.cancelled() and task.exception() is not None
+        self.frac.exhausted = not task.cancelled() and not failed
+        if failed:
+            self._fail(task.exception())  # e.g. a bad row with --strict, or a store error
+        if not self.tasks:
+            self.idle.set()
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not self.tasks and not self.feeding:
+            self.idle.set()
+
+    async def _work(self, pos: Position, key: bytes, item: Instance | Rejected) -> None:
+        try:
+            if isinstance(item, Rejected):
+                outcome = rejected_outcome(item)
+            else:
+                outcome = await run_instance(item, self.sched.submit, self.build, self.settings)
+            self._finish(pos, key, outcome)
+        except Exception as e:  # EngineDied, StoreError, or a bug: stop loudly, never lose the item quietly
+            self._fail(e)
+        finally:
+            self.window.release()
+            self.progress.tick()
+
+    def _finish(self, pos: Position, key: bytes, outcome: Outcome) -> None:
+        sink, obj = outcome.to_line()
+        self.store.finish_item(key, None, ((sink, orjson.dumps(obj) + b"\n"),))
+        if outcome.record is not None:
+            self.kept += 1
+            self.progress.kept += 1
+        else:
+            self.dropped += 1
+        pos.done = True
+        self.progress.done += 1
+        self.wm.advance(time.monotonic())
 
 
 async def _first(*events: asyncio.Event, timeout: float | None = None) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from engine.store import Store
 from sysgen import prompts, tags
 from sysgen.config import RunConfig
 from sysgen.datasets import Source, UnusedFields, iter_instances, resolve_inputs, source_name
+from sysgen.datasets.inputs import named as datasets_named
 from sysgen.datasets.instance import Instance, Known, Rejected
 from sysgen.run import input_check
 from sysgen.run.phases import PhaseSettings
@@ -93,15 +94,19 @@ class Resume:
         return tuple(s.path for s in self.sources)
 
     @classmethod
-    def open(cls, store: Store, out: Path, cfg: RunConfig, fp: str, settings: PhaseSettings) -> Resume:
-        """Register the sinks; empty them if the configuration changed; load resume points."""
+    def open(cls, store: Store, out: Path, cfg: RunConfig, fp: str, settings: PhaseSettings,
+             sources: Sequence[Source] | None = None) -> Resume:
+        """Register the sinks; empty them if the configuration changed; load resume points.
+        `sources`: the inputs resolved already (by the run plan); else resolved from `cfg`."""
         r = cls(store, cfg, fp)
         committed = sum(store.add_sink(n, out / f"{n}.jsonl") for n in ("data", "dropped"))
         old = store.get_meta("fingerprint")
         raw = store.get_meta("inputs")
         # Names an earlier run gave stay (done markers and ids use them) while they are unique.
         named = store.get_meta("source_names")
-        r.sources = resolve_inputs(cfg.inputs, previous=orjson.loads(named) if named else None)
+        previous = orjson.loads(named) if named else None
+        r.sources = (resolve_inputs(cfg.inputs, previous) if sources is None
+                     else datasets_named(sources, previous))
         r.names = {s.path: s.name for s in r.sources}
         changed, identities = input_check.compare(orjson.loads(raw) if raw else {}, r.files, r.names)
         if old is not None and old.decode() != fp:

@@ -9,12 +9,9 @@ sysgen run (the shell's glob picked up its outputs) and other inputs remain; oth
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from pathlib import Path
-
-from sysgen.config import RunConfig
 
 SINK_FILES = ("data.jsonl", "dropped.jsonl")
 STORE_FILES = ("store.db", "store.db-wal", "store.db-shm", "store.db.lock", "stats.json")
@@ -23,16 +20,12 @@ STORE_FILES = ("store.db", "store.db-wal", "store.db-shm", "store.db.lock", "sta
 def _same(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13); preflight names it
         return False
 
 
-def check_run(cfg: RunConfig) -> RunConfig:
-    """The configuration to run (inputs that are this run's outputs left out), or ValueError
-    naming the path and the fix. Touches nothing."""
-    from sysgen.datasets import iter_instances
-
-    out = Path(cfg.out)
+def check_out(out: Path) -> None:
+    """ValueError naming the path and the fix when --out cannot hold a run's outputs."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file, not a directory. Fix: give a directory "
                          "(it is created if missing)")
@@ -43,9 +36,14 @@ def check_run(cfg: RunConfig) -> RunConfig:
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out} is not writable (the run keeps its store and outputs there). "
                          "Fix: give a writable directory, or fix its permissions")
+
+
+def own_outputs_left_out(inputs: tuple[str, ...], out: Path) -> list[str]:
+    """The inputs without those that are this run's outputs (with a warning), or ValueError naming
+    the path and the fix."""
     is_run = (out / "store.db").exists()
     keep: list[str] = []
-    for p in cfg.inputs:
+    for p in inputs:
         path = Path(p)
         if any(_same(path, out / name) for name in STORE_FILES):
             raise ValueError(f"input {p} is a file of the run's own state in --out {out}. "
@@ -62,12 +60,17 @@ def check_run(cfg: RunConfig) -> RunConfig:
     if not keep:
         raise ValueError(f"every input is one of this run's outputs in {out}. "
                          "Fix: pass the data files the run was made from")
+    return keep
+
+
+def check_no_foreign_outputs(out: Path) -> None:
+    """ValueError when --out holds output files but no store: the store would cut them to nothing,
+    and it never empties a file it did not write."""
+    if (out / "store.db").exists():
+        return
     for name in SINK_FILES:
         size = (out / name).stat().st_size if (out / name).is_file() else 0
-        if not is_run and size:  # the store would cut it to nothing: never empty a file it did not write
+        if size:
             raise ValueError(f"{out / name} holds {size:,} bytes but {out} has no store.db (deleted, or "
                              "not a sysgen run), so the run would empty it. Fix: move the file away to keep "
                              "it (or delete it to start over), or give another --out")
-    # Paths, extensions, --format and clashing source names, before anything is opened or read.
-    iter_instances(keep, fmt=cfg.format)
-    return cfg if len(keep) == len(cfg.inputs) else dataclasses.replace(cfg, inputs=tuple(keep))

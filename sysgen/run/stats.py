@@ -7,12 +7,16 @@ one Good tag) → P4 kept (a complete new answer). input = kept + dropped, alway
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from engine.backend import Backend
+from sysgen import prompts
+from sysgen.config import RunConfig
 from sysgen.tags import TAGS
 
 STAGES = ("input", "read", "p1", "p2_kept", "p3_kept", "p4_kept")
@@ -161,6 +165,20 @@ def write(out: Path, extra: dict[str, Any], rows_read: int | None = None, partia
     stats["accounted"] = consistent and stats["finished"] and stats["input"] == rows_read
     _dump(out, stats)
     return stats
+
+
+def write_run(out: Path, cfg: RunConfig, backend: Backend, counters: dict[str, Any], rows_read: int | None,
+              wall_s: float) -> dict[str, Any]:
+    """stats.json after `sysgen run` (finished, or stopped with `rows_read` None): the outputs'
+    figures with the run's engine, model, prompts, configuration and this run's counters."""
+    counters = dict(counters)
+    sources = counters.pop("sources", {})
+    config = {**dataclasses.asdict(cfg), "engine": backend.name}  # the resolved engine, never "auto"
+    extra = {"model": backend.model_id, "engine": backend.name, "prompts": prompts.digests(),
+             "config": config, "sources": sources,
+             "constrained": cfg.constrain and backend.capabilities.regex, "this_run": counters,
+             "wall_s": round(wall_s, 2)}
+    return write(out, extra, rows_read=rows_read, sources=set(sources) or None)
 
 
 def mark_stale(out: Path, why: str) -> None:
