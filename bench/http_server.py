@@ -46,10 +46,7 @@ def generate_answer(body: bytes, counter: int) -> bytes:
         text = _ANSWER
     else:
         tags = _VERDICT_TAG.findall(body)
-        if tags:
-            text = "".join(f"{t.decode()}: Good\n" for t in tags)
-        else:
-            text = _P1.format(n=counter)
+        text = "".join(f"{t.decode()}: Good\n" for t in tags) if tags else _P1.format(n=counter)
     return orjson.dumps({"text": text, "meta_info": {
         "finish_reason": {"type": "stop"}, "prompt_tokens": 10, "completion_tokens": len(text) // 4,
         "cached_tokens": 0}})

@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tokenized_vs_plain", "prompt_tokens_mean_tokenized", "accounted_tokenized"):
         if res.get(key) is not None:
             v = res[key]
-            if isinstance(v, float):
+            if isinstance(v, float):  # noqa: SIM108 - one conditional expression inside another reads worse
                 shown = f"{v:,.3f}" if v < 100 else f"{v:,.0f}"
             else:
                 shown = str(v)

@@ -122,9 +122,5 @@ class Result:
         return orjson.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> Result:
-        return cls(**orjson.loads(raw))
-
-    @classmethod
     def failure(cls, error: str, attempts: int = 1) -> Result:
         return cls(text="", finish_reason="error", attempts=attempts, error=error)

@@ -41,9 +41,10 @@ def sglang_version(root: Path) -> str | None:
         if not path.is_file():
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
-                if any(isinstance(t, ast.Name) and t.id in ("__version__", "version") for t in node.targets):
-                    return str(node.value.value)
+            names = node.targets if isinstance(node, ast.Assign) else []
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and any(
+                    isinstance(t, ast.Name) and t.id in ("__version__", "version") for t in names):
+                return str(node.value.value)
     return None
 
 

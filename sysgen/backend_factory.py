@@ -7,14 +7,17 @@ import logging
 from typing import Any
 
 from engine.backend import Backend
+from engine.scheduler import SchedulerConfig
+from sysgen.config import OLD_ENGINE_NAMES
 
 log = logging.getLogger(__name__)
 
 
 def resolve_engine(name: str) -> tuple[str, str]:
     """(backend name, why) for --engine; `auto` looks for CUDA and sglang."""
-    if name == "hf":
-        return "openvino", "--engine hf is the old name of the CPU engine, now openvino"
+    if name in OLD_ENGINE_NAMES:
+        new = OLD_ENGINE_NAMES[name]
+        return new, f"--engine {name} is the old name of the CPU engine, now {new}"
     if name != "auto":
         return name, "chosen with --engine"
     try:
@@ -27,7 +30,7 @@ def resolve_engine(name: str) -> tuple[str, str]:
 def make_backend(name: str, *, model: str | None, url: str | None = None, api_key: str | None = None,
                  gpu_profile: str | None = None, max_batch: int = 32, fp8: bool = False,
                  max_inflight: int | None = None, standin: dict[str, Any] | None = None,
-                 timeout_s: float = 600.0, openai_server: str | None = None,
+                 timeout_s: float = SchedulerConfig.timeout_s, openai_server: str | None = None,
                  kv_cache_gb: int | None = None) -> Backend:
     """timeout_s: the scheduler's per-request timeout (--timeout-s); the GPU backends' own request
     timeouts match it, so neither cuts a request the other still allows."""

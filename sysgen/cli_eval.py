@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sysgen.config import ENGINES
+
 log = logging.getLogger(__name__)
-# "hf": the CPU engine's old name, still accepted (it runs openvino), as `sysgen run --engine hf` is.
-JUDGE_ENGINES = ("same", "openvino", "sglang", "sglang_http", "vllm_http", "openai", "hf")
+# The engines `sysgen run` takes (its old names included), but auto and the stand-in; `same`: the run's.
+JUDGE_ENGINES = ("same", *(e for e in ENGINES if e not in ("auto", "standin")))
 
 
 def register(subparsers: Any) -> None:

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Literal, get_args
 
+from engine.backends.select import BackendName
+from engine.scheduler import SchedulerConfig
+
+# The engines engine/ selects, plus the stand-in (tests and benchmarks) and an old name.
+Engine = Literal[BackendName, "standin", "hf"]
+ENGINES: tuple[str, ...] = get_args(Engine)
 # "hf" is the old name of the CPU engine (our own batching over transformers, replaced by openvino);
 # it stays accepted so earlier commands and runs whose stats.json names it keep working.
-ENGINES = ("auto", "openvino", "sglang", "sglang_http", "vllm_http", "openai", "standin", "hf")
+OLD_ENGINE_NAMES = {"hf": "openvino"}
+URL_ENGINES = ("sglang_http", "vllm_http", "openai")  # those that speak to a server at --url
 
 
 def opt(default, help: str, **kw):
@@ -23,8 +30,7 @@ class RunConfig:
                                   "folders, or hf:OWNER/NAME from the local Hugging Face cache",
                                   positional=True)
     out: str = opt("", "output directory (data.jsonl, dropped.jsonl, stats.json, store.db)", required=True)
-    engine: Literal["auto", "openvino", "sglang", "sglang_http", "vllm_http", "openai", "standin",
-                    "hf"] = opt(
+    engine: Engine = opt(
         "auto", "inference backend; auto = sglang when CUDA and sglang are present, else openvino (CPU: "
         "OpenVINO GenAI; hf is its old name); "
         "standin = a model-free stand-in for tests and benchmarks only (answers are canned)")
@@ -77,10 +83,11 @@ class RunConfig:
     temperature: float = opt(0.0, "sampling temperature for all phases")
     seed: int = opt(0, "sampling seed")
     max_turn_chars: int = opt(3000, "characters of each turn shown to P1 (longer turns are cut)")
-    timeout_s: float = opt(600.0, "seconds per engine request before it is retried")
-    max_retries: int = opt(3, "retries of a failed engine request")
-    engine_down_s: float = opt(600.0, "seconds to wait for an unreachable (or load-shedding) engine, "
-                                      "probing it, before the run stops resumable; nothing is dropped")
+    timeout_s: float = opt(SchedulerConfig.timeout_s, "seconds per engine request before it is retried")
+    max_retries: int = opt(SchedulerConfig.max_retries, "retries of a failed engine request")
+    engine_down_s: float = opt(SchedulerConfig.engine_down_s,
+                               "seconds to wait for an unreachable (or load-shedding) engine, probing it, "
+                               "before the run stops resumable; nothing is dropped")
     retry_failed: bool = opt(False, "retry requests whose failure is stored from an earlier run")
     report: bool = opt(True, "write report.md and plots at the end (--no-report to skip)")
     progress: bool = opt(True, "show progress on stderr (--no-progress for quiet logs)")
@@ -92,7 +99,7 @@ class RunConfig:
             raise ValueError("no output directory. Fix: add --out DIR")
         if self.engine not in ENGINES:
             raise ValueError(f"--engine {self.engine!r} unknown; choose one of {', '.join(ENGINES)}")
-        if self.engine in ("sglang_http", "vllm_http", "openai") and not self.url:
+        if self.engine in URL_ENGINES and not self.url:
             raise ValueError(f"--engine {self.engine} needs --url (e.g. http://127.0.0.1:30000)")
         if self.openai_server is not None and self.engine != "openai":
             raise ValueError(f"--openai-server applies to --engine openai only (got --engine {self.engine}); "
@@ -136,3 +143,9 @@ class RunConfig:
 
 def config_fields():
     return fields(RunConfig)
+
+
+def default(name: str):
+    """The default of RunConfig field `name`: settings derived from the run configuration take
+    their defaults from here rather than restating them."""
+    return RunConfig.__dataclass_fields__[name].default

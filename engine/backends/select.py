@@ -10,10 +10,10 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import subprocess
-from typing import Literal
+from typing import Literal, get_args
 
 BackendName = Literal["auto", "openvino", "sglang", "sglang_http", "vllm_http", "openai"]
-_NAMES = ("auto", "openvino", "sglang", "sglang_http", "vllm_http", "openai")
+_NAMES: tuple[str, ...] = get_args(BackendName)
 
 SGLANG_INSTALL_HINT = "pip install -e '.[sglang]' (on a Linux machine with an NVIDIA GPU and CUDA)"
 

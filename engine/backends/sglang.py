@@ -71,10 +71,10 @@ def capacity_from_states(states: Any) -> tuple[int, int, int] | None:
         return None
     running = [s.get("effective_max_running_requests_per_dp") or s.get("max_running_requests")
                for s in states]
-    if not all(_pos_int(n) for n in running):
+    if not all(pos_int(n) for n in running):
         return None
     kv = [_memory(s).get("token_capacity") or s.get("max_total_num_tokens") for s in states]
-    kv_per_rank = min(kv) if all(_pos_int(k) for k in kv) else 0
+    kv_per_rank = min(kv) if all(pos_int(k) for k in kv) else 0
     return sum(running), len(states), kv_per_rank
 
 
@@ -83,8 +83,9 @@ def _memory(state: dict[str, Any]) -> dict[str, Any]:
     return usage if isinstance(usage, dict) else {}  # a malformed one says nothing
 
 
-def _pos_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0  # a server's JSON true is not 1
+def pos_int(v: Any) -> int | None:
+    """`v` when it is a positive int, else None (a server's JSON true is not 1)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
 
 def sampling_params_for(request: Request) -> dict[str, Any]:

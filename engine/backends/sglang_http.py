@@ -45,6 +45,7 @@ from engine.backends.sglang import (
     abort_error,
     capacity_from_states,
     default_model_id,
+    pos_int,
     result_from_output,
     sampling_params_for,
 )
@@ -168,13 +169,13 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
         if capacity is not None:
             running, dp, kv = capacity
         else:
-            running, dp, kv = _running_capacity(info), _pos_int(info.get("dp_size")) or 1, 0
+            running, dp, kv = _running_capacity(info), pos_int(info.get("dp_size")) or 1, 0
         if running is not None and running > MAX_REPORTED_RUNNING:
             log.warning("the server at %s reports %d requests running at once; using %d (pass --max-inflight "
                         "to go higher)", self.base_url, running, MAX_REPORTED_RUNNING)
             running = MAX_REPORTED_RUNNING
         dp = min(dp, running) if running else 1  # no more ranks than requests: each rank runs one
-        context = _pos_int(info.get("context_length")) or _pos_int(info.get("max_req_input_len"))
+        context = pos_int(info.get("context_length")) or pos_int(info.get("max_req_input_len"))
         grammar = info.get("grammar_backend")
         if self._cap is None and running:
             self.max_concurrency = max(256, running + 128)
@@ -275,18 +276,14 @@ def checked_result(out: Any, request: Request, url: str) -> Result:
     return result_from_output(out, request)
 
 
-def _pos_int(v: Any) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
-
-
 def _running_capacity(info: dict[str, Any]) -> int | None:
     """Requests the server runs at once when it gives no internal_states: max_running_requests x
     dp_size. A value of the wrong type counts as not given."""
-    running = _pos_int(info.get("max_running_requests"))
+    running = pos_int(info.get("max_running_requests"))
     if running is None:
         return None
     dp = info.get("dp_size")
-    if dp is not None and _pos_int(dp) is None:
+    if dp is not None and pos_int(dp) is None:
         log.warning("ignoring dp_size=%r from /server_info (not a positive integer)", dp)
-    return running * (_pos_int(dp) or 1)
+    return running * (pos_int(dp) or 1)
 

@@ -46,10 +46,6 @@ def default_dir(run_dir: Path, fmt: str) -> Path:
     return Path(run_dir) / (EXPORT_DIR + ("_parquet" if fmt == "parquet" else ""))
 
 
-def default_path(run_dir: Path, fmt: str) -> Path:
-    return default_dir(run_dir, fmt) / DEFAULT_NAMES[fmt]
-
-
 def export_dir(run_dir: Path, out: Path | None, fmt: str = "messages") -> Path:
     """The folder the export goes to; ExportError when it would overwrite the run's own files or a
     file that is not an export."""

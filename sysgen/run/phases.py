@@ -13,6 +13,7 @@ from typing import Any
 from engine.prefix import ChatPrompter
 from engine.request import Prompt, Request, SamplingParams, messages_prompt
 from sysgen import prompts, tags
+from sysgen.config import default
 from sysgen.datasets.instance import Instance
 
 _SPEAKER = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -20,21 +21,24 @@ _SPEAKER = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 @dataclass(frozen=True)
 class PhaseSettings:
+    """What the phases need of the run configuration (same names and defaults: sysgen/config.py
+    says what each means; sysgen/run/plan.py derives these from it) and of the backend."""
+
     model_id: str
-    constrain: bool = True
-    p1_max_tokens: int = 320
-    p3_max_tokens: int = 128
-    p4_max_tokens: int = 512
-    temperature: float = 0.0
-    seed: int = 0
-    max_turn_chars: int = 3000
-    turns: str = "all"  # "first": the paper's single-turn P4, exactly as before multi-turn
-    history: str = "new"
-    keep_partial: bool = False
-    p4_budget_factor: float = 2.0
-    p4_budget_cap: int = 2048
+    constrain: bool = default("constrain")
+    p1_max_tokens: int = default("p1_max_tokens")
+    p3_max_tokens: int = default("p3_max_tokens")
+    p4_max_tokens: int = default("p4_max_tokens")
+    temperature: float = default("temperature")
+    seed: int = default("seed")
+    max_turn_chars: int = default("max_turn_chars")
+    turns: str = default("turns")  # "first": the paper's single-turn P4, exactly as before multi-turn
+    history: str = default("history")
+    keep_partial: bool = default("keep_partial")
+    p4_budget_factor: float = default("p4_budget_factor")
+    p4_budget_cap: int = default("p4_budget_cap")
     max_context: int = 0  # prompt + answer tokens the engine takes; 0 = unknown
-    p3_context: str = "standalone"  # "continue", "chat": P3 is the next turn of P1's chat (see p3_request)
+    p3_context: str = default("p3_context")  # "continue", "chat": P3 is the next turn of P1's chat
 
 
 class PromptBuilder:
