@@ -79,7 +79,7 @@ class RunConfig:
                       "the next turn of P1's own chat, so a prefix cache that keeps finished requests, "
                       "SGLang's radix cache, serves P1's prompt and answer), or chat (P3's instructions "
                       "join P1's system turn and P3 continues P1's chat with only the message to judge; "
-                      "README: 'P3 prompt layout')")
+                      "docs/method.md: 'P3 prompt layouts')")
     temperature: float = opt(0.0, "sampling temperature for all phases")
     seed: int = opt(0, "sampling seed")
     max_turn_chars: int = opt(3000, "characters of each turn shown to P1 (longer turns are cut)")

@@ -1,6 +1,6 @@
 """Calibration: the simulated engine against a published SGLang offline-throughput figure.
 
-Reference (the SGLang team's own run, cited in the README): sgl-project/sglang,
+Reference (the SGLang team's own run, cited in docs/benchmarks.md): sgl-project/sglang,
 benchmark/benchmark_vllm_060/README.md, "Offline benchmark results, Llama 3.1 8B Instruct 1 x A100 80G":
 SGLang v0.3.0, `--enable-torch-compile --disable-radix-cache`, `bench_serving --dataset-name sharegpt
 --num-prompts 5000` (request rate inf: every request submitted at once): 22.03 requests/s,

@@ -37,7 +37,7 @@ ETA_BW = 0.80
 ETA_FLOPS = 0.50
 OVERHEAD_S = 0.0008  # per forward: launches, sampling, the scheduler's own bookkeeping (overlapped mostly)
 
-# bench.grammar (README table): the P1 regex fills 256 token masks in 0.42 ms on one CPU core, i.e.
+# bench.grammar (docs/benchmarks.md): the P1 regex fills 256 token masks in 0.42 ms on one CPU core, i.e.
 # 1.64 us per constrained sequence per step; charged on top of the step (no overlap assumed).
 MASK_S_PER_SEQ = 0.42e-3 / 256
 

@@ -102,7 +102,7 @@ def openvino_gguf(gguf: Path, cache_root: Path | None = None,
     dequantized and stored as F16 (as Q8_0 when F16 would pass `f16_max_bytes`), every other tensor
     and all metadata copied unchanged, written once under `cache_root/gguf/`: ~3 s and 244 MB for
     SmolLM2-135M. It costs some speed: bench.cpu's P1 ran at 286 tok/s on the F16 copy against 325 on
-    the Q4_1 file as OpenVINO reads it (README), the price of running the model the file holds."""
+    the Q4_1 file as OpenVINO reads it (docs/cpu-engine.md), the price of running the model the file holds."""
     root = (cache_root or default_cache_root()) / "gguf"
     fingerprint = _stat_fingerprint(gguf)
 
