@@ -10,7 +10,7 @@ DEMO_STAMP := $(VENV)/.sysgen-demo-installed
 STAMP := $(VENV)/.sysgen-installed
 SGLANG_PIN := 0.5.23
 
-.PHONY: setup demo test lint bench-overhead bench-crash bench-cpu bench-grammar bench-http bench-sim clean
+.PHONY: setup demo test test-fast lint bench-overhead bench-crash bench-cpu bench-grammar bench-http bench-sim clean
 
 $(DEMO_STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,8 +38,14 @@ demo: $(DEMO_STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The edit-test loop: no test that loads the real model, needs a GPU, or kills a subprocess.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not model and not gpu and not kill"
+
 lint: $(STAMP)
 	$(PY) -m ruff check engine sysgen bench kernels_cfg tests
+	$(PY) -m ruff format --check engine sysgen bench kernels_cfg tests
+	$(PY) -m mypy
 
 bench-overhead: $(STAMP)
 	$(PY) -m bench.overhead --json bench-overhead.json

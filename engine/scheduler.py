@@ -282,7 +282,7 @@ class Scheduler:
                 reason = f"timeout after {cfg.timeout_s:g}s" if timed_out else str(error)
                 if isinstance(error, RequestRejected):
                     return self._failed(f"rejected: {error}", attempt, error)
-                if not timed_out and not error.retryable:
+                if not isinstance(error, asyncio.TimeoutError) and not error.retryable:
                     return self._failed(f"engine error: {reason}", attempt, error)
                 if attempt > cfg.max_retries:
                     return self._failed(f"gave up after {attempt} attempts: {reason}", attempt, error)
@@ -318,12 +318,13 @@ class Scheduler:
 
     def _sync_metrics(self) -> None:
         b = self.breaker
-        self.metrics.engine_down_s = b.down_s + (time.monotonic() - b.open_since if b.is_open else 0.0)
+        self.metrics.engine_down_s = b.down_s + (time.monotonic() - b.open_since if b.open_since is not None
+                                                  else 0.0)
 
     def _resize_window(self) -> None:
         m, caps = self.metrics, self.backend.capabilities
         now = (m.prompt_tokens, m.cached_tokens, m.completion_tokens, m.engine_calls)
-        delta = [a - b for a, b in zip(now, self._resize_from, strict=True)]
+        delta = [a - b for a, b in zip(now, self._resize_from or (0, 0, 0, 0), strict=True)]
         self._resize_from = now
         size = engine_window(caps.max_running, caps.dp_size, caps.kv_tokens, tokens_per_request(*delta))
         if size != self.window:

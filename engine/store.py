@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -103,6 +103,11 @@ class Store:
                              "Fix: give a writable location") from None
         return cls(path, **kw)
 
+    def _value(self, sql: str, params: tuple = ()) -> Any:
+        """The value of an aggregate query (one row, always)."""
+        row = self._one(sql, params)
+        return None if row is None else row[0]
+
     def _one(self, sql: str, params: tuple = ()) -> tuple | None:
         """One row from the reader; a damaged database file (pages corrupted under a running
         store) is a StoreError, which stops the run cleanly, not a traceback."""
@@ -137,7 +142,7 @@ class Store:
     # ---- reads ----
     def _key_filter(self) -> KeyFilter:
         if self._filter is None:
-            n = self._one("SELECT max(id) FROM results")[0] or 0
+            n = self._value("SELECT max(id) FROM results") or 0
             f = KeyFilter(max(1 << 20, 2 * n))
             try:
                 f.add_many(k for (k,) in self._reader.execute("SELECT key FROM results"))
@@ -171,7 +176,7 @@ class Store:
     def last_item(self, lo: bytes, hi: bytes) -> bytes | None:
         """The greatest committed item key in [lo, hi), or None."""
         sql = "SELECT max(key) FROM items WHERE key >= ? AND key < ?"
-        return self._one(sql, (lo, hi))[0]
+        return self._value(sql, (lo, hi))
 
     def get_meta(self, k: str) -> bytes | None:
         row = self._one("SELECT v FROM meta WHERE k=?", (k,))
@@ -180,7 +185,7 @@ class Store:
     def count(self, table: str = "results") -> int:
         if table not in ("results", "items"):
             raise ValueError(f"count(): no table {table!r}; use 'results' or 'items'")
-        return self._one(f"SELECT COUNT(*) FROM {table}")[0]
+        return self._value(f"SELECT COUNT(*) FROM {table}")
 
     def iter_results(self) -> Iterator[tuple[bytes, Result]]:
         for key, raw in self._reader.execute("SELECT key, value FROM results ORDER BY id"):
@@ -344,7 +349,7 @@ class Store:
                     except queue.Empty:
                         op = None
                 if pending and (waiters or closing or len(pending) >= self.commit_every
-                                or time.monotonic() >= due):
+                                or (due is not None and time.monotonic() >= due)):
                     commit_batch(conn, pending, files, self)
                     pending, due = [], None
                 for w in waiters:

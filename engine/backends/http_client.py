@@ -20,7 +20,7 @@ import asyncio
 import email.utils
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -218,6 +218,13 @@ class HTTPEndpoint:
     def _scrub(self, text: str) -> str:
         return scrub_key(text, self.__key)
 
+    @property
+    def _http(self) -> HTTPClient:
+        """The open client (between start and close)."""
+        if self._client is None:
+            raise RuntimeError(f"{type(self).__name__} used before start() or after close()")
+        return self._client
+
     def _open(self) -> HTTPClient:
         """The client, created on first use with one keep-alive connection per request in flight."""
         if self._client is None:
@@ -246,9 +253,9 @@ def wire_prompt(request: Request, tokenizer: Any) -> list[int] | str | None:
     own chat template when a tokenizer is at hand), the text of a text prompt, or None for chat
     messages without a tokenizer (the caller says what to do about it)."""
     if request.kind == "ids":
-        return list(request.prompt)
+        return list(cast("tuple[int, ...]", request.prompt))
     if request.kind == "text":
-        return request.prompt
+        return cast(str, request.prompt)
     if tokenizer is None:
         return None
     ids = tokenizer.apply_chat_template(prompt_messages(request.prompt), add_generation_prompt=True,

@@ -15,14 +15,15 @@ Retry-After; 401/403 stop the run). An answer is checked before it becomes a Res
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 from engine.backend import BackendBase, Capabilities, ContentFiltered, RequestRejected, TransientEngineError
 from engine.backends.http_client import HTTPEndpoint, error_message, max_body_bytes, status_error
 from engine.backends.vllm_http import openai_regex_body
-from engine.request import Request, Result, prompt_messages
+from engine.request import FinishReason, Request, Result, prompt_messages
 
-_FINISH = {"stop": "stop", "length": "length", "tool_calls": "stop", "function_call": "stop"}
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "tool_calls": "stop",
+                                    "function_call": "stop"}
 
 
 class OpenAIBackend(HTTPEndpoint, BackendBase):
@@ -55,7 +56,7 @@ class OpenAIBackend(HTTPEndpoint, BackendBase):
         if request.kind == "messages":
             messages = prompt_messages(request.prompt)
         elif request.kind == "text":
-            messages = [{"role": "user", "content": request.prompt}]
+            messages = [{"role": "user", "content": cast(str, request.prompt)}]
         else:
             raise RequestRejected("an OpenAI-compatible endpoint takes text or chat messages, not token ids",
                                   request)

@@ -16,7 +16,7 @@ import asyncio
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from engine.backend import BackendBase, Capabilities, EngineDied, RequestRejected, TransientEngineError
 from engine.backends.model_cache import (
@@ -29,11 +29,12 @@ from engine.backends.model_cache import (
     openvino_gguf,
 )
 from engine.backends.openvino_stepper import Job, Stepper
-from engine.request import Request, Result, prompt_messages
+from engine.request import FinishReason, Request, Result, prompt_messages
 
 INSTALL_HINT = "pip install -e '.[cpu]' (brings openvino-genai)"
 MAX_BATCHED_TOKENS = 2048  # tokens per step: ~3 P1 prompts prefill beside a full decode batch
 _REGEX_CACHE = 1024
+_FINISH: dict[str, FinishReason] = {"STOP": "stop", "LENGTH": "length"}  # by openvino_genai's status name
 CPU_PROPERTIES: dict[str, Any] = {}  # P3 regexes vary with the set of present tags: at most 255 of them
 
 
@@ -109,10 +110,9 @@ class OpenVINOBackend(BackendBase):
 
         if model is None:
             self.model_path = default_gguf_path()
-            self.model_id = model_id or DEFAULT_MODEL_ID
+            model_id = model_id or DEFAULT_MODEL_ID
         else:
             self.model_path = Path(model)
-            self.model_id = model_id
             if not self.model_path.exists():
                 raise ModelNotFound(f"--model {model}: no such file or folder; fix: pass a .gguf file or "
                                     "an OpenVINO model folder")
@@ -124,8 +124,9 @@ class OpenVINOBackend(BackendBase):
             self.engine_path, reencoded = openvino_gguf(self.model_path, cache_root)
         else:
             tok_dir, reencoded = self.model_path, ""
-        if self.model_id is None:  # a local model: its id names the weights the engine runs
-            self.model_id = local_model_id(self.model_path) + (f"-as-{reencoded}" if reencoded else "")
+        # A local model's id names the weights the engine runs.
+        suffix = f"-as-{reencoded}" if reencoded else ""
+        self.model_id = model_id or local_model_id(self.model_path) + suffix
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         except (OSError, ValueError) as exc:
@@ -184,7 +185,7 @@ class OpenVINOBackend(BackendBase):
     def prompt_ids(self, request: Request) -> tuple[int, ...]:
         """The request's prompt as token ids, checked against the context length and vocabulary."""
         if request.kind == "ids":
-            ids = tuple(request.prompt)
+            ids = cast("tuple[int, ...]", request.prompt)
         elif request.kind == "text":
             ids = tuple(self.tokenizer.encode(request.prompt, add_special_tokens=False))
         else:
@@ -207,6 +208,8 @@ class OpenVINOBackend(BackendBase):
         """Parse the regex with xgrammar (the library OpenVINO uses) before it reaches the pipeline:
         a regex that fails there fails inside step() and wrecks the whole running batch."""
         regex = request.regex
+        if regex is None:
+            return
         if regex in self._valid_regexes:
             self._valid_regexes.move_to_end(regex)
             return
@@ -228,10 +231,11 @@ class OpenVINOBackend(BackendBase):
                                        "raise --kv-cache-gb or lower --max-batch", job.request)
         if status != ov.GenerationStatus.FINISHED:
             raise TransientEngineError(f"openvino ended the request with status {status.name}", job.request)
-        finish = {"STOP": "stop", "LENGTH": "length"}.get(job.finish or "")
+        finish = _FINISH.get(job.finish or "")
         if finish is None:
             raise TransientEngineError(f"openvino returned no finish reason (got {job.finish})", job.request)
-        text = self.tokenizer.decode(job.out, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text = cast(str, self.tokenizer.decode(job.out, skip_special_tokens=True,
+                                               clean_up_tokenization_spaces=False))
         cuts = [i for i in (text.find(s) for s in job.request.sampling.stop) if i >= 0]
         if cuts:  # a stop string inside one token is not removed by the engine
             text, finish = text[: min(cuts)], "stop"

@@ -111,11 +111,11 @@ class Stepper:
             self.live.clear()
             while True:
                 try:
-                    job = self.inbox.get_nowait()
+                    queued = self.inbox.get_nowait()
                 except queue.Empty:
                     break
-                if job is not None:
-                    job.resolve(error=EngineDied(self.reason, job.request))
+                if queued is not None:
+                    queued.resolve(error=EngineDied(self.reason, queued.request))
             self.pipe = None  # frees the pipeline and its KV cache on this thread
 
     def _admit(self, block: bool) -> None:

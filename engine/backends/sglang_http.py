@@ -113,7 +113,7 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
         # The pool holds one keep-alive connection per request in flight (the first pool, opened
         # before the capacity was known, had the default size: a 256-connection pool capped a
         # 2,048-request window at 256 requests/s at 1 s latency).
-        await self._client.resize(self.max_concurrency)
+        await self._http.resize(self.max_concurrency)
 
     async def _get_info(self, what: str) -> dict[str, Any]:
         """GET /<what>, falling back to the older /get_<what> that routers still serve. Connection
@@ -122,7 +122,7 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
         for attempt in range(self.retries + 1):
             try:
                 for path in (f"/{what}", f"/get_{what}"):
-                    r = await self._client.get(path, timeout_s=30.0)
+                    r = await self._http.get(path, timeout_s=30.0)
                     if r.status == 404:
                         continue
                     if r.status in (401, 403):
@@ -166,6 +166,7 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
         # internal_states: one per DP rank (sglang 0.5.23 http_server.server_info), giving each rank's
         # running capacity and KV-cache size; older servers and routers give only the flat fields.
         capacity = capacity_from_states(info.get("internal_states"))
+        running: int | None
         if capacity is not None:
             running, dp, kv = capacity
         else:
@@ -209,7 +210,7 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
         body = self.payload(request)
         url = f"{self.base_url}/generate"
         async with self._sem:
-            r = await self._client.post("/generate", body, request=request,
+            r = await self._http.post("/generate", body, request=request,
                                         max_bytes=max_body_bytes(request.sampling.max_new_tokens))
         try:
             if r.status >= 400:

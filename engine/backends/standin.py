@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Callable
 
 from engine.backend import BackendBase, Capabilities, EngineDied, RequestRejected, TransientEngineError
-from engine.request import Request, Result
+from engine.request import FinishReason, Request, Result
 
 Fault = str | None  # "error" | "hang" | "truncate" | "reject" | "die" | None
 
@@ -48,7 +48,7 @@ class StandInBackend(BackendBase):
         if what == "die":
             raise EngineDied("stand-in: injected engine death", request)
         text = self.respond(request)
-        finish = "stop"
+        finish: FinishReason = "stop"
         if what == "truncate":
             text, finish = text[: len(text) // 2], "length"
         n_prompt = len(request.prompt) if isinstance(request.prompt, tuple) else len(str(request.prompt)) // 4

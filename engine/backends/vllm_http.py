@@ -50,7 +50,7 @@ from engine.backends.http_client import (
     status_error,
     wire_prompt,
 )
-from engine.request import Request, Result
+from engine.request import FinishReason, Request, Result
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ VLLM_PIN = "0.33.0"  # the version whose request/response fields this module spe
 DEFAULT_RUNNING = 256
 # v1 FinishReason strings. "repetition" (repetition_detection, which we never request) ends a
 # looping output early: treated as running out of tokens, so a constrained phase retries sampled.
-_FINISH = {"stop": "stop", "length": "length", "repetition": "length"}
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "repetition": "length"}
 _ENGINE_LABEL = re.compile(r'^vllm:num_requests_running\{[^}]*engine="(\d+)"', re.M)
 
 
@@ -132,7 +132,7 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             log.warning("the server at %s runs vLLM %s; sysgen speaks the fields of vLLM %s",
                         self.base_url, self.server_version, VLLM_PIN)
         # One keep-alive connection per request in flight (the first pool had the default size).
-        await self._client.resize(self.max_concurrency)
+        await self._http.resize(self.max_concurrency)
         log.info("vllm_http: %s serves %s (context %d); window sized from %s: %d running",
                  self.base_url, self.served_model, self.capabilities.max_context, self.capacity_source,
                  self.capabilities.max_running)
@@ -144,7 +144,7 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             try:
-                reply = await self._client.get("/v1/models", timeout_s=30.0)
+                reply = await self._http.get("/v1/models", timeout_s=30.0)
                 if reply.status >= 400:
                     raise status_error(url, reply, None, self._scrub(error_message(reply)))
             except EngineAuthError as e:
@@ -179,7 +179,7 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         card = _pick_card(cards, self.model_path)
         self.served_model = card["id"]
         self.model_id = model_name(card["id"])
-        root = card.get("root") if isinstance(card.get("root"), str) else card["id"]
+        root: str = card["root"] if isinstance(card.get("root"), str) else card["id"]
         wanted = model_name(self.model_path) if self.model_path else None
         if wanted and wanted not in (model_name(root), model_name(card["id"])):
             log.warning("the server at %s serves %s but --model is %s: the tokenizer may not match",
@@ -195,7 +195,7 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
     async def _optional(self, path: str) -> Reply | None:
         """A 200 reply from an optional route, else None (logged at debug: most servers lack them)."""
         try:
-            reply = await self._client.get(path, timeout_s=10.0)
+            reply = await self._http.get(path, timeout_s=10.0)
         except EngineError as e:
             log.debug("GET %s%s: %s", self.base_url, path, e)
             return None
@@ -255,7 +255,7 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         body = self.payload(request)
         async with self._sem:
             # The exception texts name the URL only; the key is in a header never printed.
-            reply = await self._client.post("/v1/completions", body, request=request,
+            reply = await self._http.post("/v1/completions", body, request=request,
                                             max_bytes=max_body_bytes(request.sampling.max_new_tokens))
         return self.result_from_completion(self._json(reply, "/v1/completions", request), request)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench import crash
 
 
+@pytest.mark.kill
 def test_kills_then_resume_lose_and_duplicate_nothing(tmp_path):
     # Slow enough (~3 s of work) that kills in the first 1.5 s land mid-run, after some commits.
     slow = {"SYSGEN_STANDIN_DELAY": "0.05:0.15", "SYSGEN_STANDIN_FAULTS": "error=0.05,truncate=0.05"}

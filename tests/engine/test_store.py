@@ -232,6 +232,7 @@ def test_a_second_writer_is_refused_with_the_first_ones_pid_until_it_closes(tmp_
     Store.open(db).close()
 
 
+@pytest.mark.kill
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     import signal
     import subprocess

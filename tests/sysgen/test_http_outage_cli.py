@@ -24,6 +24,7 @@ pytest.importorskip("aiohttp", reason="the sglang_http backend needs aiohttp: pi
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.kill  # a stand-in server and `sysgen run` in subprocesses, killed and restarted
 REPO = Path(__file__).resolve().parents[2]
 N = 120
 

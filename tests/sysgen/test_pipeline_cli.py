@@ -15,8 +15,11 @@ try:
 except ImportError:  # tests/sysgen is not a package: pytest put its folder on sys.path
     from pipeline_helpers import ids_once, write_rows
 
+import pytest
+
 from sysgen.run.pipeline import DRAIN_S
 
+pytestmark = pytest.mark.kill  # runs `sysgen run` in subprocesses and signals them
 REPO = Path(__file__).resolve().parents[2]
 
 
