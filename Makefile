@@ -38,9 +38,9 @@ demo: $(DEMO_STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The edit-test loop: no test that loads the real model, needs a GPU, or kills a subprocess.
+# The edit-test loop: no test that loads the real model, needs a GPU, kills a subprocess or takes seconds.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not model and not gpu and not kill"
+	$(PY) -m pytest -q -m "not model and not gpu and not kill and not slow"
 
 lint: $(STAMP)
 	$(PY) -m ruff check engine sysgen bench kernels_cfg tests

@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("aiohttp", reason="bench.http needs aiohttp: pip install -e '.[http]'")
 
 
+@pytest.mark.slow
 def test_bench_http_tiny(tmp_path):
     from bench import http as bench_http
 

@@ -16,6 +16,7 @@ def test_synthetic_rows_are_about_the_size_asked_and_unique(tmp_path):
     assert 1500 < size / 400 < 2500
 
 
+@pytest.mark.slow
 def test_overhead_measures_a_small_run(tmp_path):
     res = overhead.measure(1500, tmp_path, row_bytes=1000, full_scan=True)
     for key in ("requests_per_s", "peak_rss_mb", "resume_s", "instances", "resume_full_scan_s"):
@@ -42,6 +43,7 @@ def test_rss_growth_is_per_100k_instances_over_the_second_half_of_the_run():
     assert overhead.rss_growth_per_100k(growing[:5], 40_000) is None
 
 
+@pytest.mark.slow
 def test_tokenized_mode_builds_prompts_with_the_real_tokenizer(tmp_path):
     pytest.importorskip("transformers")
     from engine.backends.model_cache import ModelNotFound, default_gguf_path

@@ -147,6 +147,7 @@ def test_calibration_lands_near_the_published_figure():
     assert 0.85 <= res["calibration_ratio"] <= 1.15
 
 
+@pytest.mark.slow
 def test_prefill_check_on_the_h100():
     from bench.sim.calibrate import prefill_check
 
@@ -176,6 +177,7 @@ def test_workload_markers(tmp_path, shared_data, smol_tokenizer):
     assert sum(a[0] for a in longer.answers) > 1.3 * sum(a[0] for a in wl.answers)  # samples answer shorter
 
 
+@pytest.mark.slow
 def test_missing_data_is_a_clear_error(tmp_path, smol_tokenizer):
     from bench.sim.workload import NoData, build
 

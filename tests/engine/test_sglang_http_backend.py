@@ -113,6 +113,7 @@ def run(coro):
     return asyncio.run(coro)
 
 
+@pytest.mark.slow
 def test_generate_sends_sglangs_schema_and_maps_meta_info():
     root = sglang_root()
     if root is None:
@@ -398,6 +399,7 @@ def test_connection_refused_is_unreachable():
             run(go())
 
 
+@pytest.mark.slow
 def test_a_server_restart_mid_run_loses_nothing():
     with StandInSGLangServer(delay_s=0.02) as srv:
         results, m = through_scheduler(srv, 120, during=lambda s: s.outage(1.5).join())

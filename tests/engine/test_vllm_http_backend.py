@@ -331,6 +331,7 @@ def test_vllm_api_key_never_in_logs_errors_or_repr(caplog):
         assert secret not in caplog.text and secret[:8] not in caplog.text
 
 
+@pytest.mark.slow
 def test_vllm_served_model_context_and_capacity_read_from_the_server():
     backend, _ = serve_and_run(StandInVLLMServer(), lambda b: asyncio.sleep(0))
     assert backend.served_model == "llama-8b" and backend.model_id == "llama-8b"  # the LoRA card skipped
@@ -398,6 +399,7 @@ def test_vllm_load_shedding_is_retried_after_retry_after_without_spending_retrie
     assert m.shed == 3 and m.failures == 0 and time.monotonic() - t0 >= 1.2
 
 
+@pytest.mark.slow
 def test_vllm_connection_refused_is_unreachable_and_a_restart_loses_nothing():
     srv = StandInVLLMServer()
 

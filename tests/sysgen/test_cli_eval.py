@@ -39,6 +39,7 @@ def standin_judge(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_report_command(tmp_path, capsys):
     out = build_run(tmp_path / "run")
     assert _main(["report", str(out)]) == 0
@@ -51,6 +52,7 @@ def test_report_missing_dir_exits_2(tmp_path, capsys):
     assert "data.jsonl: not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_metrics_and_judges_into_eval_json_and_report(tmp_path, standin_judge, monkeypatch, capsys):
     monkeypatch.setenv("SYSGEN_JUDGE_API_KEY", "sk-secret-123")
     out = build_run(tmp_path / "run")
@@ -73,6 +75,7 @@ def test_eval_metrics_and_judges_into_eval_json_and_report(tmp_path, standin_jud
         assert "sk-secret-123" not in blob
 
 
+@pytest.mark.slow
 def test_eval_same_engine_reads_stats(tmp_path, standin_judge):
     out = build_run(tmp_path / "run", stats={"engine": "openvino", "model": "x@y"})
     assert _main(["eval", str(out), "--no-bertscore", "--judge-limit", "1"]) == 0
@@ -84,6 +87,7 @@ def test_eval_same_engine_reads_stats(tmp_path, standin_judge):
     assert ev["judges"]["instances"] == 1 and ev["judges"]["limit"] == 1
 
 
+@pytest.mark.slow
 def test_eval_judges_on_vllm_http_and_a_self_hosted_openai_route(tmp_path, standin_judge):
     out = build_run(tmp_path / "run")
     assert _main(["eval", str(out), "--no-bertscore", "--judge-engine", "vllm_http", "--judge-model",
@@ -102,6 +106,7 @@ def test_eval_judges_on_vllm_http_and_a_self_hosted_openai_route(tmp_path, stand
     assert "--judge-openai-server applies to --judge-engine openai only" in ev["judges"]["reason"]
 
 
+@pytest.mark.slow
 def test_eval_judge_failure_keeps_metrics_and_exits_1(tmp_path, monkeypatch):
     def broken(name, **kw):
         raise ValueError("--engine openai needs --model NAME")
@@ -115,6 +120,7 @@ def test_eval_judge_failure_keeps_metrics_and_exits_1(tmp_path, monkeypatch):
     assert "Not run: ValueError" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_eval_no_judges_and_bad_limit(tmp_path):
     out = build_run(tmp_path / "run")
     assert _main(["eval", str(out), "--no-bertscore", "--no-judges",
@@ -133,6 +139,7 @@ def test_export_command_writes_file_and_card(tmp_path):
     assert "config_name: sharegpt" in (out / "export" / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_wired_into_sysgen_cli(tmp_path):
     from sysgen.cli import main
 

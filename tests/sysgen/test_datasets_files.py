@@ -145,6 +145,7 @@ def test_json_array_bad_elements_are_rejected_and_reading_goes_on(tmp_path, monk
     assert items[3].reason.startswith("not valid JSON (")
 
 
+@pytest.mark.slow
 def test_parquet(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
@@ -272,6 +273,7 @@ def test_multiple_files_in_order(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["big.jsonl", "big.json"])
+@pytest.mark.slow
 def test_memory_stays_flat_in_file_size(tmp_path, name):
     row = {"instruction": "w" * 2000, "output": "o" * 2000}
     n = 3000  # ~12 MB

@@ -7,6 +7,7 @@ import gzip
 import json
 
 import orjson
+import pytest
 
 try:
     from tests.sysgen.pipeline_helpers import ids_once, records, run
@@ -77,6 +78,7 @@ def _cli(*args: str) -> int:
     return main(["run", *args, "--engine", "standin", "--no-progress", "--no-report"])
 
 
+@pytest.mark.slow
 def test_bad_files_are_recorded_and_the_run_goes_on(tmp_path, capsys):
     blob = gzip.compress(b"".join(orjson.dumps({"prompt": f"p{i}"}) + b"\n" for i in range(3000)))
     (tmp_path / "cut.jsonl.gz").write_bytes(blob[: len(blob) // 2])
@@ -98,6 +100,7 @@ def test_bad_files_are_recorded_and_the_run_goes_on(tmp_path, capsys):
     assert "once the file is fixed" in err and "once the row is fixed" not in err
 
 
+@pytest.mark.slow
 def test_stats_name_each_source_and_its_unused_text(tmp_path):
     data = two_benches(tmp_path)
     jsonl(tmp_path / "odd.jsonl", [{"task": {"text": f"Explain {i}.", "hint": "think"}} for i in range(4)])

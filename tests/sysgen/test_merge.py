@@ -72,6 +72,7 @@ def test_merge_skips_duplicate_ids_and_uncommitted_bytes(tmp_path):
     assert not st["accounted"] and any("given twice" in p for p in st["partial"])
 
 
+@pytest.mark.slow
 def test_merge_cli_and_its_errors(tmp_path):
     inp = _input(tmp_path)
     run([inp], tmp_path / "s0", shard="0/2")

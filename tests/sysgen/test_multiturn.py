@@ -7,6 +7,7 @@ import struct
 from collections import Counter
 
 import orjson
+import pytest
 import xxhash
 
 from engine.backends.standin import StandInBackend
@@ -195,6 +196,7 @@ def test_a_turn_that_loops_again_is_dropped_as_a_loop(tmp_path):
     assert st["turns"]["p4_resampled"] == 3 and st["turns"]["p4_resample_kept"] == 0
 
 
+@pytest.mark.slow
 def test_report_shows_turns_retention_and_cached_ratio_by_phase(tmp_path):
     from sysgen.publish.report import write_report
 

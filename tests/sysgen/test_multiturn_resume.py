@@ -9,6 +9,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
 try:
     from tests.sysgen.pipeline_helpers import backend, ids_once, records, run
     from tests.sysgen.test_multiturn import capybara_rows, write
@@ -29,6 +31,7 @@ def stored_keys(out: Path) -> set[str]:
         con.close()
 
 
+@pytest.mark.kill
 def test_kill_9_mid_conversation_then_resume_generates_no_turn_twice(tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out"
     write(inp, capybara_rows(60, turns=4))

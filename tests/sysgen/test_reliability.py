@@ -85,6 +85,7 @@ def test_merge_with_out_forgotten_leaves_the_first_shard_alone(tmp_path, capsys)
     assert snapshot(shards[0]) == before and (shards[0] / "store.db").exists()
 
 
+@pytest.mark.slow
 def test_an_incomplete_or_mismatched_shard_set_is_refused(tmp_path, capsys):
     from sysgen.run.merge import merge
 

@@ -50,6 +50,7 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
+@pytest.mark.slow
 def test_write_report_tables_and_pngs(tmp_path):
     out = build_run(tmp_path / "run")
     path = write_report(out)
@@ -66,6 +67,7 @@ def test_write_report_tables_and_pngs(tmp_path):
     assert not (out / "turns.png").exists() and "turns.png" not in md  # single-turn records: no figure
 
 
+@pytest.mark.slow
 def test_report_without_stats_and_after_run_hook(tmp_path):
     out = build_run(tmp_path / "run", stats=None)
     path = report_after_run(out)
@@ -74,6 +76,7 @@ def test_report_without_stats_and_after_run_hook(tmp_path):
     assert (out / "funnel.png").exists()
 
 
+@pytest.mark.slow
 def test_duplicate_ids_are_flagged(tmp_path):
     dup = {**DROPPED[0], "id": RECORDS[0]["id"]}
     out = build_run(tmp_path / "run", dropped=[*DROPPED, dup])

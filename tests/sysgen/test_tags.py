@@ -19,6 +19,7 @@ def tagged(draw):
 
 @given(tagged())
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.slow
 def test_structured_messages_match_p1_and_parse_whole(phrases):
     text = "".join(f"<{t}>{p}</{t}>\n" for t, p in phrases.items())
     assert re.fullmatch(p1_regex(), text)
@@ -125,6 +126,7 @@ _line_piece = st.one_of(
                  st.lists(_line_piece, max_size=24).map("".join),
                  tagged().map(lambda d: "".join(f"<{t}>{p}</{t}>\n" for t, p in d.items()) * 2)))
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@pytest.mark.slow
 def test_the_one_pass_parse_agrees_with_the_line_by_line_parse(text):
     """filter_tags parses well-formed output in one regex pass; the line-by-line parse must agree
     on everything, well-formed or not (duplicates, overlong phrases, stray blanks, unknown tags)."""
@@ -151,6 +153,7 @@ _verdict_piece = st.one_of(
 
 @given(st.lists(_verdict_piece, max_size=20).map("".join), tag_subset)
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.slow
 def test_the_one_pass_verdict_parse_agrees_with_the_line_by_line_parse(text, present):
     assert parse_verdicts(text, present) == _verdicts_line_by_line(text, present)
     exact = "".join(f"{t}: Good\n" for t in present)
