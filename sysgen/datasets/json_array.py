@@ -13,7 +13,9 @@ from typing import BinaryIO, Literal
 
 _STRUCT = re.compile(rb'["\[\]{},]')
 # The rest of a string body; stops at the closing quote, or before a backslash split by the chunk edge.
-_STR_BODY = re.compile(rb'(?:[^"\\]++|\\.)*+', re.S)
+# Used with match() only, which cannot fail here: nothing backtracks, so no possessive quantifiers
+# (Python 3.11+) are needed.
+_STR_BODY = re.compile(rb'(?:[^"\\]+|\\.)*', re.S)
 _QUOTE, _BACKSLASH, _COMMA = ord('"'), ord("\\"), ord(",")
 _OPEN, _CLOSE = frozenset(b"[{"), frozenset(b"]}")
 _BOM = b"\xef\xbb\xbf"
@@ -80,7 +82,7 @@ def split_array(f: BinaryIO, limit: int, chunk_size: int = 1 << 20) -> Iterator[
                     depth += 1
                 elif c in _CLOSE and depth > 0:
                     depth -= 1
-                elif c == _COMMA and depth == 0 or c in _CLOSE:
+                elif (c == _COMMA and depth == 0) or c in _CLOSE:
                     closed = c != _COMMA
                     elem = buf[start : m.start()]
                     if dropped:
