@@ -193,7 +193,8 @@ def measure_merge_export(inp: Path, expected: set[str], workdir: Path, merge_kil
     res = _kill_loop([*py, "merge", str(merged), *map(str, shards)], merge_kills, rng, timeout_s, merged,
                      busy=merged / "*.merging")
     m = {"variant": "merge", **res, **check(merged, expected), "seconds": round(time.perf_counter() - t0, 1)}
-    kept = {orjson.loads(line)["id"] for line in open(merged / "data.jsonl", "rb")}
+    with open(merged / "data.jsonl", "rb") as f:
+        kept = {orjson.loads(line)["id"] for line in f}
     t0 = time.perf_counter()
     res = _kill_loop([*py, "export", str(merged), "--format", "messages"], export_kills, rng, timeout_s,
                      merged / "export", busy=merged / "export" / "*.tmp")

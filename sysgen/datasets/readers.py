@@ -70,13 +70,12 @@ def iter_rows(path: str | Path, *, start_offset: int = 0, start_line: int = 1) -
     last = start_line - 1
     with gzip.open(name, "rb") if gz else open(name, "rb", buffering=_CHUNK) as f:
         try:
-            if kind.startswith(".json.") or kind == ".json":
-                if _first_byte(f) == b"[":
-                    for n, what, value in split_array(f, MAX_ROW_BYTES, _CHUNK):  # type: ignore[arg-type]
-                        if n >= start_line:
-                            last = n
-                            yield n, -1, _array_piece(name, n, what, value)
-                    return
+            if (kind.startswith(".json.") or kind == ".json") and _first_byte(f) == b"[":
+                for n, what, value in split_array(f, MAX_ROW_BYTES, _CHUNK):  # type: ignore[arg-type]
+                    if n >= start_line:
+                        last = n
+                        yield n, -1, _array_piece(name, n, what, value)
+                return
             seek = start_offset if start_offset > 0 and not gz else 0
             for item in _lines(f, name, seekable=not gz, seek=seek, start_line=start_line):  # type: ignore[arg-type]
                 last = item[0]

@@ -189,7 +189,7 @@ def test_slow_answer_times_out_as_transient():
         async def go():
             async with SGLangHTTPBackend(srv.url, model_path=None, timeout_s=0.3) as b:
                 t0 = time.monotonic()
-                with pytest.raises(TransientEngineError, match="no answer in 0.3s"):
+                with pytest.raises(TransientEngineError, match=r"no answer in 0.3s"):
                     await b.generate(req(SLOW))
                 return time.monotonic() - t0
 
@@ -206,7 +206,7 @@ def test_unreachable_server_fails_fast_with_the_fix():
             pass
 
     t0 = time.monotonic()
-    with pytest.raises(EngineDied, match="no SGLang server answers.*sglang.launch_server"):
+    with pytest.raises(EngineDied, match=r"no SGLang server answers.*sglang.launch_server"):
         run(go())
     assert time.monotonic() - t0 < 5
 
@@ -384,7 +384,7 @@ def test_html_server_info_is_not_sglang():
     with StandInSGLangServer() as srv:
         srv.inject("/model_info", Canned(200, b"<!doctype html><title>Welcome to nginx</title>",
                                          content_type="text/html"))
-        with pytest.raises(EngineDied, match="answered something that is not SGLang.*text/html"):
+        with pytest.raises(EngineDied, match=r"answered something that is not SGLang.*text/html"):
             generate_once(srv)
 
 
@@ -410,7 +410,7 @@ def test_a_server_restart_mid_run_loses_nothing():
 def test_an_engine_that_stays_down_stops_the_run_instead_of_dropping():
     with StandInSGLangServer(delay_s=0.02) as srv:
         t0 = time.monotonic()
-        with pytest.raises(EngineDown, match="unreachable for 1.5s.*re-run the same command"):
+        with pytest.raises(EngineDown, match=r"unreachable for 1.5s.*re-run the same command"):
             through_scheduler(srv, 40, dataclasses.replace(QUICK, engine_down_s=1.5),
                               during=lambda s: s.down())
         assert time.monotonic() - t0 < 6
@@ -419,7 +419,7 @@ def test_an_engine_that_stays_down_stops_the_run_instead_of_dropping():
 def test_the_same_failure_over_and_over_stops_the_run():
     with StandInSGLangServer() as srv:
         srv.inject("/generate", *[Canned(500, {"error": "CUDA error: an illegal memory access"})] * 500)
-        with pytest.raises(FailureStreak, match="last 5 engine requests all failed.*500 CUDA error"):
+        with pytest.raises(FailureStreak, match=r"last 5 engine requests all failed.*500 CUDA error"):
             through_scheduler(srv, 30, dataclasses.replace(QUICK, failure_streak=5, max_retries=0))
 
 
@@ -510,7 +510,7 @@ def test_grammar_timeout_is_retried_and_a_second_one_stops_the_run(timeout):
             async with SGLangHTTPBackend(srv.url, model_path=None) as b:
                 sched = Scheduler(b, None, QUICK)
                 try:
-                    with pytest.raises(EngineDied, match="2 times for this regex.*SGLANG_GRAMMAR_MAX_POLL"):
+                    with pytest.raises(EngineDied, match=r"2 times for this regex.*SGLANG_GRAMMAR_MAX_POLL"):
                         await sched.submit(req())
                     with pytest.raises(EngineDied):  # and it stays stopped
                         await b.generate(req(7, regex=None))

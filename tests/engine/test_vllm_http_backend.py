@@ -226,7 +226,7 @@ def test_vllm_field_reader_on_a_synthetic_wheel(tmp_path):
 def test_vllm_token_ids_regex_and_sampling_reach_the_server_in_pinned_fields():
     srv = StandInVLLMServer()
     ids = (128000, 128006, 9125, 128007, 271, 42, 0, 7)  # template first, as our prefix split builds
-    backend, result = serve_and_run(
+    _backend, result = serve_and_run(
         srv, lambda b: b.generate(req(*ids, stop=("</Role>",), temperature=0.7, seed=11)))
     (body,) = srv.bodies
     assert set(body) <= set(FIELDS["CompletionRequest"]), \
@@ -307,7 +307,7 @@ def test_vllm_http_errors_map_to_their_kinds(code, kind, match):
 def test_vllm_slow_answer_times_out_as_transient():
     async def body(b):
         t0 = time.monotonic()
-        with pytest.raises(TransientEngineError, match="no answer in 0.3s"):
+        with pytest.raises(TransientEngineError, match=r"no answer in 0.3s"):
             await b.generate(req(SLOW))
         return time.monotonic() - t0
 
@@ -356,7 +356,7 @@ def test_vllm_connection_pool_follows_the_window():
 
     backend, size = serve_and_run(StandInVLLMServer(engines=4), pool)
     assert size == backend.max_concurrency == 4 * 256 + 128
-    capped, size = serve_and_run(StandInVLLMServer(engines=4), pool, max_concurrency=40)
+    _capped, size = serve_and_run(StandInVLLMServer(engines=4), pool, max_concurrency=40)
     assert size == 40
 
 
@@ -370,7 +370,7 @@ def test_vllm_unreachable_server_fails_fast_with_the_fix():
             pass
 
     t0 = time.monotonic()
-    with pytest.raises(EngineDied, match="no vLLM server answers.*vllm serve"):
+    with pytest.raises(EngineDied, match=r"no vLLM server answers.*vllm serve"):
         asyncio.run(go())
     assert time.monotonic() - t0 < 5
 

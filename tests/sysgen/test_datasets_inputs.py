@@ -172,8 +172,8 @@ def test_save_to_disk_dataset_dict_needs_a_split_when_it_has_several(tmp_path):
     assert [i.first_user for i in items] == ["teq1"]
     with pytest.raises(DatasetError, match=r"has no split 'dev'; it has train, test"):
         preflight([tmp_path / "dd"], split="dev")
+    jsonl(tmp_path / "f.jsonl", qa(1))
     with pytest.raises(DatasetError, match=r"--split applies to hf:NAME and save_to_disk inputs"):
-        jsonl(tmp_path / "f.jsonl", qa(1))
         preflight([tmp_path / "f.jsonl"], split="train")
 
 

@@ -4,6 +4,7 @@ run through the real Scheduler + Store with a stand-in backend (resume costs no 
 from __future__ import annotations
 
 import asyncio
+from typing import ClassVar
 
 import pytest
 
@@ -26,7 +27,7 @@ class StandInTokenizer:
     """One id per character, so the stand-in backend can read its prompt back; no special tokens.
     The slice of the Hugging Face tokenizer interface that engine/prefix.py uses."""
 
-    all_special_tokens: list[str] = []
+    all_special_tokens: ClassVar[list[str]] = []
 
     def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
         text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
@@ -89,7 +90,7 @@ def test_prompts_ask_for_exactly_the_constrained_words():
     assert "exactly one of: yes, no" in judges.load_prompt("alignment")
 
 
-@pytest.mark.parametrize(("text", "verdict"), [
+@pytest.mark.parametrize("text,verdict", [
     ("A", "A"), ("B", "B"), ("tie", "tie"), (" Tie.", "tie"), ("Response B is better.", "B"),
     ("[[A]]", "A"), ("I think a better one is unclear", None), ("", None)])
 def test_parse_pairwise_lenient(text, verdict):

@@ -83,7 +83,7 @@ def test_merge_cli_and_its_errors(tmp_path):
     assert done.returncode == 0 and "accounted=True" in done.stderr
     assert len(ids_once(tmp_path / "m")) == 62
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no data.jsonl or dropped.jsonl"):
+    with pytest.raises(ValueError, match=r"no data.jsonl or dropped.jsonl"):
         merge(tmp_path / "m2", [tmp_path / "empty"])
 
 
