@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import tempfile
 import time
@@ -37,41 +36,22 @@ from typing import Any
 
 import orjson
 
-
-def build_requests(n: int, *, input_path: str | None, tokenizer: Any, model_id: str, constrain: bool,
-                   workdir: Path) -> list:
-    """`n` P1 requests (token ids when there is a tokenizer, else chat messages)."""
-    from bench import synthetic
-    from sysgen.datasets.instance import Instance
-    from sysgen.datasets.stream import iter_instances
-    from sysgen.run.phases import PhaseSettings, PromptBuilder, p1_request
-
-    if input_path is None:
-        input_path = str(workdir / "synthetic.jsonl")
-        synthetic.write(input_path, n)
-    build, settings = PromptBuilder(tokenizer), PhaseSettings(model_id=model_id, constrain=constrain)
-    out = []
-    for inst in iter_instances([input_path]):
-        if isinstance(inst, Instance):
-            out.append(p1_request(inst, build, settings))
-            if len(out) == n:
-                break
-    if len(out) < n:
-        print(f"note: {input_path} holds {len(out)} usable instances; benchmarking those", file=sys.stderr)
-    return out
-
-
-def part_stats(name: str, results: list, seconds: float) -> dict[str, Any]:
-    ok = [r for r in results if r.ok]
-    out_tok = sum(r.completion_tokens for r in ok)
-    prompt_tok = sum(r.prompt_tokens for r in ok)
-    cached = sum(r.cached_tokens for r in ok)
-    return {"part": name, "requests": len(results), "failed": len(results) - len(ok),
-            "seconds": round(seconds, 3), "output_tokens": out_tok, "prompt_tokens": prompt_tok,
-            "cached_tokens": cached,
-            "output_tokens_per_s": round(out_tok / seconds, 1) if seconds > 0 else 0.0,
-            "requests_per_s": round(len(ok) / seconds, 2) if seconds > 0 else 0.0,
-            "cached_ratio": round(cached / prompt_tok, 4) if prompt_tok else 0.0}
+import kernels_cfg
+from bench.gpu_parts import (
+    build_requests,
+    part_ratios,
+    part_stats,
+    plan,
+    ratio,
+    run_sysgen,
+    table,
+    write_json,
+)
+from bench.gpu_url import main_url
+from engine.backends.select import detect_gpu
+from engine.backends.sglang import SGLangBackend, result_from_output, sampling_params_for
+from engine.policy import LPM_WAITING_LIMIT, engine_window
+from engine.request import Result
 
 
 def run_raw(engine, requests: list, window: int | None) -> tuple[list, float]:
@@ -85,9 +65,6 @@ def run_raw(engine, requests: list, window: int | None) -> tuple[list, float]:
 
 
 async def _raw(engine, requests: list, window: int | None) -> list:
-    from engine.backends.sglang import result_from_output, sampling_params_for
-    from engine.request import Result
-
     gate = asyncio.Semaphore(window or len(requests) or 1)
 
     async def one(r):
@@ -100,62 +77,6 @@ async def _raw(engine, requests: list, window: int | None) -> list:
                 return Result.failure(f"{type(e).__name__}: {e}")
 
     return list(await asyncio.gather(*(one(r) for r in requests)))
-
-
-async def run_sysgen(backend, requests: list, store_path: Path,
-                     max_inflight: int | None) -> tuple[list, float]:
-    """The same requests through our scheduler and a fresh store, all submitted at once as a run
-    would (the scheduler bounds what reaches the engine)."""
-    from engine.scheduler import Scheduler
-    from engine.store import Store
-
-    store = Store.open(store_path)
-    try:
-        overrides = {"max_inflight": max_inflight} if max_inflight else {}
-        async with Scheduler(backend, store, **overrides) as scheduler:
-            t0 = time.perf_counter()
-            results = await asyncio.gather(*(scheduler.submit(r) for r in requests))
-            seconds = time.perf_counter() - t0
-        store.flush()
-    finally:
-        store.close()
-    return list(results), seconds
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    cols = ["part", "requests", "failed", "seconds", "output_tokens", "output_tokens_per_s", "cached_ratio"]
-    lines = ["  ".join(f"{c:>19}" if i else f"{c:<13}" for i, c in enumerate(cols))]
-    for row in rows:
-        lines.append("  ".join(f"{row[c]!s:>19}" if i else f"{row[c]!s:<13}" for i, c in enumerate(cols)))
-    return "\n".join(lines)
-
-
-def ratio(a: float, b: float) -> float | None:
-    return round(a / b, 3) if b else None
-
-
-def part_ratios(info: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Record the parts and their two headline ratios in `info`; returns the parts by name."""
-    by = {r["part"]: r for r in rows}
-    info["results"] = rows
-    info["ratios"] = {
-        "sysgen_vs_raw_output_tok_s": ratio(by["sysgen_regex"]["output_tokens_per_s"],
-                                            by["raw_regex"]["output_tokens_per_s"]),
-        "regex_vs_free_output_tok_s": ratio(by["raw_regex"]["output_tokens_per_s"],
-                                            by["raw_free"]["output_tokens_per_s"]),
-    }
-    return by
-
-
-def plan(args, requests: list, server_args: dict | None, profile_note: str) -> dict[str, Any]:
-    lens = [len(r.prompt) if r.kind == "ids" else len(orjson.dumps(r.prompt)) for r in requests]
-    unit = "tokens" if requests and requests[0].kind == "ids" else "JSON bytes (no tokenizer)"
-    return {"dry_run": bool(args.dry_run), "model": args.model, "n": len(requests), "warmup": args.warmup,
-            "parts": ["raw_free", "raw_regex", "sysgen_regex"], "profile": profile_note,
-            "server_args": server_args, "prompt_unit": unit,
-            "prompt_len_mean": round(statistics.mean(lens), 1) if lens else 0,
-            "prompt_len_max": max(lens, default=0),
-            "regex_chars": len(requests[0].regex or "") if requests else 0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,13 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key", help="with --url: the server's key (default: env OPENAI_API_KEY)")
     args = p.parse_args(argv)
     if args.url and not args.dry_run:
-        from bench.gpu_url import main_url
-
         return main_url(args)
     if not args.dry_run and not args.model:
         p.error("--model is required (or use --dry-run)")
-
-    import kernels_cfg
 
     server_args, note = None, "none"
     try:
@@ -205,16 +122,12 @@ def main(argv: list[str] | None = None) -> int:
                                   constrain=True, workdir=work)
             info = plan(args, reqs, server_args, note)
             print(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode())
-            _write(args.json, info)
+            write_json(args.json, info)
             return 0
         return _measure(args, server_args, note, work)
 
 
 def _measure(args, server_args: dict, note: str, work: Path) -> int:
-    from engine.backends.select import detect_gpu
-    from engine.backends.sglang import SGLangBackend
-    from engine.policy import engine_window
-
     backend = SGLangBackend(args.model, server_args=server_args)  # loads the model: minutes
     engine = backend._engine
     try:
@@ -248,14 +161,12 @@ def _measure(args, server_args: dict, note: str, work: Path) -> int:
                                                                  by["raw_batch"]["output_tokens_per_s"])
     print(table(rows))
     print(orjson.dumps(info["ratios"]).decode())
-    _write(args.json, info)
+    write_json(args.json, info)
     return 0
 
 
 def regime(window: int, caps, batch: bool) -> dict[str, Any]:
     """The queue regime each part runs in, stated in the JSON so the ratios can be read."""
-    from engine.policy import LPM_WAITING_LIMIT
-
     dp = max(1, caps.dp_size)
     running = max(1, caps.max_running // dp)
     out = {"window": window, "dp_size": dp, "max_running_per_rank": running,
@@ -270,14 +181,11 @@ def regime(window: int, caps, batch: bool) -> dict[str, Any]:
 
 
 def _tokenizer(model: str):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # seconds to import: only --dry-run with --model needs it
 
     return AutoTokenizer.from_pretrained(model)
 
 
-def _write(path: str | None, info: dict) -> None:
-    if path:
-        Path(path).write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2) + b"\n")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ async def run_direct(backend, requests: list) -> tuple[list, float]:
 
 
 async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from bench.gpu import build_requests, part_ratios, part_stats, plan, run_sysgen
+    from bench.gpu_parts import build_requests, part_ratios, part_stats, plan, run_sysgen
 
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     backend = make_url_backend(args.engine, args.url, args.model, api_key)
@@ -100,11 +100,11 @@ def main_url(args: argparse.Namespace) -> int:
 
     import orjson
 
-    from bench.gpu import _write, table
+    from bench.gpu_parts import table, write_json
 
     with tempfile.TemporaryDirectory(prefix="bench-gpu-url-") as tmp:
         info = asyncio.run(measure(args, Path(tmp)))
     print(table(info["results"]))
     print(orjson.dumps({**info["ratios"], "cache_reset": info["cache_reset"]}).decode())
-    _write(args.json, info)
+    write_json(args.json, info)
     return 0
