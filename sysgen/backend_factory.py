@@ -1,5 +1,5 @@
-"""Backends built from CLI choices. Heavy imports (openvino, sglang, aiohttp) happen only for the
-one chosen."""
+"""Backends built from CLI choices. Each backend module (openvino, sglang, aiohttp, kernels_cfg's
+profiles) is imported only when chosen: together they take seconds to import."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from engine.backend import Backend
+from engine.backends.select import choose_backend
 from engine.scheduler import SchedulerConfig
 from sysgen.config import OLD_ENGINE_NAMES
 
@@ -20,10 +21,6 @@ def resolve_engine(name: str) -> tuple[str, str]:
         return new, f"--engine {name} is the old name of the CPU engine, now {new}"
     if name != "auto":
         return name, "chosen with --engine"
-    try:
-        from engine.backends.select import choose_backend
-    except ImportError:
-        return "openvino", "auto: GPU backend selection unavailable in this install; using the CPU engine"
     return choose_backend("auto")
 
 

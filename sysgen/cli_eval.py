@@ -10,7 +10,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engine.progress import Progress
+from engine.scheduler import Scheduler
+from engine.store import Store
+from sysgen import backend_factory
 from sysgen.config import ENGINES
+from sysgen.eval.rundir import RunDirError, load_run
+
+# sysgen.eval.* and sysgen.publish.* stay imported inside the subcommands that use them: they bring
+# the metrics and plotting stacks (0.05 to 0.8 s each), which `sysgen run` and `--help` never need.
 
 log = logging.getLogger(__name__)
 # The engines `sysgen run` takes (its old names included), but auto and the stand-in; `same`: the run's.
@@ -76,7 +84,6 @@ def _fail(msg: str) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from sysgen.eval.rundir import RunDirError
     from sysgen.publish.report import write_report
 
     try:
@@ -106,15 +113,11 @@ def _judge_backend_args(args: argparse.Namespace, stats: dict[str, Any]) -> dict
 
 
 async def _judge(run: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from engine.progress import Progress
-    from engine.scheduler import Scheduler
-    from engine.store import Store
-    from sysgen.backend_factory import make_backend
     from sysgen.eval.evaluate import judge
 
     kw = _judge_backend_args(args, run.stats)
     name = kw.pop("name")
-    backend = make_backend(name, **kw)
+    backend = backend_factory.make_backend(name, **kw)
     if args.judge_engine == "same" and not args.judge_model and backend.model_id != run.model:
         # stats.json names the model by id, not by path: a run made with --model DIR is judged by
         # the engine's default unless --judge-model says otherwise.
@@ -133,7 +136,6 @@ async def _judge(run: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from sysgen.eval.evaluate import EvalConfig, answer_metrics, write_eval
-    from sysgen.eval.rundir import RunDirError, load_run
     from sysgen.eval.semantic import DEFAULT_BERTSCORE_LAYER
     from sysgen.publish.report import write_report
 
@@ -166,7 +168,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sysgen.eval.rundir import RunDirError, load_run
     from sysgen.publish.card import write_card
     from sysgen.publish.export import export, unfinished
 
