@@ -17,7 +17,7 @@ BITS_PER_KEY = 16
 
 
 class _Bloom:
-    __slots__ = ("bits", "mask", "capacity", "count")
+    __slots__ = ("bits", "capacity", "count", "mask")
 
     def __init__(self, capacity: int) -> None:
         m = 1 << max(16, (capacity * BITS_PER_KEY - 1).bit_length())
@@ -84,7 +84,3 @@ class KeyFilter:
             if f.bits[p >> 3] >> (p & 7) & 1 and f.bits[q >> 3] >> (q & 7) & 1:
                 return True
         return False
-
-    @property
-    def nbytes(self) -> int:
-        return sum(len(f.bits) for f in self._filters)
