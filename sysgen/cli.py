@@ -111,6 +111,7 @@ def _event_loop_runner():
 def cmd_run(args: argparse.Namespace) -> int:
     from engine.backend import EngineAuthError, EngineDied, EngineDown, FailureStreak
     from engine.backends.model_cache import ModelNotFound
+    from engine.canary import ConstraintIgnored
     from engine.store import Store, StoreError
     from sysgen import prompts
     from sysgen.backend_factory import make_backend
@@ -178,7 +179,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         except EngineDied as e:
-            what = "stopped" if isinstance(e, (EngineDown, FailureStreak)) else "the engine died"
+            what = "stopped" if isinstance(e, (EngineDown, FailureStreak, ConstraintIgnored)) else "the engine died"
             print(f"sysgen: {what}: {e}\nEverything finished before is committed; {resume_hint} "
                   "once the engine is fixed.", file=sys.stderr)
             return 1
@@ -200,6 +201,10 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"({st['funnel_pct']['p4_kept']:.1f}%); {done}P1 parse rate {rate}; "
           f"engine calls {sm['engine_calls']:,}, store hits {sm['hits']:,}; "
           f"{sm['completion_tokens']:,} output tokens; wrote {out}/data.jsonl", file=sys.stderr)
+    if not st["kept"] and sm["failures"] and not sm["engine_calls"]:  # every engine request failed
+        print(f"sysgen: error: kept nothing: all {sm['failures']:,} engine requests of this run failed; "
+              f"the last: {sm['last_failure']}", file=sys.stderr)
+        return 1
     if cfg.report:
         try:
             from sysgen.cli_eval import report_after_run
