@@ -179,7 +179,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         except EngineDied as e:
-            what = "stopped" if isinstance(e, (EngineDown, FailureStreak, ConstraintIgnored)) else "the engine died"
+            stopped = isinstance(e, (EngineDown, FailureStreak, ConstraintIgnored))
+            what = "stopped" if stopped else "the engine died"
             print(f"sysgen: {what}: {e}\nEverything finished before is committed; {resume_hint} "
                   "once the engine is fixed.", file=sys.stderr)
             return 1
