@@ -109,7 +109,7 @@ def _event_loop_runner():
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from engine.backend import EngineAuthError, EngineDied, EngineDown, FailureStreak
+    from engine.backend import EngineAuthError, EngineDied, EngineDown, FailureStreak, NeverAnswered
     from engine.backends.model_cache import ModelNotFound
     from engine.canary import ConstraintIgnored
     from engine.store import Store, StoreError
@@ -178,6 +178,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"sysgen: stopped: {e}.\nNothing was dropped; fix the credentials, then {resume_hint}.",
                   file=sys.stderr)
             return 1
+        except NeverAnswered as e:  # a wrong --url or a server not started: configuration, not an outage
+            print(f"sysgen run: error: {e}", file=sys.stderr)
+            return 2
         except EngineDied as e:
             stopped = isinstance(e, (EngineDown, FailureStreak, ConstraintIgnored))
             what = "stopped" if stopped else "the engine died"

@@ -25,6 +25,7 @@ from engine.backend import (
     Capabilities,
     EngineDied,
     EngineError,
+    NeverAnswered,
     RequestRejected,
     TransientEngineError,
 )
@@ -137,7 +138,7 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
                 last = e
                 if attempt < self.retries:
                     await asyncio.sleep(min(8.0, 0.5 * 2**attempt) * (0.5 + random.random()))
-        raise EngineDied(f"no SGLang server answers at {self.base_url} ({type(last).__name__}: {last}); "
+        raise NeverAnswered(f"no SGLang server answers at {self.base_url} ({type(last).__name__}: {last}); "
                          "start one with `python -m sglang.launch_server --model-path MODEL --port PORT` "
                          "or check --url")
 

@@ -37,6 +37,7 @@ from engine.backend import (
     EngineAuthError,
     EngineDied,
     EngineError,
+    NeverAnswered,
     RequestRejected,
     TransientEngineError,
 )
@@ -168,7 +169,7 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             raise EngineDied(f"the server at {self.base_url} answered something that is not vLLM: GET "
                              f"/v1/models gave {reply.content_type or 'no type'} {snippet!r} (no model "
                              "listed); check --url")
-        raise EngineDied(f"no vLLM server answers at {self.base_url} ({type(last).__name__}: {last}); "
+        raise NeverAnswered(f"no vLLM server answers at {self.base_url} ({type(last).__name__}: {last}); "
                          "start one with `vllm serve MODEL --port PORT --enable-prompt-tokens-details` "
                          "or check --url")
 
