@@ -36,7 +36,7 @@ from engine.backend import (
     TransientEngineError,
 )
 from engine.backends.http_client import HTTPEndpoint, error_message, max_body_bytes, status_error
-from engine.backends.vllm_http import openai_regex_body
+from engine.backends.vllm_http import NEUTRAL_SAMPLING, openai_regex_body
 from engine.request import Request, Result, prompt_messages
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,8 @@ class OpenAIBackend(HTTPEndpoint, BackendBase):
                                 "top_p": s.top_p, "max_tokens": s.max_new_tokens, "seed": s.seed}
         if s.stop:
             body["stop"] = list(s.stop)
+        if self.server == "vllm":  # else vLLM fills them from the model's generation_config.json
+            body.update(NEUTRAL_SAMPLING)
         if request.regex is not None and self.server is not None:
             body.update(openai_regex_body(self.server, request.regex))
         return body

@@ -63,6 +63,16 @@ DEFAULT_RUNNING = 256
 # looping output early: treated as running out of tokens, so a constrained phase retries sampled.
 _FINISH = {"stop": "stop", "length": "length", "repetition": "length"}
 _ENGINE_LABEL = re.compile(r'^vllm:num_requests_running\{[^}]*engine="(\d+)"', re.M)
+_CACHE_INFO = re.compile(r"^vllm:cache_config_info\{([^}]*)\}", re.M)
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+# vLLM's largest default --max-num-seqs (H100 class and up). With the KV cache's size known, each
+# engine's window starts here and the scheduler shrinks it to what the KV cache holds for the
+# requests' observed sizes, as it does for SGLang.
+KV_SIZED_RUNNING = 1024
+# vLLM fills every sampling parameter a request leaves out from the model's generation_config.json
+# (`--generation-config auto`, its default): these are sent explicitly, so a request means the same
+# on vLLM as on SGLang and OpenVINO (whose defaults these are: no top-k, no min-p, no penalty).
+NEUTRAL_SAMPLING = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
@@ -212,8 +222,10 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
 
     async def _size_from_server(self) -> None:
         """vLLM reports no running capacity in production. Dev mode (VLLM_SERVER_DEV_MODE=1) has
-        /server_info with the scheduler's max_num_seqs; else /metrics shows how many engines (data
-        parallel ranks) run, each assumed to take DEFAULT_RUNNING."""
+        /server_info with the scheduler's max_num_seqs. /metrics shows how many engines (data
+        parallel ranks) run and, in `vllm:cache_config_info`, each one's KV cache: with it the window
+        starts at KV_SIZED_RUNNING per engine and the scheduler sizes it from the KV cache; without
+        it each engine is assumed to take DEFAULT_RUNNING."""
         running = None
         config = await self._optional_json("/server_info?config_format=json", "vllm_config")
         if isinstance(config, dict):
@@ -221,25 +233,33 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             dp = (config.get("parallel_config") or {}).get("data_parallel_size") or 1
             if isinstance(seqs, int) and seqs > 0 and isinstance(dp, int) and dp > 0:
                 running, self.capacity_source = seqs * dp, "/server_info max_num_seqs x data_parallel_size"
-        if running is None:
-            reply = await self._optional("/metrics")
-            text = reply.body.decode("utf-8", "replace") if reply is not None else ""
-            engines = set(_ENGINE_LABEL.findall(text))
-            if engines:
-                running = DEFAULT_RUNNING * len(engines)
-                self.capacity_source = f"/metrics: {len(engines)} engine(s) x {DEFAULT_RUNNING}"
+        reply = await self._optional("/metrics")
+        text = reply.body.decode("utf-8", "replace") if reply is not None else ""
+        engines = set(_ENGINE_LABEL.findall(text))
+        kv_engines, kv_tokens = kv_cache_tokens(text)
+        if running is None and kv_tokens:
+            n = max(len(engines), kv_engines)
+            running = KV_SIZED_RUNNING * n
+            self.capacity_source = (f"/metrics cache_config_info: {n} engine(s) x {kv_tokens:,} KV tokens, "
+                                    f"up to {KV_SIZED_RUNNING} running each")
+        elif running is None and engines:
+            running = DEFAULT_RUNNING * len(engines)
+            self.capacity_source = f"/metrics: {len(engines)} engine(s) x {DEFAULT_RUNNING}"
         if running:
             self.max_concurrency = max(DEFAULT_RUNNING, running + 128)
             self._sem = asyncio.Semaphore(self.max_concurrency)
+            dp = max(1, len(engines), kv_engines)
             self.capabilities = Capabilities(regex=True, token_ids=self.capabilities.token_ids,
-                                             max_running=running, max_context=self.capabilities.max_context)
+                                             max_running=running, max_context=self.capabilities.max_context,
+                                             dp_size=dp if kv_tokens else 1, kv_tokens=kv_tokens)
 
     # -- requests ------------------------------------------------------------------------------
 
     def payload(self, request: Request) -> dict[str, Any]:
         s = request.sampling
         body: dict[str, Any] = {"model": self.served_model, "max_tokens": s.max_new_tokens,
-                                "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}
+                                "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed,
+                                **NEUTRAL_SAMPLING}
         body["prompt"] = wire_prompt(request, self.tokenizer)
         if body["prompt"] is None:
             raise RequestRejected("a chat-messages prompt needs --model (a local copy of the served model, "
@@ -309,6 +329,22 @@ def openai_regex_body(server: str, regex: str) -> dict[str, Any]:
     if server == "sglang":
         return {"regex": regex}
     raise ValueError(f"no known regex field for server {server!r}; expected 'vllm' or 'sglang'")
+
+
+def kv_cache_tokens(metrics: str) -> tuple[int, int]:
+    """(engines reporting, KV-cache tokens of the smallest) from /metrics' `vllm:cache_config_info`
+    (one line per engine; labels num_gpu_blocks and block_size, the CacheConfig fields); (0, 0) when
+    absent or unreadable."""
+    sizes = []
+    for labels in _CACHE_INFO.findall(metrics):
+        info = dict(_LABEL.findall(labels))
+        try:
+            blocks, block_size = int(info["num_gpu_blocks"]), int(info["block_size"])
+        except (KeyError, ValueError):  # "None" before the engine has profiled its memory
+            continue
+        if blocks > 0 and block_size > 0:
+            sizes.append(blocks * block_size)
+    return (len(sizes), min(sizes)) if sizes else (0, 0)
 
 
 def _count(value: Any, none_ok: bool = False) -> int | None:
