@@ -105,8 +105,9 @@ class _Handler(BaseHTTPRequestHandler):
             # prometheus_client's order: label names as declared (model_name, engine)
             lines = [f'vllm:num_requests_running{{model_name="llama-8b",engine="{i}"}} 0.0'
                      for i in range(srv.engines)]
-            lines += [f'vllm:cache_config_info{{block_size="16",cache_dtype="auto",enable_prefix_caching="True",'
-                      f'engine="{i}",num_cpu_blocks="None",num_gpu_blocks="{srv.kv_blocks + i}"}} 1.0'
+            lines += [f'vllm:cache_config_info{{block_size="16",cache_dtype="auto",'
+                      f'enable_prefix_caching="True",engine="{i}",num_cpu_blocks="None",'
+                      f'num_gpu_blocks="{srv.kv_blocks + i}"}} 1.0'
                       for i in range(srv.engines) if srv.kv_blocks]
             return self._send(200, ("# TYPE vllm:num_requests_running gauge\n" + "\n".join(lines)).encode())
         if self.path.startswith("/server_info") and srv.dev:
