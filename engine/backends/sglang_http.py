@@ -41,8 +41,8 @@ from engine.backends.http_client import (
 )
 from engine.backends.sglang import (
     GRAMMAR_TIMEOUT,
-    GRAMMAR_TIMEOUT_HINT,
     GrammarTimeout,
+    GrammarTimeouts,
     abort_error,
     capacity_from_states,
     default_model_id,
@@ -86,10 +86,8 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
         self.server_info: dict[str, Any] = {}
         self.model_info: dict[str, Any] = {}
         self._sem = asyncio.Semaphore(self.max_concurrency)
-        # Grammar compile timeouts per regex (see _on_grammar_timeout); once set, the run is over.
-        self.grammar_timeouts_before_stop = 2
-        self._grammar_timeouts: dict[str, int] = {}
-        self._stopped: str | None = None
+        self._grammar_timeouts = GrammarTimeouts()
+        self._stopped: str | None = None  # once set, the run is over
 
     def __repr__(self) -> str:
         return f"SGLangHTTPBackend(base_url={self.base_url!r}, api_key=<{self._key_shown}>)"
@@ -226,13 +224,9 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
             raise
 
     def _on_grammar_timeout(self, error: GrammarTimeout, request: Request) -> None:
-        """As SGLangBackend's: retry the first time; a second timeout for the same regex proves the
-        server cached it as invalid (every later request with it would fail until it restarts), so
-        stop the run (resumable) instead of failing them one by one."""
-        regex = request.regex or ""
-        n = self._grammar_timeouts[regex] = self._grammar_timeouts.get(regex, 0) + 1
-        if n >= self.grammar_timeouts_before_stop:
-            self._stopped = self._stopped or f"{error} ({n} times for this regex). {GRAMMAR_TIMEOUT_HINT}."
+        reason = self._grammar_timeouts.stop_reason(error, request)
+        if reason is not None:
+            self._stopped = self._stopped or reason
             log.error("%s", self._stopped)
             raise EngineDied(self._stopped, request) from error
 
