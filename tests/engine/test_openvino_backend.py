@@ -331,7 +331,8 @@ def test_the_stepper_keeps_the_reason_a_later_empty_output_does_not_carry():
 
     async def go():
         loop = asyncio.get_running_loop()
-        job = Job(Request((1,), SamplingParams(max_new_tokens=4), "m"), (1,), None, loop.create_future(), loop)
+        req = Request((1,), SamplingParams(max_new_tokens=4), "m")
+        job = Job(req, (1,), None, loop.create_future(), loop)
         stepper.submit(job)
         return await asyncio.wait_for(job.future, 10)
 
