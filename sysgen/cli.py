@@ -109,7 +109,7 @@ def _event_loop_runner():
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from engine.backend import EngineAuthError, EngineDied, EngineDown, FailureStreak, NeverAnswered
+    from engine.backend import EngineAuthError, EngineConfigError, EngineDied, EngineDown, FailureStreak
     from engine.backends.model_cache import ModelNotFound
     from engine.canary import ConstraintIgnored
     from engine.store import Store, StoreError
@@ -141,7 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         backend = make_backend(cfg.engine, model=cfg.model, url=cfg.url, api_key=api_key,
                                gpu_profile=cfg.gpu_profile, max_batch=cfg.max_batch, fp8=cfg.fp8,
                                max_inflight=cfg.max_inflight, standin=standin, timeout_s=cfg.timeout_s,
-                               openai_server=cfg.openai_server, kv_cache_gb=cfg.kv_cache_gb)
+                               openai_server=cfg.openai_server, kv_cache_gb=cfg.kv_cache_gb,
+                               deterministic=cfg.deterministic)
         store = Store.open(out / "store.db")
     except (ValueError, StoreError, ModelNotFound, EngineDied) as e:  # before any instance is read
         print(f"sysgen run: error: {e}", file=sys.stderr)
@@ -178,7 +179,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"sysgen: stopped: {e}.\nNothing was dropped; fix the credentials, then {resume_hint}.",
                   file=sys.stderr)
             return 1
-        except NeverAnswered as e:  # a wrong --url or a server not started: configuration, not an outage
+        except EngineConfigError as e:  # a wrong --url, a server set up wrong: configuration, not an outage
             print(f"sysgen run: error: {e}", file=sys.stderr)
             return 2
         except EngineDied as e:

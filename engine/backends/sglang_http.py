@@ -23,6 +23,7 @@ from typing import Any
 from engine.backend import (
     BackendBase,
     Capabilities,
+    EngineConfigError,
     EngineDied,
     EngineError,
     NeverAnswered,
@@ -67,7 +68,7 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
 
     def __init__(self, base_url: str, *, model_path: str | None, model_id: str | None = None,
                  max_concurrency: int | None = None, timeout_s: float = 600, retries: int = 3,
-                 tokenizer: Any = None, api_key: str | None = None) -> None:
+                 tokenizer: Any = None, api_key: str | None = None, deterministic: bool = False) -> None:
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self._init_endpoint(base_url, api_key, timeout_s)  # `sglang.launch_server --api-key`
@@ -78,6 +79,7 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
         self._cap = max_concurrency
         self.max_concurrency = max_concurrency or 256
         self._explicit_model_id = model_id
+        self.deterministic = deterministic  # the server must run with --enable-deterministic-inference
         fallback = default_model_id(model_path, {}) if model_path else f"sglang@{self.base_url}"
         self.model_id = model_id or fallback
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, "sglang_http")
@@ -107,6 +109,13 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
         except BaseException:
             await self.close()  # no pool left open: __aexit__ does not run when __aenter__ fails
             raise
+        if self.deterministic and self.server_info.get("enable_deterministic_inference") is not True:
+            await self.close()
+            raise EngineConfigError(
+                f"--deterministic: the SGLang server at {self.base_url} does not run with "
+                "enable_deterministic_inference (its /server_info says "
+                f"{self.server_info.get('enable_deterministic_inference')!r}); restart it with "
+                "--enable-deterministic-inference, or run without --deterministic")
         self._apply_info()
         # The pool holds one keep-alive connection per request in flight (the first pool, opened
         # before the capacity was known, had the default size: a 256-connection pool capped a
