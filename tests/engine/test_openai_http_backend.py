@@ -323,3 +323,22 @@ def test_a_server_reporting_no_cached_tokens_is_warned_about_once_with_its_fix(c
     with StandInOpenAIServer() as srv:  # its answers carry cached_tokens: no warning
         call(srv.url, chat())
     assert not [r for r in caplog.records if "no cached-token counts" in r.getMessage()]
+
+
+def test_cli_stops_when_a_router_drops_the_regex_field(tmp_path, capsys):
+    """sglang-router drops `structured_outputs` on chat requests: every P1 answer comes back free text,
+    ended with `stop`. The run stops on the first answers, exit 1, instead of dropping every row."""
+    from pathlib import Path
+
+    from sysgen.cli import main
+
+    sample = Path(__file__).resolve().parents[2] / "sysgen" / "samples" / "demo_mixed.jsonl"
+    with StandInOpenAIServer() as srv:
+        srv.inject("/v1/chat/completions", *[Canned(200, answer("stop", "Sure! A system message."))] * 40)
+        code = main(["run", str(sample), "--out", str(tmp_path / "out"), "--engine", "openai",
+                     "--url", srv.url, "--model", "llama-8b", "--openai-server", "vllm", "--no-progress",
+                     "--no-report"])
+        answered = 40 - len(srv._canned["/v1/chat/completions"])
+    err = capsys.readouterr().err
+    assert code == 1 and "ignoring the regex field" in err and srv.url in err, err
+    assert answered < 7 + 7  # stopped on the first answers: not every row's P1 and its retry
