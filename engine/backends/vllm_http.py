@@ -63,8 +63,8 @@ DEFAULT_RUNNING = 256
 # looping output early: treated as running out of tokens, so a constrained phase retries sampled.
 _FINISH = {"stop": "stop", "length": "length", "repetition": "length"}
 _ENGINE_LABEL = re.compile(r'^vllm:num_requests_running\{[^}]*engine="(\d+)"', re.M)
-_CACHE_INFO = re.compile(r"^vllm:cache_config_info\{([^}]*)\}", re.M)
-_LABEL = re.compile(r'(\w+)="([^"]*)"')
+_CACHE_INFO = re.compile(r"^vllm:cache_config_info\{(.*)\}\s+\S+\s*$", re.M)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')  # a value may hold escaped quotes
 # vLLM's largest default --max-num-seqs (H100 class and up). With the KV cache's size known, each
 # engine's window starts here and the scheduler shrinks it to what the KV cache holds for the
 # requests' observed sizes, as it does for SGLang.
@@ -72,7 +72,8 @@ KV_SIZED_RUNNING = 1024
 # vLLM fills every sampling parameter a request leaves out from the model's generation_config.json
 # (`--generation-config auto`, its default): these are sent explicitly, so a request means the same
 # on vLLM as on SGLang and OpenVINO (whose defaults these are: no top-k, no min-p, no penalty).
-NEUTRAL_SAMPLING = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
+# top_k 0 is "disabled" in vLLM 0.33 (sampling_params.py; -1 is still accepted).
+NEUTRAL_SAMPLING = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
@@ -332,19 +333,28 @@ def openai_regex_body(server: str, regex: str) -> dict[str, Any]:
 
 
 def kv_cache_tokens(metrics: str) -> tuple[int, int]:
-    """(engines reporting, KV-cache tokens of the smallest) from /metrics' `vllm:cache_config_info`
-    (one line per engine; labels num_gpu_blocks and block_size, the CacheConfig fields); (0, 0) when
-    absent or unreadable."""
+    """(engines reporting, KV-cache tokens of the smallest) from /metrics' `vllm:cache_config_info`:
+    one line per engine whose labels are the CacheConfig fields as strings (0.33: v1/metrics/loggers.py
+    log_metrics_info): kv_cache_size_tokens where set, else num_gpu_blocks x block_size. (0, 0) when
+    absent or unreadable ("None" before an engine has profiled its memory)."""
     sizes = []
     for labels in _CACHE_INFO.findall(metrics):
         info = dict(_LABEL.findall(labels))
-        try:
-            blocks, block_size = int(info["num_gpu_blocks"]), int(info["block_size"])
-        except (KeyError, ValueError):  # "None" before the engine has profiled its memory
-            continue
-        if blocks > 0 and block_size > 0:
-            sizes.append(blocks * block_size)
+        tokens = _int(info.get("kv_cache_size_tokens"))
+        if tokens is None:
+            blocks, block_size = _int(info.get("num_gpu_blocks")), _int(info.get("block_size"))
+            tokens = blocks * block_size if blocks and block_size else None
+        if tokens:
+            sizes.append(tokens)
     return (len(sizes), min(sizes)) if sizes else (0, 0)
+
+
+def _int(label: str | None) -> int | None:
+    try:
+        value = int(label) if label is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and value > 0 else None
 
 
 def _count(value: Any, none_ok: bool = False) -> int | None:

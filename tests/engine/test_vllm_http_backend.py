@@ -243,7 +243,7 @@ def test_vllm_token_ids_regex_and_sampling_reach_the_server_in_pinned_fields():
         ("llama-8b", 64, 0.7, 11, ["</Role>"])
     assert not any(k.startswith("guided_") for k in body)  # removed in vLLM: silently ignored
     # Sent, not left to the model's generation_config.json: the same request as on SGLang and OpenVINO.
-    assert (body["top_k"], body["min_p"], body["repetition_penalty"]) == (-1, 0.0, 1.0)
+    assert (body["top_k"], body["min_p"], body["repetition_penalty"]) == (0, 0.0, 1.0)
     assert result.ok and result.text == "<Role>A tutor.</Role>\n"
 
 
@@ -562,4 +562,8 @@ def test_vllm_kv_cache_tokens_reads_each_engine_and_skips_unprofiled_ones():
     text = ('vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="100"} 1.0\n'
             'vllm:cache_config_info{block_size="32",engine="1",num_gpu_blocks="None"} 1.0\n')
     assert kv_cache_tokens(text) == (1, 1600)
+    # kv_cache_size_tokens, where the engine set it, is the exact figure; odd values elsewhere are skipped.
+    text = ('vllm:cache_config_info{block_size="16",engine="0",kv_cache_size_tokens="1500",'
+            'mode="{\\"a\\": \\"}\\"}",num_gpu_blocks="100",skip_layers="[]"} 1.0\n')
+    assert kv_cache_tokens(text) == (1, 1500)
     assert kv_cache_tokens("vllm:num_requests_running 0.0") == (0, 0)
