@@ -42,6 +42,7 @@ from engine.store import Store
 log = logging.getLogger(__name__)
 
 RESIZE_EVERY = 256  # engine calls between window re-sizings from observed request sizes
+FIRST_RESIZE = 32  # the first one comes sooner: a window sized for the engine's ceiling shrinks early
 
 
 class _Deadlines:
@@ -306,7 +307,8 @@ class Scheduler:
             self._first.success()
             if self._canary is not None and request.regex and result.finish_reason == "stop":
                 self._canary.check(request.regex, result.text)
-            if self._resize_from is not None and m.engine_calls % RESIZE_EVERY == 0:
+            if self._resize_from is not None and (m.engine_calls % RESIZE_EVERY == 0
+                                                  or m.engine_calls == FIRST_RESIZE):
                 self._resize_window()
             result.attempts = attempt
             if request.regex and result.finish_reason == "length" and length_tries < cfg.length_retries:

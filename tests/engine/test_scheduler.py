@@ -436,3 +436,23 @@ def test_failures_carry_their_kind_and_stored_ones_keep_it_readable(tmp_path):
     # A failure stored before kinds were stored reads its kind from the message.
     legacy = Result.from_json(b'{"text":"","finish_reason":"error","error":"rejected: 400 bad"}')
     assert legacy.error_kind is ErrorKind.REJECTED
+
+
+def test_the_first_window_resize_comes_early():
+    """A window sized for the engine's ceiling (vLLM: 1,024 running per engine until its KV cache says
+    otherwise) shrinks after FIRST_RESIZE calls, not after RESIZE_EVERY."""
+    from engine.scheduler import FIRST_RESIZE
+
+    backend = StandInBackend(lambda r: "x" * 400, delay_s=0.0)
+    backend.capabilities = dataclasses.replace(backend.capabilities, max_running=1024, kv_tokens=20_000)
+
+    async def go():
+        s = Scheduler(backend, None, SchedulerConfig(timeout_s=5))
+        before = s.window
+        for i in range(FIRST_RESIZE):
+            await s.submit(Request(prompt=tuple(range(899)) + (i,), sampling=SamplingParams(max_new_tokens=8),
+                                   model="m"))
+        return before, s.window
+
+    before, after = run(go())
+    assert before == 1024 + 64 and after == 20 + 5
