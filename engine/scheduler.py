@@ -183,9 +183,11 @@ class Scheduler:
     """`async with Scheduler(backend, store) as s: result = await s.submit(request)`.
 
     submit() never raises for a failed request: the failure comes back as a Result with `error`
-    set and is stored. It raises only EngineDied (the run cannot go on: the engine is gone, stayed
-    unreachable past `engine_down_s`, refused our credentials, or the last `failure_streak`
-    requests all failed the same way) and CancelledError."""
+    and `error_kind` set and is stored. It raises only EngineDied (the run cannot go on: the engine
+    is gone, stayed unreachable past `engine_down_s`, refused our credentials, the last
+    `failure_streak` requests all failed the same way, the run's first `first_failures` did before
+    anything succeeded, or the first constrained answers do not match their regex: see
+    engine/canary.py) and CancelledError."""
 
     def __init__(self, backend: Backend, store: Store | None = None, config: SchedulerConfig | None = None,
                  **overrides) -> None:

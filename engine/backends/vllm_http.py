@@ -13,6 +13,9 @@ Response (CompletionResponse): {"model", "choices": [{"text", "finish_reason", "
 `prompt_tokens_details` is filled only by a server started with `--enable-prompt-tokens-details`;
 without it cached_tokens reads 0 (a warning says so once).
 Served model and context length come from GET /v1/models (ModelCard.id, root, max_model_len).
+Every request also carries top_k, min_p and repetition_penalty (NEUTRAL_SAMPLING): vLLM would fill
+them from the model's generation_config.json. The window is sized from /metrics (the KV cache in
+`vllm:cache_config_info`) unless --max-inflight sets it.
 
 Transport and status errors come from the shared client (engine/backends/http_client.py): bounded
 reads, 429/503 -> EngineOverloaded (retried after Retry-After), 401/403 -> EngineAuthError (the run
