@@ -206,7 +206,8 @@ class Scheduler:
         self.breaker = Breaker(self.config.engine_down_s, self.config.backoff_base_s, self.config.probe_max_s)
         self._streak = Streak(self.config.failure_streak)
         self._first = FirstFailures(self.config.first_failures)
-        where = f"{backend.name} at {getattr(backend, 'base_url', '')}".strip().removesuffix(" at")
+        url = getattr(backend, "base_url", None)  # the HTTP backends': the message names the server
+        where = f"{backend.name} at {url}" if url else backend.name
         # A backend without regex support runs unconstrained (callers parse leniently): nothing to check.
         self._canary = ConstraintCanary(where) if self.config.constraint_canary and caps.regex else None
 
