@@ -70,6 +70,17 @@ class EngineDown(EngineDied):
     run stops, resumable, instead of dropping the instances it could not serve."""
 
 
+class EngineConfigError(EngineDied):
+    """The engine is not set up as the run needs (found at start): a configuration error to fix,
+    not an outage."""
+
+
+class NeverAnswered(EngineConfigError):
+    """Nothing has answered at the engine's address since the run started (a wrong --url, a server
+    not started): a configuration error, reported within seconds. The outage wait (EngineDown) is
+    for a server that answered and went away."""
+
+
 class FailureStreak(EngineDied):
     """The most recent requests all failed the same way: something systematic is wrong, so the run
     stops (resumable) instead of dropping the rest of the input."""

@@ -24,6 +24,7 @@ class Metrics:
     unreachable: int = 0  # attempts that found no engine listening (they waited, no retry spent)
     shed: int = 0  # attempts the engine answered 429/503 (retried after Retry-After, no retry spent)
     engine_down_s: float = 0.0  # time the engine was unreachable (the breaker open)
+    last_failure: str = ""  # the most recent final failure's message, for a run that kept nothing
     by_phase: dict[str, dict[str, int]] = field(default_factory=dict)  # per Request.group
     started: float = field(default_factory=time.monotonic)
 

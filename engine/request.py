@@ -7,6 +7,7 @@ so a stored result can stand in for an engine call and any change to those input
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -14,6 +15,21 @@ import orjson
 import xxhash
 
 FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class ErrorKind(str, Enum):
+    """Why a request finally failed; stored with the result as its readable value."""
+
+    REJECTED = "rejected"  # the engine refused this request for what it is (4xx): retrying cannot help
+    ENGINE = "engine_error"  # an engine error not worth retrying
+    GAVE_UP = "gave_up"  # transient errors or timeouts, retried until the retries ran out
+
+    @classmethod
+    def of_legacy(cls, error: str) -> ErrorKind:
+        """The kind of a failure stored before kinds were stored: read from its message's prefix."""
+        if error.startswith("rejected"):
+            return cls.REJECTED
+        return cls.GAVE_UP if error.startswith("gave up") else cls.ENGINE
 
 # A prompt is token ids (preferred: the engine skips tokenization and prefix reuse is exact),
 # plain text, or chat messages (for endpoints that apply their own chat template).
@@ -113,6 +129,13 @@ class Result:
     cached_tokens: int = 0
     attempts: int = 1
     error: str | None = None
+    error_kind: ErrorKind | None = None
+
+    def __post_init__(self) -> None:
+        if self.error is not None and not isinstance(self.error_kind, ErrorKind):
+            # A stored failure comes back with the kind's value, or none if stored before kinds were
+            kind = self.error_kind
+            self.error_kind = ErrorKind(kind) if kind else ErrorKind.of_legacy(self.error)
 
     @property
     def ok(self) -> bool:
@@ -122,5 +145,5 @@ class Result:
         return orjson.dumps(asdict(self))
 
     @classmethod
-    def failure(cls, error: str, attempts: int = 1) -> Result:
-        return cls(text="", finish_reason="error", attempts=attempts, error=error)
+    def failure(cls, error: str, attempts: int = 1, kind: ErrorKind = ErrorKind.ENGINE) -> Result:
+        return cls(text="", finish_reason="error", attempts=attempts, error=error, error_kind=kind)

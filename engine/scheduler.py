@@ -25,6 +25,7 @@ from engine.backend import (
     RequestRejected,
 )
 from engine.breaker import Breaker
+from engine.canary import ConstraintCanary, FirstFailures, FirstRequestsFailed
 from engine.metrics import Metrics
 from engine.policy import (
     Streak,
@@ -35,12 +36,13 @@ from engine.policy import (
     shed_delay_s,
     tokens_per_request,
 )
-from engine.request import Request, Result
+from engine.request import ErrorKind, Request, Result
 from engine.store import Store
 
 log = logging.getLogger(__name__)
 
 RESIZE_EVERY = 256  # engine calls between window re-sizings from observed request sizes
+FIRST_RESIZE = 32  # the first one comes sooner: a window sized for the engine's ceiling shrinks early
 
 
 class _Deadlines:
@@ -113,6 +115,10 @@ class SchedulerConfig:
     # Stop the run when this many final failures in a row are of one kind (0 = never): a broken
     # engine or a wrong setting would otherwise drop the rest of the input one request at a time.
     failure_streak: int = 25
+    # Stop sooner at the start: this many final failures of one kind before any request succeeded.
+    first_failures: int = 5
+    # Check the first constrained answers against their regex (engine/canary.py).
+    constraint_canary: bool = True
 
     def __post_init__(self) -> None:
         if self.max_inflight is not None and self.max_inflight < 1:
@@ -123,8 +129,8 @@ class SchedulerConfig:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
         if self.engine_down_s <= 0:
             raise ValueError(f"engine_down_s must be > 0, got {self.engine_down_s}")
-        if self.failure_streak < 0:
-            raise ValueError(f"failure_streak must be >= 0, got {self.failure_streak}")
+        if self.failure_streak < 0 or self.first_failures < 0:
+            raise ValueError("failure_streak and first_failures must be >= 0")
 
 
 @dataclass
@@ -177,9 +183,11 @@ class Scheduler:
     """`async with Scheduler(backend, store) as s: result = await s.submit(request)`.
 
     submit() never raises for a failed request: the failure comes back as a Result with `error`
-    set and is stored. It raises only EngineDied (the run cannot go on: the engine is gone, stayed
-    unreachable past `engine_down_s`, refused our credentials, or the last `failure_streak`
-    requests all failed the same way) and CancelledError."""
+    and `error_kind` set and is stored. It raises only EngineDied (the run cannot go on: the engine
+    is gone, stayed unreachable past `engine_down_s`, refused our credentials, the last
+    `failure_streak` requests all failed the same way, the run's first `first_failures` did before
+    anything succeeded, or the first constrained answers do not match their regex: see
+    engine/canary.py) and CancelledError."""
 
     def __init__(self, backend: Backend, store: Store | None = None, config: SchedulerConfig | None = None,
                  **overrides) -> None:
@@ -197,6 +205,11 @@ class Scheduler:
         self.metrics = Metrics()
         self.breaker = Breaker(self.config.engine_down_s, self.config.backoff_base_s, self.config.probe_max_s)
         self._streak = Streak(self.config.failure_streak)
+        self._first = FirstFailures(self.config.first_failures)
+        url = getattr(backend, "base_url", None)  # the HTTP backends': the message names the server
+        where = f"{backend.name} at {url}" if url else backend.name
+        # A backend without regex support runs unconstrained (callers parse leniently): nothing to check.
+        self._canary = ConstraintCanary(where) if self.config.constraint_canary and caps.regex else None
 
     async def __aenter__(self) -> Scheduler:
         return self
@@ -281,11 +294,12 @@ class Scheduler:
                 timed_out = isinstance(error, asyncio.TimeoutError)
                 reason = f"timeout after {cfg.timeout_s:g}s" if timed_out else str(error)
                 if isinstance(error, RequestRejected):
-                    return self._failed(f"rejected: {error}", attempt, error)
-                if not isinstance(error, asyncio.TimeoutError) and not error.retryable:
-                    return self._failed(f"engine error: {reason}", attempt, error)
+                    return self._failed(f"rejected: {error}", attempt, error, ErrorKind.REJECTED)
+                if not timed_out and not error.retryable:
+                    return self._failed(f"engine error: {reason}", attempt, error, ErrorKind.ENGINE)
                 if attempt > cfg.max_retries:
-                    return self._failed(f"gave up after {attempt} attempts: {reason}", attempt, error)
+                    return self._failed(f"gave up after {attempt} attempts: {reason}", attempt, error,
+                                        ErrorKind.GAVE_UP)
                 m.retries += 1
                 log.warning("request %s attempt %d failed (%s); retrying", request.key.hex()[:8], attempt,
                             reason)
@@ -293,7 +307,11 @@ class Scheduler:
                 continue
             m.record(result, time.perf_counter() - t0, request.group)
             self._streak.success()
-            if self._resize_from is not None and m.engine_calls % RESIZE_EVERY == 0:
+            self._first.success()
+            if self._canary is not None and request.regex and result.finish_reason == "stop":
+                self._canary.check(request.regex, result.text)
+            if self._resize_from is not None and (m.engine_calls % RESIZE_EVERY == 0
+                                                  or m.engine_calls == FIRST_RESIZE):
                 self._resize_window()
             result.attempts = attempt
             if request.regex and result.finish_reason == "length" and length_tries < cfg.length_retries:
@@ -303,18 +321,25 @@ class Scheduler:
                 continue
             return result
 
-    def _failed(self, reason: str, attempt: int, error: EngineError | asyncio.TimeoutError) -> Result:
+    def _failed(self, reason: str, attempt: int, error: EngineError | asyncio.TimeoutError,
+                kind: ErrorKind) -> Result:
         """The request's final failure, to be stored; or FailureStreak when the last
-        `failure_streak` final failures were all of this kind."""
+        `failure_streak` final failures were all of this kind, FirstRequestsFailed when the run's
+        first `first_failures` were and nothing has succeeded yet."""
         self.metrics.failures += 1
+        self.metrics.last_failure = reason
         if isinstance(error, ContentFiltered):  # about this request's content, not the engine
-            return Result.failure(reason, attempt)
-        kind = "timeout" if isinstance(error, asyncio.TimeoutError) else error.kind
-        if self._streak.failure(kind):
+            return Result.failure(reason, attempt, kind)
+        same = "timeout" if isinstance(error, asyncio.TimeoutError) else error.kind
+        if self._streak.failure(same):
             raise FailureStreak(f"the last {self._streak.count} engine requests all failed the same way "
                                 f"({reason}); the run stops here rather than drop the rest of the input: "
                                 "fix the cause and re-run the same command to resume")
-        return Result.failure(reason, attempt)
+        if self._first.failure(same):
+            raise FirstRequestsFailed(f"the first {self._first.count} engine requests of this run all failed "
+                                      f"the same way and none succeeded ({reason}); the run stops here: fix "
+                                      "the cause and re-run the same command")
+        return Result.failure(reason, attempt, kind)
 
     def _sync_metrics(self) -> None:
         b = self.breaker

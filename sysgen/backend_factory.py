@@ -24,15 +24,31 @@ def resolve_engine(name: str) -> tuple[str, str]:
     return choose_backend("auto")
 
 
+# --deterministic (batch-invariant outputs; docs/determinism.md): why an engine cannot offer it.
+# SGLang can (enable_deterministic_inference; for sglang_http the server must run with it); the
+# stand-in's answers never depend on batching.
+NOT_DETERMINISTIC = {
+    "openvino": "OpenVINO GenAI has no batch-invariant mode (an answer can change with the requests "
+                "batched beside it and with prefix-cache hits); the store keeps each first answer, so a "
+                "resumed run stays stable. For batch-invariant output use --engine sglang",
+    "vllm_http": "vLLM's batch invariance is switched on where the server starts and cannot be checked over "
+                 "HTTP: start it with VLLM_BATCH_INVARIANT=1 (NVIDIA GPUs of compute capability 9.0 or "
+                 "newer) and run without --deterministic",
+    "openai": "an OpenAI-compatible endpoint has no batch-invariant mode sysgen can ask for or check",
+}
+
+
 def make_backend(name: str, *, model: str | None, url: str | None = None, api_key: str | None = None,
                  gpu_profile: str | None = None, max_batch: int = 32, fp8: bool = False,
                  max_inflight: int | None = None, standin: dict[str, Any] | None = None,
                  timeout_s: float = SchedulerConfig.timeout_s, openai_server: str | None = None,
-                 kv_cache_gb: int | None = None) -> Backend:
+                 kv_cache_gb: int | None = None, deterministic: bool = False) -> Backend:
     """timeout_s: the scheduler's per-request timeout (--timeout-s); the GPU backends' own request
     timeouts match it, so neither cuts a request the other still allows."""
     name, why = resolve_engine(name)
     log.info("engine: %s (%s)", name, why)
+    if deterministic and name in NOT_DETERMINISTIC:
+        raise ValueError(f"--deterministic is not offered with --engine {name}: {NOT_DETERMINISTIC[name]}")
     if name == "openvino":
         from engine.backends.openvino import OpenVINOBackend
 
@@ -45,12 +61,14 @@ def make_backend(name: str, *, model: str | None, url: str | None = None, api_ke
 
         # Size decides tp_size and memory fractions: a 70B model must not get the 8B numbers.
         args = load_profile(gpu_profile, model_size_b=estimate_model_size_b(model), fp8=fp8)
+        if deterministic:  # batch-invariant kernels, seeded sampling; costs throughput
+            args = {**args, "enable_deterministic_inference": True}
         return SGLangBackend(model, server_args=args, request_timeout_s=timeout_s)
     if name == "sglang_http":
         from engine.backends.sglang_http import SGLangHTTPBackend
 
         return SGLangHTTPBackend(url, model_path=model, max_concurrency=max_inflight, timeout_s=timeout_s,
-                                 api_key=api_key)
+                                 api_key=api_key, deterministic=deterministic)
     if name == "vllm_http":
         from engine.backends.vllm_http import VLLMHTTPBackend
 

@@ -13,8 +13,9 @@ import types
 import typing
 from pathlib import Path
 
-from engine.backend import Backend, EngineAuthError, EngineDied, EngineDown, FailureStreak
+from engine.backend import Backend, EngineAuthError, EngineConfigError, EngineDied, EngineDown, FailureStreak
 from engine.backends.model_cache import ModelNotFound
+from engine.canary import ConstraintIgnored
 from engine.store import Store, StoreError
 from sysgen.backend_factory import make_backend
 from sysgen.cli_eval import register, report_after_run
@@ -130,7 +131,8 @@ def _open_run(args: argparse.Namespace) -> tuple[RunPlan, Backend, Store]:
                            api_key=args.api_key or env_api_key(cfg.engine), gpu_profile=cfg.gpu_profile,
                            max_batch=cfg.max_batch, fp8=cfg.fp8, max_inflight=cfg.max_inflight,
                            standin=_standin_env(), timeout_s=cfg.timeout_s,
-                           openai_server=cfg.openai_server, kv_cache_gb=cfg.kv_cache_gb)
+                           openai_server=cfg.openai_server, kv_cache_gb=cfg.kv_cache_gb,
+                           deterministic=cfg.deterministic)
     return plan, backend, Store.open(plan.out / "store.db")
 
 
@@ -141,8 +143,10 @@ def _stopped(e: Exception) -> tuple[str, int]:
                 "once the cause (e.g. a full disk) is fixed."), 1
     if isinstance(e, EngineAuthError):
         return f"sysgen: stopped: {e}.\nNothing was dropped; fix the credentials, then {RESUME_HINT}.", 1
+    if isinstance(e, EngineConfigError):  # a wrong --url, a server set up wrong: configuration, not an outage
+        return f"sysgen run: error: {e}", 2
     if isinstance(e, EngineDied):
-        what = "stopped" if isinstance(e, (EngineDown, FailureStreak)) else "the engine died"
+        what = "stopped" if isinstance(e, (EngineDown, FailureStreak, ConstraintIgnored)) else "the engine died"
         return (f"sysgen: {what}: {e}\nEverything finished before is committed; {RESUME_HINT} "
                 "once the engine is fixed."), 1
     return f"sysgen run: error: {e}\n{_dataset_error_hint(e, RESUME_HINT)}", 2
@@ -192,6 +196,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             return rc
     st = stats.write_run(out, cfg, backend, counters, counters["rows_read"], time.monotonic() - t0)
     _print_summary(st, counters, out)
+    sm = counters["scheduler"]
+    if not st["kept"] and sm["failures"] and not sm["engine_calls"]:  # every engine request failed
+        print(f"sysgen: error: kept nothing: all {sm['failures']:,} engine requests of this run failed; "
+              f"the last: {sm['last_failure']}", file=sys.stderr)
+        return 1
     if cfg.report:
         report_after_run(out)
     return 0

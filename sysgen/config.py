@@ -44,6 +44,9 @@ class RunConfig:
     gpu_profile: str | None = opt(None, "kernels_cfg profile (default: from the detected GPU)")
     fp8: bool = opt(False,
                     "sglang: fp8 weights and KV cache on Hopper GPUs (kernels_cfg states the trade-off)")
+    deterministic: bool = opt(False, "batch-invariant outputs (the same answer whatever else is batched): "
+                                     "sglang turns it on, sglang_http checks the server has it; refused "
+                                     "where an engine cannot give it (docs/determinism.md)")
     format: str = opt("auto", "input format, or auto-detect per row")
     columns: str | None = opt(None, "read any row shape: user=FIELD,assistant=FIELD,system=FIELD (dotted "
                                     "paths, list indices as numbers: user=instances.0.input); only user "

@@ -7,23 +7,46 @@ server takes the regex in its own extra body field; the caller says which server
 or router would be a guess, and a field the server does not know is silently ignored (vLLM) or
 refused. The API key is sent as a bearer header and appears in no log line, error or repr.
 
+Entering the backend asks GET /v1/models once: a server that never answers there (refused, no
+route) is a configuration error within seconds (NeverAnswered, naming the URL), not an outage to
+wait out for --engine-down-s; any HTTP answer will do (a proxy without that route still answered),
+except 401/403, which stop the run at once.
+
 Errors by status as in engine/backends/http_client.py (429/503 are load shedding, retried after
 Retry-After; 401/403 stop the run). An answer is checked before it becomes a Result; finish_reason
-"content_filter" is a drop with that reason (ContentFiltered), not a success.
+"content_filter" is a drop with that reason (ContentFiltered), not a success; "repetition" (vLLM's
+loop detection) is an output cut short, like "length"; any other ("abort" from a server shutting
+down, "error", none at all) is a transient error, retried and finally dropped, never a success.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 from typing import Any, cast
 
-from engine.backend import BackendBase, Capabilities, ContentFiltered, RequestRejected, TransientEngineError
+from engine.backend import (
+    BackendBase,
+    Capabilities,
+    ContentFiltered,
+    EngineError,
+    NeverAnswered,
+    RequestRejected,
+    TransientEngineError,
+)
 from engine.backends.http_client import HTTPEndpoint, error_message, max_body_bytes, status_error
-from engine.backends.vllm_http import openai_regex_body
+from engine.backends.vllm_http import NEUTRAL_SAMPLING, openai_regex_body
 from engine.request import FinishReason, Request, Result, prompt_messages
 
+log = logging.getLogger(__name__)
+
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "tool_calls": "stop",
-                                    "function_call": "stop"}
+                                    "function_call": "stop", "repetition": "length"}
+STARTUP_TRIES = 3  # GET /v1/models at start; refused connections fail in milliseconds, so ~2 s in all
+# How a self-hosted server is told to report cached prompt tokens on its OpenAI routes.
+_CACHE_REPORT_HINT = {"vllm": "start vLLM with --enable-prompt-tokens-details",
+                      "sglang": "start SGLang with --enable-cache-report"}
 
 
 class OpenAIBackend(HTTPEndpoint, BackendBase):
@@ -44,13 +67,35 @@ class OpenAIBackend(HTTPEndpoint, BackendBase):
         self.capabilities = Capabilities(regex=server is not None, token_ids=False,
                                          max_running=max_concurrency, max_context=1 << 20)
         self._sem = asyncio.Semaphore(max_concurrency)
+        self._warned_no_cache_counts = False
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r}, api_key=<{self._key_shown}>)"
 
     async def __aenter__(self) -> OpenAIBackend:
-        self._open()
+        await self.start()
         return self
+
+    async def start(self) -> None:
+        """The server must answer once (see the module docstring); closes the pool if it never does."""
+        client = self._open()
+        url = f"{self.base_url}/v1/models"
+        last: EngineError | None = None
+        for attempt in range(STARTUP_TRIES):
+            try:
+                reply = await client.get("/v1/models", timeout_s=5.0)
+            except EngineError as e:  # refused, connect timeout, no answer
+                last = e
+                if attempt + 1 < STARTUP_TRIES:
+                    await asyncio.sleep(0.5 * 2**attempt * (0.5 + random.random()))
+                continue
+            if reply.status in (401, 403):
+                await self.close()
+                raise status_error(url, reply, None, self._scrub(error_message(reply)))  # EngineAuthError
+            return
+        await self.close()
+        raise NeverAnswered(f"nothing answers at {self.base_url} ({last}): check --url (an OpenAI-compatible "
+                            "server answers GET /v1/models) and that the server is running")
 
     def payload(self, request: Request) -> dict[str, Any]:
         if request.kind == "messages":
@@ -65,6 +110,8 @@ class OpenAIBackend(HTTPEndpoint, BackendBase):
                                 "top_p": s.top_p, "max_tokens": s.max_new_tokens, "seed": s.seed}
         if s.stop:
             body["stop"] = list(s.stop)
+        if self.server == "vllm":  # else vLLM fills them from the model's generation_config.json
+            body.update(NEUTRAL_SAMPLING)
         if request.regex is not None and self.server is not None:
             body.update(openai_regex_body(self.server, request.regex))
         return body
@@ -82,7 +129,13 @@ class OpenAIBackend(HTTPEndpoint, BackendBase):
             body = r.json()
         except ValueError as e:
             raise TransientEngineError(f"{url}: answer is not JSON: {r.body[:200]!r}", request) from e
-        return checked_result(body, request, url)
+        result = checked_result(body, request, url)
+        if not self._warned_no_cache_counts and not _reports_cached(body):
+            self._warned_no_cache_counts = True
+            hint = _CACHE_REPORT_HINT.get(self.server or "", "the endpoint may not report them")
+            log.warning("%s reports no cached-token counts (usage.prompt_tokens_details.cached_tokens), so "
+                        "prefix-cache hits read 0: %s", self.base_url, hint)
+        return result
 
     async def close(self) -> None:
         if self._client is not None:
@@ -97,15 +150,23 @@ def checked_result(body: Any, request: Request, url: str) -> Result:
     if bad:
         raise TransientEngineError(f"{url}: malformed answer ({bad}): {str(body)[:200]!r}", request)
     choice = body["choices"][0]
-    finish = choice.get("finish_reason") or "stop"
+    finish = choice.get("finish_reason")
     if finish == "content_filter":
         raise ContentFiltered(f"{url}: content_filter: the endpoint's content filter withheld the answer",
                               request)
+    if finish not in _FINISH:  # "abort" (a server shutting down), "error", none: never a success
+        raise TransientEngineError(f"{url}: the server ended the answer with finish_reason {finish!r}",
+                                   request)
     usage = body.get("usage") or {}
-    return Result(text=choice["message"].get("content") or "", finish_reason=_FINISH.get(finish, "stop"),
+    return Result(text=choice["message"].get("content") or "", finish_reason=_FINISH[finish],
                   prompt_tokens=usage.get("prompt_tokens") or 0,
                   completion_tokens=usage.get("completion_tokens") or 0,
                   cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+
+
+def _reports_cached(body: dict) -> bool:
+    details = (body.get("usage") or {}).get("prompt_tokens_details")
+    return isinstance(details, dict) and details.get("cached_tokens") is not None
 
 
 def _problem(body: Any) -> str | None:

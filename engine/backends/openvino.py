@@ -231,7 +231,7 @@ class OpenVINOBackend(BackendBase):
                                        "raise --kv-cache-gb or lower --max-batch", job.request)
         if status != ov.GenerationStatus.FINISHED:
             raise TransientEngineError(f"openvino ended the request with status {status.name}", job.request)
-        finish = _FINISH.get(job.finish or "")
+        finish = finish_of(job.finish, len(job.out), job.request.sampling.max_new_tokens)
         if finish is None:
             raise TransientEngineError(f"openvino returned no finish reason (got {job.finish})", job.request)
         text = cast(str, self.tokenizer.decode(job.out, skip_special_tokens=True,
@@ -255,6 +255,19 @@ class OpenVINOBackend(BackendBase):
         self._closed = True
         self._stepper.stop()
         await asyncio.to_thread(self._stepper.thread.join, 60)
+
+
+def finish_of(streamed: str | None, generated: int, max_new_tokens: int) -> FinishReason | None:
+    """A FINISHED request's finish reason from the last one it streamed (GenerationFinishReason's
+    name; None if nothing was streamed). OpenVINO GenAI streams an output only when a step adds
+    tokens (sequence_group.hpp, notify_handle): when the finishing step adds none (the EOS or stop
+    token is not emitted) the last output streamed says NONE, or an empty final output says nothing.
+    Such a request ended on its own before its token budget ran out, so it stopped; with the budget
+    spent, it was cut. Any other reason (a cancel) is not an answer: None."""
+    known = {"STOP": "stop", "LENGTH": "length"}.get(streamed or "")
+    if known is not None or streamed not in (None, "NONE"):
+        return known
+    return "length" if generated >= max_new_tokens else "stop"
 
 
 def _import_openvino_genai() -> Any:

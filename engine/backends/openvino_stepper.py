@@ -159,7 +159,9 @@ class Stepper:
             while handle.can_read():
                 for output in handle.read().values():
                     job.out.extend(output.generated_ids)
-                    job.finish = output.finish_reason.name
+                    name = output.finish_reason.name
+                    if name != "NONE" or job.finish is None:  # a later empty output must not erase it
+                        job.finish = name
             status = handle.get_status()
             if status == self._running:
                 continue

@@ -49,6 +49,24 @@ class GrammarTimeout(TransientEngineError):
     """SGLang's grammar compile timed out: the engine's failure, not the request's."""
 
 
+class GrammarTimeouts:
+    """Grammar compile timeouts per regex, for both SGLang backends: the first is retried; another
+    for the same regex proves SGLang cached the grammar as invalid, so every later request with it
+    would fail until the server restarts: `stop_reason()` then says why the run stops (resumable)
+    instead of failing them one by one."""
+
+    def __init__(self, before_stop: int = 2) -> None:
+        self.before_stop = before_stop
+        self._counts: dict[str, int] = {}
+
+    def stop_reason(self, error: GrammarTimeout, request: Request) -> str | None:
+        regex = request.regex or ""
+        n = self._counts[regex] = self._counts.get(regex, 0) + 1
+        if n < self.before_stop:
+            return None
+        return f"{error} ({n} times for this regex). {GRAMMAR_TIMEOUT_HINT}."
+
+
 def abort_error(message: str, status: int | None, request: Request | None = None) -> EngineError:
     """The error for an SGLang abort (Engine: a ValueError or HTTPException; HTTP: a 4xx body;
     either: finish_reason {"type": "abort"}). 4xx is the request's fault (RequestRejected) except a
@@ -189,8 +207,7 @@ class SGLangBackend(BackendBase):
         self.model_id = model_id or default_model_id(model_path, self.server_args)
         self.request_timeout_s = request_timeout_s
         self.watch_interval_s = watch_interval_s
-        self.grammar_timeouts_before_stop = grammar_timeouts_before_stop
-        self._grammar_timeouts: dict[str, int] = {}
+        self._grammar_timeouts = GrammarTimeouts(grammar_timeouts_before_stop)
         sglang = _import_sglang()
         with _kept_logging():  # SGLang's configure_logger re-configures the root logger (force=True)
             try:
@@ -293,12 +310,9 @@ class SGLangBackend(BackendBase):
                 self._abort(rid)
 
     def _on_grammar_timeout(self, error: GrammarTimeout, request: Request) -> None:
-        """Retry the first time; once more for the same regex proves SGLang cached it as invalid, so
-        every later request with it would fail: stop the run (resumable) instead of storing them all."""
-        regex = request.regex or ""
-        n = self._grammar_timeouts[regex] = self._grammar_timeouts.get(regex, 0) + 1
-        if n >= self.grammar_timeouts_before_stop:
-            self._declare_dead(f"{error} ({n} times for this regex). {GRAMMAR_TIMEOUT_HINT}.")
+        reason = self._grammar_timeouts.stop_reason(error, request)
+        if reason is not None:
+            self._declare_dead(reason)
             assert self._dead is not None
             raise EngineDied(self._dead.result(), request) from error
 

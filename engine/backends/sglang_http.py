@@ -23,8 +23,10 @@ from typing import Any
 from engine.backend import (
     BackendBase,
     Capabilities,
+    EngineConfigError,
     EngineDied,
     EngineError,
+    NeverAnswered,
     RequestRejected,
     TransientEngineError,
 )
@@ -40,8 +42,8 @@ from engine.backends.http_client import (
 )
 from engine.backends.sglang import (
     GRAMMAR_TIMEOUT,
-    GRAMMAR_TIMEOUT_HINT,
     GrammarTimeout,
+    GrammarTimeouts,
     abort_error,
     capacity_from_states,
     default_model_id,
@@ -67,7 +69,7 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
 
     def __init__(self, base_url: str, *, model_path: str | None, model_id: str | None = None,
                  max_concurrency: int | None = None, timeout_s: float = 600, retries: int = 3,
-                 tokenizer: Any = None, api_key: str | None = None) -> None:
+                 tokenizer: Any = None, api_key: str | None = None, deterministic: bool = False) -> None:
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self._init_endpoint(base_url, api_key, timeout_s)  # `sglang.launch_server --api-key`
@@ -78,6 +80,7 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
         self._cap = max_concurrency
         self.max_concurrency = max_concurrency or 256
         self._explicit_model_id = model_id
+        self.deterministic = deterministic  # the server must run with --enable-deterministic-inference
         fallback = default_model_id(model_path, {}) if model_path else f"sglang@{self.base_url}"
         self.model_id = model_id or fallback
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, "sglang_http")
@@ -86,10 +89,8 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
         self.server_info: dict[str, Any] = {}
         self.model_info: dict[str, Any] = {}
         self._sem = asyncio.Semaphore(self.max_concurrency)
-        # Grammar compile timeouts per regex (see _on_grammar_timeout); once set, the run is over.
-        self.grammar_timeouts_before_stop = 2
-        self._grammar_timeouts: dict[str, int] = {}
-        self._stopped: str | None = None
+        self._grammar_timeouts = GrammarTimeouts()
+        self._stopped: str | None = None  # once set, the run is over
 
     def __repr__(self) -> str:
         return f"SGLangHTTPBackend(base_url={self.base_url!r}, api_key=<{self._key_shown}>)"
@@ -109,6 +110,13 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
         except BaseException:
             await self.close()  # no pool left open: __aexit__ does not run when __aenter__ fails
             raise
+        if self.deterministic and self.server_info.get("enable_deterministic_inference") is not True:
+            await self.close()
+            raise EngineConfigError(
+                f"--deterministic: the SGLang server at {self.base_url} does not run with "
+                "enable_deterministic_inference (its /server_info says "
+                f"{self.server_info.get('enable_deterministic_inference')!r}); restart it with "
+                "--enable-deterministic-inference, or run without --deterministic")
         self._apply_info()
         # The pool holds one keep-alive connection per request in flight (the first pool, opened
         # before the capacity was known, had the default size: a 256-connection pool capped a
@@ -138,7 +146,7 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
                 last = e
                 if attempt < self.retries:
                     await asyncio.sleep(min(8.0, 0.5 * 2**attempt) * (0.5 + random.random()))
-        raise EngineDied(f"no SGLang server answers at {self.base_url} ({type(last).__name__}: {last}); "
+        raise NeverAnswered(f"no SGLang server answers at {self.base_url} ({type(last).__name__}: {last}); "
                          "start one with `python -m sglang.launch_server --model-path MODEL --port PORT` "
                          "or check --url")
 
@@ -227,13 +235,9 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
             raise
 
     def _on_grammar_timeout(self, error: GrammarTimeout, request: Request) -> None:
-        """As SGLangBackend's: retry the first time; a second timeout for the same regex proves the
-        server cached it as invalid (every later request with it would fail until it restarts), so
-        stop the run (resumable) instead of failing them one by one."""
-        regex = request.regex or ""
-        n = self._grammar_timeouts[regex] = self._grammar_timeouts.get(regex, 0) + 1
-        if n >= self.grammar_timeouts_before_stop:
-            self._stopped = self._stopped or f"{error} ({n} times for this regex). {GRAMMAR_TIMEOUT_HINT}."
+        reason = self._grammar_timeouts.stop_reason(error, request)
+        if reason is not None:
+            self._stopped = self._stopped or reason
             log.error("%s", self._stopped)
             raise EngineDied(self._stopped, request) from error
 

@@ -13,6 +13,9 @@ Response (CompletionResponse): {"model", "choices": [{"text", "finish_reason", "
 `prompt_tokens_details` is filled only by a server started with `--enable-prompt-tokens-details`;
 without it cached_tokens reads 0 (a warning says so once).
 Served model and context length come from GET /v1/models (ModelCard.id, root, max_model_len).
+Every request also carries top_k, min_p and repetition_penalty (NEUTRAL_SAMPLING): vLLM would fill
+them from the model's generation_config.json. The window is sized from /metrics (the KV cache in
+`vllm:cache_config_info`) unless --max-inflight sets it.
 
 Transport and status errors come from the shared client (engine/backends/http_client.py): bounded
 reads, 429/503 -> EngineOverloaded (retried after Retry-After), 401/403 -> EngineAuthError (the run
@@ -37,6 +40,7 @@ from engine.backend import (
     EngineAuthError,
     EngineDied,
     EngineError,
+    NeverAnswered,
     RequestRejected,
     TransientEngineError,
 )
@@ -62,6 +66,17 @@ DEFAULT_RUNNING = 256
 # looping output early: treated as running out of tokens, so a constrained phase retries sampled.
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "repetition": "length"}
 _ENGINE_LABEL = re.compile(r'^vllm:num_requests_running\{[^}]*engine="(\d+)"', re.M)
+_CACHE_INFO = re.compile(r"^vllm:cache_config_info\{(.*)\}\s+\S+\s*$", re.M)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')  # a value may hold escaped quotes
+# vLLM's largest default --max-num-seqs (H100 class and up). With the KV cache's size known, each
+# engine's window starts here and the scheduler shrinks it to what the KV cache holds for the
+# requests' observed sizes, as it does for SGLang.
+KV_SIZED_RUNNING = 1024
+# vLLM fills every sampling parameter a request leaves out from the model's generation_config.json
+# (`--generation-config auto`, its default): these are sent explicitly, so a request means the same
+# on vLLM as on SGLang and OpenVINO (whose defaults these are: no top-k, no min-p, no penalty).
+# top_k 0 is "disabled" in vLLM 0.33 (sampling_params.py; -1 is still accepted).
+NEUTRAL_SAMPLING = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
@@ -168,7 +183,7 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             raise EngineDied(f"the server at {self.base_url} answered something that is not vLLM: GET "
                              f"/v1/models gave {reply.content_type or 'no type'} {snippet!r} (no model "
                              "listed); check --url")
-        raise EngineDied(f"no vLLM server answers at {self.base_url} ({type(last).__name__}: {last}); "
+        raise NeverAnswered(f"no vLLM server answers at {self.base_url} ({type(last).__name__}: {last}); "
                          "start one with `vllm serve MODEL --port PORT --enable-prompt-tokens-details` "
                          "or check --url")
 
@@ -211,8 +226,10 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
 
     async def _size_from_server(self) -> None:
         """vLLM reports no running capacity in production. Dev mode (VLLM_SERVER_DEV_MODE=1) has
-        /server_info with the scheduler's max_num_seqs; else /metrics shows how many engines (data
-        parallel ranks) run, each assumed to take DEFAULT_RUNNING."""
+        /server_info with the scheduler's max_num_seqs. /metrics shows how many engines (data
+        parallel ranks) run and, in `vllm:cache_config_info`, each one's KV cache: with it the window
+        starts at KV_SIZED_RUNNING per engine and the scheduler sizes it from the KV cache; without
+        it each engine is assumed to take DEFAULT_RUNNING."""
         running = None
         config = await self._optional_json("/server_info?config_format=json", "vllm_config")
         if isinstance(config, dict):
@@ -220,25 +237,33 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             dp = (config.get("parallel_config") or {}).get("data_parallel_size") or 1
             if isinstance(seqs, int) and seqs > 0 and isinstance(dp, int) and dp > 0:
                 running, self.capacity_source = seqs * dp, "/server_info max_num_seqs x data_parallel_size"
-        if running is None:
-            reply = await self._optional("/metrics")
-            text = reply.body.decode("utf-8", "replace") if reply is not None else ""
-            engines = set(_ENGINE_LABEL.findall(text))
-            if engines:
-                running = DEFAULT_RUNNING * len(engines)
-                self.capacity_source = f"/metrics: {len(engines)} engine(s) x {DEFAULT_RUNNING}"
+        reply = await self._optional("/metrics")
+        text = reply.body.decode("utf-8", "replace") if reply is not None else ""
+        engines = set(_ENGINE_LABEL.findall(text))
+        kv_engines, kv_tokens = kv_cache_tokens(text)
+        if running is None and kv_tokens:
+            n = max(len(engines), kv_engines)
+            running = KV_SIZED_RUNNING * n
+            self.capacity_source = (f"/metrics cache_config_info: {n} engine(s) x {kv_tokens:,} KV tokens, "
+                                    f"up to {KV_SIZED_RUNNING} running each")
+        elif running is None and engines:
+            running = DEFAULT_RUNNING * len(engines)
+            self.capacity_source = f"/metrics: {len(engines)} engine(s) x {DEFAULT_RUNNING}"
         if running:
             self.max_concurrency = max(DEFAULT_RUNNING, running + 128)
             self._sem = asyncio.Semaphore(self.max_concurrency)
+            dp = max(1, len(engines), kv_engines)
             self.capabilities = Capabilities(regex=True, token_ids=self.capabilities.token_ids,
-                                             max_running=running, max_context=self.capabilities.max_context)
+                                             max_running=running, max_context=self.capabilities.max_context,
+                                             dp_size=dp if kv_tokens else 1, kv_tokens=kv_tokens)
 
     # -- requests ------------------------------------------------------------------------------
 
     def payload(self, request: Request) -> dict[str, Any]:
         s = request.sampling
         body: dict[str, Any] = {"model": self.served_model, "max_tokens": s.max_new_tokens,
-                                "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}
+                                "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed,
+                                **NEUTRAL_SAMPLING}
         body["prompt"] = wire_prompt(request, self.tokenizer)
         if body["prompt"] is None:
             raise RequestRejected("a chat-messages prompt needs --model (a local copy of the served model, "
@@ -308,6 +333,31 @@ def openai_regex_body(server: str, regex: str) -> dict[str, Any]:
     if server == "sglang":
         return {"regex": regex}
     raise ValueError(f"no known regex field for server {server!r}; expected 'vllm' or 'sglang'")
+
+
+def kv_cache_tokens(metrics: str) -> tuple[int, int]:
+    """(engines reporting, KV-cache tokens of the smallest) from /metrics' `vllm:cache_config_info`:
+    one line per engine whose labels are the CacheConfig fields as strings (0.33: v1/metrics/loggers.py
+    log_metrics_info): kv_cache_size_tokens where set, else num_gpu_blocks x block_size. (0, 0) when
+    absent or unreadable ("None" before an engine has profiled its memory)."""
+    sizes = []
+    for labels in _CACHE_INFO.findall(metrics):
+        info = dict(_LABEL.findall(labels))
+        tokens = _int(info.get("kv_cache_size_tokens"))
+        if tokens is None:
+            blocks, block_size = _int(info.get("num_gpu_blocks")), _int(info.get("block_size"))
+            tokens = blocks * block_size if blocks and block_size else None
+        if tokens:
+            sizes.append(tokens)
+    return (len(sizes), min(sizes)) if sizes else (0, 0)
+
+
+def _int(label: str | None) -> int | None:
+    try:
+        value = int(label) if label is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and value > 0 else None
 
 
 def _count(value: Any, none_ok: bool = False) -> int | None:

@@ -9,7 +9,7 @@ from engine.prefix import PromptError
 from engine.request import Result
 from sysgen import tags
 from sysgen.datasets.instance import Instance, Rejected
-from sysgen.run.p4_turns import answer_turns
+from sysgen.run.p4_turns import answer_turns, drop_reason
 from sysgen.run.phases import (
     P1Turn,
     PhaseSettings,
@@ -54,7 +54,7 @@ def rejected_outcome(rej: Rejected) -> Outcome:
 
 def _failed(inst: Instance, phase: str, res: Result, keys: dict, extra: dict | None = None) -> Outcome | None:
     if not res.ok:
-        reason = "engine_rejected" if (res.error or "").startswith("rejected") else "engine_error"
+        reason = drop_reason(res)
         return Outcome(inst.id, inst.source, phase=phase, reason=reason, detail=res.error or "",
                        extra={"request_keys": keys, **(extra or {})})
     if res.finish_reason == "length":

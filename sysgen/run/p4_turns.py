@@ -18,9 +18,15 @@ import zlib
 from dataclasses import dataclass, field, replace
 
 from engine.policy import retry_sampling
-from engine.request import Request, Result, SamplingParams
+from engine.request import ErrorKind, Request, Result, SamplingParams
 from sysgen.datasets.instance import Instance
 from sysgen.run.phases import PhaseSettings, PromptBuilder, user_turns
+
+
+def drop_reason(res: Result) -> str:
+    """The drop reason for an engine failure: refused for what the request is, or the engine failed."""
+    return "engine_rejected" if res.error_kind is ErrorKind.REJECTED else "engine_error"
+
 
 LOOP_TAIL = 1500  # characters of a cut answer examined for a loop
 LOOP_MIN = 240  # shorter tails are never called loops
@@ -103,7 +109,7 @@ async def answer_turns(inst: Instance, system: str, submit, build: PromptBuilder
             out.keys[-1] = req.key.hex()
             res = await submit(req)
         if not res.ok:
-            kind = "engine_rejected" if (res.error or "").startswith("rejected") else "engine_error"
+            kind = drop_reason(res)
             out.reason, out.detail, out.error = f"{kind}@turn{j}", res.error or "", res
             return out
         if res.finish_reason == "length":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from http.server import BaseHTTPRequestHandler
 
 import pytest
@@ -15,6 +16,7 @@ from engine.backend import (
     ContentFiltered,
     EngineAuthError,
     EngineOverloaded,
+    NeverAnswered,
     RequestRejected,
     TransientEngineError,
 )
@@ -38,6 +40,10 @@ class StandInOpenAIServer(LocalHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
+
+    def do_GET(self):  # GET /v1/models at start: canned replies, else a route it does not have
+        if not self.server.canned(self):
+            self.send_error(404)
 
     def do_POST(self):
         srv = self.server
@@ -123,7 +129,7 @@ def test_key_absent_from_repr_logs_and_connection_errors(caplog):
         async with b:
             await b.generate(chat())
 
-    with pytest.raises(TransientEngineError) as e:  # port 9 (discard) has no listener here
+    with pytest.raises(NeverAnswered) as e:  # port 9 (discard) has no listener here
         asyncio.run(go())
     assert KEY not in str(e.value) and KEY not in repr(e.value)
     assert KEY not in caplog.text
@@ -215,8 +221,10 @@ def test_a_self_hosted_server_gets_the_regex_in_its_own_field(server):
         assert not unknown, unknown
         assert body["structured_outputs"] == {"regex": P1_REGEX}
         assert set(body["structured_outputs"]) <= set(fields["StructuredOutputsParams"])
+        assert (body["top_k"], body["min_p"], body["repetition_penalty"]) == (0, 0.0, 1.0)
     else:  # SGLang 0.5.23's ChatCompletionRequest.regex
         assert body["regex"] == P1_REGEX
+        assert "top_k" not in body
     assert "structured_outputs" not in free and "regex" not in free
 
 
@@ -249,3 +257,88 @@ def test_cli_openai_server_flag_constrains_p1_on_a_self_hosted_vllm(tmp_path):
     assert all("<Role>" in b["structured_outputs"]["regex"] for b in p1)
     with pytest.raises(ValueError, match="--openai-server applies to --engine openai only"):
         RunConfig(inputs=("a.jsonl",), out="o", engine="vllm_http", url="http://h", openai_server="vllm")
+
+
+def test_a_server_that_never_answers_is_a_configuration_error_within_seconds():
+    """A mistyped --url used to wait out --engine-down-s (600 s) before saying anything."""
+    with LocalHTTPServer(_Handler) as srv:
+        url = srv.url
+    t0 = time.monotonic()
+    with pytest.raises(NeverAnswered, match=f"nothing answers at {url}.*check --url"):
+        call(url, chat())
+    assert time.monotonic() - t0 < 10
+
+
+def test_cli_with_a_mistyped_url_fails_at_once_with_exit_2(tmp_path, capsys):
+    from pathlib import Path
+
+    from sysgen.cli import main
+
+    with LocalHTTPServer(_Handler) as srv:
+        url = srv.url
+    sample = Path(__file__).resolve().parents[2] / "sysgen" / "samples" / "demo_mixed.jsonl"
+    t0 = time.monotonic()
+    code = main(["run", str(sample), "--out", str(tmp_path / "out"), "--engine", "openai", "--url", url,
+                 "--model", "m", "--no-progress", "--no-report"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"nothing answers at {url}" in err and "check --url" in err
+    assert time.monotonic() - t0 < 15 and "Traceback" not in err
+
+
+def test_a_refused_key_at_start_stops_before_any_request():
+    with StandInOpenAIServer() as srv:
+        srv.inject("/v1/models", Canned(401, {"error": {"message": f"Incorrect API key provided: {KEY}"}}))
+        with pytest.raises(EngineAuthError, match="401") as e:
+            call(srv.url, chat())
+        assert KEY not in str(e.value) and not srv.seen  # no completion was asked for
+
+
+@pytest.mark.parametrize("finish", ["abort", "error", None, "something_new"])
+def test_unknown_finish_reasons_are_transient_never_a_success(finish):
+    with StandInOpenAIServer() as srv:
+        srv.inject("/v1/chat/completions", Canned(200, answer(finish, "half an ans")))
+        with pytest.raises(TransientEngineError, match=f"finish_reason {finish!r}"):
+            call(srv.url, chat())
+
+
+def test_repetition_is_an_answer_cut_short():
+    with StandInOpenAIServer() as srv:
+        srv.inject("/v1/chat/completions", Canned(200, answer("repetition", "la la la")))
+        assert call(srv.url, chat()).finish_reason == "length"
+
+
+def test_a_server_reporting_no_cached_tokens_is_warned_about_once_with_its_fix(caplog):
+    caplog.set_level(logging.WARNING)
+    with StandInOpenAIServer() as srv:
+        srv.inject("/v1/chat/completions", *[Canned(200, answer())] * 3)
+
+        async def go():
+            async with OpenAIBackend(srv.url, model="m", api_key=None, server="sglang") as b:
+                return [await b.generate(constrained()) for _ in range(3)]
+
+        asyncio.run(go())
+    warned = [r for r in caplog.records if "no cached-token counts" in r.getMessage()]
+    assert len(warned) == 1 and "--enable-cache-report" in warned[0].getMessage()
+    caplog.clear()
+    with StandInOpenAIServer() as srv:  # its answers carry cached_tokens: no warning
+        call(srv.url, chat())
+    assert not [r for r in caplog.records if "no cached-token counts" in r.getMessage()]
+
+
+def test_cli_stops_when_a_router_drops_the_regex_field(tmp_path, capsys):
+    """sglang-router drops `structured_outputs` on chat requests: every P1 answer comes back free text,
+    ended with `stop`. The run stops on the first answers, exit 1, instead of dropping every row."""
+    from pathlib import Path
+
+    from sysgen.cli import main
+
+    sample = Path(__file__).resolve().parents[2] / "sysgen" / "samples" / "demo_mixed.jsonl"
+    with StandInOpenAIServer() as srv:
+        srv.inject("/v1/chat/completions", *[Canned(200, answer("stop", "Sure! A system message."))] * 40)
+        code = main(["run", str(sample), "--out", str(tmp_path / "out"), "--engine", "openai",
+                     "--url", srv.url, "--model", "llama-8b", "--openai-server", "vllm", "--no-progress",
+                     "--no-report"])
+        answered = 40 - len(srv._canned["/v1/chat/completions"])
+    err = capsys.readouterr().err
+    assert code == 1 and "ignoring the regex field" in err and srv.url in err, err
+    assert answered < 7 + 7  # stopped on the first answers: not every row's P1 and its retry

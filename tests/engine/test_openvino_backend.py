@@ -275,3 +275,68 @@ def test_a_failed_step_fails_the_batch_retryably_and_the_engine_goes_on():
     stepper.stop()
     stepper.thread.join(10)
     assert result.completion_tokens == 1 and len(built) == 2
+
+
+def test_a_finish_step_that_streams_no_token_still_finishes():
+    """OpenVINO GenAI streams nothing (or an empty output) from a finishing step that adds no token:
+    the request must not fail as transient again and again on every retry."""
+    from engine.backends.openvino import finish_of
+
+    assert finish_of("STOP", 3, 8) == "stop" and finish_of("LENGTH", 8, 8) == "length"
+    assert finish_of("NONE", 3, 8) == "stop" and finish_of(None, 0, 8) == "stop"  # ended on its own
+    assert finish_of("NONE", 8, 8) == "length"  # the budget was spent
+    assert finish_of("CANCEL", 3, 8) is None  # not an answer
+
+
+def test_the_stepper_keeps_the_reason_a_later_empty_output_does_not_carry():
+    from engine.backends.openvino_stepper import Job, Stepper
+
+    def out(ids, reason):
+        return type("Out", (), {"generated_ids": ids, "finish_reason": type("R", (), {"name": reason})()})()
+
+    class Handle:
+        def __init__(self):  # read() pops from the end: a token, then STOP, then an empty NONE output
+            self.reads = [{0: out([], "NONE")}, {0: out([9], "STOP")}, {0: out([7], "NONE")}]
+
+        def can_read(self):
+            return bool(self.reads)
+
+        def read(self):
+            return self.reads.pop()
+
+        def get_status(self):
+            return "FINISHED"
+
+        def cancel(self):
+            pass
+
+    class Pipe:
+        def add_request(self, rid, tensor, cfg):
+            return Handle()
+
+        def step(self):
+            pass
+
+        def has_non_finished_requests(self):
+            return False
+
+    seen = []
+
+    def finish(job, status):
+        from engine.request import Result
+        seen.append((job.finish, list(job.out)))
+        return Result(text="x", finish_reason="stop")
+
+    stepper = Stepper(Pipe, finish, lambda ids: ids, "RUNNING")
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        req = Request((1,), SamplingParams(max_new_tokens=4), "m")
+        job = Job(req, (1,), None, loop.create_future(), loop)
+        stepper.submit(job)
+        return await asyncio.wait_for(job.future, 10)
+
+    _run(go())
+    stepper.stop()
+    stepper.thread.join(10)
+    assert seen == [("STOP", [7, 9])]

@@ -16,6 +16,7 @@ from engine.backend import (
     EngineOverloaded,
     EngineUnreachable,
     FailureStreak,
+    RequestRejected,
     TransientEngineError,
 )
 from engine.backends.standin import StandInBackend
@@ -364,3 +365,97 @@ def _key_by_whole_dict(model, prompt, sampling, regex) -> bytes:
 ])
 def test_request_key_assembled_from_parts_equals_the_whole_dict_hash(model, prompt, sampling, regex):
     assert request_key(model, prompt, sampling, regex) == _key_by_whole_dict(model, prompt, sampling, regex)
+
+
+# --- guards on the first requests of a run (engine/canary.py) ----------------------------------
+
+def test_a_server_ignoring_the_regex_stops_the_run_on_the_first_answers():
+    from engine.canary import ConstraintIgnored
+
+    free_text = StandInBackend(lambda r: "Sure! Here is a system message.")
+
+    async def go(backend, n):
+        s = Scheduler(backend, None, FAST)
+        return [await s.submit(req(i, regex=r"<Role>[a-z]+</Role>")) for i in range(n)]
+
+    with pytest.raises(ConstraintIgnored, match="ignoring the regex field") as e:
+        run(go(free_text, 20))
+    assert "standin" in str(e.value) and free_text.calls == 2  # stopped at the second answer
+    # An engine that honours the regex passes; so does one odd answer among matching ones.
+    assert all(r.ok for r in run(go(StandInBackend(lambda r: "<Role>teacher</Role>"), 20)))
+    odd = StandInBackend(lambda r: "<Role>x</Role>" if r.prompt != "prompt 1" else "free")
+    assert len(run(go(odd, 12))) == 12
+
+
+def test_the_canary_skips_cut_answers_unconstrained_ones_and_engines_without_regex_support():
+    cut = StandInBackend(lambda r: "free text", fault=lambda r, n: "truncate")
+    unconstrained = StandInBackend(lambda r: "free text")
+    no_regex = StandInBackend(lambda r: "free text")
+    no_regex.capabilities = dataclasses.replace(no_regex.capabilities, regex=False)
+
+    async def go(backend, regex):
+        s = Scheduler(backend, None, FAST)
+        return [await s.submit(req(i, regex=regex)) for i in range(10)]
+
+    assert len(run(go(cut, r"<Role>[a-z]+</Role>"))) == 10
+    assert len(run(go(unconstrained, None))) == 10
+    assert len(run(go(no_regex, r"<Role>[a-z]+</Role>"))) == 10
+
+
+def test_the_first_requests_all_rejected_the_same_way_stop_the_run_whatever_the_streak_limit():
+    from engine.canary import FirstRequestsFailed
+
+    refusing = Flaky(lambda n: RequestRejected("400 data did not match any variant of StringOrArray",
+                                               status=400))
+
+    async def go(backend, n):
+        s = Scheduler(backend, None, BREAKER)  # failure_streak 25
+        return [await s.submit(req(i)) for i in range(n)]
+
+    with pytest.raises(FirstRequestsFailed, match="first 5 engine requests.*StringOrArray"):
+        run(go(refusing, 7))
+    assert len(refusing.times) == 5
+    # Once a request has succeeded, rejections are dropped one by one (up to the streak limit).
+    later = Flaky(lambda n: None if n == 1 else RequestRejected("400 too long", status=400))
+    results = run(go(later, 10))
+    assert sum(not r.ok for r in results) == 9
+
+
+def test_failures_carry_their_kind_and_stored_ones_keep_it_readable(tmp_path):
+    from engine.request import ErrorKind, Result
+
+    rejecting = StandInBackend(lambda r: "x", fault=lambda r, n: "reject")
+    failing = StandInBackend(lambda r: "x", fault=lambda r, n: "error")
+
+    async def go(backend, i):
+        with Store.open(tmp_path / "s.db") as st:
+            return await Scheduler(backend, st, FAST).submit(req(i))
+
+    assert run(go(rejecting, 1)).error_kind is ErrorKind.REJECTED
+    assert run(go(failing, 2)).error_kind is ErrorKind.GAVE_UP
+    stored = run(go(StandInBackend(lambda r: "never called"), 1))  # a store hit
+    assert stored.error_kind is ErrorKind.REJECTED
+    assert b'"error_kind":"rejected"' in stored.to_json()
+    # A failure stored before kinds were stored reads its kind from the message.
+    legacy = Result.from_json(b'{"text":"","finish_reason":"error","error":"rejected: 400 bad"}')
+    assert legacy.error_kind is ErrorKind.REJECTED
+
+
+def test_the_first_window_resize_comes_early():
+    """A window sized for the engine's ceiling (vLLM: 1,024 running per engine until its KV cache says
+    otherwise) shrinks after FIRST_RESIZE calls, not after RESIZE_EVERY."""
+    from engine.scheduler import FIRST_RESIZE
+
+    backend = StandInBackend(lambda r: "x" * 400, delay_s=0.0)
+    backend.capabilities = dataclasses.replace(backend.capabilities, max_running=1024, kv_tokens=20_000)
+
+    async def go():
+        s = Scheduler(backend, None, SchedulerConfig(timeout_s=5))
+        before = s.window
+        for i in range(FIRST_RESIZE):
+            await s.submit(Request(prompt=tuple(range(899)) + (i,), sampling=SamplingParams(max_new_tokens=8),
+                                   model="m"))
+        return before, s.window
+
+    before, after = run(go())
+    assert before == 1024 + 64 and after == 20 + 5

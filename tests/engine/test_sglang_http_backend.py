@@ -541,3 +541,15 @@ def test_an_ordinary_400_is_still_rejected_and_does_not_count_as_a_grammar_timeo
     assert [(r.ok, r.attempts) for r in rejected] == [(False, 1)] * 2
     assert all("400 Invalid regex" in r.error for r in rejected)
     assert retried.ok and retried.attempts == 2
+
+
+def test_deterministic_needs_a_server_running_deterministic_inference():
+    from engine.backend import EngineConfigError
+
+    with StandInSGLangServer() as srv:
+        with pytest.raises(EngineConfigError, match="--enable-deterministic-inference"):
+            generate_once(srv, deterministic=True)
+        info = {"max_running_requests": 8, "enable_deterministic_inference": True}
+        srv.inject("/server_info", Canned(200, info))
+        assert generate_once(srv, deterministic=True).ok
+        assert generate_once(srv).ok  # without the flag, the server's setting does not matter

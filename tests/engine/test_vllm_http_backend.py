@@ -48,9 +48,10 @@ class StandInVLLMServer(LocalHTTPServer):
     parallel ranks /metrics shows, `dev` VLLM_SERVER_DEV_MODE=1, `api_key` --api-key."""
 
     def __init__(self, *, details: bool = True, engines: int = 0, dev: bool = False,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, kv_blocks: int = 0) -> None:
         super().__init__(_Handler)
         self.details, self.engines, self.dev, self.api_key = details, engines, dev, api_key
+        self.kv_blocks = kv_blocks  # num_gpu_blocks in /metrics' cache_config_info (0: not shown)
         self.bodies: list[dict] = []
         self.auth: list[str | None] = []
         self.prompts: list[list[int]] = []
@@ -104,6 +105,10 @@ class _Handler(BaseHTTPRequestHandler):
             # prometheus_client's order: label names as declared (model_name, engine)
             lines = [f'vllm:num_requests_running{{model_name="llama-8b",engine="{i}"}} 0.0'
                      for i in range(srv.engines)]
+            lines += [f'vllm:cache_config_info{{block_size="16",cache_dtype="auto",'
+                      f'enable_prefix_caching="True",engine="{i}",num_cpu_blocks="None",'
+                      f'num_gpu_blocks="{srv.kv_blocks + i}"}} 1.0'
+                      for i in range(srv.engines) if srv.kv_blocks]
             return self._send(200, ("# TYPE vllm:num_requests_running gauge\n" + "\n".join(lines)).encode())
         if self.path.startswith("/server_info") and srv.dev:
             return self._send(200, {"vllm_config": {"scheduler_config": {"max_num_seqs": 384},
@@ -237,6 +242,8 @@ def test_vllm_token_ids_regex_and_sampling_reach_the_server_in_pinned_fields():
     assert (body["model"], body["max_tokens"], body["temperature"], body["seed"], body["stop"]) == \
         ("llama-8b", 64, 0.7, 11, ["</Role>"])
     assert not any(k.startswith("guided_") for k in body)  # removed in vLLM: silently ignored
+    # Sent, not left to the model's generation_config.json: the same request as on SGLang and OpenVINO.
+    assert (body["top_k"], body["min_p"], body["repetition_penalty"]) == (0, 0.0, 1.0)
     assert result.ok and result.text == "<Role>A tutor.</Role>\n"
 
 
@@ -534,3 +541,31 @@ def test_vllm_backend_used_again_after_close_reopens():
 
     _, result = serve_and_run(StandInVLLMServer(), body)
     assert result.ok
+
+
+def test_vllm_window_is_sized_from_the_kv_blocks_in_metrics():
+    from engine.policy import engine_window
+    from engine.scheduler import Scheduler
+
+    two, _ = serve_and_run(StandInVLLMServer(engines=2, kv_blocks=5000), lambda b: asyncio.sleep(0))
+    caps = two.capabilities
+    assert caps.kv_tokens == 5000 * 16 and caps.dp_size == 2  # the smaller engine's cache
+    assert caps.max_running == 2 * 1024 and "cache_config_info" in two.capacity_source
+    sched = Scheduler(two, None)
+    assert sched.window == engine_window(2048, 2) and sched._resize_from is not None
+    # Without the cache line, as before: DEFAULT_RUNNING per engine, no KV sizing.
+    plain, _ = serve_and_run(StandInVLLMServer(engines=2), lambda b: asyncio.sleep(0))
+    assert plain.capabilities.kv_tokens == 0 and plain.capabilities.max_running == 2 * 256
+
+
+def test_vllm_kv_cache_tokens_reads_each_engine_and_skips_unprofiled_ones():
+    from engine.backends.vllm_http import kv_cache_tokens
+
+    text = ('vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="100"} 1.0\n'
+            'vllm:cache_config_info{block_size="32",engine="1",num_gpu_blocks="None"} 1.0\n')
+    assert kv_cache_tokens(text) == (1, 1600)
+    # kv_cache_size_tokens, where the engine set it, is the exact figure; odd values elsewhere are skipped.
+    text = ('vllm:cache_config_info{block_size="16",engine="0",kv_cache_size_tokens="1500",'
+            'mode="{\\"a\\": \\"}\\"}",num_gpu_blocks="100",skip_layers="[]"} 1.0\n')
+    assert kv_cache_tokens(text) == (1, 1500)
+    assert kv_cache_tokens("vllm:num_requests_running 0.0") == (0, 0)

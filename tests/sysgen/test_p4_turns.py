@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from sysgen.run.p4_turns import looks_like_loop, turn_budget
+from engine.request import ErrorKind, Result
+from sysgen.run.p4_turns import drop_reason, looks_like_loop, turn_budget
 from sysgen.run.phases import PhaseSettings
 from tests.conftest import SHARED_DATA
 
@@ -34,3 +35,10 @@ def test_turn_budget_fits_the_original_answer():
     assert turn_budget(s, 300) == 600
     assert turn_budget(s, 5000) == 1024
     assert turn_budget(PhaseSettings(model_id="m", p4_budget_factor=0), 5000) == 512  # fixed
+
+
+def test_an_engine_failure_is_dropped_by_its_kind_not_by_its_wording():
+    refused = Result.failure("the server said no: 400 prompt too long", kind=ErrorKind.REJECTED)
+    assert drop_reason(refused) == "engine_rejected"
+    assert drop_reason(Result.failure("rejected-looking text", kind=ErrorKind.GAVE_UP)) == "engine_error"
+    assert drop_reason(Result.failure("engine error: 500", kind=ErrorKind.ENGINE)) == "engine_error"

@@ -120,3 +120,22 @@ def test_a_bad_standin_spec_is_a_clear_cli_error(tmp_path):
     done = subprocess.run(cli(inp, tmp_path / "out"), cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "SYSGEN_STANDIN_FAULTS": "explode=0.5"})
     assert done.returncode == 2 and "stand-in fault 'explode' unknown" in done.stderr
+
+
+def test_a_run_whose_every_engine_request_failed_does_not_exit_0(tmp_path):
+    """3 instances, every request refused: too few for the early stop, so the run ends, keeps
+    nothing, and says so with the engine's message instead of exiting 0."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out"
+    write_rows(inp, 3)
+    done = subprocess.run(cli(inp, out), cwd=REPO, env={**os.environ, "SYSGEN_STANDIN_FAULTS": "reject=1"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "kept nothing: all 3 engine requests of this run failed" in done.stderr
+    assert "injected rejection" in done.stderr and "Traceback" not in done.stderr
+    # Seven: the first five rejections stop the run with the engine's message.
+    write_rows(inp, 7)
+    done = subprocess.run(cli(inp, tmp_path / "out7"), cwd=REPO,
+                          env={**os.environ, "SYSGEN_STANDIN_FAULTS": "reject=1"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "first 5 engine requests" in done.stderr, done.stderr
+    assert "injected rejection" in done.stderr and "Traceback" not in done.stderr
