@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import asyncio
 import dataclasses
 import sys
@@ -437,7 +438,7 @@ def test_failures_carry_their_kind_and_stored_ones_keep_it_readable(tmp_path):
     assert stored.error_kind is ErrorKind.REJECTED
     assert b'"error_kind":"rejected"' in stored.to_json()
     # A failure stored before kinds were stored reads its kind from the message.
-    legacy = Result.from_json(b'{"text":"","finish_reason":"error","error":"rejected: 400 bad"}')
+    legacy = Result(**orjson.loads(b'{"text":"","finish_reason":"error","error":"rejected: 400 bad"}'))
     assert legacy.error_kind is ErrorKind.REJECTED
 
 
