@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_merge_parser(sub)
+    from sysgen.slurm.cli import register as register_slurm
+
+    register_slurm(sub, add_run_parser)  # `slurm` (takes the run options) and `status`
     try:
         from sysgen.cli_eval import register
     except ImportError:
