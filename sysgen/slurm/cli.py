@@ -46,8 +46,8 @@ def _settings(args: argparse.Namespace) -> SlurmSettings:
                          "sets how many")
     if not args.inputs:
         raise ValueError("no INPUTS. Fix: sysgen slurm DATA... --out RUN_DIR --shards N --concurrent M")
-    concurrent = args.concurrent or CONCURRENT
-    shards = args.shards or 4 * concurrent
+    concurrent = CONCURRENT if args.concurrent is None else args.concurrent
+    shards = 4 * concurrent if args.shards is None else args.shards
     if shards < 1 or concurrent < 1:
         raise ValueError("--shards and --concurrent must be >= 1")
     kw = {f.name: getattr(args, f.name) for f in config_fields()}
@@ -86,7 +86,7 @@ def _resubmit_settings(args: argparse.Namespace, run_dir: Path) -> SlurmSettings
 def cmd_slurm(args: argparse.Namespace) -> int:
     from sysgen.slurm.finish import finish
     from sysgen.slurm.fsys import store_fs_problem
-    from sysgen.slurm.submit import SlurmError, submit
+    from sysgen.slurm.submit import SlurmError, require_sbatch, submissions, submit
 
     try:
         if args.finish:
@@ -110,8 +110,14 @@ def cmd_slurm(args: argparse.Namespace) -> int:
         if problem:
             raise ValueError(problem)
         if not args.dry_run:
+            require_sbatch()  # before anything is written, so the same command can be given again
             settings.save(run_dir, s)
-        submit(s, run_dir, list(range(s.shards)), args.dry_run)
+        try:
+            submit(s, run_dir, list(range(s.shards)), args.dry_run)
+        except SlurmError:
+            if not args.dry_run and not submissions(run_dir):  # nothing submitted: as if never asked
+                (run_dir / settings.FILE).unlink(missing_ok=True)
+            raise
         return 0
     except ValueError as e:
         print(f"sysgen slurm: error: {e}", file=sys.stderr)

@@ -16,23 +16,28 @@ NETWORK = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "ceph", "fuse.ceph", "glus
 
 
 def fs_type(path: Path, mounts: str = "/proc/self/mounts") -> str | None:
-    """The type of the file system holding `path` (its longest mount point), None when unknown."""
+    """The type of the file system holding `path` (or its nearest existing parent), None when unknown."""
     target = os.path.realpath(path)
     while not os.path.exists(target):
         target = os.path.dirname(target)
-    best, kind = "", None
     try:
         with open(mounts) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) < 3:
-                    continue
-                point = parts[1].replace("\\040", " ")
-                inside = target == point or target.startswith(point.rstrip("/") + "/")
-                if inside and len(point) >= len(best):
-                    best, kind = point, parts[2]
+            return mount_type(target, f.read())
     except OSError:
         return None
+
+
+def mount_type(target: str, table: str) -> str | None:
+    """The type of the longest mount point in `table` (/proc/mounts lines) holding `target`."""
+    best, kind = "", None
+    for line in table.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, parts[2]
     return kind
 
 

@@ -24,10 +24,14 @@ class SlurmError(RuntimeError):
     """A Slurm command failed; the message names it and what it said."""
 
 
-def _slurm(cmd: list[str]) -> str:
-    if shutil.which(cmd[0]) is None:
-        raise SlurmError(f"{cmd[0]} not found: run on a Slurm login node (or pass --dry-run to see the "
+def require_sbatch(cmd: str = "sbatch") -> None:
+    if shutil.which(cmd) is None:
+        raise SlurmError(f"{cmd} not found: run on a Slurm login node (or pass --dry-run to see the "
                          "scripts)")
+
+
+def _slurm(cmd: list[str]) -> str:
+    require_sbatch(cmd[0])
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if p.returncode != 0:
         raise SlurmError(f"`{' '.join(cmd)}` failed: {(p.stderr or p.stdout).strip()}")
@@ -84,7 +88,15 @@ def submit(s: SlurmSettings, run_dir: Path, shards: list[int], dry_run: bool,
             job = f"<array {k}>"
         else:
             path.write_text(text)
-            job = _slurm(["sbatch", "--parsable", *dep, str(path)]).strip().split(";")[0]
+            try:
+                job = _slurm(["sbatch", "--parsable", *dep, str(path)]).strip().split(";")[0]
+            except SlurmError as e:
+                if arrays:  # recorded, so status and --resubmit know them
+                    _record(run_dir, {"at": time.time(), "arrays": arrays, "finish_job": None})
+                    raise SlurmError(f"{e}. Submitted before it: array job(s) "
+                                     f"{', '.join(a['array_job'] for a in arrays)}; once the cause is "
+                                     f"fixed: sysgen slurm --resubmit {run_dir}") from None
+                raise
             say(f"sysgen slurm: submitted array job {job}: shards {_ranges(members)} of {s.shards}, "
                 f"at most {s.concurrent} at once")
         arrays.append({"array_job": job, "offset": offset, "shards": members})
@@ -102,9 +114,13 @@ def submit(s: SlurmSettings, run_dir: Path, shards: list[int], dry_run: bool,
     say(f"sysgen slurm: submitted finishing job {finish} (runs after every task; merges into "
         f"{run_dir / 'merged'} when all shards are finished)")
     record = {"at": time.time(), "arrays": arrays, "finish_job": finish}
+    _record(run_dir, record)
+    return record
+
+
+def _record(run_dir: Path, record: dict) -> None:
     with open(run_dir / JOBS, "ab") as f:
         f.write(orjson.dumps(record) + b"\n")
-    return record
 
 
 def submissions(run_dir: Path) -> list[dict]:

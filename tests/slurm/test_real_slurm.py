@@ -94,7 +94,8 @@ class Run:
         ids = [json.loads(line)["id"] for name in ("data.jsonl", "dropped.jsonl")
                for line in (merged / name).read_text().splitlines()]
         assert sorted(ids) == sorted(f"in:{i}" for i in range(1, ROWS + 1)), "lost or repeated rows"
-        per_shard = [json.loads(line)["id"] for i in range(self.shards) for name in ("data.jsonl", "dropped.jsonl")
+        per_shard = [json.loads(line)["id"] for i in range(self.shards)
+                     for name in ("data.jsonl", "dropped.jsonl")
                      for line in (self.shard(i) / name).read_text().splitlines()]
         assert len(per_shard) == ROWS == len(set(per_shard)), "a shard wrote a row twice"
         stats = json.loads((merged / "stats.json").read_text())
@@ -128,7 +129,7 @@ def test_array_runs_to_a_merged_accounted_result_with_status_mid_run(slurm, tmp_
     st = run.status()
     assert st["finished"] is True and st["merged"] == str(run.dir / "merged")
     assert st["states"]["finished"] == 8 and st["done"] == ROWS
-    merged_drops = [json.loads(line) for line in (run.dir / "merged" / "dropped.jsonl").read_text().splitlines()]
+    merged_drops = (run.dir / "merged" / "dropped.jsonl").read_text().splitlines()
     assert sum(st["dropped_by_reason"].values()) == len(merged_drops) == st["dropped"]
     assert (run.dir / "merged" / "report.md").exists()
     assert (run.dir / "merged" / "export" / "messages.jsonl").read_text().count("\n") == st["kept"]
