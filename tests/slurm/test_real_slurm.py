@@ -15,24 +15,30 @@ ROOT = Path(__file__).resolve().parents[2]
 ROWS = 240
 
 
-def _inputs(tmp: Path) -> Path:
+def _inputs(tmp: Path, rows: int) -> Path:
     path = tmp / "in.jsonl"
     with open(path, "w") as f:
-        for i in range(ROWS):
+        for i in range(rows):
             f.write(json.dumps({"messages": [{"role": "user", "content": f"question number {i}"},
                                              {"role": "assistant", "content": f"answer {i}"}]}) + "\n")
     return path
 
 
 class Run:
-    def __init__(self, slurm, tmp: Path, shards: int, concurrent: int, delay: str = "0.15") -> None:
-        self.slurm, self.dir, self.shards = slurm, tmp / "run", shards
-        self.data = _inputs(tmp)
+    def __init__(self, slurm, tmp: Path, shards: int, concurrent: int, delay: str = "0.15",
+                 submit: bool = True, rows: int = ROWS) -> None:
+        self.slurm, self.dir, self.shards, self.rows = slurm, tmp / "run", shards, rows
+        self.data = _inputs(tmp, rows)
         # A rejected request now and then: drops with a reason for status and the merge to count.
         self.env = {**slurm.env, "PYTHONPATH": str(ROOT), "SYSGEN_STANDIN_DELAY": delay,
                     "SYSGEN_STANDIN_FAULTS": "reject=0.02"}
-        self.sysgen("slurm", str(self.data), "--out", str(self.dir), "--shards", str(shards), "--concurrent",
-                    str(concurrent), "--engine", "standin", "--max-inflight", "4", "--max-retries", "0")
+        if submit:
+            self.submit(concurrent)
+
+    def submit(self, concurrent: int) -> None:
+        self.sysgen("slurm", str(self.data), "--out", str(self.dir), "--shards", str(self.shards),
+                    "--concurrent", str(concurrent), "--engine", "standin", "--max-inflight", "4",
+                    "--max-retries", "0")
 
     def sysgen(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         p = subprocess.run([sys.executable, "-m", "sysgen", *args], env=self.env, capture_output=True,
@@ -93,11 +99,15 @@ class Run:
         merged = self.dir / "merged"
         ids = [json.loads(line)["id"] for name in ("data.jsonl", "dropped.jsonl")
                for line in (merged / name).read_text().splitlines()]
-        assert sorted(ids) == sorted(f"in:{i}" for i in range(1, ROWS + 1)), "lost or repeated rows"
         per_shard = [json.loads(line)["id"] for i in range(self.shards)
                      for name in ("data.jsonl", "dropped.jsonl")
                      for line in (self.shard(i) / name).read_text().splitlines()]
-        assert len(per_shard) == ROWS == len(set(per_shard)), "a shard wrote a row twice"
+        lost = len(set(range(1, self.rows + 1)) - {int(i.split(":")[1]) for i in ids})
+        repeated = len(per_shard) - len(set(per_shard))
+        print(f"rows {self.rows}, merged {len(ids)}, lines across shards {len(per_shard)}: lost {lost}, "
+              f"repeated {repeated}")
+        assert lost == 0 and repeated == 0 and len(per_shard) == self.rows
+        assert sorted(ids) == sorted(f"in:{i}" for i in range(1, self.rows + 1)), "lost or repeated rows"
         stats = json.loads((merged / "stats.json").read_text())
         assert stats["accounted"] is True and stats["merge"]["duplicates"] == 0
 
