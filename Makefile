@@ -38,6 +38,16 @@ demo: $(DEMO_STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Debian's Slurm and munge, for tests/slurm: a real single-node cluster started from a temp folder
+# (the tests skip, naming why, without them). apt-get took 17-40 s here.
+.PHONY: slurm-deps test-slurm
+slurm-deps:
+	command -v slurmctld >/dev/null && command -v munged >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; }
+
+test-slurm: $(STAMP) slurm-deps
+	$(PY) -m pytest -q tests/slurm
+
 lint: $(STAMP)
 	$(PY) -m ruff check engine sysgen bench kernels_cfg tests
 
