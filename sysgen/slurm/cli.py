@@ -98,6 +98,9 @@ def cmd_slurm(args: argparse.Namespace) -> int:
         if not args.out:
             raise ValueError("--out RUN_DIR is required")
         run_dir = Path(args.out).resolve()
+        if any(c.isspace() for c in str(run_dir)):  # #SBATCH --output takes no quoting
+            raise ValueError(f"--out {run_dir}: a path with spaces cannot go into #SBATCH lines. Fix: "
+                             "choose a run directory without spaces")
         s = _settings(args)
         old = settings.load(run_dir)
         if old is not None:

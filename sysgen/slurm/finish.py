@@ -9,6 +9,7 @@ from pathlib import Path
 
 import orjson
 
+from engine.store import StoreError
 from sysgen.run.merge import merge, shard_problems
 from sysgen.slurm import settings
 from sysgen.slurm.status import FINISH, MERGED
@@ -59,7 +60,13 @@ def finish(run_dir: Path) -> int:
         print(f"sysgen slurm: {msg}")
         return 1
     out = run_dir / MERGED
-    st = merge(out, dirs)
+    try:
+        st = merge(out, dirs)
+    except (ValueError, StoreError, OSError) as e:  # e.g. a shard still locked, a full disk
+        msg = f"merge into {out} failed: {e}. Fix the cause, then: sysgen slurm --finish {run_dir}"
+        _record(run_dir, {"merged": False, "unfinished": [], "problems": [str(e)], "message": msg})
+        print(f"sysgen slurm: {msg}")
+        return 1
     m = st["merge"]
     msg = (f"merged {s.shards} shards into {out}: {m['data']:,} kept, {m['dropped']:,} dropped, "
            f"{m['duplicates']:,} duplicate ids, accounted={st['accounted']}")

@@ -139,6 +139,12 @@ def status(run_dir: Path) -> dict:
     merged = run_dir / MERGED
     finished = bool(finish.get("merged")) and (merged / "stats.json").exists()
     etas = [v["eta_s"] for v in running if v["eta_s"] is not None]
+    eta = max(etas) if etas else None
+    done = [v["done"] for v in shards.values() if v["state"] == "finished"]
+    rate = sum(v["items_per_s"] or 0 for v in running)
+    if done and rate and len(done) < s.shards:  # the shards left, sized as the finished ones were
+        left = sum(done) / len(done) * s.shards - sum(v["done"] for v in shards.values())
+        eta = max(eta or 0, left / rate)
     unfinished = sorted(i for i, v in shards.items() if v["state"] in ("failed",))
     return {
         "run_dir": str(run_dir), "shards": s.shards, "finished": finished,
@@ -148,8 +154,9 @@ def status(run_dir: Path) -> dict:
         "dropped": sum(v["dropped"] for v in shards.values()),
         "dropped_by_reason": dict(sorted(drops.items())),
         "tokens_per_s": sum(v["tokens_per_s"] or 0 for v in running) if running else None,
-        # The running shards' longest ETA; pending shards add to it (not estimated here).
-        "eta_s": max(etas) if etas else None,
+        # The longer of the running shards' own ETAs and the work left (shards sized as the finished
+        # ones) at the running shards' rate: an estimate, as the shards' sizes differ.
+        "eta_s": None if eta is None else round(eta),
         "squeue": live is not None, "failed_shards": unfinished,
         "resubmit": f"sysgen slurm --resubmit {run_dir}" if unfinished else None,
         "finish": finish or None, "per_shard": {str(i): v for i, v in shards.items()},
@@ -164,7 +171,7 @@ def render(st: dict) -> str:
     tok = "n/a" if st["tokens_per_s"] is None else f"{st['tokens_per_s']:,.0f}"
     eta = fmt_eta(st["eta_s"]) if st["eta_s"] is not None else "n/a"
     lines.append(f"done {st['done']:,}: kept {st['kept']:,}, dropped {st['dropped']:,}; "
-                 f"{tok} out tok/s; ETA of the running shards {eta}")
+                 f"{tok} out tok/s; ETA {eta} (estimated)")
     if st["dropped_by_reason"]:
         by = st["dropped_by_reason"].items()
         lines.append("dropped by reason: " + ", ".join(f"{k} {v:,}" for k, v in by))

@@ -75,10 +75,13 @@ class Run:
         raise AssertionError(f"timed out waiting for {what}: {self.slurm.run('squeue', check=False)}"
                              f"\n{self.sysgen('status', str(self.dir), check=False).stdout}")
 
-    def running_shard(self, min_lines: int = 4) -> int:
-        """A shard mid-run: its task running and some instances done, many left."""
-        return self.wait(lambda: next((i for i in range(self.shards) if self.task(i).get("state") == "running"
-                                       and min_lines <= self.lines(i) <= 12), None), "a shard mid-run")
+    def running_shards(self, k: int = 1) -> list[int]:
+        """k shards mid-run at once: their tasks running, some instances done and many left."""
+        def mid():
+            found = [i for i in range(self.shards) if self.task(i).get("state") == "running"
+                     and 2 <= self.lines(i) <= self.rows // self.shards // 2]
+            return found[:k] if len(found) >= k else None
+        return self.wait(mid, f"{k} shard(s) mid-run")
 
     def array_task(self, shard: int) -> str:
         subs = [json.loads(line) for line in (self.dir / "jobs.jsonl").read_text().splitlines()]
@@ -151,13 +154,13 @@ def test_array_runs_to_a_merged_accounted_result_with_status_mid_run(slurm, tmp_
 
 
 def test_cancelled_task_and_downed_node_are_resubmitted_with_nothing_lost_or_repeated(slurm, tmp_path):
-    run = Run(slurm, tmp_path, shards=8, concurrent=3)
-    killed = run.running_shard()
+    run = Run(slurm, tmp_path, shards=8, concurrent=3, delay="0.3")
+    killed, lost = run.running_shards(2)
+    # A node lost mid-run: drained (nothing new starts there), then down (its tasks are killed);
+    # meanwhile one task is cancelled.
+    slurm.run("scontrol", "update", f"nodename={slurm.node}", "state=drain", "reason=sysgen-test")
     slurm.run("scancel", run.array_task(killed))
     run.wait(lambda: run.task(killed).get("state") == "stopped", "the cancelled task to stop")
-    # A node lost mid-run: drained (nothing new starts there), then down (its tasks are killed).
-    slurm.run("scontrol", "update", f"nodename={slurm.node}", "state=drain", "reason=sysgen-test")
-    lost = run.running_shard()
     slurm.run("scontrol", "update", f"nodename={slurm.node}", "state=down", "reason=sysgen-test")
     run.wait(lambda: run.task(lost).get("state") != "running", "the downed node's task to stop")
     slurm.run("scontrol", "update", f"nodename={slurm.node}", "state=resume")
@@ -182,8 +185,8 @@ def test_cancelled_task_and_downed_node_are_resubmitted_with_nothing_lost_or_rep
 
 
 def test_warning_signal_stops_the_task_which_requeues_and_resumes(slurm, tmp_path):
-    run = Run(slurm, tmp_path, shards=4, concurrent=2)
-    shard = run.running_shard()
+    run = Run(slurm, tmp_path, shards=4, concurrent=2, delay="0.3")
+    shard, = run.running_shards(1)
     # What --signal=B:USR1@S sends before the time limit (or a preemption warning), sent now. scancel
     # retries while the job is being requeued and would signal the next start too: stop waiting.
     p = subprocess.Popen(["scancel", "--signal=USR1", "--batch", run.array_task(shard)], env=slurm.env)
