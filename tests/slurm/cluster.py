@@ -150,10 +150,14 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         return p.stdout
 
     def stop(self) -> None:
-        # Jobs first (their processes are in slurmd's care), then the daemons, newest first.
-        if any(p.poll() is None for p in self.procs):
+        # Jobs first, and wait until they are gone while slurmctld and munged still run: a job step
+        # that cannot report its end keeps retrying (slurmd waits for it, then it is orphaned).
+        if all(p.poll() is None for p in self.procs):
             subprocess.run(["scancel", "--full", "--quiet", "-u", "root"], env=self.env, capture_output=True,
                            timeout=30)
+            end = time.monotonic() + 30
+            while time.monotonic() < end and self.run("squeue", "-h", check=False).strip():
+                time.sleep(0.2)
         for p in reversed(self.procs):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
