@@ -171,7 +171,7 @@ def render(st: dict) -> str:
     tok = "n/a" if st["tokens_per_s"] is None else f"{st['tokens_per_s']:,.0f}"
     eta = fmt_eta(st["eta_s"]) if st["eta_s"] is not None else "n/a"
     lines.append(f"done {st['done']:,}: kept {st['kept']:,}, dropped {st['dropped']:,}; "
-                 f"{tok} out tok/s; ETA {eta} (estimated)")
+                 f"{tok} out tok/s; ETA {eta}{' (estimated)' if st['eta_s'] is not None else ''}")
     if st["dropped_by_reason"]:
         by = st["dropped_by_reason"].items()
         lines.append("dropped by reason: " + ", ".join(f"{k} {v:,}" for k, v in by))
