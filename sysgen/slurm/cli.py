@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +51,8 @@ def _settings(args: argparse.Namespace) -> SlurmSettings:
     shards = 4 * concurrent if args.shards is None else args.shards
     if shards < 1 or concurrent < 1:
         raise ValueError("--shards and --concurrent must be >= 1")
+    if args.model and os.path.exists(args.model):  # tasks, and a later --resubmit, may start elsewhere
+        args.model = str(Path(args.model).resolve())
     kw = {f.name: getattr(args, f.name) for f in config_fields()}
     RunConfig(**{**kw, "inputs": tuple(args.inputs), "shard": f"0/{shards}"})  # every value checked
     if bool(args.engine_cmd) != bool(args.engine_ready):

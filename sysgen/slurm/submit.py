@@ -103,13 +103,14 @@ def submit(s: SlurmSettings, run_dir: Path, shards: list[int], dry_run: bool,
         previous = job
     text = finish_script(s, run_dir)
     path = scripts / f"finish-{stamp}.sbatch"
-    after = ":".join(a["array_job"] for a in arrays)
+    # afterany: whatever each task's end; none when every shard is finished already
+    after = [f"--dependency=afterany:{':'.join(a['array_job'] for a in arrays)}"] if arrays else []
     if dry_run:
-        say(f"# sbatch --parsable --dependency=afterany:{after} {path}")
+        say(" ".join(["# sbatch --parsable", *after, str(path)]))
         say(text)
         return {"arrays": arrays, "finish_job": "<finish>"}
     path.write_text(text)
-    finish = _slurm(["sbatch", "--parsable", f"--dependency=afterany:{after}", str(path)]).strip()
+    finish = _slurm(["sbatch", "--parsable", *after, str(path)]).strip()
     finish = finish.split(";")[0]
     say(f"sysgen slurm: submitted finishing job {finish} (runs after every task; merges into "
         f"{run_dir / 'merged'} when all shards are finished)")

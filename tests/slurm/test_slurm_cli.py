@@ -204,3 +204,14 @@ def test_run_dir_on_an_unsafe_file_system_is_refused(data, tmp_path, capsys, mon
     monkeypatch.setattr(fsys, "fs_type", lambda path: "cifs")
     assert main(["slurm", str(data), "--out", str(tmp_path / "run"), "--engine", "standin", "--dry-run"]) == 2
     assert "--allow-fs" in capsys.readouterr().err
+
+
+def test_resubmit_with_every_shard_finished_runs_the_finishing_job_alone(data, tmp_path, capsys, no_slurm):
+    run = tmp_path / "run"
+    _submitted(run, data, shards=2)
+    for i in (0, 1):
+        _shard(run, i, {"state": "finished", "rc": 0}, 1, [])
+    assert main(["slurm", "--resubmit", str(run), "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert "every shard of" in out.err and "#SBATCH --array" not in out.out
+    assert "# sbatch --parsable " in out.out and "--dependency" not in out.out
