@@ -40,7 +40,8 @@ def _free_ports(n: int) -> list[int]:
 
 
 class Cluster:
-    """`env` holds SLURM_CONF for the client commands (sbatch, squeue...)."""
+    """`env` holds SLURM_CONF for the client commands (sbatch, squeue...). Jobs in the `urgent`
+    partition preempt (requeue) those of the default `debug` one."""
 
     def __init__(self, root: Path, cpus: int = 4, max_array_size: int = 1001) -> None:
         self.root = root
@@ -99,7 +100,10 @@ KillWait=10
 SlurmdTimeout=30
 InactiveLimit=0
 NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP PriorityTier=1
+PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=2
 """)
 
     def start(self, timeout_s: float = 30.0) -> None:

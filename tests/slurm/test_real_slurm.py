@@ -1,7 +1,8 @@
 """`sysgen slurm` and `sysgen status` on a real single-node Slurm (munged, slurmctld, slurmd started
 by the `slurm` fixture) with the stand-in engine: an array runs to a merged, accounted result; a
-cancelled task and a node going down are resubmitted and end with nothing lost or repeated; Slurm's
-warning signal requeues a task that resumes from its store."""
+cancelled task and a node going down are resubmitted (or requeued by Slurm) and end with nothing lost
+or repeated; Slurm's warning signal before a time limit, and a preemption, requeue a task that
+resumes from its store."""
 
 from __future__ import annotations
 
@@ -184,22 +185,39 @@ def test_cancelled_task_and_downed_node_are_resubmitted_with_nothing_lost_or_rep
             assert "already done by an earlier run" in log.rsplit("sysgen slurm: shard", 1)[1]
 
 
-def test_warning_signal_stops_the_task_which_requeues_and_resumes(slurm, tmp_path):
-    run = Run(slurm, tmp_path, shards=4, concurrent=2, delay="0.3")
-    shard, = run.running_shards(1)
-    # What --signal=B:USR1@S sends before the time limit (or a preemption warning), sent now. scancel
-    # retries while the job is being requeued and would signal the next start too: stop waiting.
-    p = subprocess.Popen(["scancel", "--signal=USR1", "--batch", run.array_task(shard)], env=slurm.env)
-    try:
-        run.wait(lambda: run.task(shard).get("state") == "requeued", "the task to stop and requeue")
-    finally:
-        p.kill()
-        p.wait()
+def test_time_limit_warning_stops_the_task_which_requeues_and_resumes(slurm, tmp_path):
+    # A 1-minute limit and the warning 50 s before it: Slurm sends USR1 (--signal=B:USR1@50) within
+    # its next periodic check, the task stops cleanly and requeues itself, the next start resumes.
+    run = Run(slurm, tmp_path, shards=1, concurrent=1, delay="0.3", submit=False, rows=200)
+    run.sysgen("slurm", str(run.data), "--out", str(run.dir), "--shards", "1", "--concurrent", "1",
+               "--engine", "standin", "--max-inflight", "4", "--time", "1", "--signal-s", "50")
     rec = run.finished()
     assert rec["merged"] is True, rec
-    task = run.task(shard)
+    task = run.task(0)
     assert task["state"] == "finished" and task["restarts"] >= 1
-    log = (run.shard(shard) / "task.log").read_text()
+    log = (run.shard(0) / "task.log").read_text()
     assert "stopped on Slurm's warning signal" in log
+    assert "already done by an earlier run" in log.rsplit("sysgen slurm: shard", 1)[1]
+    run.check_exactly_once()
+
+
+def test_preempted_task_is_requeued_by_slurm_and_resumes(slurm, tmp_path):
+    # The test cluster's `urgent` partition preempts `debug` with PreemptMode=REQUEUE: Slurm sends the
+    # task SIGTERM, the task stops cleanly, and Slurm itself puts it back in the queue.
+    run = Run(slurm, tmp_path, shards=1, concurrent=1, delay="0.3", submit=False, rows=80)
+    run.sysgen("slurm", str(run.data), "--out", str(run.dir), "--shards", "1", "--concurrent", "1",
+               "--engine", "standin", "--max-inflight", "4", "--cpus-per-task", str(slurm.cpus))
+    run.running_shards(1)
+    urgent = tmp_path / "urgent.sh"
+    urgent.write_text("#!/bin/bash\nsleep 1\n")
+    slurm.run("sbatch", "--partition=urgent", f"--cpus-per-task={slurm.cpus}",
+              f"--output={tmp_path}/urgent.out", str(urgent))
+    run.wait(lambda: run.task(0).get("state") == "stopped", "the preempted task to stop")
+    rec = run.finished()
+    assert rec["merged"] is True, rec
+    task = run.task(0)
+    assert task["state"] == "finished" and task["restarts"] >= 1
+    log = (run.shard(0) / "task.log").read_text()
+    assert "stopped by SIGTERM" in log
     assert "already done by an earlier run" in log.rsplit("sysgen slurm: shard", 1)[1]
     run.check_exactly_once()
