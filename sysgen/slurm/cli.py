@@ -134,10 +134,14 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
 
 def _resubmit(s: SlurmSettings, run_dir: Path, dry_run: bool) -> int:
-    from sysgen.slurm.status import live_tasks, shard_status
+    from sysgen.slurm.status import live_finishing_jobs, live_tasks, shard_status
     from sysgen.slurm.submit import submit
 
     live = live_tasks(run_dir)
+    finishing = live_finishing_jobs(run_dir)
+    if finishing and not live:
+        raise ValueError(f"{run_dir}: its finishing job {', '.join(finishing)} is still pending or running. "
+                         "Fix: wait for it (sysgen status), or scancel it, then resubmit")
     if live:
         active = ", ".join(map(str, sorted(live)))
         raise ValueError(f"{run_dir}: shards {active} are still pending or running in Slurm; a second "

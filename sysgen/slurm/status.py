@@ -61,14 +61,10 @@ def _task(shard_dir: Path) -> dict:
         return {}
 
 
-def live_tasks(run_dir: Path) -> dict[int, str] | None:
-    """Shard -> Slurm state for this run's array tasks that squeue still lists; None without squeue."""
-    subs = submissions(run_dir)
+def _squeue() -> list[tuple[str, str, str]] | None:
+    """(job id, array index or N/A, state) of every job squeue lists; None without squeue."""
     if shutil.which("squeue") is None:
         return None
-    offsets = {str(a["array_job"]): a["offset"] for s in subs for a in s["arrays"]}
-    if not offsets:
-        return {}
     try:
         p = subprocess.run(["squeue", "-h", "-r", "-o", "%F|%K|%T"], capture_output=True, text=True,
                            timeout=60)
@@ -76,13 +72,23 @@ def live_tasks(run_dir: Path) -> dict[int, str] | None:
         return None
     if p.returncode != 0:
         return None
-    live: dict[int, str] = {}
-    for line in p.stdout.splitlines():
-        job, _, rest = line.strip().partition("|")
-        index, _, state = rest.partition("|")
-        if job in offsets and index.isdigit():
-            live[int(index) + offsets[job]] = state
-    return live
+    return [tuple(line.strip().split("|", 2)) for line in p.stdout.splitlines() if line.count("|") == 2]
+
+
+def live_tasks(run_dir: Path) -> dict[int, str] | None:
+    """Shard -> Slurm state for this run's array tasks that squeue still lists; None without squeue."""
+    offsets = {str(a["array_job"]): a["offset"] for s in submissions(run_dir) for a in s["arrays"]}
+    jobs = _squeue()
+    if jobs is None:
+        return None
+    return {int(index) + offsets[job]: state for job, index, state in jobs
+            if job in offsets and index.isdigit()}
+
+
+def live_finishing_jobs(run_dir: Path) -> list[str]:
+    """This run's finishing jobs that squeue still lists (pending or running)."""
+    ids = {str(s["finish_job"]) for s in submissions(run_dir) if s.get("finish_job")}
+    return [job for job, _, _ in _squeue() or [] if job in ids]
 
 
 def shard_status(shard_dir: Path, live_state: str | None, squeue_known: bool) -> dict:

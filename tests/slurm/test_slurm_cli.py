@@ -215,3 +215,25 @@ def test_resubmit_with_every_shard_finished_runs_the_finishing_job_alone(data, t
     out = capsys.readouterr()
     assert "every shard of" in out.err and "#SBATCH --array" not in out.out
     assert "# sbatch --parsable " in out.out and "--dependency" not in out.out
+
+
+def test_resubmit_is_refused_while_the_run_has_jobs_in_slurm(data, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    _submitted(run, data, shards=4)
+    array = {"array_job": "41", "offset": 2, "shards": [2, 3]}
+    (run / "jobs.jsonl").write_text(json.dumps({"arrays": [array], "finish_job": "42"}) + "\n")
+    monkeypatch.setattr(status, "_squeue", lambda: [("41", "1", "RUNNING"), ("42", "N/A", "PENDING")])
+    assert status.live_tasks(run) == {3: "RUNNING"}
+    assert main(["slurm", "--resubmit", str(run), "--dry-run"]) == 2
+    assert "shards 3 are still pending or running" in capsys.readouterr().err
+    monkeypatch.setattr(status, "_squeue", lambda: [("42", "N/A", "PENDING")])
+    assert main(["slurm", "--resubmit", str(run), "--dry-run"]) == 2
+    assert "its finishing job 42 is still pending" in capsys.readouterr().err
+
+
+def test_cluster_unavailable_names_what_is_missing(monkeypatch):
+    from tests.slurm import cluster
+
+    monkeypatch.setattr(cluster.shutil, "which", lambda name: None if name == "slurmd" else "/usr/bin/x")
+    assert cluster.unavailable() == ("slurmd not installed (apt-get install slurm-wlm munge; .ci/run does "
+                                     "this)")
