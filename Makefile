@@ -42,6 +42,16 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not model and not gpu and not kill and not slow"
 
+# Debian's Slurm and munge, for tests/slurm: a real single-node cluster started from a temp folder
+# (the tests skip, naming why, without them). apt-get took 17-40 s here.
+.PHONY: slurm-deps test-slurm
+slurm-deps:
+	command -v slurmctld >/dev/null && command -v munged >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; }
+
+test-slurm: $(STAMP) slurm-deps
+	$(PY) -m pytest -q tests/slurm
+
 lint: $(STAMP)
 	$(PY) -m ruff check engine sysgen bench kernels_cfg tests
 	$(PY) -m ruff format --check engine sysgen bench kernels_cfg tests

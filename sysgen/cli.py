@@ -25,6 +25,7 @@ from sysgen.run import stats
 from sysgen.run.merge import add_merge_parser
 from sysgen.run.pipeline import RunInterrupted, run_stream
 from sysgen.run.plan import RunPlan, plan_run
+from sysgen.slurm.cli import register as register_slurm
 
 log = logging.getLogger("sysgen")
 
@@ -212,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_parser(sub)
     add_merge_parser(sub)
+    register_slurm(sub, add_run_parser)  # `slurm` (takes the run options) and `status`
     register(sub)
     return parser
 
