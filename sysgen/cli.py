@@ -13,6 +13,7 @@ import types
 import typing
 from pathlib import Path
 
+from sysgen.cli_args import OneLineParser, run_type
 from sysgen.config import RunConfig, config_fields
 
 log = logging.getLogger("sysgen")
@@ -50,7 +51,7 @@ def add_run_parser(sub) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
             continue
         typ, choices = _arg_type(f)
-        p.add_argument(flag, type=typ, choices=choices, default=f.default, help=help_,
+        p.add_argument(flag, type=run_type(f.name, typ), choices=choices, default=f.default, help=help_,
                        required=f.metadata.get("required", False))
     p.add_argument("--api-key", default=None,
                    help="key for --engine openai, sglang_http or vllm_http (default: env OPENAI_API_KEY; "
@@ -211,9 +212,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sysgen", description=__doc__)
+    parser = OneLineParser(prog="sysgen", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     add_run_parser(sub)
     try:
         from sysgen.run.merge import add_merge_parser

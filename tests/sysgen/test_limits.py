@@ -8,6 +8,10 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 try:
     from tests.sysgen.pipeline_helpers import ids_once, write_rows
 except ImportError:  # tests/sysgen is not a package: pytest put its folder on sys.path
@@ -53,3 +57,92 @@ def test_a_glob_over_several_run_folders_skips_every_runs_outputs(tmp_path):
     got = sorted(Path(s.path).relative_to(tmp_path).as_posix()
                  for s in resolve_inputs([str(tmp_path / "*" / "*.jsonl")]))
     assert got == ["plain/data.jsonl", "r1/in.jsonl", "r2/in.jsonl"]
+
+
+# ---- item 2: every numeric flag of every subcommand, refused by the parser ----
+
+def _numeric_flags() -> list[tuple[str, str]]:
+    """(subcommand, flag) for every option whose parser type is a number, found in the parser."""
+    import argparse
+
+    from sysgen.cli import build_parser
+    from sysgen.cli_args import shard
+
+    found = []
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for cmd, p in sub.choices.items():
+        for a in p._actions:
+            if a.option_strings and a.type is not None and (
+                    getattr(a.type, "__name__", "") in ("whole number", "number", "int", "float")
+                    or a.type is shard):
+                found.append((cmd, a.option_strings[0]))
+    return found
+
+
+def test_every_int_or_float_field_of_the_run_config_has_bounds():
+    import typing
+
+    from sysgen.cli_args import RUN
+    from sysgen.config import RunConfig, config_fields
+
+    hints = typing.get_type_hints(RunConfig)
+    numeric = {f.name for f in config_fields()
+               if {int, float} & set(typing.get_args(hints[f.name]) or (hints[f.name],))
+               and not isinstance(f.default, bool)}
+    assert numeric and numeric <= set(RUN)
+    flags = _numeric_flags()
+    assert {f for c, f in flags if c == "run"} == {"--" + n.replace("_", "-") for n in RUN}
+    assert {("eval", "--judge-limit"), ("eval", "--bertscore-layer")} <= set(flags)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("flags")
+    write_rows(d / "in.jsonl", 12)
+    assert sg([d / "in.jsonl"], d / "out", "--shard", "0/1") == 0
+    return d
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+BAD = st.one_of(
+    st.integers(min_value=10**13, max_value=10**40).map(str),  # huge
+    st.integers(max_value=-1).map(str),  # negative
+    st.sampled_from(["nan", "NaN", "inf", "-inf", "1e400", "", " ", "abc", "1/0", "0x10", "1.5.2", "١٢",
+                     "99999999999999999999", "0/99999999999999999999", "-1/4", "4/4", "1e9"]),
+    st.text(alphabet="abcxyz!?%", min_size=1, max_size=8),  # non-numeric
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.integers(min_value=0, max_value=10**6), value=BAD)
+def test_an_extreme_numeric_flag_is_one_line_exit_2_and_touches_nothing(finished_run, capsys, which, value):
+    flags = _numeric_flags()
+    cmd, flag = flags[which % len(flags)]
+    out = finished_run / "out"
+    before = _files(finished_run)
+    argv = {"run": ["run", str(finished_run / "in.jsonl"), "--out", str(out), *STANDIN],
+            "eval": ["eval", str(out), "--no-bertscore", "--no-judges"],
+            }.get(cmd, [cmd, str(out)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([*argv, flag + "=" + value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, (flag, value, err)
+    assert len(err.strip().splitlines()) == 1 and flag in err and "Traceback" not in err, err
+    assert _files(finished_run) == before
+
+
+@pytest.mark.parametrize("flag,value", [("--shard", "0/99999999999999999999"), ("--limit", str(10**20)),
+                                        ("--seed", str(10**20)), ("--max-inflight", "-5"),
+                                        ("--p4-budget-cap", "nan"), ("--timeout-s", "inf")])
+def test_the_reported_flag_values_are_refused_and_the_outputs_kept(finished_run, capsys, flag, value):
+    before = _files(finished_run)
+    with pytest.raises(SystemExit) as e:
+        sg([finished_run / "in.jsonl"], finished_run / "out", flag, value)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"argument {flag}" in err
+    assert _files(finished_run) == before
