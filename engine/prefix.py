@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 VERIFY_FIRST = 4  # prompts per layout checked against whole-string tokenization
+VERIFY_MAX_IDS = 32_768  # longer prompts are not the ones checked (it would tokenize them twice)
 MAX_LAYOUTS = 256  # shapes (role sequences) kept; past this, layouts are built per prompt
 MAX_SHARED = 32  # cached system prefixes (the few shared templates; never one per instance)
 _MARK = "\ue000{}\ue001"  # content slot i in rendered text (private-use characters)
@@ -48,6 +51,10 @@ class PromptError(ValueError):
     """The prompt cannot be built safely (data holds special-token text this tokenizer cannot split)."""
 
 
+class PromptTooLong(PromptError):
+    """The prompt surely holds more tokens than the engine's context; found without tokenizing it."""
+
+
 @dataclass
 class _Layout:
     items: list[Item]
@@ -60,8 +67,16 @@ class _Layout:
 class ChatPrompter:
     """Builds token-id prompts for chats (optionally growing turn by turn) with a HF tokenizer."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, max_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
+        self.max_tokens = max_tokens  # the engine's context; 0 = unknown, nothing refused
+        # Bytes of the longest vocabulary entry (as its UTF-8 string, never fewer bytes than it stands
+        # for): no token covers more text, so text of B bytes is at least B / this many tokens.
+        self._token_bytes = max((len(t.encode()) for t in tokenizer.get_vocab()), default=1) \
+            if max_tokens else 1
+        # Tables are shared by the event loop and the prompt thread (sysgen PromptBuilder); the
+        # lock covers table reads and writes only, never rendering or tokenizing.
+        self._lock = threading.Lock()
         specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
         for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
             if getattr(tok, "special", False):
@@ -103,6 +118,20 @@ class ChatPrompter:
         except TypeError:
             return False
         return list(ids) != [self._special_id[s]]
+
+    def least_tokens(self, text: str) -> int:
+        """A lower bound on the tokens of `text`, from its length alone (no tokenizing)."""
+        return -(-len(text.encode()) // self._token_bytes)
+
+    def check_fits(self, known: int, texts: Sequence[str]) -> None:
+        """PromptTooLong when `known` ids plus `texts` surely exceed max_tokens: a row too long for
+        the context is refused before it is tokenized (a 7 MB row took 3.3 GB and 20 s to find out)."""
+        if not self.max_tokens:
+            return
+        need = known + sum(self.least_tokens(t) for t in texts)
+        if need > self.max_tokens:
+            raise PromptTooLong(f"the prompt holds at least {need:,} tokens; the engine's context is "
+                                f"{self.max_tokens:,}")
 
     def has_special_text(self, text: str) -> bool:
         return any(s in text for s in self._specials)
@@ -157,12 +186,14 @@ class ChatPrompter:
         return _Layout(items, literal, end)
 
     def _layout(self, roles: tuple[str, ...]) -> _Layout | None:
-        if roles in self._layouts:
-            self._layouts.move_to_end(roles)
-            return self._layouts[roles]
+        with self._lock:
+            if roles in self._layouts:
+                self._layouts.move_to_end(roles)
+                return self._layouts[roles]
         text = self._marked(roles)
         lay = self._layout_of(text) if text is not None else None
-        _put(self._layouts, roles, lay, MAX_LAYOUTS)
+        with self._lock:
+            _put(self._layouts, roles, lay, MAX_LAYOUTS)
         return lay
 
     def _fill(self, lay: _Layout, contents: Sequence[str], start: int = 0,
@@ -190,19 +221,23 @@ class ChatPrompter:
         `shared_system`: the system text is a template many prompts share; cache its ids."""
         roles = tuple(r for r, _ in messages)
         contents = [c for _, c in messages]
+        self.check_fits(0, contents)
         lay = self._layout(roles)
         if lay is None or not lay.ok:
             return self._whole(messages)
         if shared_system and roles and roles[0] == "system" and lay.system_end > 0:
             key = (roles, contents[0])
-            pre = self._shared.get(key)
+            with self._lock:
+                pre = self._shared.get(key)
             if pre is None:
                 pre = tuple(self._fill(lay, contents, 0, lay.system_end))
-                _put(self._shared, key, pre, MAX_SHARED)
+                with self._lock:
+                    _put(self._shared, key, pre, MAX_SHARED)
             ids = pre + tuple(self._fill(lay, contents, lay.system_end))
         else:
             ids = tuple(self._fill(lay, contents))
-        if lay.checked < VERIFY_FIRST and not any(self.has_special_text(c) for c in contents):
+        if lay.checked < VERIFY_FIRST and len(ids) <= VERIFY_MAX_IDS and not any(self.has_special_text(c)
+                                                                                  for c in contents):
             lay.checked += 1
             whole = tuple(self.encode(self.render_messages(messages)))
             if whole != ids:
@@ -227,12 +262,13 @@ class ChatPrompter:
         whole conversation; each window is checked against the whole rendering of its first prompts."""
         if len(messages) < 3:
             return self.prompt(messages)
-        window = _window(tuple(r for r, _ in messages))
+        window = _window(tuple(map(itemgetter(0), messages)))
         suf = self._suffix(window)
         if suf is None or not suf.ok:
             return self.prompt(messages)
         contents = [""] * len(window)
         contents[-1] = messages[-1][1]
+        self.check_fits(len(prev), (messages[-2][1], messages[-1][1]))
         answer = self.encode_data([messages[-2][1]])[0]
         ids = prev + tuple(answer) + tuple(self._fill(suf, contents))
         if suf.checked < VERIFY_FIRST and not any(self.has_special_text(c) for _, c in messages):
@@ -247,8 +283,9 @@ class ChatPrompter:
         return ids
 
     def _suffix(self, roles: tuple[str, ...]) -> _Layout | None:
-        if roles in self._suffixes:
-            return self._suffixes[roles]
+        with self._lock:
+            if roles in self._suffixes:
+                return self._suffixes[roles]
         lay = None
         full, prev = self._marked(roles), self._marked(roles[:-2])
         answer = _MARK.format(len(roles) - 2)
@@ -257,7 +294,8 @@ class ChatPrompter:
             if any(isinstance(p, int) and p != len(roles) - 1 for it in lay.items if isinstance(it, tuple)
                    for p in it):
                 lay = None  # the text after the answer shows earlier content: not a chain we can window
-        _put(self._suffixes, roles, lay, MAX_LAYOUTS)
+        with self._lock:
+            _put(self._suffixes, roles, lay, MAX_LAYOUTS)
         return lay
 
     def _whole(self, messages: Sequence[Message]) -> tuple[int, ...]:
@@ -269,7 +307,8 @@ class ChatPrompter:
     def prefix_len(self, system: str | None) -> int:
         """Cached ids of a shared system template (0 when none is cached)."""
         roles = ("user",) if system is None else ("system", "user")
-        pre = self._shared.get((roles, system))
+        with self._lock:
+            pre = self._shared.get((roles, system))
         return len(pre) if pre is not None else 0
 
 

@@ -127,7 +127,8 @@ async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path, 
     sched = Scheduler(backend, store, sched_config or SchedulerConfig(
         max_inflight=cfg.max_inflight, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
         retry_stored_failures=cfg.retry_failed, engine_down_s=cfg.engine_down_s))
-    build = PromptBuilder(backend.tokenizer if backend.capabilities.token_ids else None)
+    build = PromptBuilder(backend.tokenizer if backend.capabilities.token_ids else None,
+                          max_context=backend.capabilities.max_context)
     wm = Watermark(store, fp, resume.files)  # inputs expanded: a file added to a folder moves positions
     frac = InputFraction(resume.files)
     progress = Progress(sched.metrics, frac, enabled=progress_enabled)
@@ -224,6 +225,7 @@ async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path, 
             except StoreError as e:
                 run.fatal = run.fatal or e
         progress.tick(force=True)
+        build.close()
     if run.fatal is not None:
         raise run.fatal
     counters = {"kept": run.kept, "dropped": run.dropped, "skipped_done": run.skipped_done,

@@ -267,3 +267,29 @@ def test_building_a_conversation_renders_a_linear_number_of_messages(smol_tokeni
     turns = 300
     _grow(chat, turns)
     assert sum(rendered) < 20 * turns, (sum(rendered), max(rendered))
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_before_it_is_tokenized(smol_tokenizer):
+    from engine.prefix import PromptTooLong
+
+    chat = ChatPrompter(smol_tokenizer, max_tokens=8192)
+    seen: list[int] = []
+    call = chat.tokenizer.__call__
+
+    class Spy:  # the tokenizer, counting the characters it is given
+        def __getattr__(self, name):
+            return getattr(smol_tokenizer, name)
+
+        def __call__(self, text, **kw):
+            seen.append(sum(map(len, text)) if isinstance(text, list) else len(text))
+            return call(text, **kw)
+
+    chat.tokenizer = Spy()
+    with pytest.raises(PromptTooLong, match="8,192"):
+        chat.prompt([("system", "Be brief."), ("user", "word " * 1_400_000)])  # 7 MB
+    assert sum(seen) == 0
+    ids = chat.prompt([("system", "Be brief."), ("user", "word " * 100)])  # what fits is built as before
+    assert ids == ChatPrompter(smol_tokenizer).prompt([("system", "Be brief."), ("user", "word " * 100)])
+    with pytest.raises(PromptTooLong):
+        chat.extend(ids, [("system", "Be brief."), ("user", "word " * 100), ("assistant", "ok"),
+                          ("user", "x" * 8192 * 200)])

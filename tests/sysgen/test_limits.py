@@ -146,3 +146,72 @@ def test_the_reported_flag_values_are_refused_and_the_outputs_kept(finished_run,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"argument {flag}" in err
     assert _files(finished_run) == before
+
+
+# ---- item 7: a row too long for the context, and a long conversation beside short rows ----
+
+def test_a_row_too_long_for_the_context_is_dropped_without_tokenizing_it(tmp_path, smol_tokenizer):
+    import time
+
+    import orjson
+
+    try:
+        from tests.sysgen.pipeline_helpers import records, run
+        from tests.sysgen.test_multiturn_tokens import RadixStandIn
+    except ImportError:
+        from pipeline_helpers import records, run
+        from test_multiturn_tokens import RadixStandIn
+
+    huge = {"messages": [{"role": "user", "content": "word " * 1_400_000},  # 7 MB
+                         {"role": "assistant", "content": "ok"}]}
+    (tmp_path / "in.jsonl").write_bytes(orjson.dumps(huge) + b"\n")
+    write_rows(tmp_path / "small.jsonl", 3)
+    t0 = time.monotonic()
+    run([tmp_path / "in.jsonl", tmp_path / "small.jsonl"], tmp_path / "out",
+        RadixStandIn(smol_tokenizer, max_context=8192))
+    got = records(tmp_path / "out")
+    # P1 shows each turn cut at --max-turn-chars; P4's first prompt holds the whole turn.
+    assert [(d["phase"], d["reason"]) for d in got["dropped"]] == [("p4", "context@turn1")]
+    assert "8,192" in got["dropped"][0]["detail"] and len(got["data"]) == 3
+    assert time.monotonic() - t0 < 15  # it took 20 s (and 3.3 GB) to tokenize it before dropping it
+
+
+def test_sigterm_stops_a_run_within_seconds_while_a_long_conversation_is_prompted(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import orjson
+
+    turns = 8000  # its P1 prompt alone is ~1.5 MB of text; P4 would take many minutes
+    msgs = []
+    for j in range(turns):
+        msgs += [{"role": "user", "content": f"Question {j}: what is {j} plus {j}? Please explain it."},
+                 {"role": "assistant", "content": f"The answer is {2 * j}, as {j} and {j} make {2 * j}."}]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out"
+    inp.write_bytes(orjson.dumps({"messages": msgs}) + b"\n")
+    with inp.open("ab") as f:  # short rows behind it: they must not wait for it
+        f.write(b"".join(r + b"\n" for r in write_rows(tmp_path / "short.jsonl", 12)))
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "sysgen", "run", str(inp), "--out", str(out),
+                             "--engine", "standin", "--no-progress", "--no-report"], cwd=repo,
+                            env={**os.environ, "SYSGEN_STANDIN_TOKENIZER": "default"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 45
+        while not ((out / "data.jsonl").exists() and (out / "data.jsonl").read_bytes().count(b"\n") >= 12):
+            assert proc.poll() is None and time.monotonic() < deadline, "the short rows waited"
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130 and "re-run the same command to resume" in err, err[-500:]
+    assert took < 15, took  # the 6 s drain, then the long row is cancelled where it stands
+    assert set(ids_once(out)) == {f"in:{i}" for i in range(2, 14)}  # the long row resumes next time
