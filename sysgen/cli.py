@@ -238,7 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # HTTP libraries log a line per request at INFO (httpx did: 3 per row)
         for name in ("httpx", "httpcore", "aiohttp.access", "aiohttp.client"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except OSError as e:  # unreadable input, read-only output, a full disk: one line, never a traceback
+        from sysgen.os_errors import os_error_line
+
+        kept = " (finished work is kept; the same command resumes)" if args.command == "run" else ""
+        print(f"sysgen {args.command}: error: {os_error_line(e)}{kept}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -132,10 +132,9 @@ async def _judge(run: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from sysgen.eval.evaluate import EvalConfig, answer_metrics, write_eval
+    from sysgen.eval.evaluate import EvalConfig
     from sysgen.eval.rundir import RunDirError, load_run
     from sysgen.eval.semantic import DEFAULT_BERTSCORE_LAYER
-    from sysgen.publish.report import write_report
 
     if args.judge_limit is not None and args.judge_limit < 1:
         return _fail(f"--judge-limit must be >= 1, got {args.judge_limit}")
@@ -146,6 +145,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          else DEFAULT_BERTSCORE_LAYER, bleurt_checkpoint=args.bleurt_checkpoint)
     except (RunDirError, ValueError) as exc:
         return _fail(str(exc))
+    try:  # a torn last line (a killed run) is read as `report` reads it: one line saying what to do
+        return _eval(run, cfg, args)
+    except RunDirError as exc:
+        return _fail(str(exc))
+
+
+def _eval(run: Any, cfg: Any, args: argparse.Namespace) -> int:
+    from sysgen.eval.evaluate import answer_metrics, write_eval
+    from sysgen.publish.report import write_report
+
     payload: dict[str, Any] = {"metrics": answer_metrics(run, cfg)}
     code = 0
     if args.no_judges:

@@ -28,6 +28,7 @@ from engine.store import Store, StoreError
 from sysgen.config import RunConfig
 from sysgen.datasets.instance import Instance, Known, Rejected
 from sysgen.run.instance_flow import Outcome, rejected_outcome, run_instance
+from sysgen.run.limit_check import check_limit
 from sysgen.run.phases import PhaseSettings, PromptBuilder
 from sysgen.run.resume import Position, Resume, Watermark, fingerprint
 
@@ -123,6 +124,7 @@ async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path, 
     case with everything finished before committed)."""
     settings = phase_settings(cfg, backend)
     fp = fingerprint(cfg, settings)
+    check_limit(store, cfg, fp)
     resume = Resume.open(store, out, cfg, fp, settings)
     sched = Scheduler(backend, store, sched_config or SchedulerConfig(
         max_inflight=cfg.max_inflight, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,

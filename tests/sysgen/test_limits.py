@@ -215,3 +215,153 @@ def test_sigterm_stops_a_run_within_seconds_while_a_long_conversation_is_prompte
     assert proc.returncode == 130 and "re-run the same command to resume" in err, err[-500:]
     assert took < 15, took  # the 6 s drain, then the long row is cancelled where it stands
     assert set(ids_once(out)) == {f"in:{i}" for i in range(2, 14)}  # the long row resumes next time
+
+
+# ---- item 8: a lowered --limit, and a stray temporary file of a killed export ----
+
+def test_a_limit_lowered_below_what_is_done_is_refused_and_changes_nothing(tmp_path, capsys):
+    import json
+
+    write_rows(tmp_path / "in.jsonl", 30)
+    out = tmp_path / "out"
+    assert sg([tmp_path / "in.jsonl"], out, "--limit", "20") == 0
+    before = {p.name: p.read_bytes() for p in out.glob("*.jsonl")}
+    capsys.readouterr()
+    assert sg([tmp_path / "in.jsonl"], out, "--limit", "5") == 2
+    err = capsys.readouterr().err
+    assert "--limit 5 is below the 20 instances" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.glob("*.jsonl")} == before
+    assert sg([tmp_path / "in.jsonl"], out, "--limit", "25") == 0  # raising it resumes
+    st = json.loads((out / "stats.json").read_text())
+    assert st["accounted"] and st["input"] == 25 and len(ids_once(out)) == 25
+
+
+# ---- item 6: OS errors are one line in every subcommand, temporary files removed ----
+# (Injected: the tests run as root too, which no file mode stops.)
+
+def _refuse(monkeypatch, target: Path, modes: str = "rwa", err: int = 13) -> None:
+    """open(target) in any of `modes` raises OSError `err` (13: permission denied) from now on."""
+    import builtins
+    import errno
+    import io
+    import os
+
+    real = builtins.open
+
+    def fake(file, mode="r", *a, **kw):
+        if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(target) and mode[0] in modes:
+            raise OSError(err, os.strerror(err), str(target))
+        return real(file, mode, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", fake)
+    monkeypatch.setattr(io, "open", fake)
+    assert errno.errorcode[err]
+
+
+def _one_line(err: str, *needles: str) -> None:
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_an_input_unreadable_between_resumes_is_one_line(tmp_path, monkeypatch, capsys):
+    write_rows(tmp_path / "in.jsonl", 8)
+    assert sg([tmp_path / "in.jsonl"], tmp_path / "out", "--limit", "4") == 0
+    before = (tmp_path / "out" / "data.jsonl").read_bytes()
+    _refuse(monkeypatch, tmp_path / "in.jsonl", "r")
+    capsys.readouterr()
+    assert sg([tmp_path / "in.jsonl"], tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    _one_line(err, str(tmp_path / "in.jsonl"), "Permission denied", "Fix:")
+    assert (tmp_path / "out" / "data.jsonl").read_bytes() == before
+
+
+def test_a_read_only_data_jsonl_is_one_line(tmp_path, monkeypatch, capsys):
+    write_rows(tmp_path / "in.jsonl", 8)
+    assert sg([tmp_path / "in.jsonl"], tmp_path / "out", "--limit", "4") == 0
+    _refuse(monkeypatch, tmp_path / "out" / "data.jsonl", "wa")
+    capsys.readouterr()
+    assert sg([tmp_path / "in.jsonl"], tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    _one_line(err, str(tmp_path / "out" / "data.jsonl"), "Fix:")
+
+
+def _full_disk(monkeypatch):
+    """Every write to a hidden temporary file (how sysgen writes whole files) fails half-way."""
+    import errno
+    import os
+
+    import matplotlib.figure
+
+    real_write, real_savefig = Path.write_bytes, matplotlib.figure.Figure.savefig
+
+    def write_bytes(self, data):
+        if self.name.endswith(".tmp"):
+            real_write(self, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write(self, data)
+
+    def savefig(self, fname, *a, **kw):
+        Path(fname).write_bytes(b"")  # what a full disk left: a 0-byte funnel.png
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fname))
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    del real_savefig
+
+
+def test_report_and_eval_on_a_full_disk_are_one_line_and_leave_no_file(tmp_path, monkeypatch, capsys):
+    write_rows(tmp_path / "in.jsonl", 4)
+    out = tmp_path / "out"
+    assert sg([tmp_path / "in.jsonl"], out) == 0
+    before = {p.name for p in out.iterdir()}
+    _full_disk(monkeypatch)
+    for argv in (["report", str(out)], ["eval", str(out), "--no-bertscore", "--no-judges"]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        _one_line(capsys.readouterr().err, "No space left on device", "free space")
+        assert {p.name for p in out.iterdir()} == before, argv  # no funnel.png, eval.json(.tmp) left
+
+
+def test_eval_reads_a_torn_last_line_as_report_does(tmp_path, capsys):
+    write_rows(tmp_path / "in.jsonl", 4)
+    out = tmp_path / "out"
+    assert sg([tmp_path / "in.jsonl"], out) == 0
+    with (out / "data.jsonl").open("ab") as f:
+        f.write(b'{"id": "in:9", "mess')
+    for argv in (["report", str(out)], ["eval", str(out), "--no-bertscore", "--no-judges"]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        _one_line(capsys.readouterr().err, "data.jsonl:5", "killed mid-write")
+
+
+def test_a_stray_temporary_file_of_a_killed_export_is_never_loaded(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    datasets = pytest.importorskip("datasets")
+    write_rows(tmp_path / "in.jsonl", 6)
+    out = tmp_path / "out"
+    assert sg([tmp_path / "in.jsonl"], out) == 0
+    assert main(["export", str(out)]) == 0
+    (out / "export" / "README.md").unlink()  # a folder without its card: datasets globs the files
+    # A second export killed (SIGKILL: no clean-up runs) after two rows of its temporary file.
+    code = ("import os, signal, sys, orjson\n"
+            "import sysgen.publish.export as x\n"
+            "def half(data, path):\n"
+            "    with open(path, 'wb') as fh:\n"
+            "        for i, row in enumerate(data):\n"
+            "            fh.write(orjson.dumps(row) + b'\\n'); fh.flush()\n"
+            "            if i == 1: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "x._write_jsonl = half\n"
+            "from sysgen.cli import main\n"
+            f"main(['export', {str(out)!r}])\n")
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == -signal.SIGKILL
+    assert len(list((out / "export").iterdir())) == 2  # messages.jsonl and the killed one's temporary
+    ds = datasets.load_dataset(str(out / "export"), split="train", cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == 6  # the complete export only, none of the half-written rows
