@@ -16,14 +16,15 @@ new for every instance and is not cached, so memory stays flat however many inst
 
 Conversations grow as chains: the prompt of turn j+1 is the prompt of turn j, then the answer's ids,
 then the template text from the end of that answer to the next generation prompt. It extends turn
-j's prompt plus its answer exactly, so an engine's prefix cache serves the whole history.
+j's prompt plus its answer exactly, so an engine's prefix cache serves the whole history. That text
+is rendered from a window of the roles (the first few and the last few), so a turn costs the same at
+turn 4,000 as at turn 10 (docs/limits.md).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,7 +66,8 @@ class _Layout:
 
 
 class ChatPrompter:
-    """Builds token-id prompts for chats (optionally growing turn by turn) with a HF tokenizer."""
+    """Builds token-id prompts for chats (optionally growing turn by turn) with a HF tokenizer. One
+    thread per prompter, and per tokenizer: a call flips the tokenizer's split-special-tokens switch."""
 
     def __init__(self, tokenizer: Any, max_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
@@ -74,9 +76,6 @@ class ChatPrompter:
         # for): no token covers more text, so text of B bytes is at least B / this many tokens.
         self._token_bytes = max((len(t.encode()) for t in tokenizer.get_vocab()), default=1) \
             if max_tokens else 1
-        # Tables are shared by the event loop and the prompt thread (sysgen PromptBuilder); the
-        # lock covers table reads and writes only, never rendering or tokenizing.
-        self._lock = threading.Lock()
         specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
         for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
             if getattr(tok, "special", False):
@@ -186,14 +185,12 @@ class ChatPrompter:
         return _Layout(items, literal, end)
 
     def _layout(self, roles: tuple[str, ...]) -> _Layout | None:
-        with self._lock:
-            if roles in self._layouts:
-                self._layouts.move_to_end(roles)
-                return self._layouts[roles]
+        if roles in self._layouts:
+            self._layouts.move_to_end(roles)
+            return self._layouts[roles]
         text = self._marked(roles)
         lay = self._layout_of(text) if text is not None else None
-        with self._lock:
-            _put(self._layouts, roles, lay, MAX_LAYOUTS)
+        _put(self._layouts, roles, lay, MAX_LAYOUTS)
         return lay
 
     def _fill(self, lay: _Layout, contents: Sequence[str], start: int = 0,
@@ -227,12 +224,10 @@ class ChatPrompter:
             return self._whole(messages)
         if shared_system and roles and roles[0] == "system" and lay.system_end > 0:
             key = (roles, contents[0])
-            with self._lock:
-                pre = self._shared.get(key)
+            pre = self._shared.get(key)
             if pre is None:
                 pre = tuple(self._fill(lay, contents, 0, lay.system_end))
-                with self._lock:
-                    _put(self._shared, key, pre, MAX_SHARED)
+                _put(self._shared, key, pre, MAX_SHARED)
             ids = pre + tuple(self._fill(lay, contents, lay.system_end))
         else:
             ids = tuple(self._fill(lay, contents))
@@ -283,9 +278,8 @@ class ChatPrompter:
         return ids
 
     def _suffix(self, roles: tuple[str, ...]) -> _Layout | None:
-        with self._lock:
-            if roles in self._suffixes:
-                return self._suffixes[roles]
+        if roles in self._suffixes:
+            return self._suffixes[roles]
         lay = None
         full, prev = self._marked(roles), self._marked(roles[:-2])
         answer = _MARK.format(len(roles) - 2)
@@ -294,8 +288,7 @@ class ChatPrompter:
             if any(isinstance(p, int) and p != len(roles) - 1 for it in lay.items if isinstance(it, tuple)
                    for p in it):
                 lay = None  # the text after the answer shows earlier content: not a chain we can window
-        with self._lock:
-            _put(self._suffixes, roles, lay, MAX_LAYOUTS)
+        _put(self._suffixes, roles, lay, MAX_LAYOUTS)
         return lay
 
     def _whole(self, messages: Sequence[Message]) -> tuple[int, ...]:
@@ -307,8 +300,7 @@ class ChatPrompter:
     def prefix_len(self, system: str | None) -> int:
         """Cached ids of a shared system template (0 when none is cached)."""
         roles = ("user",) if system is None else ("system", "user")
-        with self._lock:
-            pre = self._shared.get((roles, system))
+        pre = self._shared.get((roles, system))
         return len(pre) if pre is not None else 0
 
 
