@@ -35,7 +35,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 VERIFY_FIRST = 4  # prompts per layout checked against whole-string tokenization
-VERIFY_MAX_IDS = 32_768  # longer prompts are not the ones checked (it would tokenize them twice)
 MAX_LAYOUTS = 256  # shapes (role sequences) kept; past this, layouts are built per prompt
 MAX_SHARED = 32  # cached system prefixes (the few shared templates; never one per instance)
 _MARK = "\ue000{}\ue001"  # content slot i in rendered text (private-use characters)
@@ -231,8 +230,7 @@ class ChatPrompter:
             ids = pre + tuple(self._fill(lay, contents, lay.system_end))
         else:
             ids = tuple(self._fill(lay, contents))
-        if lay.checked < VERIFY_FIRST and len(ids) <= VERIFY_MAX_IDS and not any(self.has_special_text(c)
-                                                                                  for c in contents):
+        if lay.checked < VERIFY_FIRST and not any(self.has_special_text(c) for c in contents):
             lay.checked += 1
             whole = tuple(self.encode(self.render_messages(messages)))
             if whole != ids:
