@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from sysgen.atomic import write_atomic
 from sysgen.tags import TAGS
 
 STAGES = ("input", "read", "p1", "p2_kept", "p3_kept", "p4_kept")
@@ -177,6 +178,4 @@ def mark_stale(out: Path, why: str) -> None:
 
 
 def _dump(out: Path, stats: dict[str, Any]) -> None:
-    tmp = out / "stats.json.tmp"
-    tmp.write_bytes(orjson.dumps(stats, option=orjson.OPT_INDENT_2))
-    tmp.replace(out / "stats.json")
+    write_atomic(out / "stats.json", orjson.dumps(stats, option=orjson.OPT_INDENT_2))
