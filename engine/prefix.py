@@ -16,7 +16,9 @@ new for every instance and is not cached, so memory stays flat however many inst
 
 Conversations grow as chains: the prompt of turn j+1 is the prompt of turn j, then the answer's ids,
 then the template text from the end of that answer to the next generation prompt. It extends turn
-j's prompt plus its answer exactly, so an engine's prefix cache serves the whole history.
+j's prompt plus its answer exactly, so an engine's prefix cache serves the whole history. That text
+is rendered from a window of the roles (the first few and the last few), so a turn costs the same at
+turn 4,000 as at turn 10 (docs/limits.md).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,8 @@ MAX_SHARED = 32  # cached system prefixes (the few shared templates; never one p
 _MARK = "\ue000{}\ue001"  # content slot i in rendered text (private-use characters)
 _PAD = " \n"  # around a placeholder: a template that strips or rewrites content shows it
 _MARK_RE = re.compile("\ue000(\\d+)\ue001")
+_PADDED_RE = re.compile(re.escape(_PAD) + "(\ue000\\d+\ue001)" + re.escape(_PAD))
+WINDOW_HEAD, WINDOW_TAIL = 4, 8  # roles a long conversation's next-turn suffix is rendered from
 
 Message = tuple[str, str]  # (role, content)
 Item = int | tuple  # a special-token id, or a text run: literal strings and slot indexes
@@ -44,6 +49,10 @@ Item = int | tuple  # a special-token id, or a text run: literal strings and slo
 
 class PromptError(ValueError):
     """The prompt cannot be built safely (data holds special-token text this tokenizer cannot split)."""
+
+
+class PromptTooLong(PromptError):
+    """The prompt surely holds more tokens than the engine's context; found without tokenizing it."""
 
 
 @dataclass
@@ -56,10 +65,16 @@ class _Layout:
 
 
 class ChatPrompter:
-    """Builds token-id prompts for chats (optionally growing turn by turn) with a HF tokenizer."""
+    """Builds token-id prompts for chats (optionally growing turn by turn) with a HF tokenizer. One
+    thread per prompter, and per tokenizer: a call flips the tokenizer's split-special-tokens switch."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, max_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
+        self.max_tokens = max_tokens  # the engine's context; 0 = unknown, nothing refused
+        # Bytes of the longest vocabulary entry (as its UTF-8 string, never fewer bytes than it stands
+        # for): no token covers more text, so text of B bytes is at least B / this many tokens.
+        self._token_bytes = max((len(t.encode()) for t in tokenizer.get_vocab()), default=1) \
+            if max_tokens else 1
         specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
         for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
             if getattr(tok, "special", False):
@@ -102,6 +117,20 @@ class ChatPrompter:
             return False
         return list(ids) != [self._special_id[s]]
 
+    def least_tokens(self, text: str) -> int:
+        """A lower bound on the tokens of `text`, from its length alone (no tokenizing)."""
+        return -(-len(text.encode()) // self._token_bytes)
+
+    def check_fits(self, known: int, texts: Sequence[str]) -> None:
+        """PromptTooLong when `known` ids plus `texts` surely exceed max_tokens: a row too long for
+        the context is refused before it is tokenized (a 7 MB row took 3.3 GB and 20 s to find out)."""
+        if not self.max_tokens:
+            return
+        need = known + sum(self.least_tokens(t) for t in texts)
+        if need > self.max_tokens:
+            raise PromptTooLong(f"the prompt holds at least {need:,} tokens; the engine's context is "
+                                f"{self.max_tokens:,}")
+
     def has_special_text(self, text: str) -> bool:
         return any(s in text for s in self._specials)
 
@@ -116,24 +145,20 @@ class ChatPrompter:
         return self.render_messages(_pair(system, user))
 
     def _marked(self, roles: tuple[str, ...]) -> str | None:
-        """The rendered shape with content slot i as _MARK(i); None if the template rewrites content."""
+        """The rendered shape with content slot i as _MARK(i); None if the template rewrites content.
+        One pass over the text: each slot shown at most once, in order, with its padding intact."""
         padded = [_PAD + _MARK.format(i) + _PAD for i in range(len(roles))]
         try:
             text = self.render_messages(list(zip(roles, padded, strict=True)))
         except Exception:  # a template that refuses this shape: whole-string rendering will say why
             return None
-        pos = 0
-        for i, p in enumerate(padded):
-            n = text.count(_MARK.format(i))
-            if n == 0:  # the template leaves this message out (some drop earlier answers)
-                continue
-            at = text.find(p, pos)
-            if at < 0 or n != 1:
+        last, end, pad = -1, 0, len(_PAD)
+        for m in _MARK_RE.finditer(text):  # a slot the template leaves out (earlier answers) is absent
+            i, at = int(m.group(1)), m.start() - pad
+            if i <= last or at < end or text[at:m.start()] != _PAD or text[m.end():m.end() + pad] != _PAD:
                 return None
-            pos = at + len(p)
-        for i, p in enumerate(padded):
-            text = text.replace(p, _MARK.format(i))
-        return text
+            last, end = i, m.end() + pad
+        return _PADDED_RE.sub(r"\1", text)
 
     def _layout_of(self, text: str) -> _Layout:
         items: list[Item] = []
@@ -192,6 +217,7 @@ class ChatPrompter:
         `shared_system`: the system text is a template many prompts share; cache its ids."""
         roles = tuple(r for r, _ in messages)
         contents = [c for _, c in messages]
+        self.check_fits(0, contents)
         lay = self._layout(roles)
         if lay is None or not lay.ok:
             return self._whole(messages)
@@ -222,14 +248,20 @@ class ChatPrompter:
         """The next turn's prompt: `messages` ends (…, assistant answer, user); `prev` is the prompt
         the answer was generated from. Returns prev + answer ids + the template text up to the new
         generation prompt, so it extends prev + answer exactly; when this template's rendering is not
-        a chain (it rewrites earlier turns), the whole conversation instead."""
-        roles = tuple(r for r, _ in messages)
-        suf = self._suffix(roles)
-        if suf is None or not suf.ok or len(messages) < 3:
+        a chain (it rewrites earlier turns), the whole conversation instead.
+
+        Linear in the conversation: the template text after the answer is taken from a window of the
+        roles (the first few and the last few, `_window`), rendered once per window, never from the
+        whole conversation; each window is checked against the whole rendering of its first prompts."""
+        if len(messages) < 3:
             return self.prompt(messages)
-        n = len(messages)
-        contents = [""] * n
-        contents[n - 1] = messages[-1][1]
+        window = _window(tuple(map(itemgetter(0), messages)))
+        suf = self._suffix(window)
+        if suf is None or not suf.ok:
+            return self.prompt(messages)
+        contents = [""] * len(window)
+        contents[-1] = messages[-1][1]
+        self.check_fits(len(prev), (messages[-2][1], messages[-1][1]))
         answer = self.encode_data([messages[-2][1]])[0]
         ids = prev + tuple(answer) + tuple(self._fill(suf, contents))
         if suf.checked < VERIFY_FIRST and not any(self.has_special_text(c) for _, c in messages):
@@ -237,7 +269,8 @@ class ChatPrompter:
             shown = self.tokenizer.decode(list(ids), skip_special_tokens=False,
                                           clean_up_tokenization_spaces=False)
             if shown != self.render_messages(messages):
-                log.warning("chat template is not a chain for roles %s; whole prompts for this shape", roles)
+                log.warning("chat template is not a chain for roles %s; whole prompts for this shape",
+                            window)
                 suf.ok = False
                 return self.prompt(messages)
         return ids
@@ -250,6 +283,9 @@ class ChatPrompter:
         answer = _MARK.format(len(roles) - 2)
         if full is not None and prev is not None and full.startswith(prev + answer):
             lay = self._layout_of(full[len(prev) + len(answer):])
+            if any(isinstance(p, int) and p != len(roles) - 1 for it in lay.items if isinstance(it, tuple)
+                   for p in it):
+                lay = None  # the text after the answer shows earlier content: not a chain we can window
         _put(self._suffixes, roles, lay, MAX_LAYOUTS)
         return lay
 
@@ -264,6 +300,18 @@ class ChatPrompter:
         roles = ("user",) if system is None else ("system", "user")
         pre = self._shared.get((roles, system))
         return len(pre) if pre is not None else 0
+
+
+def _window(roles: tuple[str, ...]) -> tuple[str, ...]:
+    """The roles a long conversation's next-turn template text is rendered from: the first
+    WINDOW_HEAD (or one more, to keep the parity templates check) and the last WINDOW_TAIL, when what
+    lies between repeats one (user, assistant) pair; else all of them."""
+    n = len(roles)
+    head = WINDOW_HEAD + (n - WINDOW_HEAD - WINDOW_TAIL) % 2
+    middle = n - head - WINDOW_TAIL
+    if middle < 2 or roles[head:n - WINDOW_TAIL] != roles[head:head + 2] * (middle // 2):
+        return roles
+    return roles[:head] + roles[n - WINDOW_TAIL:]
 
 
 def _pair(system: str | None, user: str) -> list[Message]:

@@ -19,6 +19,7 @@ from engine.canary import ConstraintIgnored
 from engine.store import Store, StoreError
 from sysgen.backend_factory import make_backend
 from sysgen.cli_eval import register, report_after_run
+from sysgen.cli_args import OneLineParser, run_type
 from sysgen.config import RunConfig, config_fields
 from sysgen.datasets import DatasetError
 from sysgen.run import stats
@@ -62,7 +63,7 @@ def add_run_parser(sub) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
             continue
         typ, choices = _arg_type(f)
-        p.add_argument(flag, type=typ, choices=choices, default=f.default, help=help_,
+        p.add_argument(flag, type=run_type(f.name, typ), choices=choices, default=f.default, help=help_,
                        required=f.metadata.get("required", False))
     p.add_argument("--api-key", default=None,
                    help="key for --engine openai, sglang_http or vllm_http (default: env OPENAI_API_KEY; "
@@ -208,9 +209,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sysgen", description=__doc__)
+    parser = OneLineParser(prog="sysgen", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     add_run_parser(sub)
     add_merge_parser(sub)
     register_slurm(sub, add_run_parser)  # `slurm` (takes the run options) and `status`
@@ -219,13 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (one line, sysgen/cli_args.py) or --help: the exit status
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not args.verbose:  # HTTP libraries log a line per request at INFO (httpx did: 3 per row)
         for name in ("httpx", "httpcore", "aiohttp.access", "aiohttp.client"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except OSError as e:  # unreadable input, read-only output, a full disk: one line, never a traceback
+        from sysgen.os_errors import os_error_line
+
+        kept = " (finished work is kept; the same command resumes)" if args.command == "run" else ""
+        print(f"sysgen {args.command}: error: {os_error_line(e)}{kept}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

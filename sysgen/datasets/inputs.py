@@ -30,6 +30,8 @@ HF_PREFIX = "hf:"
 _METADATA = frozenset({"dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json"})
 # What sysgen itself writes into an output folder: never read back as input.
 _OUTPUTS = frozenset({"data.jsonl", "dropped.jsonl", "stats.json", "eval.json", "judgements.jsonl"})
+# A folder holding one of these is a sysgen run's output folder.
+_RUN_MARKERS = ("store.db", "stats.json")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,12 @@ def is_saved_dataset(path: str | Path) -> bool:
     p = Path(path)
     return (p / "dataset_dict.json").is_file() or ((p / "state.json").is_file()
                                                    and (p / "dataset_info.json").is_file())
+
+
+def is_run_output(path: str | Path) -> bool:
+    """A file sysgen writes (data.jsonl, dropped.jsonl, ...) inside a sysgen run's output folder."""
+    p = Path(path)
+    return p.name in _OUTPUTS and any((p.parent / m).is_file() for m in _RUN_MARKERS)
 
 
 def resolve_inputs(inputs: Sequence[str | Path], previous: dict[str, str] | None = None) -> list[Source]:
@@ -99,7 +107,14 @@ def _expand(raw: str) -> list[tuple[str, str]]:
             raise DatasetError(f"{raw}: the pattern matches no file. Fix: check the pattern (quote it so "
                                "the shell passes it to sysgen)", kind="argument")
         out: list[tuple[str, str]] = []
+        own = [m for m in matches if is_run_output(m)]
+        if own:
+            log.info("%s: left out %d output file(s) of a sysgen run (%s%s): a run never reads its own or "
+                     "another run's outputs through a pattern", raw, len(own), ", ".join(own[:3]),
+                     ", …" if len(own) > 3 else "")
         for m in matches:
+            if m in own:
+                continue
             if os.path.isdir(m) and not is_saved_dataset(m):
                 continue  # `data/*` also matches folders; their files are matched by `data/**/*`
             if os.path.isdir(m) or extension(os.path.basename(m)) and os.path.basename(m) not in _METADATA:

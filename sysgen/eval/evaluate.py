@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from engine.progress import Progress
+from sysgen.atomic import atomic_path, write_atomic
 from sysgen.eval import judge_stats, judges, metrics, semantic
 from sysgen.eval.rundir import RunDir, message, turn_pairs
 
@@ -112,7 +113,7 @@ async def judge(run: RunDir, backend: Any, submit: judges.Submit, *, limit: int 
     results = await judges.run(judges.iter_plan(chosen, backend), submit, concurrency)
     if progress is not None:
         progress.tick(force=True)
-    with (run.path / JUDGEMENTS).open("wb") as fh:
+    with atomic_path(run.path / JUDGEMENTS) as tmp, tmp.open("wb") as fh:
         for j in results:
             fh.write(orjson.dumps(j.to_dict()) + b"\n")
     return {"status": "ok", "engine": engine or getattr(backend, "name", ""),
@@ -135,11 +136,8 @@ def _counted(submit: judges.Submit, progress: Progress) -> judges.Submit:
 def write_eval(out_dir: Path, payload: dict[str, Any]) -> Path:
     """eval.json, replaced atomically; orjson writes NaN (a metric with no pairs) as null."""
     path = Path(out_dir) / EVAL_JSON
-    tmp = path.with_suffix(".json.tmp")
     payload = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **payload}
-    tmp.write_bytes(orjson.dumps(payload, option=orjson.OPT_INDENT_2))
-    tmp.replace(path)
-    return path
+    return write_atomic(path, orjson.dumps(payload, option=orjson.OPT_INDENT_2))
 
 
 def read_eval(out_dir: Path) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from sysgen.atomic import write_atomic
 from sysgen.eval import funnel as fn
 from sysgen.eval.rundir import RunDir
 from sysgen.publish.export import existing_exports
@@ -119,7 +120,4 @@ def write_card(run: RunDir, license: str | None = None, exports: dict[str, Path]
     """Write README.md into `folder` (default: the run folder), atomically, and return its path."""
     base = Path(folder) if folder is not None else run.path
     path = base / CARD
-    tmp = path.with_name(CARD + ".tmp")
-    tmp.write_text(render_card(run, license, exports, base, status), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_atomic(path, render_card(run, license, exports, base, status).encode())

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import orjson
 
+from sysgen.atomic import atomic_path
 from sysgen.eval.rundir import RunDir
 
 Format = Literal["messages", "sharegpt", "parquet"]
@@ -128,13 +129,8 @@ def export(run: RunDir, fmt: str, out: Path | None = None) -> tuple[Path, int]:
     _check_one_file_type(folder, fmt)
     path = folder / DEFAULT_NAMES[fmt]
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_path(path) as tmp:  # hidden: a killed export's half file is never loaded as data
         n = _write_parquet(rows(run, fmt), tmp) if fmt == "parquet" else _write_jsonl(rows(run, fmt), tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
     return path, n
 
 

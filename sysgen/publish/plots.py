@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sysgen.atomic import atomic_path
 from sysgen.eval.funnel import ALL, STAGE_LABELS, STAGES, Funnel, TagStats
 
 FUNNEL_PNG = "funnel.png"
@@ -65,7 +66,8 @@ def funnel_png(funnels: dict[str, Funnel], path: Path) -> Path:
         ax.spines[["top", "right"]].set_visible(False)
     fig.suptitle("Retention per phase (as the paper's Table 2)", fontsize=13)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # a full disk leaves no 0-byte figure
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -94,7 +96,8 @@ def tags_png(tag_stats: dict[str, TagStats], path: Path) -> Path:
     fig.legend(*axes[0].get_legend_handles_labels(), loc="upper right", ncols=2, frameon=False, fontsize=9)
     fig.suptitle("Tag counts over kept instances (as the paper's Table 8)", fontsize=13)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # a full disk leaves no 0-byte figure
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -138,7 +141,8 @@ def turns_png(turns: dict[str, Any], path: Path) -> Path | None:
         ax.yaxis.set_major_locator(_int_ticks())
         ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # a full disk leaves no 0-byte figure
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -181,6 +185,7 @@ def judges_png(judges: dict[str, Any], path: Path) -> Path | None:
         ax.spines[["top", "right"]].set_visible(False)
     fig.suptitle(f"LLM judge: {judges.get('model', '?')}", fontsize=12)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # a full disk leaves no 0-byte figure
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path

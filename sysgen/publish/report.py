@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sysgen.atomic import write_atomic
 from sysgen.eval import funnel as fn
 from sysgen.eval import paper
 from sysgen.eval.evaluate import read_eval
@@ -267,5 +268,4 @@ def write_report(out_dir: Path | str) -> Path:
     if ev and (ev.get("judges") or {}).get("status") == "ok":
         plots.judges_png(ev["judges"], run.path / plots.JUDGES_PNG)
     path = run.path / REPORT_MD
-    path.write_text(render(run, summary, ev, turns), encoding="utf-8")
-    return path
+    return write_atomic(path, render(run, summary, ev, turns).encode())

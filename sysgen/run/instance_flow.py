@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.prefix import PromptError
+from engine.prefix import PromptError, PromptTooLong
 from engine.request import Result
 from sysgen import tags
 from sysgen.datasets.instance import Instance, Rejected
@@ -67,6 +67,8 @@ async def run_instance(inst: Instance, submit, build: PromptBuilder, s: PhaseSet
     """`submit` is Scheduler.submit (or anything with its signature)."""
     try:
         out = await _run_instance(inst, submit, build, s)
+    except PromptTooLong as e:  # found from its length, before tokenizing it all
+        out = Outcome(inst.id, inst.source, phase="p1", reason="context", detail=str(e))
     except PromptError as e:  # a tokenizer that cannot keep special-token text in this row as text
         out = Outcome(inst.id, inst.source, phase="input", reason="unsafe_prompt", detail=str(e))
     if s.turns == "all" and not out.kept:  # for retention per turn (stats "turns")
@@ -76,7 +78,8 @@ async def run_instance(inst: Instance, submit, build: PromptBuilder, s: PhaseSet
 
 async def _run_instance(inst: Instance, submit, build: PromptBuilder, s: PhaseSettings) -> Outcome:
     keys: dict[str, str] = {}
-    req1 = p1_request(inst, build, s)
+    size = sum(len(t.content) for t in inst.turns)
+    req1 = await build.off_loop(size, lambda b: p1_request(inst, b, s))
     keys["p1"] = req1.key.hex()
     r1 = await submit(req1)
     if (out := _failed(inst, "p1", r1, keys)) is not None:
@@ -89,7 +92,7 @@ async def _run_instance(inst: Instance, submit, build: PromptBuilder, s: PhaseSe
                        extra={"request_keys": keys, **p2})
 
     p1 = P1Turn(req1.prompt, p1_user_text(inst, s), r1.text) if s.p3_context != "standalone" else None
-    req3 = p3_request(filtered, build, s, p1)
+    req3 = await build.off_loop(len(p1.prompt) if p1 else 0, lambda b: p3_request(filtered, b, s, p1))
     keys["p3"] = req3.key.hex()
     r3 = await submit(req3)
     if (out := _failed(inst, "p3", r3, keys, p2)) is not None:
@@ -136,7 +139,7 @@ async def _run_instance(inst: Instance, submit, build: PromptBuilder, s: PhaseSe
 async def _first_turn(inst: Instance, system: str, record: dict, submit, build: PromptBuilder,
                       s: PhaseSettings, keys: dict, p2: dict) -> Outcome:
     """`--turns first`: the paper's single-turn P4, the same request and outcome as before multi-turn."""
-    req4 = p4_request(inst, system, build, s)
+    req4 = await build.off_loop(len(inst.first_user), lambda b: p4_request(inst, system, b, s))
     keys["p4"] = req4.key.hex()
     r4 = await submit(req4)
     if (out := _failed(inst, "p4", r4, keys, p2)) is not None:

@@ -18,6 +18,7 @@ import zlib
 from dataclasses import dataclass, field, replace
 
 from engine.policy import retry_sampling
+from engine.prefix import PromptTooLong
 from engine.request import ErrorKind, Request, Result, SamplingParams
 from sysgen.datasets.instance import Instance
 from sysgen.run.phases import PhaseSettings, PromptBuilder, user_turns
@@ -89,7 +90,15 @@ async def answer_turns(inst: Instance, system: str, submit, build: PromptBuilder
     prompt = None
     for j, (user, original) in enumerate(pairs, 1):
         msgs = shown + [("user", user)]
-        prompt = build.conversation(msgs) if prompt is None else build.extend(prompt, msgs)
+        try:
+            if prompt is None:
+                prompt = await build.off_loop(len(system) + len(user), lambda b, m=msgs: b.conversation(m))
+            else:
+                prompt = await build.off_loop(len(prompt) + len(user),
+                                              lambda b, p=prompt, m=msgs: b.extend(p, m))
+        except PromptTooLong as e:  # known from the text's length, before it is tokenized
+            out.reason, out.detail = f"context@turn{j}", str(e)
+            return out
         budget = turn_budget(s, build.count_tokens(original) if original is not None else None)
         n_prompt = _ids_len(prompt)
         if n_prompt is not None and s.max_context:

@@ -6,9 +6,13 @@ so the engine's prefix cache reuses it) and the instance's text last.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import copy
+import queue
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from engine.prefix import ChatPrompter
 from engine.request import Prompt, Request, SamplingParams, messages_prompt
@@ -16,6 +20,8 @@ from sysgen import prompts, tags
 from sysgen.config import default
 from sysgen.datasets.instance import Instance
 
+T = TypeVar("T")
+OFF_LOOP_SIZE = 100_000  # characters (or prompt ids) from which a prompt is built off the event loop
 _SPEAKER = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
@@ -41,12 +47,75 @@ class PhaseSettings:
     p3_context: str = default("p3_context")  # "continue", "chat": P3 is the next turn of P1's chat
 
 
+class PromptThread:
+    """One daemon thread that builds prompts in order. A daemon, unlike a ThreadPoolExecutor's
+    worker, never holds the process at exit: a signal stops the run in seconds even while a huge
+    prompt is half tokenized (its result is simply dropped)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._work, name="sysgen-prompts", daemon=True).start()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._jobs.put((loop, fut, fn, args))
+        return await fut
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, fut, fn, args = job
+            if fut.cancelled():  # its instance was cancelled (a signal) before the thread got to it
+                continue
+            try:
+                result, error = fn(*args), None
+            except Exception as e:  # handed to the awaiting instance, which knows what to do with it
+                result, error = None, e
+            try:
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+            except RuntimeError:  # the loop is closed: the run ended meanwhile
+                return
+
+
+def _settle(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if fut.cancelled():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
 class PromptBuilder:
     """Turns chats into the prompt form the backend takes: token ids when it has a tokenizer
-    (templates tokenized once, data always plain text), else chat messages."""
+    (templates tokenized once, data always plain text), else chat messages. `max_context`: the
+    engine's context in tokens (0 = unknown); a prompt surely longer raises PromptTooLong before it
+    is tokenized."""
 
-    def __init__(self, tokenizer: Any | None) -> None:
-        self.chat = ChatPrompter(tokenizer) if tokenizer is not None else None
+    def __init__(self, tokenizer: Any | None, max_context: int = 0) -> None:
+        self.chat = ChatPrompter(tokenizer, max_context) if tokenizer is not None else None
+        self._far: PromptBuilder | None = None  # its twin for the prompt thread
+        self._thread: PromptThread | None = None
+
+    async def off_loop(self, size: int, fn: Callable[[PromptBuilder], T]) -> T:
+        """fn(builder): on the event loop with this builder when `size` (characters or ids of the
+        conversation) is small; else in the prompt thread with a twin builder that owns a copy of
+        the tokenizer, so a long conversation never stalls the other instances or a signal. (One
+        tokenizer is never shared by two threads: a call flips its split-special-tokens switch,
+        which another thread's call would then read.)"""
+        if self.chat is None or size < OFF_LOOP_SIZE:
+            return fn(self)
+        if self._thread is None:
+            self._far = PromptBuilder(copy.deepcopy(self.chat.tokenizer), self.chat.max_tokens)
+            self._thread = PromptThread()
+        return await self._thread.run(fn, self._far)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.close()
 
     def __call__(self, system: str | None, user: str) -> Prompt:
         """A prompt whose system text is one of our shared templates (P1, P3)."""
@@ -69,8 +138,12 @@ class PromptBuilder:
         return self.conversation(messages)
 
     def count_tokens(self, text: str) -> int:
-        """Tokens of `text` (about a quarter of its characters without a tokenizer)."""
+        """Tokens of `text` (about a quarter of its characters without a tokenizer); past the context,
+        a lower bound read from its length (a budget is capped below the context anyway)."""
         if self.chat is not None:
+            least = self.chat.least_tokens(text)
+            if self.chat.max_tokens and least > self.chat.max_tokens:
+                return least
             return len(self.chat.encode_data([text])[0])
         return len(text) // 4 + 1
 

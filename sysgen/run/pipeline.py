@@ -30,6 +30,7 @@ from sysgen.config import RunConfig
 from sysgen.datasets import Source
 from sysgen.datasets.instance import Instance, Known, Rejected
 from sysgen.run.instance_flow import Outcome, rejected_outcome, run_instance
+from sysgen.run.limit_check import check_limit
 from sysgen.run.phases import PhaseSettings, PromptBuilder
 from sysgen.run.plan import phase_settings, scheduler_config
 from sysgen.run.resume import Position, Resume, Watermark, fingerprint
@@ -84,9 +85,12 @@ async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path, 
     case with everything finished before committed). `sources`: the inputs as the run plan
     resolved them (else resolved from `cfg`)."""
     settings = phase_settings(cfg, backend)
-    resume = Resume.open(store, out, cfg, fingerprint(cfg, settings), settings, sources)
+    fp = fingerprint(cfg, settings)
+    check_limit(store, cfg, fp)
+    resume = Resume.open(store, out, cfg, fp, settings, sources)
     sched = Scheduler(backend, store, sched_config or scheduler_config(cfg))
-    build = PromptBuilder(backend.tokenizer if backend.capabilities.token_ids else None)
+    build = PromptBuilder(backend.tokenizer if backend.capabilities.token_ids else None,
+                          max_context=backend.capabilities.max_context)
     stream = _Stream(resume, sched, store, settings, build, progress_enabled)
     with _signals_to(stream.on_signal):
         await stream.run()
@@ -196,6 +200,7 @@ class _Stream:
             except StoreError as e:
                 self.fatal = self.fatal or e
         self.progress.tick(force=True)
+        self.build.close()
 
     def _fail(self, e: BaseException) -> None:
         self.fatal = self.fatal or e

@@ -17,6 +17,7 @@ import orjson
 from engine.backend import Backend
 from sysgen import prompts
 from sysgen.config import RunConfig
+from sysgen.atomic import write_atomic
 from sysgen.tags import TAGS
 
 STAGES = ("input", "read", "p1", "p2_kept", "p3_kept", "p4_kept")
@@ -195,6 +196,4 @@ def mark_stale(out: Path, why: str) -> None:
 
 
 def _dump(out: Path, stats: dict[str, Any]) -> None:
-    tmp = out / "stats.json.tmp"
-    tmp.write_bytes(orjson.dumps(stats, option=orjson.OPT_INDENT_2))
-    tmp.replace(out / "stats.json")
+    write_atomic(out / "stats.json", orjson.dumps(stats, option=orjson.OPT_INDENT_2))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import orjson
 
+from sysgen.cli_args import MAX_SHARDS, whole
 from sysgen.config import RunConfig, config_fields
 from sysgen.slurm import settings
 from sysgen.slurm.settings import ARRAY_FIELDS, SlurmSettings
@@ -187,17 +188,17 @@ def register(sub, add_run_parser: Callable) -> None:
                        help="run as a Slurm job array of --shard tasks plus a finishing job (merge, report, "
                             "export)", description=__doc__)
     g = p.add_argument_group("Slurm")
-    g.add_argument("--shards", type=int, default=None,
+    g.add_argument("--shards", type=whole(1, MAX_SHARDS), default=None,
                    help="N: shards (array tasks); default 4x --concurrent, so a lost task costs little and "
                         "slow shards balance out")
-    g.add_argument("--concurrent", type=int, default=None,
+    g.add_argument("--concurrent", type=whole(1, MAX_SHARDS), default=None,
                    help=f"M: tasks running at once (the array's %%M; default {CONCURRENT})")
     g.add_argument("--partition", default=None)
-    g.add_argument("--gpus-per-task", type=int, default=None, help="GPUs per task (--gres=gpu:K)")
-    g.add_argument("--cpus-per-task", type=int, default=None)
+    g.add_argument("--gpus-per-task", type=whole(1, 1024), default=None, help="GPUs per task (--gres=gpu:K)")
+    g.add_argument("--cpus-per-task", type=whole(1, 100_000), default=None)
     g.add_argument("--mem", default=None, help="memory per task, e.g. 64G")
     g.add_argument("--time", default=None, help="time limit per task, e.g. 4:00:00")
-    g.add_argument("--signal-s", type=int, default=None,
+    g.add_argument("--signal-s", type=whole(1, 86_400), default=None,
                    help="seconds before the time limit when a task stops cleanly and requeues itself "
                         f"(default {SIGNAL_S})")
     g.add_argument("--sbatch", action="append", metavar="OPTION",

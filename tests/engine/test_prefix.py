@@ -209,3 +209,87 @@ def test_one_tokenizer_call_per_prompt_after_warm_up(smol_tokenizer):
         for i in range(10):
             make(i)
         assert tok.calls - before <= 20  # one call per prompt, plus the answer's on extend
+
+
+# ---- issue 21 item 7: prompts linear in the conversation ----
+
+NUMBERED = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' ' + loop.index|string + '\n' + "
+            "m['content'] + '<|im_end|>\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _grow(chat: ChatPrompter, turns: int) -> list[tuple[list, tuple[int, ...]]]:
+    """(messages, prompt ids) of every turn of a `turns`-turn conversation built as P4 builds it."""
+    msgs = [("system", "You answer briefly."), ("user", "Question 0: what is 0 + 0?")]
+    ids = chat.prompt(msgs)
+    out = [(msgs, ids)]
+    for j in range(1, turns):
+        msgs = msgs + [("assistant", f"It is {2 * (j - 1)}, as {j - 1} + {j - 1} = {2 * (j - 1)}."),
+                       ("user", f"Question {j}: what is {j} + {j}?")]
+        ids = chat.extend(ids, msgs)
+        out.append((msgs, ids))
+    return out
+
+
+def test_long_conversations_show_the_whole_rendering_and_extend_every_turn(tokenizer):
+    chat = ChatPrompter(tokenizer)
+    chain_template = "[INST]" not in (tokenizer.chat_template or "")  # the Mistral one drops answers
+    prev = None
+    for msgs, ids in _grow(chat, 40):
+        text = tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        assert text == chat.render_messages(msgs), len(msgs)
+        if prev is not None and chain_template:
+            head = prev + tuple(chat.encode_data([msgs[-2][1]])[0])
+            assert ids[: len(head)] == head
+        prev = ids
+
+
+def test_a_template_that_numbers_its_turns_is_never_windowed_wrongly(smol_tokenizer):
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.chat_template = NUMBERED
+    chat = ChatPrompter(tok)
+    for msgs, ids in _grow(chat, 30):
+        assert ids == tuple(chat.encode(chat.render_messages(msgs))), len(msgs)
+
+
+def test_building_a_conversation_renders_a_linear_number_of_messages(smol_tokenizer):
+    """Each turn renders a bounded window of roles, not the whole conversation (which made 1,000
+    turns take minutes: every turn rendered and re-marked the whole history three times)."""
+    chat = ChatPrompter(smol_tokenizer)
+    rendered = []
+    render = chat.render_messages
+
+    def counting(messages, generation_prompt=True):
+        rendered.append(len(messages))
+        return render(messages, generation_prompt)
+
+    chat.render_messages = counting
+    turns = 300
+    _grow(chat, turns)
+    assert sum(rendered) < 20 * turns, (sum(rendered), max(rendered))
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_before_it_is_tokenized(smol_tokenizer):
+    from engine.prefix import PromptTooLong
+
+    chat = ChatPrompter(smol_tokenizer, max_tokens=8192)
+    seen: list[int] = []
+    call = chat.tokenizer.__call__
+
+    class Spy:  # the tokenizer, counting the characters it is given
+        def __getattr__(self, name):
+            return getattr(smol_tokenizer, name)
+
+        def __call__(self, text, **kw):
+            seen.append(sum(map(len, text)) if isinstance(text, list) else len(text))
+            return call(text, **kw)
+
+    chat.tokenizer = Spy()
+    with pytest.raises(PromptTooLong, match="8,192"):
+        chat.prompt([("system", "Be brief."), ("user", "word " * 1_400_000)])  # 7 MB
+    assert sum(seen) == 0
+    ids = chat.prompt([("system", "Be brief."), ("user", "word " * 100)])  # what fits is built as before
+    assert ids == ChatPrompter(smol_tokenizer).prompt([("system", "Be brief."), ("user", "word " * 100)])
+    with pytest.raises(PromptTooLong):
+        chat.extend(ids, [("system", "Be brief."), ("user", "word " * 100), ("assistant", "ok"),
+                          ("user", "x" * 8192 * 200)])
