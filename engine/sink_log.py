@@ -61,7 +61,14 @@ def _meta(conn: sqlite3.Connection, k: str) -> str | None:
 
 
 def segments(conn: sqlite3.Connection, name: str) -> list[tuple[int, bytes]]:
-    return conn.execute("SELECT end, digest FROM sink_log WHERE sink=? ORDER BY end", (name,)).fetchall()
+    """The logged (end, digest) of sink `name`, in order; none for a store written before digests
+    (opened read-only, as merge and export do, it has no sink_log table: its length alone is checked)."""
+    try:
+        return conn.execute("SELECT end, digest FROM sink_log WHERE sink=? ORDER BY end", (name,)).fetchall()
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            return []
+        raise
 
 
 def tail(conn: sqlite3.Connection, name: str) -> tuple[int, bytes]:
@@ -115,9 +122,9 @@ def check(conn: sqlite3.Connection, name: str, path: Path, *, full: bool = False
         return 0, size
     committed = int(known)
     if size < committed:
-        raise SinkMismatch(f"{path}: {size:,} bytes on disk but store.db committed {committed:,}: lines were "
-                           "removed or the file was truncated or replaced outside sysgen, or store.db belongs to "
-                           f"another run. {fix}")
+        raise SinkMismatch(f"{path}: {size:,} bytes on disk but store.db committed {committed:,}: lines "
+                           "were removed or the file was truncated or replaced outside sysgen, or store.db "
+                           f"belongs to another run. {fix}")
     segs = segments(conn, name)
     if segs and segs[-1][0] != committed:
         raise SinkMismatch(f"{path}: store.db's digests end at byte {segs[-1][0]:,} but its length says "
@@ -140,3 +147,13 @@ def check(conn: sqlite3.Connection, name: str, path: Path, *, full: bool = False
                 "this store did not write (lines appended by hand, or store.db belongs to another run). "
                 f"Nothing was changed. {fix}")
     return committed, size
+
+
+def check_file(db: Path, name: str, path: Path) -> int:
+    """`check` in full through a read-only connection (merge and export write nothing to the store).
+    Returns the committed length; sqlite3.DatabaseError when `db` cannot be read."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return check(conn, name, path, full=True)[0]
+    finally:
+        conn.close()

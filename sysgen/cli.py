@@ -111,7 +111,7 @@ def _event_loop_runner():
 def cmd_run(args: argparse.Namespace) -> int:
     from engine.backend import EngineAuthError, EngineDied, EngineDown, FailureStreak
     from engine.backends.model_cache import ModelNotFound
-    from engine.store import Store, StoreError
+    from engine.store import SinkMismatch, Store, StoreError
     from sysgen import prompts
     from sysgen.backend_factory import make_backend
     from sysgen.datasets import DatasetError
@@ -169,6 +169,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                   f"{resume_hint}.",
                   file=sys.stderr)
             return 130
+        except SinkMismatch as e:  # outputs edited or a foreign store.db: nothing was changed
+            print(f"sysgen run: error: {e}", file=sys.stderr)
+            return 2
         except StoreError as e:
             print(f"sysgen: store error: {e}\nThe store is intact up to the last commit; {resume_hint} "
                   "once the cause (e.g. a full disk) is fixed.", file=sys.stderr)
@@ -221,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_merge_parser(sub)
+    from sysgen.run.repair import add_repair_parser
+
+    add_repair_parser(sub)
     try:
         from sysgen.cli_eval import register
     except ImportError:
