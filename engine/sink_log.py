@@ -95,13 +95,13 @@ def _line_at(path: Path, offset: int) -> int:
         return f.read(offset).count(b"\n") + 1
 
 
-def _first_bad(path: Path, segs: list[tuple[int, bytes]], start_at: int = 0) -> int | None:
-    """Offset where the first segment (from index start_at) whose bytes do not match begins."""
+def _first_bad(path: Path, segs: list[tuple[int, bytes]], start_at: int = 0) -> tuple[int, int] | None:
+    """(start, end) offsets of the first segment (from index start_at) whose bytes do not match."""
     prev_end, prev = (segs[start_at - 1][0], segs[start_at - 1][1]) if start_at else (0, ZERO)
     with open(path, "rb") as f:
         for end, digest in segs[start_at:]:
             if hash_range(f, prev_end, end, prev) != digest:
-                return prev_end
+                return prev_end, end
             prev_end, prev = end, digest
     return None
 
@@ -134,10 +134,11 @@ def check(conn: sqlite3.Connection, name: str, path: Path, *, full: bool = False
         if bad is None and (full or _meta(conn, f"sinkstat:{name}") != file_stat(path)):
             bad = _first_bad(path, segs)
         if bad is not None:
+            first, last = _line_at(path, bad[0]), _line_at(path, min(bad[1], size) - 1)
             raise SinkMismatch(
-                f"{path}: the bytes from line {_line_at(path, bad):,} (offset {bad:,}) on are not the ones "
-                "store.db committed: the file was edited (a line inserted, removed or changed), or store.db "
-                f"belongs to another run. Nothing was changed. {fix}")
+                f"{path}: lines {first:,}-{last:,} (bytes {bad[0]:,}-{bad[1]:,}, one commit) are not the "
+                "ones store.db committed: the file was edited (a line inserted, removed or changed), or "
+                f"store.db belongs to another run. Nothing was changed. {fix}")
     if size > committed:
         pending = _meta(conn, f"pending:{name}")
         start, _, end = (pending or "").partition(":")
