@@ -84,7 +84,3 @@ class KeyFilter:
             if f.bits[p >> 3] >> (p & 7) & 1 and f.bits[q >> 3] >> (q & 7) & 1:
                 return True
         return False
-
-    @property
-    def nbytes(self) -> int:
-        return sum(len(f.bits) for f in self._filters)

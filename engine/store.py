@@ -264,11 +264,13 @@ class Store:
             swap_path(path).unlink(missing_ok=True)  # a rewrite that never committed
         known = self.get_meta(f"sink:{name}")
         committed, size = self.check_sink(name, path)
-        if size > committed:
+        if size > committed:  # only then: a truncate to the same size would change the file's mtime
             log.warning("%s: %d bytes a stopped run wrote after its last commit are removed", path,
                         size - committed)
-        with open(path, "ab") as f:
-            f.truncate(committed)
+            with open(path, "ab") as f:
+                f.truncate(committed)
+        elif not path.exists():
+            path.touch()
         self._writer.submit(OpenSink(name, path))
         if known is None:  # committed before any line is written: the file is then always ours
             self.set_meta(f"sink:{name}", "0")
