@@ -1,4 +1,4 @@
-"""`sysgen run | merge | report | eval | export`. The environment is read here and nowhere else."""
+"""`sysgen run | merge | repair | report | eval | export`. The environment is read here and nowhere else."""
 
 from __future__ import annotations
 
