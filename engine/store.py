@@ -82,17 +82,26 @@ class Store:
                              "Fix: give a writable output directory, or fix its permissions") from None
         try:
             self._init_db()
+            self._reader = connect(self.path, cache_mb=16)  # misses never reach it: the key filter answers
         except BaseException:
             self._lock.release()
             raise
-        self._reader = connect(self.path, cache_mb=16)  # misses never reach it: the key filter answers
         self._recent: dict[bytes, bytes] = {}  # put but not yet committed: still visible to get()
         self._recent_items: set[bytes] = set()
         self._filter: KeyFilter | None = None  # built at the first get/put, then kept current
         self._hot: dict[bytes, bytes] = {}  # recently read values: repeated prompts skip SQLite
         self._error_raised = False
-        self._writer = StoreWriter(self.path, commit_every=commit_every, commit_interval_s=commit_interval_s,
-                                   on_commit=self._committed)
+        try:
+            self._writer = StoreWriter(self.path, commit_every=commit_every,
+                                       commit_interval_s=commit_interval_s, on_commit=self._committed)
+        except sqlite3.DatabaseError as e:
+            self._reader.close()
+            self._lock.release()
+            raise self._unusable(e) from e
+        except BaseException:
+            self._reader.close()
+            self._lock.release()
+            raise
 
     @property
     def commits(self) -> int:

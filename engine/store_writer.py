@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -107,7 +107,7 @@ def _insert_rows(conn: sqlite3.Connection, head: str, tail: str, rows: list[tupl
         i += size
 
 
-def _transaction(conn: sqlite3.Connection, work: Callable[[], None]) -> None:
+def _transaction(conn: sqlite3.Connection, work: Callable[[], object]) -> None:
     conn.execute("BEGIN")
     try:
         work()
@@ -121,7 +121,7 @@ def _transaction(conn: sqlite3.Connection, work: Callable[[], None]) -> None:
         raise
 
 
-def _set_metas(conn: sqlite3.Connection, metas: list[tuple[str, bytes | str]]) -> None:
+def _set_metas(conn: sqlite3.Connection, metas: Sequence[tuple[str, bytes | str]]) -> None:
     conn.executemany("INSERT OR REPLACE INTO meta(k, v) VALUES (?, ?)", metas)
 
 
@@ -140,7 +140,7 @@ class StoreWriter:
         self.commits = 0
         self.error: BaseException | None = None
         self._q: queue.SimpleQueue[Op] = queue.SimpleQueue()
-        self._conn: sqlite3.Connection | None = None
+        self._conn = connect(db)  # used by the thread alone from here on
         self._files: dict[str, BinaryIO] = {}
         self._paths: dict[str, Path] = {}
         self._tails: dict[str, tuple[int, bytes]] = {}  # sink -> (committed length, its digest)
@@ -166,7 +166,6 @@ class StoreWriter:
         return open(path, "ab")  # noqa: SIM115 - owned by the writer thread until it exits
 
     def _run(self) -> None:
-        self._conn = connect(self.db)
         waiters: list[threading.Event] = []
         due: float | None = None  # when the oldest pending write must be committed
         closing = False
@@ -201,7 +200,7 @@ class StoreWriter:
                     except queue.Empty:
                         op = None
                 if self._pending and (waiters or closing or len(self._pending) >= self.commit_every
-                                      or time.monotonic() >= due):
+                                      or (due is not None and time.monotonic() >= due)):
                     self._commit()
                     due = None
                 for w in waiters:
