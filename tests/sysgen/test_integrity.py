@@ -164,3 +164,11 @@ def test_a_damaged_store_db_says_what_to_do(finished, capsys):
     err = capsys.readouterr().err
     assert "damaged" in err and "restore it" in err and "new --out" not in err
     assert outputs(out) == before
+
+
+def test_repair_of_a_folder_without_a_store_is_one_line(tmp_path, capsys):
+    (tmp_path / "data.jsonl").write_bytes(b'{"id": "x"}\n')
+    assert main(["repair", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "store.db does not exist" in err and "Traceback" not in err
+    assert (tmp_path / "data.jsonl").read_bytes() == b'{"id": "x"}\n'
