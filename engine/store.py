@@ -280,6 +280,9 @@ class Store:
                 f.truncate(committed)
         elif not path.exists():
             path.touch()
+        stat = sink_log.file_stat(path)
+        if known is not None and (self.get_meta(f"sinkstat:{name}") or b"").decode() != stat:
+            self.set_meta(f"sinkstat:{name}", stat)  # proved in full just now: the next open need not
         self._writer.submit(OpenSink(name, path))
         if known is None:  # committed before any line is written: the file is then always ours
             self.set_meta(f"sink:{name}", "0")
