@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -46,7 +47,7 @@ from engine.store_writer import (
     swap_path,
 )
 
-__all__ = ["SCHEMA_VERSION", "Store", "StoreError", "SinkMismatch", "connect", "describe_failure"]
+__all__ = ["SCHEMA_VERSION", "SinkMismatch", "Store", "StoreError", "connect", "describe_failure"]
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
 HOT_SIZE = 4096
@@ -125,6 +126,11 @@ class Store:
                              "Fix: give a writable location") from None
         return cls(path, **kw)
 
+    def _value(self, sql: str, params: tuple = ()) -> Any:
+        """The value of an aggregate query (one row, always)."""
+        row = self._one(sql, params)
+        return None if row is None else row[0]
+
     def _one(self, sql: str, params: tuple = ()) -> tuple | None:
         """One row from the reader; a damaged database file (pages corrupted under a running
         store) is a StoreError, which stops the run cleanly, not a traceback."""
@@ -173,7 +179,7 @@ class Store:
     # ---- reads ----
     def _key_filter(self) -> KeyFilter:
         if self._filter is None:
-            n = self._one("SELECT max(id) FROM results")[0] or 0
+            n = self._value("SELECT max(id) FROM results") or 0
             f = KeyFilter(max(1 << 20, 2 * n))
             try:
                 f.add_many(k for (k,) in self._reader.execute("SELECT key FROM results"))
@@ -207,7 +213,7 @@ class Store:
     def last_item(self, lo: bytes, hi: bytes) -> bytes | None:
         """The greatest committed item key in [lo, hi), or None."""
         sql = "SELECT max(key) FROM items WHERE key >= ? AND key < ?"
-        return self._one(sql, (lo, hi))[0]
+        return self._value(sql, (lo, hi))
 
     def get_meta(self, k: str) -> bytes | None:
         row = self._one("SELECT v FROM meta WHERE k=?", (k,))
@@ -216,7 +222,7 @@ class Store:
     def count(self, table: str = "results") -> int:
         if table not in ("results", "items"):
             raise ValueError(f"count(): no table {table!r}; use 'results' or 'items'")
-        return self._one(f"SELECT COUNT(*) FROM {table}")[0]
+        return self._value(f"SELECT COUNT(*) FROM {table}")
 
     @property
     def backlog(self) -> int:

@@ -163,7 +163,7 @@ class StoreWriter:
 
     # ---- the thread ----
     def _open_sink(self, path: Path) -> BinaryIO:
-        return open(path, "ab")  # noqa: SIM115 - owned by the writer thread until it exits
+        return open(path, "ab")  # owned by the writer thread until it exits
 
     def _run(self) -> None:
         waiters: list[threading.Event] = []
