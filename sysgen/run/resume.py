@@ -262,15 +262,15 @@ class Resume:
         # Read by the pipeline as they are: where the stream starts and what it skips.
         self.files, self.source_report = inputs.files, inputs.source_report
         self.watermark, self.resuming = checkpoint.watermark, checkpoint.resuming
-        self.run_info = checkpoint.run_info
+        self.run_info, self.fp = checkpoint.run_info, checkpoint.fp
         self.item_key, self.is_done = checkpoint.item_key, checkpoint.is_done
 
     @classmethod
     def open(cls, store: Store, out: Path, cfg: RunConfig, fp: str, settings: PhaseSettings,
              sources: list[Source] | None = None) -> Resume:
         """`sources`: the inputs already resolved (with previous_names(store)); resolved here if not."""
-        if sources is None:
-            sources = resolve_inputs(cfg.inputs, previous=previous_names(store))
+        previous = previous_names(store)
+        sources = resolve_inputs(cfg.inputs, previous) if sources is None else sources
         checkpoint = Checkpoint.open(store, out, cfg, fp, settings, sources)
         return cls(InputStream(cfg, sources, UnusedFields(checkpoint.unused)), checkpoint)
 
