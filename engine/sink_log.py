@@ -91,8 +91,13 @@ def hash_range(f, start: int, end: int, prev: bytes) -> bytes:
 
 
 def _line_at(path: Path, offset: int) -> int:
+    """The 1-based line holding byte `offset` (for messages; read in chunks, not all at once)."""
+    lines, left = 1, offset
     with open(path, "rb") as f:
-        return f.read(offset).count(b"\n") + 1
+        while left > 0 and (chunk := f.read(min(_READ, left))):
+            lines += chunk.count(b"\n")
+            left -= len(chunk)
+    return lines
 
 
 def _first_bad(path: Path, segs: list[tuple[int, bytes]], start_at: int = 0) -> tuple[int, int] | None:
