@@ -1,10 +1,11 @@
-"""`sysgen run | merge | report | eval | export`. The environment is read here and nowhere else."""
+"""`sysgen run | merge | repair | slurm | status | report | eval | export`. The environment is read here and nowhere else."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import dataclasses
+import errno
 import logging
 import os
 import sys
@@ -16,16 +17,18 @@ from pathlib import Path
 from engine.backend import Backend, EngineAuthError, EngineConfigError, EngineDied, EngineDown, FailureStreak
 from engine.backends.model_cache import ModelNotFound
 from engine.canary import ConstraintIgnored
-from engine.store import Store, StoreError
+from engine.store import SinkMismatch, Store, StoreError
 from sysgen.backend_factory import make_backend
-from sysgen.cli_eval import register, report_after_run
 from sysgen.cli_args import OneLineParser, run_type
+from sysgen.cli_eval import register, report_after_run
 from sysgen.config import RunConfig, config_fields
 from sysgen.datasets import DatasetError
+from sysgen.os_errors import os_error_line
 from sysgen.run import stats
 from sysgen.run.merge import add_merge_parser
 from sysgen.run.pipeline import RunInterrupted, run_stream
 from sysgen.run.plan import RunPlan, plan_run
+from sysgen.run.repair import add_repair_parser
 from sysgen.slurm.cli import register as register_slurm
 
 log = logging.getLogger("sysgen")
@@ -138,8 +141,17 @@ def _open_run(args: argparse.Namespace) -> tuple[RunPlan, Backend, Store]:
     return plan, backend, Store.open(plan.out / "store.db")
 
 
+_ACCESS_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
 def _stopped(e: Exception) -> tuple[str, int]:
     """(message, exit code) for an error that stopped a run after it started."""
+    if isinstance(e, SinkMismatch):  # outputs edited or a foreign store.db: nothing was changed
+        return f"sysgen run: error: {e}", 2
+    cause = e.__cause__
+    if isinstance(e, StoreError) and isinstance(cause, OSError) and cause.errno in _ACCESS_ERRNOS:
+        # an output the store's writer may not open or write (a read-only data.jsonl): the user's to fix
+        return f"sysgen run: error: {os_error_line(cause)}; {RESUME_HINT}", 2
     if isinstance(e, StoreError):
         return (f"sysgen: store error: {e}\nThe store is intact up to the last commit; {RESUME_HINT} "
                 "once the cause (e.g. a full disk) is fixed."), 1
@@ -214,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     add_run_parser(sub)
     add_merge_parser(sub)
+    add_repair_parser(sub)
     register_slurm(sub, add_run_parser)  # `slurm` (takes the run options) and `status`
     register(sub)
     return parser
@@ -232,8 +245,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except OSError as e:  # unreadable input, read-only output, a full disk: one line, never a traceback
-        from sysgen.os_errors import os_error_line
-
         kept = " (finished work is kept; the same command resumes)" if args.command == "run" else ""
         print(f"sysgen {args.command}: error: {os_error_line(e)}{kept}", file=sys.stderr)
         return 2

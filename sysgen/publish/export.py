@@ -17,6 +17,7 @@ inside it (the default, DIR/export).
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -24,8 +25,10 @@ from typing import Any, Literal
 
 import orjson
 
+from engine import sink_log
+from engine.store import SinkMismatch
 from sysgen.atomic import atomic_path
-from sysgen.eval.rundir import RunDir
+from sysgen.eval.rundir import DATA, RunDir
 
 Format = Literal["messages", "sharegpt", "parquet"]
 FORMATS: tuple[str, ...] = ("messages", "sharegpt", "parquet")
@@ -72,6 +75,22 @@ def _check_one_file_type(folder: Path, fmt: str) -> None:
     if other:
         raise ExportError(f"{folder} already holds {', '.join(other)}; one folder holds one file type so "
                           "that datasets.load_dataset reads it. Fix: pass another --out for this format")
+
+
+def _check_records(run: RunDir) -> None:
+    """data.jsonl must be what the run's store committed (an edited record would be exported as it
+    stands); a folder without store.db (records copied elsewhere) is exported as it is."""
+    db = run.path / "store.db"
+    if not db.is_file():
+        return
+    try:
+        sink_log.check_file(db, "data", run.path / DATA)
+    except SinkMismatch as e:
+        raise ExportError(f"not exported: {e}") from None
+    except sqlite3.DatabaseError as e:
+        raise ExportError(f"{db}: cannot read the run's store ({e}), so its data.jsonl cannot be checked. "
+                          "Fix: restore store.db, or copy data.jsonl to a folder of its own and export that"
+                          ) from e
 
 
 def _check_readme(out: Path) -> None:
@@ -125,6 +144,7 @@ def export(run: RunDir, fmt: str, out: Path | None = None) -> tuple[Path, int]:
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} unknown; choose one of {', '.join(FORMATS)}")
     folder = export_dir(run.path, out, fmt)
+    _check_records(run)
     _check_readme(folder)
     _check_one_file_type(folder, fmt)
     path = folder / DEFAULT_NAMES[fmt]

@@ -27,7 +27,8 @@ from pathlib import Path
 import orjson
 import xxhash
 
-from engine.store import SCHEMA_VERSION, Store, StoreError, describe_failure
+from engine import sink_log
+from engine.store import SCHEMA_VERSION, SinkMismatch, Store, StoreError, describe_failure
 from engine.store_lock import StoreLock, StoreLocked
 from sysgen.run import stats
 
@@ -37,18 +38,17 @@ MARKER = ".sysgen-merge"  # in OUT: written before anything else, so a killed me
 
 
 def _committed_length(shard: Path, sink: str) -> int | None:
-    """The sink length the shard's store committed, or None without a store (read it all)."""
+    """The sink length the shard's store committed, once the file's bytes are proved to be the ones
+    it committed (engine/sink_log.py, in full), or None without a store (read it all)."""
     db = shard / "store.db"
     if not db.exists():
         return None
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        row = conn.execute("SELECT v FROM meta WHERE k=?", (f"sink:{sink}",)).fetchone()
+        return sink_log.check_file(db, sink, shard / f"{sink}.jsonl")
     except sqlite3.DatabaseError as e:
         raise StoreError(f"{db}: not a readable store ({e}). Fix: merge only sysgen output dirs") from e
-    finally:
-        conn.close()
-    return int(row[0]) if row else 0
+    except SinkMismatch as e:
+        raise SinkMismatch(f"shard {shard}: {e}; then run that shard's command again and merge") from None
 
 
 def _lines(path: Path, limit: int | None) -> Iterator[bytes]:
@@ -67,32 +67,39 @@ def _lines(path: Path, limit: int | None) -> Iterator[bytes]:
             yield line
 
 
-def _merge_sinks(out: Path, shards: list[Path]) -> dict[str, int]:
+def _merge_sinks(out: Path, shards: list[Path], limits: dict[tuple[Path, str], int | None],
+                 ) -> tuple[dict[str, int], dict[str, tuple[bytes, str]]]:
+    """Write OUT's sinks from the proved bytes of each shard's (`limits`); returns the counts and
+    each sink's (digest, file stat) for OUT's store."""
+    digests: dict[str, tuple[bytes, str]] = {}
     seen: set[int] = set()  # 128-bit hashes of ids: ~50 bytes an instance, not the records
     counts = {"duplicates": 0}
     for sink in SINKS:  # data first: a kept record wins over a drop of the same id
         tmp = out / f"{sink}.jsonl.merging"
         n = 0
+        digest = sink_log.hasher(sink_log.ZERO)  # OUT's store vouches for each merged file as one segment
         try:
             with open(tmp, "wb", buffering=1 << 20) as w:
                 for shard in shards:
-                    for line in _lines(shard / f"{sink}.jsonl", _committed_length(shard, sink)):
+                    for line in _lines(shard / f"{sink}.jsonl", limits[shard, sink]):
                         h = xxhash.xxh3_128_intdigest(orjson.loads(line)["id"].encode())
                         if h in seen:
                             counts["duplicates"] += 1
                             continue
                         seen.add(h)
                         w.write(line)
+                        digest.update(line)
                         n += 1
                 w.flush()
                 os.fsync(w.fileno())
                 counts[f"{sink}_bytes"] = w.tell()
+                digests[sink] = (digest.digest(), sink_log.file_stat(w.fileno()))
         except BaseException:
             tmp.unlink(missing_ok=True)  # e.g. a full disk: give the space back
             raise
         tmp.replace(out / f"{sink}.jsonl")
         counts[sink] = n
-    return counts
+    return counts, digests
 
 
 def _check_schema(db: Path) -> None:
@@ -109,7 +116,8 @@ def _check_schema(db: Path) -> None:
                          "Fix: merge with the sysgen version that wrote the shards")
 
 
-def _merge_stores(out: Path, shards: list[Path], counts: dict[str, int]) -> int:
+def _merge_stores(out: Path, shards: list[Path], counts: dict[str, int],
+                  digests: dict[str, tuple[bytes, str]]) -> int:
     dbs = [s / "store.db" for s in shards if (s / "store.db").exists()]
     for db in dbs:
         _check_schema(db)
@@ -126,8 +134,13 @@ def _merge_stores(out: Path, shards: list[Path], counts: dict[str, int]) -> int:
             conn.execute("DETACH DATABASE shard")
         # The merged files' lengths, so the store knows them (a run into OUT then starts them afresh,
         # and OUT can be merged again).
+        conn.execute("BEGIN")
         conn.executemany("INSERT OR REPLACE INTO meta(k, v) VALUES (?, ?)",
-                         [(f"sink:{s}", str(counts[f"{s}_bytes"])) for s in SINKS] + [("merge", "1")])
+                         [(f"sink:{s}", str(counts[f"{s}_bytes"])) for s in SINKS]
+                         + [(f"sinkstat:{s}", digests[s][1]) for s in SINKS] + [("merge", "1")])
+        conn.executemany("INSERT OR REPLACE INTO sink_log VALUES (?, ?, ?)",
+                         [(s, counts[f"{s}_bytes"], digests[s][0]) for s in SINKS if counts[f"{s}_bytes"]])
+        conn.execute("COMMIT")
         return conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
     finally:
         conn.close()
@@ -241,15 +254,17 @@ def merge(out: str | os.PathLike, shards: list[str | os.PathLike], allow_partial
     with contextlib.ExitStack() as shard_locks:
         for d in {d.resolve(): d for d in dirs if (d / "store.db").exists()}.values():
             shard_locks.callback(_lock(d / "store.db", "still being written").release)
+        # Every shard's outputs proved against its store before OUT is touched.
+        limits = {(d, s): _committed_length(d, s) for d in dirs for s in SINKS}
         out_lock = _lock(out / "store.db", "in use")
         try:
             if (out / "store.db").exists():  # a merge replaces OUT's outputs: start its store afresh too
                 for suffix in ("", "-wal", "-shm"):
                     Path(f"{out / 'store.db'}{suffix}").unlink(missing_ok=True)
-            counts = _merge_sinks(out, dirs)
+            counts, digests = _merge_sinks(out, dirs, limits)
         finally:
             out_lock.release()  # _merge_stores opens OUT as a Store, which takes the lock itself
-        results = _merge_stores(out, dirs, counts)
+        results = _merge_stores(out, dirs, counts, digests)
     extra = {"merged_from": [str(d) for d in dirs], "merge": {**counts, "stored_results": results}}
     if problems:
         extra["partial"] = problems

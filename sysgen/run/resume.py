@@ -1,5 +1,7 @@
 """Where a run starts again and which items are already done, without reading finished input twice
-and without holding every key in memory.
+and without holding every key in memory: the InputStream (the resolved sources, read from a
+position) and the Checkpoint (what the store says is done), opened together by Resume.open, which
+also takes inputs a setup stage has already resolved (`sources`, with previous_names).
 
 - The fingerprint names what makes outputs comparable (settings, prompt texts, format, shard). A
   changed fingerprint empties the outputs; stored requests whose own inputs did not change are
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -73,42 +75,89 @@ def in_shard(item: Instance | Rejected | Known, shard: tuple[int, int] | None) -
     return xxhash.xxh3_64_intdigest(f"{item.source or source_name(item.path)}:{item.line}".encode()) % n == i
 
 
-class Resume:
-    """Done markers and the watermark of one output directory, for one fingerprint."""
+def previous_names(store: Store) -> dict[str, str] | None:
+    """The names an earlier run in this store gave its sources (they stay while unique: done markers
+    and ids use them); pass to resolve_inputs."""
+    named = store.get_meta("source_names")
+    return orjson.loads(named) if named else None
 
-    def __init__(self, store: Store, cfg: RunConfig, fp: str) -> None:
-        self.store, self.cfg, self.fp = store, cfg, fp
-        self._fp = bytes.fromhex(fp)
-        self._src: dict[str, bytes] = {}  # path -> 8-byte source hash
-        self.resuming = False
-        self.watermark: dict | None = None
-        self.last_done: dict[bytes, int] = {}  # source hash -> last line with a done marker
-        self.sources: list[Source] = []
-        self.names: dict[str, str] = {}  # source path -> source name
-        self.unused = UnusedFields()
-        self.run_info: dict = {}
+
+class InputStream:
+    """The run's rows: the resolved sources read in order, from a watermark, for one shard and
+    limit, counting the fields no row used."""
+
+    def __init__(self, cfg: RunConfig, sources: list[Source], unused: UnusedFields) -> None:
+        self.cfg, self.sources, self.unused = cfg, sources, unused
+        self.names: dict[str, str] = {s.path: s.name for s in sources}  # source path -> source name
 
     @property
     def files(self) -> tuple[str, ...]:
         """The inputs expanded (folders, globs), in reading order."""
         return tuple(s.path for s in self.sources)
 
+    def stream(self, watermark: dict | None, known: Callable[[str, int], bool] | None,
+               ) -> Iterator[tuple[int, Instance | Rejected | Known]]:
+        """(seq, item) for the configured inputs, shard and limit, starting at `watermark`; `known`
+        says which rows after it are done by position alone."""
+        cfg = self.cfg
+        start, seq, first = None, 0, None
+        if watermark is not None:
+            first = watermark["path"]
+            start = {watermark["path"]: (watermark["line"], watermark["offset"])}
+            seq = watermark["seq"]
+        shard = cfg.shard_spec
+        items = iter_instances(cfg.inputs, fmt=cfg.format, strict=cfg.strict, start=start, known=known,
+                               columns=getattr(cfg, "columns", None), split=getattr(cfg, "split", None),
+                               subset=getattr(cfg, "subset", None), sources=self.sources,
+                               skip_before=first, unused=self.unused)
+        for item in items:
+            if shard is not None and not in_shard(item, shard):
+                continue
+            if cfg.limit is not None and seq >= cfg.limit:
+                return
+            yield seq, item
+            seq += 1
+
+    def source_report(self) -> dict[str, dict]:
+        """stats.json's `sources`: each source's path (and kind where not a file) and the text its
+        rows carry that nothing read."""
+        out: dict[str, dict] = {}
+        for s in self.sources:
+            info: dict = {"path": s.path}
+            if not s.is_file:
+                info["kind"] = s.kind
+            if (u := self.unused.summary(s.name)) is not None:
+                info["unused_fields"] = u
+            out[s.name] = info
+        return out
+
+
+class Checkpoint:
+    """What an output directory's store says is done, for one fingerprint: done markers, the
+    watermark, and whether this run resumes an earlier one or starts its outputs afresh."""
+
+    def __init__(self, store: Store, fp: str, names: dict[str, str]) -> None:
+        self.store, self.fp, self.names = store, fp, names
+        self._fp = bytes.fromhex(fp)
+        self._src: dict[str, bytes] = {}  # path -> 8-byte source hash
+        self.resuming = False
+        self.watermark: dict | None = None
+        self.last_done: dict[bytes, int] = {}  # source hash -> last line with a done marker
+        self.unused: dict | None = None  # the earlier run's unused-field tally, when resuming it
+        self.run_info: dict = {}
+
     @classmethod
     def open(cls, store: Store, out: Path, cfg: RunConfig, fp: str, settings: PhaseSettings,
-             sources: Sequence[Source] | None = None) -> Resume:
-        """Register the sinks; empty them if the configuration changed; load resume points.
-        `sources`: the inputs resolved already (by the run plan); else resolved from `cfg`."""
-        r = cls(store, cfg, fp)
+             sources: list[Source]) -> Checkpoint:
+        """Prove and register the sinks; empty them if the configuration or an input changed; load
+        the resume points. `sources` are the inputs already resolved (with previous_names)."""
+        names = {s.path: s.name for s in sources}
+        c = cls(store, fp, names)
         committed = sum(store.add_sink(n, out / f"{n}.jsonl") for n in ("data", "dropped"))
         old = store.get_meta("fingerprint")
         raw = store.get_meta("inputs")
-        # Names an earlier run gave stay (done markers and ids use them) while they are unique.
-        named = store.get_meta("source_names")
-        previous = orjson.loads(named) if named else None
-        r.sources = (resolve_inputs(cfg.inputs, previous) if sources is None
-                     else datasets_named(sources, previous))
-        r.names = {s.path: s.name for s in r.sources}
-        changed, identities = input_check.compare(orjson.loads(raw) if raw else {}, r.files, r.names)
+        files = tuple(s.path for s in sources)
+        changed, identities = input_check.compare(orjson.loads(raw) if raw else {}, files, names)
         if old is not None and old.decode() != fp:
             log.warning("the configuration changed since the last run in %s: outputs start afresh; stored "
                         "requests whose inputs did not change are reused", out)
@@ -124,18 +173,18 @@ class Resume:
             store.reset_outputs()
         store.set_meta("fingerprint", fp)
         store.set_meta("inputs", orjson.dumps(identities))
-        store.set_meta("source_names", orjson.dumps({**(orjson.loads(named) if named else {}), **r.names}))
-        if old is not None and old.decode() == fp:
+        store.set_meta("source_names", orjson.dumps({**(previous_names(store) or {}), **names}))
+        c.resuming = old is not None and old.decode() == fp
+        if c.resuming:
             saved = store.get_meta("unused_fields")
-            r.unused = UnusedFields(orjson.loads(saved) if saved else None)
-        r.run_info = run_info(cfg, settings, identities, list(r.names.values()))
-        store.set_meta("run", orjson.dumps({**r.run_info, "finished": False}))
-        r.resuming = old is not None and old.decode() == fp
-        if r.resuming and cfg.retry_failed:
-            r._reopen_engine_failures(out / "dropped.jsonl")
-        if r.resuming:
-            r._load()
-        return r
+            c.unused = orjson.loads(saved) if saved else None
+        c.run_info = run_info(cfg, settings, identities, list(names.values()))
+        store.set_meta("run", orjson.dumps({**c.run_info, "finished": False}))
+        if c.resuming and cfg.retry_failed:
+            c._reopen_engine_failures(out / "dropped.jsonl")
+        if c.resuming:
+            c._load(files)
+        return c
 
     def _reopen_engine_failures(self, dropped: Path) -> None:
         """--retry-failed: instances dropped for engine-side reasons (errors, rejections, timeouts)
@@ -168,12 +217,12 @@ class Resume:
                                   meta_keys=("watermark",))
         log.info("--retry-failed: %d instance(s) dropped for engine errors are processed again", n)
 
-    def _load(self) -> None:
+    def _load(self, files: tuple[str, ...]) -> None:
         raw = self.store.get_meta("watermark")
         wm = orjson.loads(raw) if raw is not None else None
-        if wm and wm.get("fingerprint") == self.fp and tuple(wm.get("inputs", ())) == self.files:
+        if wm and wm.get("fingerprint") == self.fp and tuple(wm.get("inputs", ())) == files:
             self.watermark = wm
-        for path in self.files:
+        for path in files:
             prefix = self._fp + self._source(path)
             last = self.store.last_item(prefix, prefix + b"\xff" * 9)
             if last is not None:
@@ -199,49 +248,41 @@ class Resume:
         last = self.last_done.get(self._source(path))
         return last is not None and line <= last and self.store.has_item(self._key(path, line))
 
-    def stream(self) -> Iterator[tuple[int, Instance | Rejected | Known]]:
-        """(seq, item) for the configured inputs, shard and limit, starting at the watermark."""
-        cfg, wm = self.cfg, self.watermark
-        start, seq, first = None, 0, None
-        if wm is not None:
-            first = wm["path"]
-            start = {wm["path"]: (wm["line"], wm["offset"])}
-            seq = wm["seq"]
-        shard = cfg.shard_spec
-        known = self.known_done if self.last_done else None
-        items = iter_instances(cfg.inputs, fmt=cfg.format, strict=cfg.strict, start=start, known=known,
-                               columns=getattr(cfg, "columns", None), split=getattr(cfg, "split", None),
-                               subset=getattr(cfg, "subset", None), sources=self.sources,
-                               skip_before=first, unused=self.unused)
+    def save_unused(self, unused: UnusedFields) -> None:
         try:
-            for item in items:
-                if shard is not None and not in_shard(item, shard):
-                    continue
-                if cfg.limit is not None and seq >= cfg.limit:
-                    return
-                yield seq, item
-                seq += 1
-        finally:
-            self.save_unused()
-
-    def save_unused(self) -> None:
-        try:
-            self.store.set_meta("unused_fields", orjson.dumps(self.unused.to_dict()))
+            self.store.set_meta("unused_fields", orjson.dumps(unused.to_dict()))
         except Exception as e:  # a failing store has its own error on its way; this tally is a report
             log.debug("unused-field counts not saved: %s", e)
 
-    def source_report(self) -> dict[str, dict]:
-        """stats.json's `sources`: each source's path (and kind where not a file) and the text its
-        rows carry that nothing read."""
-        out: dict[str, dict] = {}
-        for s in self.sources:
-            info: dict = {"path": s.path}
-            if not s.is_file:
-                info["kind"] = s.kind
-            if (u := self.unused.summary(s.name)) is not None:
-                info["unused_fields"] = u
-            out[s.name] = info
-        return out
+
+class Resume:
+    """A run's input stream and its checkpoint, opened together (what the pipeline iterates)."""
+
+    def __init__(self, inputs: InputStream, checkpoint: Checkpoint) -> None:
+        self.inputs, self.checkpoint = inputs, checkpoint
+        # Read by the pipeline as they are: where the stream starts and what it skips.
+        self.files, self.source_report = inputs.files, inputs.source_report
+        self.watermark, self.resuming = checkpoint.watermark, checkpoint.resuming
+        self.run_info, self.fp = checkpoint.run_info, checkpoint.fp
+        self.item_key, self.is_done = checkpoint.item_key, checkpoint.is_done
+
+    @classmethod
+    def open(cls, store: Store, out: Path, cfg: RunConfig, fp: str, settings: PhaseSettings,
+             sources: Sequence[Source] | None = None) -> Resume:
+        """`sources`: the inputs already resolved (by the run plan), named here as an earlier run named
+        them; resolved here if not."""
+        previous = previous_names(store)
+        sources = (resolve_inputs(cfg.inputs, previous) if sources is None
+                   else datasets_named(sources, previous))
+        checkpoint = Checkpoint.open(store, out, cfg, fp, settings, sources)
+        return cls(InputStream(cfg, sources, UnusedFields(checkpoint.unused)), checkpoint)
+
+    def stream(self) -> Iterator[tuple[int, Instance | Rejected | Known]]:
+        c = self.checkpoint
+        try:
+            yield from self.inputs.stream(c.watermark, c.known_done if c.last_done else None)
+        finally:
+            c.save_unused(self.inputs.unused)
 
 
 class Position:

@@ -10,10 +10,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-import engine.store as store_mod
+from engine import sink_log, store_writer
 from engine.keyfilter import KeyFilter
 from engine.request import Result
-from engine.store import Store, StoreError
+from engine.store import SinkMismatch, Store, StoreError
+from engine.store_writer import StoreWriter
 
 
 def key(i: int) -> bytes:
@@ -74,14 +75,35 @@ def test_foreign_files_are_refused(tmp_path):
         Store.open(junk)
 
 
+def _kill_before_commit(tmp_path, sink, lines, keep=0):
+    """Write `lines` to sink `data` through a store whose commit fails after the lines are on disk
+    (as a kill -9 between write and commit); then cut `keep` bytes off the end (a torn write)."""
+    real = store_writer._insert_rows
+    store_writer._insert_rows = lambda *a: (_ for _ in ()).throw(OSError("killed"))
+    try:
+        st = Store.open(tmp_path / "s.db")
+        st.add_sink("data", sink)
+        for i, line in enumerate(lines):
+            st.finish_item(b"k%d" % i, None, (("data", line),))
+        with pytest.raises(StoreError):
+            st.flush()
+        st.close()
+    finally:
+        store_writer._insert_rows = real
+    if keep:
+        with open(sink, "ab") as f:
+            f.truncate(sink.stat().st_size + keep)
+
+
 def test_sink_is_cut_back_to_its_committed_length(tmp_path):
     sink = tmp_path / "data.jsonl"
     with Store.open(tmp_path / "s.db") as st:
         st.add_sink("data", sink)
         st.finish_item(b"a", None, (("data", b'{"id":"a"}\n'),))
     committed = sink.read_bytes()
-    with open(sink, "ab") as f:  # what a kill -9 between the sink write and the commit leaves
-        f.write(b'{"id":"b"}\n{"id":"c", "half')
+    # What a kill -9 between the sink write and the commit leaves: the lines on disk, not committed
+    # (here the commit fails after the write), the last one torn.
+    _kill_before_commit(tmp_path, sink, (b'{"id":"b"}\n', b'{"id":"c", "half":1}\n'), keep=-6)
     with Store.open(tmp_path / "s.db") as st:
         assert st.add_sink("data", sink) == len(committed)
         assert st.has_item(b"a") and not st.has_item(b"b")
@@ -141,7 +163,7 @@ def test_disk_full_stops_the_store_cleanly_and_keeps_what_was_committed(tmp_path
         st.add_sink("data", sink)
         st.put(key(1), Result("one", "stop"))
         st.finish_item(b"a", None, (("data", b"a\n"),))
-    monkeypatch.setattr(Store, "_open_sink", lambda self, path: _FullDisk(open(path, "ab")))  # noqa: SIM115
+    monkeypatch.setattr(StoreWriter, "_open_sink", lambda self, path: _FullDisk(open(path, "ab")))  # noqa: SIM115
     st = Store.open(tmp_path / "s.db")
     st.add_sink("data", sink)
     st.put(key(2), Result("two", "stop"))
@@ -160,15 +182,15 @@ def test_disk_full_stops_the_store_cleanly_and_keeps_what_was_committed(tmp_path
 
 def test_a_failing_commit_rolls_back_and_is_reported(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = store_mod.commit_batch
+    real = StoreWriter._commit
 
-    def flaky(conn, ops, files, store):
+    def flaky(self):
         calls["n"] += 1
         if calls["n"] == 2:
             raise sqlite3.OperationalError("database or disk is full")
-        return real(conn, ops, files, store)
+        return real(self)
 
-    monkeypatch.setattr(store_mod, "commit_batch", flaky)
+    monkeypatch.setattr(StoreWriter, "_commit", flaky)
     st = Store.open(tmp_path / "s.db")
     st.put(key(1), Result("one", "stop"))
     st.flush()
@@ -182,10 +204,10 @@ def test_a_failing_commit_rolls_back_and_is_reported(tmp_path, monkeypatch):
 
 
 def test_close_raises_a_failure_nobody_saw(tmp_path, monkeypatch):
-    def broken(conn, ops, files, store):
+    def broken(self):
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(store_mod, "commit_batch", broken)
+    monkeypatch.setattr(StoreWriter, "_commit", broken)
     st = Store.open(tmp_path / "s.db")
     st.put(key(1), Result("one", "stop"))
     with pytest.raises(StoreError, match="disk I/O error"):
@@ -287,3 +309,82 @@ def test_drop_lines_removes_lines_and_done_markers_in_one_step(tmp_path):
     assert (tmp_path / "d.jsonl").read_bytes() == b'{"n": 0}\n{"n": 2}\n{"n": 4}\n{"n": 33}\n'
     with Store.open(tmp_path / "store.db") as st:  # the committed length matches the new file
         assert st.add_sink("d", tmp_path / "d.jsonl") == (tmp_path / "d.jsonl").stat().st_size
+
+
+# ---- outputs proved by content (engine/sink_log.py) ----
+
+def _three_commits(tmp_path) -> Path:
+    sink = tmp_path / "data.jsonl"
+    with Store.open(tmp_path / "s.db") as st:
+        st.add_sink("data", sink)
+        for i in range(30):
+            st.finish_item(b"%02d" % i, None, (("data", b'{"id":"%02d"}\n' % i),))
+            if i % 10 == 9:
+                st.flush()
+        assert st.commits == 4  # the first registers the sink
+    return sink
+
+
+def test_a_byte_changed_in_an_early_commit_is_found_and_nothing_is_cut(tmp_path):
+    sink = _three_commits(tmp_path)
+    data = bytearray(sink.read_bytes())
+    data[data.index(b'"03"') + 2] = ord("9")  # line 4, inside the first commit; same size
+    sink.write_bytes(bytes(data))
+    with Store.open(tmp_path / "s.db") as st, pytest.raises(SinkMismatch, match=r"lines 1-10 \(bytes 0-"):
+        st.add_sink("data", sink)
+    assert sink.read_bytes() == bytes(data)
+
+
+def test_an_untouched_sink_hashes_only_its_last_commit(tmp_path, monkeypatch):
+    sink = _three_commits(tmp_path)
+    hashed = []
+    real = sink_log.hash_range
+    monkeypatch.setattr(sink_log, "hash_range", lambda f, a, b, p: hashed.append(b - a) or real(f, a, b, p))
+    with Store.open(tmp_path / "s.db") as st:
+        st.add_sink("data", sink)
+    assert hashed == [120]  # the third commit's ten lines, not the 360 bytes of the file
+    os.utime(sink)  # touched (a copy, an editor): every commit is hashed once more
+    hashed.clear()
+    with Store.open(tmp_path / "s.db") as st:
+        st.add_sink("data", sink)
+    assert hashed == [120, 120, 120, 120]
+    hashed.clear()
+    with Store.open(tmp_path / "s.db") as st:  # proved in full once: its new stat is recorded
+        st.add_sink("data", sink)
+    assert hashed == [120]
+
+
+def test_a_reset_killed_before_its_truncate_is_finished_at_the_next_open(tmp_path, monkeypatch):
+    sink = _three_commits(tmp_path)
+    class DiesAtTruncate:
+        def __init__(self, real):
+            self.real = real
+
+        def truncate(self, n):
+            raise OSError("killed")
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    monkeypatch.setattr(StoreWriter, "_open_sink", lambda self, path: DiesAtTruncate(open(path, "ab")))  # noqa: SIM115
+    st = Store.open(tmp_path / "s.db")
+    st.add_sink("data", sink)
+    with pytest.raises(StoreError):
+        st.reset_outputs()  # committed, then the process dies before the file is emptied
+    st.close()
+    monkeypatch.undo()
+    assert sink.stat().st_size == 360
+    with Store.open(tmp_path / "s.db") as st:
+        assert st.add_sink("data", sink) == 0 and st.count("items") == 0
+    assert sink.read_bytes() == b""
+
+
+def test_a_store_from_before_digests_is_adopted_then_checked_by_content(tmp_path):
+    sink = _three_commits(tmp_path)
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        db.execute("DROP TABLE sink_log")  # as an older sysgen wrote it
+    with Store.open(tmp_path / "s.db") as st:
+        assert st.add_sink("data", sink) == 360  # length checked, then its digest recorded
+    sink.write_bytes(sink.read_bytes().replace(b'"05"', b'"50"'))
+    with Store.open(tmp_path / "s.db") as st, pytest.raises(SinkMismatch):
+        st.add_sink("data", sink)

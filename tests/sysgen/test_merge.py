@@ -59,6 +59,12 @@ def test_a_rerun_into_the_merged_directory_is_answered_by_the_store(tmp_path):
     assert counters["scheduler"]["engine_calls"] == 0 and len(ids_once(tmp_path / "merged")) == 62
 
 
+def _announce(run_dir: Path, sink: str, start: int, end: int) -> None:
+    """What the store's writer commits before it appends bytes [start, end) to a sink."""
+    with sqlite3.connect(run_dir / "store.db") as db:
+        db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"pending:{sink}", f"{start}:{end}"))
+
+
 def test_merge_skips_duplicate_ids_and_uncommitted_bytes(tmp_path):
     inp = _input(tmp_path)
     shard = tmp_path / "shard0"
@@ -66,6 +72,7 @@ def test_merge_skips_duplicate_ids_and_uncommitted_bytes(tmp_path):
     committed, n = (shard / "data.jsonl").read_bytes(), len(ids_once(shard))
     with open(shard / "data.jsonl", "ab") as f:  # a kill -9 after the write, before the commit
         f.write(b'{"id": "in:9999", "half written')
+    _announce(shard, "data", len(committed), len(committed) + 100)
     st = merge(tmp_path / "merged", [shard, shard], allow_partial=True)  # shard 0/2 twice, 1/2 missing
     assert (tmp_path / "merged" / "data.jsonl").read_bytes() == committed
     assert st["merge"]["duplicates"] == n

@@ -172,19 +172,19 @@ def test_engine_faults_are_retried_then_recorded(tmp_path):
 
 
 def test_a_store_failure_stops_the_run_and_a_rerun_finishes_exactly_once(tmp_path, monkeypatch):
-    import engine.store as store_mod
+    from engine.store_writer import StoreWriter
 
     write_rows(tmp_path / "in.jsonl", 50)
     out = tmp_path / "out"
-    real, calls = store_mod.commit_batch, {"n": 0}
+    real, calls = StoreWriter._commit, {"n": 0}
 
-    def failing_later(conn, ops, files, store):
+    def failing_later(self):
         calls["n"] += 1
         if calls["n"] >= 3:
             raise OSError(28, "No space left on device")
-        return real(conn, ops, files, store)
+        return real(self)
 
-    monkeypatch.setattr(store_mod, "commit_batch", failing_later)
+    monkeypatch.setattr(StoreWriter, "_commit", failing_later)
     cfg = RunConfig(inputs=(str(tmp_path / "in.jsonl"),), out=str(out), engine="standin")
 
     async def go():
