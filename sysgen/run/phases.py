@@ -12,7 +12,7 @@ from typing import Any
 
 from engine.prefix import ChatPrompter
 from engine.request import Prompt, Request, SamplingParams, messages_prompt
-from sysgen import prompts, tags
+from sysgen import copies, prompts, tags
 from sysgen.datasets.instance import Instance
 
 _SPEAKER = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -35,6 +35,7 @@ class PhaseSettings:
     p4_budget_cap: int = 2048
     max_context: int = 0  # prompt + answer tokens the engine takes; 0 = unknown
     p3_context: str = "standalone"  # "continue", "chat": P3 is the next turn of P1's chat (see p3_request)
+    keep_copies: bool = False  # P2 marks phrases copied from the P1 examples instead of dropping them
 
 
 class PromptBuilder:
@@ -108,6 +109,15 @@ def p1_system(s: PhaseSettings) -> str:
     if s.p3_context == "chat":
         return f"{prompts.load('p1_generate')}\n\n{prompts.load('p3_chat_system')}{prompts.load('p3_verify')}"
     return prompts.load("p1_generate")
+
+
+def p1_examples() -> copies.Examples:
+    """The worked examples of the P1 prompt in use: P2 drops phrases that copy them."""
+    return copies.examples(prompts.load("p1_generate"))
+
+
+def p2_filter(p1_text: str, s: PhaseSettings) -> tags.Filtered:
+    return tags.filter_tags(p1_text, p1_examples(), s.keep_copies)
 
 
 def p1_request(inst: Instance, build: PromptBuilder, s: PhaseSettings) -> Request:

@@ -113,6 +113,7 @@ def phase_settings(cfg: RunConfig, backend: Backend) -> PhaseSettings:
                          max_turn_chars=cfg.max_turn_chars, turns=cfg.turns, history=cfg.history,
                          keep_partial=cfg.keep_partial, p4_budget_factor=cfg.p4_budget_factor,
                          p4_budget_cap=cfg.p4_budget_cap, p3_context=cfg.p3_context,
+                         keep_copies=cfg.keep_copies,
                          max_context=backend.capabilities.max_context if cfg.turns == "all" else 0)
 
 

@@ -1,0 +1,104 @@
+"""Phrases copied from the P1 prompt's worked examples.
+
+A small model asked for a system message often answers with the prompt's own example ("You are a
+friendly math tutor for school students.") whatever the conversation is about; SFT on such records
+teaches one persona. The examples are read from the prompt text itself, so an edited or a user's own
+prompt is checked against what it really shows.
+
+The rule, on words (lower case; punctuation, case and spacing ignored):
+- a phrase that holds an example phrase word for word is a copy (the example plus a tail is still
+  the example);
+- a phrase whose words match an example's in order for at least NEAR_RATIO of both lengths together
+  (difflib's 2M/T on words) is a near-copy: "You are a friendly math tutor for high school students."
+  Generic phrases that share only an opening ("You are a helpful assistant.") stay well below it
+  (docs/copies.md has the measured scores).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from difflib import SequenceMatcher
+from functools import cache
+from typing import Any
+
+NEAR_RATIO = 0.8
+_WORD = re.compile(r"[a-z0-9]+(?:['’][a-z0-9]+)*")
+_EXAMPLE_LINE = re.compile(r"^\s*<([A-Za-z]+)>([^<>\n]*?)</\1>\s*$", re.MULTILINE)
+
+
+def words(text: str) -> tuple[str, ...]:
+    """The words of a phrase as compared: lower case, punctuation and spacing dropped."""
+    return tuple(_WORD.findall(text.lower()))
+
+
+def _contains(hay: tuple[str, ...], needle: tuple[str, ...]) -> bool:
+    return bool(needle) and f" {' '.join(needle)} " in f" {' '.join(hay)} "
+
+
+@dataclass(frozen=True, slots=True)
+class Examples:
+    """The tagged example phrases of one prompt, as written and as word tuples."""
+
+    phrases: tuple[str, ...]
+    _words: tuple[tuple[str, ...], ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.phrases)
+
+    def match(self, phrase: str) -> str | None:
+        """The example phrase `phrase` copies or nearly copies, or None."""
+        got = words(phrase)
+        if not got:
+            return None
+        have = set(got)
+        for text, ex in zip(self.phrases, self._words, strict=True):
+            if _contains(got, ex):
+                return text
+            # Matched words are at most the shared ones: skip the costly alignment when even that is short.
+            if 2 * len(have.intersection(ex)) < NEAR_RATIO * (len(got) + len(ex)):
+                continue
+            if SequenceMatcher(None, got, ex, autojunk=False).ratio() >= NEAR_RATIO:
+                return text
+        return None
+
+    def found_in(self, text: str) -> list[str]:
+        """Example phrases that `text` (a whole system message) holds word for word."""
+        got = words(text)
+        return [p for p, ex in zip(self.phrases, self._words, strict=True) if _contains(got, ex)]
+
+
+def copied_tags(row: dict[str, Any]) -> list[str]:
+    """The tags of an output row (kept or dropped) whose phrase copied a P1 example: `p2_copied`,
+    written in both modes, or else the P2 drop reason."""
+    if row.get("p2_copied"):
+        return list(row["p2_copied"])
+    return [t for t, r in (row.get("p2_dropped") or {}).items() if r == "copied_example"]
+
+
+@cache
+def examples(prompt: str) -> Examples:
+    """Every `<Tag>phrase</Tag>` line of a prompt: its worked examples (the tag descriptions of the
+    bundled prompt have no closing tag, so they are not taken for examples)."""
+    seen: dict[str, tuple[str, ...]] = {}
+    for m in _EXAMPLE_LINE.finditer(prompt):
+        phrase = m.group(2).strip()
+        if words(phrase) and phrase not in seen:
+            seen[phrase] = words(phrase)
+    return Examples(tuple(seen), tuple(seen.values()))
+
+
+def copied_share(system_messages: Iterable[str], ex: Examples) -> dict[str, object]:
+    """How many system messages hold an example phrase word for word (0 is the goal), and which."""
+    total = hits = 0
+    by_phrase: dict[str, int] = {}
+    for msg in system_messages:
+        total += 1
+        found = ex.found_in(msg)
+        hits += bool(found)
+        for p in found:
+            by_phrase[p] = by_phrase.get(p, 0) + 1
+    return {"records": total, "with_example_phrase": hits,
+            "pct": round(100 * hits / total, 2) if total else 0.0,
+            "by_phrase": dict(sorted(by_phrase.items(), key=lambda kv: (-kv[1], kv[0])))}
