@@ -44,8 +44,8 @@ class Examples:
     phrases: tuple[str, ...]
     _words: tuple[tuple[str, ...], ...]
 
-    def __bool__(self) -> bool:
-        return bool(self.phrases)
+    def __len__(self) -> int:
+        return len(self.phrases)
 
     def match(self, phrase: str) -> str | None:
         """The example phrase `phrase` copies or nearly copies, or None."""
