@@ -7,16 +7,18 @@ prompt is checked against what it really shows.
 
 The rule, on words (lower case; punctuation, case and spacing ignored):
 - a phrase that holds an example phrase word for word is a copy (the example plus a tail is still
-  the example);
+  the example), and so is one that holds RUN_SHARE of an example's words as one unbroken run of at
+  least RUN_MIN words ("You are a senior Python developer and patient tutor for students.");
 - a phrase whose words match an example's in order for at least NEAR_RATIO of both lengths together
   (difflib's 2M/T on words) is a near-copy: "You are a friendly math tutor for high school students."
-  Generic phrases that share only an opening ("You are a helpful assistant.") stay well below it
-  (docs/copies.md has the measured scores).
+Generic phrases that share only an opening ("You are a helpful assistant.") stay well below both
+(docs/copies.md has the scores measured on real outputs).
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from difflib import SequenceMatcher
@@ -24,6 +26,7 @@ from functools import cache
 from typing import Any
 
 NEAR_RATIO = 0.8
+RUN_SHARE, RUN_MIN = 0.75, 5
 _WORD = re.compile(r"[a-z0-9]+(?:['’][a-z0-9]+)*")
 _EXAMPLE_LINE = re.compile(r"^\s*<([A-Za-z]+)>([^<>\n]*?)</\1>\s*$", re.MULTILINE)
 
@@ -43,6 +46,7 @@ class Examples:
 
     phrases: tuple[str, ...]
     _words: tuple[tuple[str, ...], ...]
+    _bags: tuple[Counter[str], ...]
 
     def __len__(self) -> int:
         return len(self.phrases)
@@ -52,14 +56,19 @@ class Examples:
         got = words(phrase)
         if not got:
             return None
-        have = set(got)
-        for text, ex in zip(self.phrases, self._words, strict=True):
+        bag = Counter(got)
+        for text, ex, ex_bag in zip(self.phrases, self._words, self._bags, strict=True):
             if _contains(got, ex):
                 return text
-            # Matched words are at most the shared ones: skip the costly alignment when even that is short.
-            if 2 * len(have.intersection(ex)) < NEAR_RATIO * (len(got) + len(ex)):
+            # Matched words, in a run or not, are at most the shared ones: skip the alignment when
+            # even those are too few (nearly always: it keeps P2 cheap at a paper-scale run).
+            shared = (bag & ex_bag).total()
+            if 2 * shared < NEAR_RATIO * (len(got) + len(ex)) and (shared < RUN_SHARE * len(ex)
+                                                                  or shared < RUN_MIN):
                 continue
-            if SequenceMatcher(None, got, ex, autojunk=False).ratio() >= NEAR_RATIO:
+            sm = SequenceMatcher(None, got, ex, autojunk=False)
+            run = sm.find_longest_match(0, len(got), 0, len(ex)).size
+            if sm.ratio() >= NEAR_RATIO or (run >= RUN_MIN and run >= RUN_SHARE * len(ex)):
                 return text
         return None
 
@@ -86,7 +95,7 @@ def examples(prompt: str) -> Examples:
         phrase = m.group(2).strip()
         if words(phrase) and phrase not in seen:
             seen[phrase] = words(phrase)
-    return Examples(tuple(seen), tuple(seen.values()))
+    return Examples(tuple(seen), tuple(seen.values()), tuple(Counter(w) for w in seen.values()))
 
 
 def copied_share(system_messages: Iterable[str], ex: Examples) -> dict[str, object]:

@@ -13,18 +13,21 @@ from sysgen.publish.report import write_report
 from sysgen.run import stats
 from tests.sysgen.pipeline_helpers import records, run, write_rows
 
-# The bundled prompt's examples before issue 22 and what SmolLM2-135M wrote with them on the demo:
-# real outputs, kept here as the near-copy rule's measured cases (docs/copies.md).
+# The bundled prompt's examples before issue 22 and what SmolLM2-135M wrote with them on the demo and
+# on held-out rows: real outputs, kept here as the near-copy rule's measured cases (docs/copies.md).
+# The numbers are the word ratio and the share of the example held as one run.
 OLD_PROMPT = """<Role> who the assistant is (an expert, a tutor, a persona).
 Example 1 (a user asks how to reverse a linked list in Python):
 <Role>You are a senior Python developer and patient programming mentor.</Role>
 <Task>Break the problem into small arithmetic steps and check the result.</Task>
+<Task>Explain how to reverse a linked list and provide working code.</Task>
 <Tool>Use Python 3 with type hints.</Tool>
 <Format>Give a short explanation, then a single code block, then the time and space complexity.</Format>
 Example 2 (a user asks a grade-school word problem about apples):
 <Role>You are a friendly math tutor for school students.</Role>
 <Content>Solve the word problem and teach the reasoning behind it.</Content>
 <Background>The user is a student practising multi-step arithmetic.</Background>
+<Format>Number each step and end with a line stating the final answer.</Format>
 """
 OLD = copies.examples(OLD_PROMPT)
 
@@ -35,6 +38,10 @@ COPIES = [
     "You are a friendly math tutor for school students who love puzzles.",  # the example plus a tail
     "Provide a short explanation, then a single code block, then the time and space complexity.",  # 0.93
     "You are a senior Python developer and patient tutor.",  # 0.84
+    "You are a senior Python developer and patient tutor for students.",  # 0.76, run 0.80
+    "Number each part and end with a line stating the final answer.",  # 0.92
+    "Explain how to reverse a linked list and provide a step-by-step solution.",  # 0.72, run 0.82
+    "Break the problem into small arithmetic steps and end with a line stating the final answer.",  # splice
     "You are a friendly math tutor for high school students.",
 ]
 NOT_COPIES = [
@@ -44,6 +51,8 @@ NOT_COPIES = [
     "Break the problem into steps.",  # real output, 0.62
     "Solve the word problem using algebra.",  # real output, 0.50
     "The user is a student practising one step of the word problem.",  # real output, 0.67
+    "Break the instruction into smaller steps and check the result.",  # real output, 0.76, run 0.45
+    "Explain how to find palindromes and provide working code.",  # real output, 0.70, run 0.36
     "Each step is a separate code block.",
     "...",
 ]
@@ -51,7 +60,7 @@ NOT_COPIES = [
 
 def test_examples_are_the_closed_tag_lines_of_the_prompt():
     assert OLD.phrases[0] == "You are a senior Python developer and patient programming mentor."
-    assert len(OLD.phrases) == 7  # the "<Role> who the assistant is" description is not an example
+    assert len(OLD.phrases) == 9  # the "<Role> who the assistant is" description is not an example
     bundled = copies.examples(prompts.load("p1_generate"))
     assert len(bundled) >= 10 and all(p in prompts.load("p1_generate") for p in bundled.phrases)
 
