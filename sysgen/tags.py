@@ -82,8 +82,8 @@ class Filtered:
     tags: dict[str, str]
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (tag or line excerpt, reason)
     well_formed: bool = True  # every non-blank line was a valid, known, first-seen tag line
-    # tag -> the P1 example phrase its phrase copies; dropped as "copied_example" unless kept on request
-    copied: dict[str, str] = field(default_factory=dict)
+    # tag -> (its phrase, the P1 example phrase it copies); dropped as "copied_example" unless kept on request
+    copied: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def render(self) -> str:
         return render_tagged(self.tags)
@@ -108,7 +108,7 @@ def filter_tags(text: str, examples: Examples | None = None, keep_copies: bool =
     parsed = _parse(text)
     if not examples or not parsed.tags:
         return parsed
-    copied = {t: ex for t, p in parsed.tags.items() if (ex := examples.match(p)) is not None}
+    copied = {t: (p, ex) for t, p in parsed.tags.items() if (ex := examples.match(p)) is not None}
     if not copied:
         return parsed
     if keep_copies:

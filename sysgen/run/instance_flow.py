@@ -85,8 +85,8 @@ async def _run_instance(inst: Instance, submit, build: PromptBuilder, s: PhaseSe
 
     filtered = p2_filter(r1.text, s)
     p2: dict[str, Any] = {"p1_well_formed": filtered.well_formed, "p2_dropped": dict(filtered.dropped)}
-    if filtered.copied:  # tag -> the example phrase it copies (kept tags too, with --keep-copies)
-        p2["p2_copied"] = filtered.copied
+    if filtered.copied:  # the phrase and the example it copies, per tag (kept ones too, with --keep-copies)
+        p2["p2_copied"] = {t: {"phrase": p, "example": ex} for t, (p, ex) in filtered.copied.items()}
     if not filtered.tags:
         reason = "copied_example" if filtered.copied else "no_valid_tags"
         return Outcome(inst.id, inst.source, phase="p2", reason=reason, detail=r1.text[:300],

@@ -126,6 +126,8 @@ def test_a_run_drops_copies_and_counts_them_everywhere(tmp_path):
     assert all(r["p2_dropped"] == {"Role": "copied_example", "Format": "copied_example"} for r in got["data"])
     all_copies = [r for r in got["dropped"] if r["reason"] == "copied_example"]
     assert len(all_copies) == 4 and all(r["phase"] == "p2" for r in all_copies)
+    last = ex.phrases[-1]  # the phrase as the model wrote it stays beside the example it copies
+    assert all_copies[0]["p2_copied"]["Format"] == {"phrase": last.lower().rstrip("."), "example": last}
 
     st = stats.write(out, {}, rows_read=12)
     assert st["p2_copied"] == {"instances": 12, "phrases": 24,
