@@ -18,7 +18,6 @@ Generic phrases that share only an opening ("You are a helpful assistant.") stay
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from difflib import SequenceMatcher
@@ -36,8 +35,9 @@ def words(text: str) -> tuple[str, ...]:
     return tuple(_WORD.findall(text.lower()))
 
 
-def _contains(hay: tuple[str, ...], needle: tuple[str, ...]) -> bool:
-    return bool(needle) and f" {' '.join(needle)} " in f" {' '.join(hay)} "
+def _spaced(ws: tuple[str, ...]) -> str:
+    """Words as " a b c ": one phrase holds another word for word iff this string holds the other's."""
+    return f" {' '.join(ws)} "
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +46,8 @@ class Examples:
 
     phrases: tuple[str, ...]
     _words: tuple[tuple[str, ...], ...]
-    _bags: tuple[Counter[str], ...]
+    _spaced: tuple[str, ...]
+    _index: dict[str, tuple[int, ...]]  # word -> the examples that hold it
 
     def __len__(self) -> int:
         return len(self.phrases)
@@ -56,26 +57,30 @@ class Examples:
         got = words(phrase)
         if not got:
             return None
-        bag = Counter(got)
-        for text, ex, ex_bag in zip(self.phrases, self._words, self._bags, strict=True):
-            if _contains(got, ex):
-                return text
-            # Matched words, in a run or not, are at most the shared ones: skip the alignment when
-            # even those are too few (nearly always: it keeps P2 cheap at a paper-scale run).
-            shared = (bag & ex_bag).total()
-            if 2 * shared < NEAR_RATIO * (len(got) + len(ex)) and (shared < RUN_SHARE * len(ex)
-                                                                  or shared < RUN_MIN):
+        # Words of the phrase found in each example: a bound on the words any rule can match, so the
+        # alignment runs only for the few examples that could pass (P2 stays cheap at paper scale).
+        shared = [0] * len(self.phrases)
+        for w in got:
+            for i in self._index.get(w, ()):
+                shared[i] += 1
+        spaced = _spaced(got)
+        for i, n in enumerate(shared):
+            ex = self._words[i]
+            whole_or_run = min(len(ex), max(RUN_MIN, RUN_SHARE * len(ex)))
+            if n < whole_or_run and 2 * n < NEAR_RATIO * (len(got) + len(ex)):
                 continue
+            if self._spaced[i] in spaced:
+                return self.phrases[i]
             sm = SequenceMatcher(None, got, ex, autojunk=False)
             run = sm.find_longest_match(0, len(got), 0, len(ex)).size
             if sm.ratio() >= NEAR_RATIO or (run >= RUN_MIN and run >= RUN_SHARE * len(ex)):
-                return text
+                return self.phrases[i]
         return None
 
     def found_in(self, text: str) -> list[str]:
         """Example phrases that `text` (a whole system message) holds word for word."""
-        got = words(text)
-        return [p for p, ex in zip(self.phrases, self._words, strict=True) if _contains(got, ex)]
+        spaced = _spaced(words(text))
+        return [p for p, ex in zip(self.phrases, self._spaced, strict=True) if ex in spaced]
 
 
 def copied_tags(row: dict[str, Any]) -> list[str]:
@@ -95,7 +100,12 @@ def examples(prompt: str) -> Examples:
         phrase = m.group(2).strip()
         if words(phrase) and phrase not in seen:
             seen[phrase] = words(phrase)
-    return Examples(tuple(seen), tuple(seen.values()), tuple(Counter(w) for w in seen.values()))
+    ws = tuple(seen.values())
+    index: dict[str, list[int]] = {}
+    for i, w in enumerate(ws):
+        for word in set(w):
+            index.setdefault(word, []).append(i)
+    return Examples(tuple(seen), ws, tuple(map(_spaced, ws)), {k: tuple(v) for k, v in index.items()})
 
 
 def copied_share(system_messages: Iterable[str], ex: Examples) -> dict[str, object]:
