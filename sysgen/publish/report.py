@@ -125,9 +125,13 @@ def p2_section(tag_stats: dict[str, fn.TagStats]) -> list[str]:
     source, over every instance P1 answered (a record full of copies is often dropped, so counting
     kept records alone would hide them)."""
     total, groups = tag_stats[fn.ALL], list(tag_stats)
-    tags = [*total.tags, *sorted(set(total.p2_removed) - set(total.tags))]
+    tags = total.tags
+    # P2 names a malformed line by its first characters, not a tag: those share one row.
+    other = sum((c for k, c in total.p2_removed.items() if k not in tags), Counter())
     reasons = sorted({r for c in total.p2_removed.values() for r in c} - {"copied_example"})
     rows = [[t, *(total.p2_removed.get(t, Counter())[r] for r in reasons), total.copied[t]] for t in tags]
+    if other:
+        rows.append(["other lines", *(other[r] for r in reasons), 0])
     crows = [[t] + [tag_stats[g].copied[t] for g in groups] for t in tags]
     crows.append(["instances P1 answered"] + [f"{tag_stats[g].p1_answered:,}" for g in groups])
     return [f"P2 removals per tag and reason, all sources ({total.p1_answered:,} instances P1 answered, "

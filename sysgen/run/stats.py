@@ -63,7 +63,8 @@ class _Tally:
             self.p1_well_formed += bool(rec["p1_well_formed"])
             self.p2_drop_reasons.update(rec.get("p2_dropped", {}).values())
             for tag, reason in (rec.get("p2_dropped") or {}).items():
-                self.p2_drops_by_tag[tag][reason] += 1
+                # A malformed line is named by its first characters: those share one key.
+                self.p2_drops_by_tag[tag if tag in TAGS else "other"][reason] += 1
             copied = copied_tags(rec)
             self.copied.update(copied)
             self.copied_instances += bool(copied)

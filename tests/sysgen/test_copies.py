@@ -155,3 +155,17 @@ def test_keep_copies_keeps_and_marks_them_and_eval_sees_them(tmp_path):
     share = example_copies(load_run(out))
     assert share["with_example_phrase"] == len([r for r in got["data"] if "Role" in r["kept_tags"]]) > 0
     assert orjson.loads((out / "data.jsonl").read_bytes().splitlines()[0])["p2_copied"]
+
+
+def test_malformed_lines_share_one_row_of_the_p2_table(tmp_path):
+    from sysgen.eval import funnel
+    from sysgen.publish.report import p2_section
+
+    row = {"id": "a:1", "source": "a", "phase": "p2", "reason": "copied_example", "p1_well_formed": False,
+           "p2_dropped": {"Role": "copied_example", "<Rol>You are": "malformed", "Sty": "malformed"},
+           "p2_copied": {"Role": {"phrase": "x", "example": "x"}}}
+    (tmp_path / "dropped.jsonl").write_bytes(orjson.dumps(row) + b"\n")
+    assert stats.compute(tmp_path)["p2_tag_drops_by_tag"] == {"Role": {"copied_example": 1},
+                                                              "other": {"malformed": 2}}
+    lines = "\n".join(p2_section(funnel.summarize([], [row]).tags))
+    assert "| other lines | 2 | 0 |" in lines and "| Role | 0 | 1 |" in lines
