@@ -169,3 +169,15 @@ def test_malformed_lines_share_one_row_of_the_p2_table(tmp_path):
                                                               "other": {"malformed": 2}}
     lines = "\n".join(p2_section(funnel.summarize([], [row]).tags))
     assert "| other lines | 2 | 0 |" in lines and "| Role | 0 | 1 |" in lines
+
+
+def test_p2_checks_the_examples_of_the_prompt_in_use(monkeypatch):
+    from sysgen.run.phases import PhaseSettings, p2_filter
+
+    answer = "<Role>You are a helpful assistant.</Role>\n<Task>Sort the list.</Task>\n"
+    s = PhaseSettings(model_id="m")
+    assert p2_filter(answer, s).tags == {"Role": "You are a helpful assistant.", "Task": "Sort the list."}
+    own = "Write a system message.\nExample:\n<Role>You are a helpful assistant.</Role>\n"
+    real = prompts.load
+    monkeypatch.setattr(prompts, "load", lambda n: own if n == "p1_generate" else real(n))
+    assert p2_filter(answer, s).dropped == [("Role", "copied_example")]
