@@ -77,6 +77,8 @@ class RunConfig:
                "original ones")
     keep_partial: bool = opt(False, "when a later turn is cut or overflows the context, keep the complete "
                                     "turns before it instead of dropping the conversation")
+    keep_copies: bool = opt(False, "P2 keeps tag phrases that copy the P1 prompt's worked examples (marked "
+                                   "p2_copied in the records) instead of dropping them, to compare")
     p3_context: Literal["standalone", "continue", "chat"] = opt(
         "standalone", "P3 prompt layout: standalone (the P3 template as system turn), continue (P3 as "
                       "the next turn of P1's own chat, so a prefix cache that keeps finished requests, "

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
+
+from sysgen.copies import Examples
 
 TAGS: tuple[str, ...] = ("Role", "Content", "Task", "Action", "Style", "Background", "Tool", "Format")
 VERDICTS: tuple[str, ...] = ("Good", "Bad", "None")
@@ -80,6 +82,8 @@ class Filtered:
     tags: dict[str, str]
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (tag or line excerpt, reason)
     well_formed: bool = True  # every non-blank line was a valid, known, first-seen tag line
+    # tag -> (its phrase, the P1 example phrase it copies); dropped as "copied_example" unless kept on request
+    copied: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def render(self) -> str:
         return render_tagged(self.tags)
@@ -97,9 +101,23 @@ _WELL_FORMED = re.compile(rf"(?:<({_TAG_ALT})>{PHRASE_RE}</\1>\n)+")
 _WELL_LINE = re.compile(rf"<({_TAG_ALT})>({PHRASE_RE})</\1>\n")
 
 
-def filter_tags(text: str) -> Filtered:
-    """P2: parse tag lines; drop malformed, unknown, mismatched, empty, overlong or duplicate tags;
-    return the rest in the fixed order."""
+def filter_tags(text: str, examples: Examples | None = None, keep_copies: bool = False) -> Filtered:
+    """P2: parse tag lines; drop malformed, unknown, mismatched, empty, overlong or duplicate tags,
+    and phrases that copy one of `examples` (the P1 prompt's; `keep_copies` only marks them);
+    return the rest in the fixed order. `well_formed` is about the parse alone."""
+    parsed = _parse(text)
+    if not examples or not parsed.tags:
+        return parsed
+    copied = {t: (p, ex) for t, p in parsed.tags.items() if (ex := examples.match(p)) is not None}
+    if not copied:
+        return parsed
+    if keep_copies:
+        return replace(parsed, copied=copied)
+    return replace(parsed, tags={t: p for t, p in parsed.tags.items() if t not in copied},
+                   dropped=parsed.dropped + [(t, "copied_example") for t in copied], copied=copied)
+
+
+def _parse(text: str) -> Filtered:
     if _WELL_FORMED.fullmatch(text):
         pairs = _WELL_LINE.findall(text)
         found = {t: p.rstrip(_BLANK) for t, p in pairs}  # PHRASE_RE already forbids leading blanks

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from engine.progress import Progress
+from sysgen import copies, prompts
 from sysgen.atomic import atomic_path, write_atomic
 from sysgen.eval import judge_stats, judges, metrics, semantic
 from sysgen.eval.rundir import RunDir, message, turn_pairs
@@ -82,6 +83,7 @@ def answer_metrics(run: RunDir, cfg: EvalConfig) -> dict[str, Any]:
         out["bleurt"] = {"status": "skipped",
                          "reason": "no --bleurt-checkpoint given; BLEURT needs a local checkpoint"}
     out["by_source"] = metrics.by_source(pairs, extra, use_stemmer=cfg.use_stemmer)
+    out["copied_examples"] = example_copies(run)
     if any(len(turn_pairs(r)) > 1 for r in run.records):  # multi-turn: every turn pair, beside the first
         every = pairs_from(run.records, all_turns=True)
         out["all_turns"] = {"pairs": len(every),
@@ -96,6 +98,24 @@ def answer_metrics(run: RunDir, cfg: EvalConfig) -> dict[str, Any]:
         "turns": "by_source compares each record's first turn (the paper's setting); all_turns compares "
                  "every answered turn pair (ROUGE, GLEU and lengths only)",
     }
+    return out
+
+
+def example_copies(run: RunDir) -> dict[str, Any]:
+    """Kept records whose system message holds a phrase of the P1 prompt's worked examples word for
+    word (0 is the goal; P2 drops such phrases unless the run had --keep-copies), overall and per source."""
+    ex = copies.examples(prompts.load("p1_generate"))
+    by_source: dict[str, list[str]] = {}
+    for r in run.records:
+        by_source.setdefault(str(r.get("source") or "unknown"), []).append(message(r, "system") or "")
+    out: dict[str, Any] = {**copies.copied_share((m for ms in by_source.values() for m in ms), ex),
+                           "by_source": {s: copies.copied_share(ms, ex)["pct"]
+                                         for s, ms in by_source.items()},
+                           "examples": len(ex.phrases), "prompt": prompts.digest("p1_generate")}
+    used = (run.stats.get("prompts") or {}).get("p1_generate")
+    if used and used != out["prompt"]:
+        out["note"] = (f"the run's P1 prompt (hash {used}) is not this sysgen's ({out['prompt']}); "
+                       "its examples are checked against this one's")
     return out
 
 

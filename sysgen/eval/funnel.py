@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sysgen.copies import copied_tags
 from sysgen.tags import TAGS, VERDICTS
 
 ALL = "all"  # the key of the overall row next to per-source rows
@@ -63,6 +64,11 @@ class TagStats:
     verdicts: dict[str, Counter[str]] = field(default_factory=lambda: {t: Counter() for t in TAGS})
     p2_dropped: dict[str, Counter[str]] = field(default_factory=lambda: {t: Counter() for t in TAGS})
     instances: int = 0
+    # Over every instance P1 answered, dropped ones too: P2 removals by reason, and phrases copied from
+    # the P1 prompt's examples (removed as copied_example, or kept and marked with --keep-copies).
+    p2_removed: dict[str, Counter[str]] = field(default_factory=lambda: {t: Counter() for t in TAGS})
+    copied: Counter[str] = field(default_factory=Counter)
+    p1_answered: int = 0
 
     @property
     def tags(self) -> list[str]:
@@ -98,6 +104,17 @@ def _add_tags(ts: TagStats, rec: dict[str, Any]) -> None:
         ts.verdicts.setdefault(tag, Counter())[str(verdict)] += 1
     for tag, reason in (rec.get("p2_dropped") or {}).items():
         ts.p2_dropped.setdefault(tag, Counter())[str(reason)] += 1
+    _add_p2(ts, rec)
+
+
+def _add_p2(ts: TagStats, row: dict[str, Any]) -> None:
+    """P2's per-tag outcome of any row P1 answered (kept records and rows dropped at P2 or later)."""
+    if "p1_well_formed" not in row:
+        return
+    ts.p1_answered += 1
+    for tag, reason in (row.get("p2_dropped") or {}).items():
+        ts.p2_removed.setdefault(tag, Counter())[str(reason)] += 1
+    ts.copied.update(copied_tags(row))
 
 
 def _add_drop(f: Funnel, row: dict[str, Any]) -> None:
@@ -110,7 +127,8 @@ def _add_drop(f: Funnel, row: dict[str, Any]) -> None:
 
 def summarize(records: Iterable[dict[str, Any]], dropped: Iterable[dict[str, Any]]) -> Summary:
     """One pass over each file. Tag counts cover the kept records: the pipeline does not write the
-    tags of dropped rows, and the paper's Table 8 counts the final data too."""
+    tags of dropped rows, and the paper's Table 8 counts the final data too. P2's removals and copies
+    cover every row P1 answered (dropped rows carry them)."""
     funnels: dict[str, Funnel] = {}
     tags: dict[str, TagStats] = {}
     ids: Counter[str] = Counter()
@@ -125,6 +143,9 @@ def summarize(records: Iterable[dict[str, Any]], dropped: Iterable[dict[str, Any
         ids[str(row.get("id"))] += 1
         _add_drop(funnels.setdefault(_source(row), Funnel()), row)
         _add_drop(total_f, row)
+        if "p1_well_formed" in row:  # P1 answered it: count its P2 outcome
+            _add_p2(tags.setdefault(_source(row), TagStats()), row)
+            _add_p2(total_t, row)
     funnels[ALL], tags[ALL] = total_f, total_t
     return Summary(funnels, tags, sorted(i for i, n in ids.items() if n > 1))
 

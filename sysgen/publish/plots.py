@@ -73,27 +73,29 @@ def funnel_png(funnels: dict[str, Funnel], path: Path) -> Path:
 
 
 def tags_png(tag_stats: dict[str, TagStats], path: Path) -> Path:
-    """Per tag: present after P2 and kept (judged Good at P3), one panel per source."""
+    """Per tag: present after P2 and kept (judged Good at P3) over kept instances, and phrases copied
+    from the P1 prompt's examples over every instance P1 answered; one panel per source."""
     plt, fig, axes = _grid(len(tag_stats), 6.2, 3.9)
     for ax, (group, ts) in zip(axes, tag_stats.items(), strict=True):
         tags = ts.tags
         x = range(len(tags))
-        w = 0.4
-        gen = ax.bar([i - w / 2 for i in x], [ts.generated[t] for t in tags], w, label="after P2",
+        w = 0.28
+        gen = ax.bar([i - w for i in x], [ts.generated[t] for t in tags], w, label="after P2",
                      color="#90caf9")
-        kept = ax.bar([i + w / 2 for i in x], [ts.kept[t] for t in tags], w, label="kept (P3 Good)",
-                      color="#1565c0")
-        ax.bar_label(gen, fontsize=7, padding=1)
-        ax.bar_label(kept, fontsize=7, padding=1)
+        kept = ax.bar(list(x), [ts.kept[t] for t in tags], w, label="kept (P3 Good)", color="#1565c0")
+        copied = ax.bar([i + w for i in x], [ts.copied[t] for t in tags], w,
+                        label="copied from P1 examples (all answered)", color="#e53935")
+        for bars in (gen, kept, copied):
+            ax.bar_label(bars, fontsize=7, padding=1)
         ax.set_xticks(list(x), tags, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel("instances with tag")
         ax.yaxis.set_major_locator(_int_ticks())
-        ax.set_ylim(0, max(1, ts.instances) * 1.2)
+        ax.set_ylim(0, max(1, ts.instances, *ts.copied.values()) * 1.2)
         ax.set_title(f"{_title(group)} ({ts.instances:,} kept instance{'' if ts.instances == 1 else 's'})",
                      fontsize=11)
         ax.spines[["top", "right"]].set_visible(False)
     # One legend for the figure, above the panels: inside a panel it would cover the tallest bars.
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper right", ncols=2, frameon=False, fontsize=9)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper right", ncols=3, frameon=False, fontsize=9)
     fig.suptitle("Tag counts over kept instances (as the paper's Table 8)", fontsize=13)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     with atomic_path(path) as tmp:  # a full disk leaves no 0-byte figure

@@ -65,6 +65,18 @@ def funnel_section(funnels: dict[str, fn.Funnel]) -> list[str]:
     return out
 
 
+def copies_line(tag_stats: dict[str, fn.TagStats]) -> list[str]:
+    """The funnel's note on copied example phrases (`p2:copied_example` above: every tag was one)."""
+    total = tag_stats[fn.ALL]
+    n = sum(total.copied.values())
+    if not total.p1_answered:
+        return []
+    per_tag = ", ".join(f"{t} {c:,}" for t, c in total.copied.items() if c) or "none"
+    return [f"P2 found {n:,} tag phrase{'' if n == 1 else 's'} copied from the P1 prompt's worked examples "
+            f"in {total.p1_answered:,} instances P1 answered (per tag: {per_tag}); see *P2 removals* "
+            "below.", ""]
+
+
 def turns_section(turns: dict[str, Any], run_stats: dict[str, Any]) -> list[str]:
     """Conversations: user turns per instance, retention per turn, loops, and prefix reuse per phase."""
     out = ["## Conversations (multi-turn P4)", ""]
@@ -99,14 +111,36 @@ def tags_section(tag_stats: dict[str, fn.TagStats]) -> list[str]:
     rows = [[t] + [f"{tag_stats[g].generated[t]:,} / {tag_stats[g].kept[t]:,}" for g in groups] for t in tags]
     rows.append(["instances"] + [f"{tag_stats[g].instances:,}" for g in groups])
     total = tag_stats[fn.ALL]
-    vrows = [[t] + [total.verdicts.get(t, Counter()).get(v, 0) for v in fn.VERDICTS]
-             + [sum(total.p2_dropped.get(t, Counter()).values())] for t in tags]
+    vrows = [[t] + [total.verdicts.get(t, Counter()).get(v, 0) for v in fn.VERDICTS] for t in tags]
     return ["## Tags (the paper's Table 8)", "",
             "Over kept instances: cells are *present after P2 / kept (judged Good at P3)*.", "",
             table(["tag", *[_group(g) for g in groups]], rows), "",
-            "P3 verdicts and P2 removals per tag, all sources:", "",
-            table(["tag", *fn.VERDICTS, "removed at P2"], vrows), "",
+            "P3 verdicts per tag, kept instances, all sources:", "",
+            table(["tag", *fn.VERDICTS], vrows), "",
+            *p2_section(tag_stats),
             "![tag counts](tags.png)", ""]
+
+
+def p2_section(tag_stats: dict[str, fn.TagStats]) -> list[str]:
+    """P2 removals per tag and reason, and phrases copied from the P1 prompt's examples per tag and
+    source, over every instance P1 answered (a record full of copies is often dropped, so counting
+    kept records alone would hide them)."""
+    total, groups = tag_stats[fn.ALL], list(tag_stats)
+    tags = total.tags
+    # P2 names a malformed line by its first characters, not a tag: those share one row.
+    other = sum((c for k, c in total.p2_removed.items() if k not in tags), Counter())
+    reasons = sorted({r for c in total.p2_removed.values() for r in c} - {"copied_example"})
+    rows = [[t, *(total.p2_removed.get(t, Counter())[r] for r in reasons), total.copied[t]] for t in tags]
+    if other:
+        rows.append(["other lines", *(other[r] for r in reasons), 0])
+    crows = [[t] + [tag_stats[g].copied[t] for g in groups] for t in tags]
+    crows.append(["instances P1 answered"] + [f"{tag_stats[g].p1_answered:,}" for g in groups])
+    return [f"P2 removals per tag and reason, all sources ({total.p1_answered:,} instances P1 answered, "
+            "kept or not). *copied* counts phrases that copy a phrase of the P1 prompt's worked examples "
+            "(reason `copied_example`; with `--keep-copies` they are kept and only marked):", "",
+            table(["tag", *reasons, "copied"], rows), "",
+            "Phrases copied from the P1 prompt's examples, per tag and source:", "",
+            table(["tag", *[_group(g) for g in groups]], crows), ""]
 
 
 def paper_section() -> list[str]:
@@ -156,6 +190,11 @@ def metrics_section(ev: dict[str, Any]) -> list[str]:
         notes += ["", "Every answered turn pair (multi-turn records; the table above is first turns only, "
                       "as in the paper):", "",
                   table(["source", "turn pairs", "R1", "R2", "RL", "GLEU", "Len. (words)"], rows_all)]
+    cp = m.get("copied_examples")
+    if cp:
+        notes.append(f"- System messages holding a phrase of the P1 prompt's worked examples word for word: "
+                     f"{cp['with_example_phrase']:,} of {cp['records']:,} kept records ({cp['pct']:.1f}%; "
+                     "0 is the goal)" + (f"; {cp['note']}" if cp.get("note") else ""))
     return ["## Answer quality: new vs original (the paper's Table 1)", "",
             table(["source", "pairs", "no orig.", "R1", "R2", "RL", "BERTScore", "BLEURT", "GLEU",
                    "sent. GLEU", "words orig → new", "Len. (words)", "Len. (chars)"], rows), "",
@@ -243,7 +282,7 @@ def header(run: RunDir, summary: fn.Summary) -> list[str]:
 
 def render(run: RunDir, summary: fn.Summary, ev: dict[str, Any] | None = None,
            turns: dict[str, Any] | None = None) -> str:
-    parts = header(run, summary) + funnel_section(summary.funnels)
+    parts = header(run, summary) + funnel_section(summary.funnels) + copies_line(summary.tags)
     if turns is None:
         turns = stats.turn_stats(run.iter_records(), run.iter_dropped())
     parts += turns_section(turns, run.stats)

@@ -16,6 +16,7 @@ from sysgen.run.phases import (
     PromptBuilder,
     p1_request,
     p1_user_text,
+    p2_filter,
     p3_request,
     p4_request,
     user_turns,
@@ -85,10 +86,13 @@ async def _run_instance(inst: Instance, submit, build: PromptBuilder, s: PhaseSe
     if (out := _failed(inst, "p1", r1, keys)) is not None:
         return out
 
-    filtered = tags.filter_tags(r1.text)
-    p2 = {"p1_well_formed": filtered.well_formed, "p2_dropped": dict(filtered.dropped)}
+    filtered = p2_filter(r1.text, s)
+    p2: dict[str, Any] = {"p1_well_formed": filtered.well_formed, "p2_dropped": dict(filtered.dropped)}
+    if filtered.copied:  # the phrase and the example it copies, per tag (kept ones too, with --keep-copies)
+        p2["p2_copied"] = {t: {"phrase": p, "example": ex} for t, (p, ex) in filtered.copied.items()}
     if not filtered.tags:
-        return Outcome(inst.id, inst.source, phase="p2", reason="no_valid_tags", detail=r1.text[:300],
+        reason = "copied_example" if filtered.copied else "no_valid_tags"
+        return Outcome(inst.id, inst.source, phase="p2", reason=reason, detail=r1.text[:300],
                        extra={"request_keys": keys, **p2})
 
     p1 = P1Turn(req1.prompt, p1_user_text(inst, s), r1.text) if s.p3_context != "standalone" else None

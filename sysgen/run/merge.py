@@ -214,6 +214,15 @@ def shard_problems(dirs: list[Path]) -> tuple[list[str], int | None]:
     return problems, total
 
 
+def _merge_made(out: Path) -> bool:
+    """OUT (holding the merge marker) holds no run's store: none, one without a fingerprint, or one a
+    killed merge left before its tables were made (a merge starts OUT's store afresh anyway)."""
+    try:
+        return _meta(out, "fingerprint") is None
+    except StoreError:
+        return True
+
+
 def _check_out(out: Path) -> None:
     """OUT must be new, empty, or an earlier merge's output: never a run's own directory."""
     if out.exists() and not out.is_dir():
@@ -222,7 +231,7 @@ def _check_out(out: Path) -> None:
     if not out.is_dir():
         return
     held = [n for n in ("store.db", "data.jsonl", "dropped.jsonl") if (out / n).exists()]
-    if (out / MARKER).exists() and _meta(out, "fingerprint") is None:
+    if (out / MARKER).exists() and _merge_made(out):
         return  # an earlier merge's output (that no run has written into since)
     if held:
         raise ValueError(f"OUT {out} holds a sysgen run ({', '.join(held)}), which a merge would replace. "

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from engine.prefix import ChatPrompter
 from engine.request import Prompt, Request, SamplingParams, messages_prompt
-from sysgen import prompts, tags
+from sysgen import copies, prompts, tags
 from sysgen.config import default
 from sysgen.datasets.instance import Instance
 
@@ -45,6 +45,7 @@ class PhaseSettings:
     p4_budget_cap: int = default("p4_budget_cap")
     max_context: int = 0  # prompt + answer tokens the engine takes; 0 = unknown
     p3_context: str = default("p3_context")  # "continue", "chat": P3 is the next turn of P1's chat
+    keep_copies: bool = default("keep_copies")  # P2 marks phrases copied from the P1 examples, not drops
 
 
 class PromptThread:
@@ -185,6 +186,15 @@ def p1_system(s: PhaseSettings) -> str:
     if s.p3_context == "chat":
         return f"{prompts.load('p1_generate')}\n\n{prompts.load('p3_chat_system')}{prompts.load('p3_verify')}"
     return prompts.load("p1_generate")
+
+
+def p1_examples() -> copies.Examples:
+    """The worked examples of the P1 prompt in use: P2 drops phrases that copy them."""
+    return copies.examples(prompts.load("p1_generate"))
+
+
+def p2_filter(p1_text: str, s: PhaseSettings) -> tags.Filtered:
+    return tags.filter_tags(p1_text, p1_examples(), s.keep_copies)
 
 
 def p1_request(inst: Instance, build: PromptBuilder, s: PhaseSettings) -> Request:

@@ -18,6 +18,7 @@ from engine.backend import Backend
 from sysgen import prompts
 from sysgen.config import RunConfig
 from sysgen.atomic import write_atomic
+from sysgen.copies import copied_tags
 from sysgen.tags import TAGS
 
 STAGES = ("input", "read", "p1", "p2_kept", "p3_kept", "p4_kept")
@@ -41,6 +42,9 @@ class _Tally:
         self.tags_p2 = Counter()
         self.tags_kept = Counter()
         self.p2_drop_reasons = Counter()
+        self.p2_drops_by_tag: dict[str, Counter] = defaultdict(Counter)
+        self.copied = Counter()  # tag -> phrases copied from the P1 prompt's examples
+        self.copied_instances = 0
         self.p1_total = 0
         self.p1_well_formed = 0
 
@@ -63,6 +67,12 @@ class _Tally:
             self.p1_total += 1
             self.p1_well_formed += bool(rec["p1_well_formed"])
             self.p2_drop_reasons.update(rec.get("p2_dropped", {}).values())
+            for tag, reason in (rec.get("p2_dropped") or {}).items():
+                # A malformed line is named by its first characters: those share one key.
+                self.p2_drops_by_tag[tag if tag in TAGS else "other"][reason] += 1
+            copied = copied_tags(rec)
+            self.copied.update(copied)
+            self.copied_instances += bool(copied)
 
     def to_dict(self) -> dict[str, Any]:
         n = self.funnel["input"]
@@ -74,6 +84,12 @@ class _Tally:
             "dropped": dict(sorted(self.dropped.items())),
             "p1_parse_rate": round(self.p1_well_formed / self.p1_total, 4) if self.p1_total else None,
             "p2_tag_drops": dict(sorted(self.p2_drop_reasons.items())),
+            "p2_tag_drops_by_tag": {t: dict(sorted(c.items()))
+                                    for t, c in sorted(self.p2_drops_by_tag.items())},
+            # Phrases that copy the P1 prompt's worked examples, per tag, over every instance P1 answered
+            # (removed as copied_example, or kept and marked p2_copied with --keep-copies).
+            "p2_copied": {"instances": self.copied_instances, "phrases": sum(self.copied.values()),
+                          "by_tag": {t: self.copied[t] for t in TAGS}},
             "tag_counts": {t: self.tags_p2[t] for t in TAGS},
             "tag_counts_kept": {t: self.tags_kept[t] for t in TAGS},
         }
