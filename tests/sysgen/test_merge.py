@@ -108,3 +108,21 @@ def test_a_shard_still_being_written_is_refused_with_its_pid(tmp_path):
         running.close()
     merge(tmp_path / "m", [tmp_path / "s0", tmp_path / "s1"])  # once the shard has finished
     assert len(ids_once(tmp_path / "m")) == 62
+
+
+def test_a_merge_killed_before_its_store_had_tables_is_redone(tmp_path):
+    """A merge killed just after it created OUT's store.db (no tables yet) left OUT holding the merge
+    marker and an empty database: the next merge is that merge's redo, not a refusal."""
+    from sysgen.run.merge import MARKER
+
+    inp = _input(tmp_path)
+    shards = [tmp_path / f"shard{i}" for i in range(2)]
+    for i, s in enumerate(shards):
+        run([inp], s, shard=f"{i}/2")
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / MARKER).write_bytes(b"written by sysgen merge\n")
+    sqlite3.connect(out / "store.db").execute("PRAGMA user_version=0").connection.close()
+    assert (out / "store.db").exists()
+    st = merge(out, shards)
+    assert st["accounted"] and st["input"] == 62 and len(ids_once(out)) == 62
