@@ -256,6 +256,19 @@ def wire_prompt(request: Request, tokenizer: Any) -> list[int] | str | None:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
+def wire_text(request: Request, tokenizer: Any) -> str | None:
+    """The prompt as text, for servers that refuse token ids (routers): token ids decoded, chat
+    messages rendered by the model's chat template; None for chat messages without a tokenizer."""
+    if request.kind == "text":
+        return request.prompt
+    if tokenizer is None:
+        return None
+    if request.kind == "ids":
+        return tokenizer.decode(list(request.prompt), skip_special_tokens=False)
+    return tokenizer.apply_chat_template(prompt_messages(request.prompt), add_generation_prompt=True,
+                                         tokenize=False)
+
+
 def load_tokenizer(model_path: str | None, engine: str):
     """The tokenizer of a local copy of the served model (prompts go out as token ids), or None."""
     if not model_path:

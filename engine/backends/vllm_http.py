@@ -28,6 +28,7 @@ import asyncio
 import logging
 import random
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ from engine.backend import (
     EngineAuthError,
     EngineDied,
     EngineError,
+    EngineOverloaded,
+    EngineUnreachable,
     RequestRejected,
     TransientEngineError,
 )
@@ -49,7 +52,9 @@ from engine.backends.http_client import (
     model_name,
     status_error,
     wire_prompt,
+    wire_text,
 )
+from engine.liveness import LatencyTimeout, Liveness
 from engine.request import Request, Result
 
 log = logging.getLogger(__name__)
@@ -61,7 +66,12 @@ DEFAULT_RUNNING = 256
 # v1 FinishReason strings. "repetition" (repetition_detection, which we never request) ends a
 # looping output early: treated as running out of tokens, so a constrained phase retries sampled.
 _FINISH = {"stop": "stop", "length": "length", "repetition": "length"}
+# Before start(), or while nothing has said (a router's /v1/models has no max_model_len): never
+# planned with, start() replaces it or stops.
+UNKNOWN_CONTEXT = 1 << 20
 _ENGINE_LABEL = re.compile(r'^vllm:num_requests_running\{[^}]*engine="(\d+)"', re.M)
+_QUEUED = re.compile(r"^vllm:num_requests_(?:running|waiting)(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.M)
+_START_TIME = re.compile(r"^process_start_time_seconds ([0-9.eE+-]+)$", re.M)
 
 
 class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
@@ -84,11 +94,18 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         self.model_id = model_name(model_path) if model_path else f"vllm@{self.base_url}"
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, "vllm_http")
         self.capabilities = Capabilities(regex=True, token_ids=self.tokenizer is not None,
-                                         max_running=self.max_concurrency, max_context=1 << 20)
+                                         max_running=self.max_concurrency, max_context=UNKNOWN_CONTEXT)
         self.server_version: str | None = None
         self.capacity_source = "default"
+        self.context_source = "/v1/models max_model_len"
         self._sem = asyncio.Semaphore(self.max_concurrency)
         self._warned_no_cache_counts = False
+        # Set behind a router that refuses token-id prompts (smg, sglang-router: 400/422 "did not
+        # match any variant of untagged enum StringOrArray"): prompts then go out as text.
+        self.ids_refused = False
+        self.liveness = Liveness(self._stall_reason)
+        self.request_timeout = LatencyTimeout(timeout_s)
+        self._process_start: float | None = None
 
     def __repr__(self) -> str:
         return (f"VLLMHTTPBackend(base_url={self.base_url!r}, model={self.served_model!r}, "
@@ -122,8 +139,16 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         try:
             self._apply_models(await self._models())
             self.server_version = await self._optional_json("/version", "version")
+            fleet = await self._fleet()
+            if self.capabilities.max_context == UNKNOWN_CONTEXT:
+                self._context_from(fleet)
             if self._cap is None:
-                await self._size_from_server()
+                if fleet:
+                    self._size_from_fleet(fleet)
+                else:
+                    await self._size_from_server()
+            await self._choose_prompt_form()
+            self._process_start = _metric(await self._metrics_text(), _START_TIME)
         except BaseException:
             await self.close()  # no pool left open: __aexit__ does not run when __aenter__ fails
             self.served_model = None
@@ -133,9 +158,34 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
                         self.base_url, self.server_version, VLLM_PIN)
         # One keep-alive connection per request in flight (the first pool had the default size).
         await self._client.resize(self.max_concurrency)
-        log.info("vllm_http: %s serves %s (context %d); window sized from %s: %d running",
-                 self.base_url, self.served_model, self.capabilities.max_context, self.capacity_source,
-                 self.capabilities.max_running)
+        log.info("vllm_http: %s serves %s (context %d, %s prompts); window sized from %s: %d running",
+                 self.base_url, self.served_model, self.capabilities.max_context, self.prompt_form,
+                 self.capacity_source, self.capabilities.max_running)
+
+    async def _choose_prompt_form(self) -> None:
+        """Token ids where the server takes them (vLLM itself), else text: the routers in front of
+        several servers (smg, sglang-router, vllm-router) refuse token-id prompts with a 400/422, and
+        every request would be dropped as rejected. One 1-token request tells."""
+        encode = getattr(self.tokenizer, "encode", None)
+        if encode is None:
+            return
+        ids = list(encode("Hello", add_special_tokens=False)) or [0]
+        body = {"model": self.served_model, "prompt": ids, "max_tokens": 1, "temperature": 0.0}
+        try:
+            reply = await self._client.post("/v1/completions", body, max_bytes=max_body_bytes(1),
+                                            timeout_s=60.0)
+        except EngineError as e:
+            log.debug("prompt-form probe at %s: %s", self.base_url, e)
+            return
+        self.ids_refused = reply.status in (400, 422)
+        if self.ids_refused:
+            log.warning("%s refuses token-id prompts (%d %s; a router such as smg, sglang-router or "
+                        "vllm-router): prompts go out as text, rendered with the model's chat template",
+                        self.base_url, reply.status, self._scrub(error_message(reply))[:120])
+
+    @property
+    def prompt_form(self) -> str:
+        return "ids" if self.tokenizer is not None and not self.ids_refused else "text"
 
     async def _models(self) -> dict:
         """GET /v1/models. Refused credentials, a wrong URL or an answer that is not vLLM's stop at
@@ -186,11 +236,13 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
                         self.base_url, root, self.model_path)
         if self.tokenizer is None and Path(root).is_dir():  # same node: the server's own tokenizer
             self.tokenizer = load_tokenizer(root, "vllm_http")
-        ctx = card.get("max_model_len")
+        # A LoRA adapter's card has no max_model_len: its base model's card does.
+        parent = next((c for c in cards if c["id"] == card.get("parent")), {})
+        ctx = card.get("max_model_len") or parent.get("max_model_len")
         self.capabilities = Capabilities(
             regex=True, token_ids=self.tokenizer is not None,
             max_running=min(self.max_concurrency, self.capabilities.max_running),
-            max_context=ctx if isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > 0 else 1 << 20)
+            max_context=_int(ctx) or UNKNOWN_CONTEXT)
 
     async def _optional(self, path: str) -> Reply | None:
         """A 200 reply from an optional route, else None (logged at debug: most servers lack them)."""
@@ -208,6 +260,60 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         except ValueError:
             return None
         return body.get(key) if isinstance(body, dict) else None
+
+    async def _fleet(self) -> list[dict]:
+        """The workers behind a router that lists them (smg and sglang-router: GET /workers), healthy
+        ones only; [] for a plain vLLM server (no such route)."""
+        body = await self._optional_json("/workers", "workers")
+        if not isinstance(body, list):
+            return []
+        return [w for w in body if isinstance(w, dict) and w.get("is_healthy", True)]
+
+    def _context_from(self, fleet: list[dict]) -> None:
+        """A router's /v1/models has no max_model_len: take the smallest context its workers report,
+        else the local model's config.json, else stop (planning with a guess would overflow)."""
+        lens = [_int(m.get("context_length")) for w in fleet for m in (w.get("models") or [])
+                if isinstance(m, dict)]
+        lens += [_int((w.get("labels") or {}).get("max_model_len")) for w in fleet]
+        lens = [n for n in lens if n]
+        if lens:
+            ctx, source = min(lens), f"the smallest of {len(fleet)} worker(s) on /workers"
+        elif self.model_path and Path(self.model_path, "config.json").is_file():
+            from engine.backends.model_cache import context_length
+
+            ctx, source = context_length(Path(self.model_path)), f"{self.model_path}/config.json"
+            log.warning("%s reports no context length (a router?): assuming %d from %s; a server started "
+                        "with a smaller --max-model-len rejects longer prompts", self.base_url, ctx, source)
+        else:
+            raise EngineDied(f"{self.base_url} reports no context length (/v1/models has no max_model_len: "
+                             "a router?) and --model names no local model folder to read it from. Fix: "
+                             "pass --model DIR (a local copy of the served model), or point --url at a vLLM "
+                             "server or an smg router (its /workers lists each worker's context)")
+        self.context_source = source
+        caps = self.capabilities
+        self.capabilities = Capabilities(regex=True, token_ids=caps.token_ids, max_running=caps.max_running,
+                                         max_context=ctx)
+
+    def _size_from_fleet(self, fleet: list[dict]) -> None:
+        """The fleet's capacity, summed over the router's workers (the router forwards /server_info
+        and /metrics to one worker only): each worker's max_running_requests where it reports one,
+        else DEFAULT_RUNNING per data-parallel rank."""
+        running = 0
+        for w in fleet:
+            loads = (w.get("engine_load") or {}).get("loads") or []
+            reported = sum(_int(x.get("max_running_requests")) or 0 for x in loads if isinstance(x, dict))
+            ranks = _int((w.get("engine_load") or {}).get("dp_rank_count")) or 1
+            running += reported or DEFAULT_RUNNING * ranks
+        self._set_running(running, f"router /workers: {len(fleet)} worker(s)")
+        log.warning("%s is a router in front of %d worker(s): %d requests in flight in all (pass "
+                    "--max-inflight to choose)", self.base_url, len(fleet), self.max_concurrency)
+
+    def _set_running(self, running: int, source: str) -> None:
+        self.capacity_source = source
+        self.max_concurrency = max(DEFAULT_RUNNING, running + 128)
+        self._sem = asyncio.Semaphore(self.max_concurrency)
+        self.capabilities = Capabilities(regex=True, token_ids=self.capabilities.token_ids,
+                                         max_running=running, max_context=self.capabilities.max_context)
 
     async def _size_from_server(self) -> None:
         """vLLM reports no running capacity in production. Dev mode (VLLM_SERVER_DEV_MODE=1) has
@@ -228,10 +334,7 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
                 running = DEFAULT_RUNNING * len(engines)
                 self.capacity_source = f"/metrics: {len(engines)} engine(s) x {DEFAULT_RUNNING}"
         if running:
-            self.max_concurrency = max(DEFAULT_RUNNING, running + 128)
-            self._sem = asyncio.Semaphore(self.max_concurrency)
-            self.capabilities = Capabilities(regex=True, token_ids=self.capabilities.token_ids,
-                                             max_running=running, max_context=self.capabilities.max_context)
+            self._set_running(running, self.capacity_source)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -239,7 +342,7 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         s = request.sampling
         body: dict[str, Any] = {"model": self.served_model, "max_tokens": s.max_new_tokens,
                                 "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}
-        body["prompt"] = wire_prompt(request, self.tokenizer)
+        body["prompt"] = (wire_text if self.ids_refused else wire_prompt)(request, self.tokenizer)
         if body["prompt"] is None:
             raise RequestRejected("a chat-messages prompt needs --model (a local copy of the served model, "
                                   "for its chat template) with vllm_http", request)
@@ -254,10 +357,60 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             await self.start()
         body = self.payload(request)
         async with self._sem:
-            # The exception texts name the URL only; the key is in a header never printed.
-            reply = await self._client.post("/v1/completions", body, request=request,
-                                            max_bytes=max_body_bytes(request.sampling.max_new_tokens))
-        return self.result_from_completion(self._json(reply, "/v1/completions", request), request)
+            t0 = time.monotonic()
+            try:
+                # The exception texts name the URL only; the key is in a header never printed.
+                reply = await self.liveness.guard(self._client.post(
+                    "/v1/completions", body, request=request, timeout_s=self.request_timeout.seconds,
+                    max_bytes=max_body_bytes(request.sampling.max_new_tokens)), request)
+                result = self.result_from_completion(self._json(reply, "/v1/completions", request), request)
+            except (EngineOverloaded, EngineUnreachable):
+                raise
+            except TransientEngineError as e:
+                raise await self._unless_gone(e, request) from e
+        self.request_timeout.observe(time.monotonic() - t0)
+        return result
+
+    async def _unless_gone(self, error: TransientEngineError, request: Request) -> EngineError:
+        """A 5xx, an `abort` or a dropped connection while the server shuts down (a restart) is
+        waited out like an unreachable server, not spent as a retry: EngineUnreachable when GET
+        /health gets no answer or a 5xx (vLLM: 503 once its engine died), else the error itself."""
+        if self._client is None:
+            return error
+        try:
+            reply = await self._client.get("/health", timeout_s=5.0)
+            healthy = reply.status < 500  # a 404 is a server without the route, not a dying one
+        except EngineError:
+            healthy = False
+        if healthy:
+            return error
+        return EngineUnreachable(f"{error} (and {self.base_url}/health fails: the server is going away)",
+                                 request)
+
+    async def _metrics_text(self) -> str:
+        reply = await self._optional("/metrics")
+        return reply.body.decode("utf-8", "replace") if reply is not None else ""
+
+    async def _stall_reason(self, outstanding: int) -> str | None:
+        """The liveness check (engine/liveness.py): why the server is not serving our `outstanding`
+        requests, or None while it looks busy with them."""
+        if self._client is None:
+            return None
+        try:
+            reply = await self._client.get("/metrics", timeout_s=5.0)
+        except EngineError as e:
+            return f"{self.base_url}/metrics does not answer ({e})"
+        if reply.status != 200:
+            return None  # no metrics here (a proxy): nothing to judge by
+        text = reply.body.decode("utf-8", "replace")
+        start = _metric(text, _START_TIME)
+        if start is not None and self._process_start is not None and start != self._process_start:
+            self._process_start = start
+            return f"a new server process answers at {self.base_url}"
+        queued = _QUEUED.findall(text)
+        if queued and sum(float(x) for x in queued) == 0:
+            return f"{self.base_url} reports nothing running or waiting while {outstanding} of ours are out"
+        return None
 
     def result_from_completion(self, body: Any, request: Request | None = None) -> Result:
         """Validate a CompletionResponse's types and map it; a malformed answer is transient."""
@@ -286,7 +439,7 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             self._warned_no_cache_counts = True
             log.warning("%s reports no cached-token counts; start vLLM with --enable-prompt-tokens-details "
                         "to see prefix-cache hits", self.base_url)
-        if reason in ("abort", "error"):
+        if reason in ("abort", "error"):  # "abort": the server is shutting down (see _unless_gone)
             raise TransientEngineError(f"vLLM ended the request with finish_reason {reason!r}", request)
         if reason not in _FINISH:
             raise TransientEngineError(f"vLLM returned no known finish reason (got {reason!r})", request)
@@ -294,6 +447,7 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
                       completion_tokens=completion_tokens, cached_tokens=cached)
 
     async def close(self) -> None:
+        self.liveness.close()
         client, self._client = self._client, None
         if client is not None:
             await client.close()
@@ -308,6 +462,20 @@ def openai_regex_body(server: str, regex: str) -> dict[str, Any]:
     if server == "sglang":
         return {"regex": regex}
     raise ValueError(f"no known regex field for server {server!r}; expected 'vllm' or 'sglang'")
+
+
+def _metric(text: str, pattern: re.Pattern) -> float | None:
+    m = pattern.search(text)
+    return float(m.group(1)) if m else None
+
+
+def _int(value: Any) -> int | None:
+    """A positive int from a JSON number or numeric string (router labels are strings), else None."""
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        return None
+    return n if n > 0 and not isinstance(value, bool) else None
 
 
 def _count(value: Any, none_ok: bool = False) -> int | None:

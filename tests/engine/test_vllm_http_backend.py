@@ -478,7 +478,7 @@ def test_vllm_chat_prompts_become_token_ids_with_a_local_tokenizer(tmp_path):
     chat = Request(prompt=messages_prompt([{"role": "user", "content": "there hi"}]),
                    sampling=SamplingParams(), model="m")
     backend, result = serve_and_run(srv, lambda b: b.generate(chat), model_path=str(model))
-    assert backend.capabilities.token_ids and result.ok and srv.bodies[0]["prompt"] == [2, 1]
+    assert backend.capabilities.token_ids and result.ok and srv.bodies[-1]["prompt"] == [2, 1]
     assert backend.served_model == "llama-8b"  # matched by the model directory's name (the card's root)
 
 
