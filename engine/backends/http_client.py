@@ -218,6 +218,11 @@ class HTTPEndpoint:
     def _scrub(self, text: str) -> str:
         return scrub_key(text, self.__key)
 
+    def _client_for(self, url: str) -> HTTPClient:
+        """A client of its own for another server of the same deployment (a router's worker), with
+        the same key."""
+        return HTTPClient(url, api_key=self.__key, timeout_s=self.timeout_s, max_connections=4)
+
     def _open(self) -> HTTPClient:
         """The client, created on first use with one keep-alive connection per request in flight."""
         if self._client is None:

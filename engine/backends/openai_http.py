@@ -19,6 +19,7 @@ from typing import Any
 
 from engine.backend import BackendBase, Capabilities, ContentFiltered, RequestRejected, TransientEngineError
 from engine.backends.http_client import HTTPEndpoint, error_message, max_body_bytes, status_error
+from engine.backends.regex_probe import PROBE_REGEX, check_regex_honoured
 from engine.backends.vllm_http import openai_regex_body
 from engine.request import Request, Result, prompt_messages
 
@@ -48,7 +49,14 @@ class OpenAIBackend(HTTPEndpoint, BackendBase):
         return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r}, api_key=<{self._key_shown}>)"
 
     async def __aenter__(self) -> OpenAIBackend:
-        self._open()
+        client = self._open()
+        if self.server is not None:  # a router may drop the regex field: refuse before any row is spent
+            try:
+                await check_regex_honoured(client, self.base_url, self.server, self.model,
+                                           openai_regex_body(self.server, PROBE_REGEX))
+            except BaseException:
+                await self.close()  # __aexit__ does not run when __aenter__ fails
+                raise
         return self
 
     def payload(self, request: Request) -> dict[str, Any]:

@@ -69,6 +69,7 @@ _FINISH = {"stop": "stop", "length": "length", "repetition": "length"}
 # Before start(), or while nothing has said (a router's /v1/models has no max_model_len): never
 # planned with, start() replaces it or stops.
 UNKNOWN_CONTEXT = 1 << 20
+ROUTER_UNKNOWN_MODEL = "unknown"
 _ENGINE_LABEL = re.compile(r'^vllm:num_requests_running\{[^}]*engine="(\d+)"', re.M)
 _QUEUED = re.compile(r"^vllm:num_requests_(?:running|waiting)(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.M)
 _START_TIME = re.compile(r"^process_start_time_seconds ([0-9.eE+-]+)$", re.M)
@@ -140,8 +141,12 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             self._apply_models(await self._models())
             self.server_version = await self._optional_json("/version", "version")
             fleet = await self._fleet()
-            if self.capabilities.max_context == UNKNOWN_CONTEXT:
-                self._context_from(fleet)
+            if self.served_model == ROUTER_UNKNOWN_MODEL or self.capabilities.max_context == UNKNOWN_CONTEXT:
+                worker = await self._worker_card(fleet)
+                if self.served_model == ROUTER_UNKNOWN_MODEL:
+                    self._name_from(worker)
+                if self.capabilities.max_context == UNKNOWN_CONTEXT:
+                    self._context_from(fleet, worker)
             if self._cap is None:
                 if fleet:
                     self._size_from_fleet(fleet)
@@ -231,7 +236,8 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         self.model_id = model_name(card["id"])
         root = card.get("root") if isinstance(card.get("root"), str) else card["id"]
         wanted = model_name(self.model_path) if self.model_path else None
-        if wanted and wanted not in (model_name(root), model_name(card["id"])):
+        if wanted and card["id"] != ROUTER_UNKNOWN_MODEL and wanted not in (model_name(root),
+                                                                           model_name(card["id"])):
             log.warning("the server at %s serves %s but --model is %s: the tokenizer may not match",
                         self.base_url, root, self.model_path)
         if self.tokenizer is None and Path(root).is_dir():  # same node: the server's own tokenizer
@@ -269,12 +275,47 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             return []
         return [w for w in body if isinstance(w, dict) and w.get("is_healthy", True)]
 
-    def _context_from(self, fleet: list[dict]) -> None:
-        """A router's /v1/models has no max_model_len: take the smallest context its workers report,
-        else the local model's config.json, else stop (planning with a guess would overflow)."""
+    async def _worker_card(self, fleet: list[dict]) -> dict:
+        """The model card of a router's first worker, asked directly (sglang-router knows neither
+        the model's name nor its context); {} when none answers from here."""
+        for w in fleet:
+            url = w.get("url")
+            if not isinstance(url, str) or not url.startswith("http"):
+                continue
+            client = self._client_for(url)
+            try:
+                body = (await client.get("/v1/models", timeout_s=10.0)).json()
+                cards = [c for c in body.get("data") or []
+                         if isinstance(c, dict) and isinstance(c.get("id"), str)]
+            except (EngineError, ValueError, AttributeError) as e:
+                log.debug("GET %s/v1/models: %s", url, e)
+                continue
+            finally:
+                await client.close()
+            if cards:
+                return _pick_card(cards, self.model_path)
+        return {}
+
+    def _name_from(self, worker: dict) -> None:
+        """sglang-router lists its model as "unknown" and forwards the name we send to a worker,
+        which refuses any name but its own: the worker's own card names it, else --model."""
+        name = worker.get("id") or self.model_path
+        if not name:
+            raise EngineDied(f"{self.base_url} does not say which model it serves (a router listing "
+                             "\"unknown\") and its workers do not answer from here. Fix: pass --model, "
+                             "the served model name (`vllm serve` default: the path it was given)")
+        self.served_model = name
+        log.warning("%s lists its model as %r: sending the name %s", self.base_url, ROUTER_UNKNOWN_MODEL,
+                    name)
+
+    def _context_from(self, fleet: list[dict], worker: dict) -> None:
+        """A router's /v1/models has no max_model_len: take the smallest context its workers report
+        (on /workers, or a worker's own card), else the local model's config.json, else stop
+        (planning with a guess would overflow)."""
         lens = [_int(m.get("context_length")) for w in fleet for m in (w.get("models") or [])
                 if isinstance(m, dict)]
         lens += [_int((w.get("labels") or {}).get("max_model_len")) for w in fleet]
+        lens += [_int(worker.get("max_model_len"))]
         lens = [n for n in lens if n]
         if lens:
             ctx, source = min(lens), f"the smallest of {len(fleet)} worker(s) on /workers"
