@@ -14,11 +14,13 @@ import pytest
 from engine.backend import (
     ContentFiltered,
     EngineAuthError,
+    EngineDied,
     EngineOverloaded,
     RequestRejected,
     TransientEngineError,
 )
 from engine.backends.openai_http import OpenAIBackend
+from engine.backends.regex_probe import PROBE_REGEX
 from engine.request import Request, SamplingParams, messages_prompt
 from engine.scheduler import Scheduler, SchedulerConfig
 from tests.local_http import Canned, LocalHTTPServer
@@ -29,9 +31,10 @@ KEY = "sk-test-0123456789abcdef-SECRET"
 
 
 class StandInOpenAIServer(LocalHTTPServer):
-    def __init__(self, status: int = 200) -> None:
+    def __init__(self, status: int = 200, honours_regex: bool = True) -> None:
         super().__init__(_Handler)
         self.status = status
+        self.honours_regex = honours_regex  # False: a router that drops the regex field (sglang-router)
         self.seen: list[tuple[dict, str | None]] = []
 
 
@@ -52,8 +55,10 @@ class _Handler(BaseHTTPRequestHandler):
         elif srv.status != 200:
             status, answer = srv.status, {"error": {"message": "slow down"}}
         else:
+            regex = (body.get("structured_outputs") or {}).get("regex") or body.get("regex")
+            text = "12345" if srv.honours_regex and regex == PROBE_REGEX else "Verdict: A"
             status, answer = 200, {"choices": [{"index": 0, "finish_reason": "length", "message": {
-                "role": "assistant", "content": "Verdict: A"}}], "usage": {
+                "role": "assistant", "content": text}}], "usage": {
                 "prompt_tokens": 20, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 16}}}
         raw = json.dumps(answer).encode()
         self.send_response(status)
@@ -208,7 +213,8 @@ def test_a_self_hosted_server_gets_the_regex_in_its_own_field(server):
 
     with StandInOpenAIServer() as srv:
         asyncio.run(go())
-    (body, _), (free, _) = srv.seen
+    (probe, _), (body, _), (free, _) = srv.seen  # the start-up regex probe, then our two requests
+    assert probe["messages"][0]["content"] == "Say hello."
     if server == "vllm":  # vLLM 0.33.0's ChatCompletionRequest.structured_outputs (StructuredOutputsParams)
         fields = vllm_fields.shipped()["classes"]
         unknown = set(body) - set(fields["ChatCompletionRequest"])  # vLLM would ignore these silently
@@ -249,3 +255,17 @@ def test_cli_openai_server_flag_constrains_p1_on_a_self_hosted_vllm(tmp_path):
     assert all("<Role>" in b["structured_outputs"]["regex"] for b in p1)
     with pytest.raises(ValueError, match="--openai-server applies to --engine openai only"):
         RunConfig(inputs=("a.jsonl",), out="o", engine="vllm_http", url="http://h", openai_server="vllm")
+
+
+@pytest.mark.parametrize("server", ["vllm", "sglang"])
+def test_a_chat_route_that_drops_the_regex_is_refused_at_start(server):
+    """sglang-router forwards chat requests without vLLM's structured_outputs: the run stops before
+    its first row, naming the launch line that keeps the regex."""
+    async def go():
+        async with OpenAIBackend(srv.url, model="m", api_key=None, server=server):
+            raise AssertionError("started against a server that ignores the regex")
+
+    with StandInOpenAIServer(honours_regex=False) as srv:
+        with pytest.raises(EngineDied, match=r"ignores the regex field.*smg launch --backend vllm"):
+            asyncio.run(go())
+    assert len(srv.seen) == 1  # the probe only: no row was spent
