@@ -95,3 +95,15 @@ def vllm_server(model_dir: Path, port: int, log: Path) -> Process:
     # 1 GiB of KV cache is ~20k tokens for SmolLM2-135M: plenty, and small beside six other users.
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
     return Process(f"vllm server :{port}", cmd, log, env)
+
+
+def router(name: str, workers: list[str], port: int, metrics_port: int, log: Path) -> Process:
+    """A router from its own venv, on 127.0.0.1 only (its Prometheus exporter too: by default it
+    takes 0.0.0.0:29000, and a second router on the machine panics on the taken port)."""
+    venv = ROUTER_VENVS[name]
+    cmd = {"smg": [str(venv / "bin" / "smg"), "launch", "--backend", "vllm"],
+           "sglang-router": [str(venv / "bin" / "sglang-router"), "launch"],
+           "vllm-router": [str(venv / "bin" / "vllm-router")]}[name]
+    cmd += ["--worker-urls", *workers, "--host", "127.0.0.1", "--port", str(port),
+            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port)]
+    return Process(name, cmd, log)
