@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import sqlite3
+import sys
 import time
 from pathlib import Path
 
