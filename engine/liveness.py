@@ -49,8 +49,9 @@ class Liveness:
             self._progress = self.clock()
         task = asyncio.ensure_future(aw)
         self._inflight[task] = request
-        if self._monitor is None:
-            self._monitor = asyncio.get_running_loop().create_task(self._watch())
+        loop = asyncio.get_running_loop()
+        if self._monitor is None or self._monitor.get_loop() is not loop:  # none yet, or a closed loop's
+            self._monitor = loop.create_task(self._watch())
         try:
             result = await asyncio.shield(task)
             self._progress = self.clock()

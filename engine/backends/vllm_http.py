@@ -418,11 +418,16 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         /health gets no answer or a 5xx (vLLM: 503 once its engine died), else the error itself."""
         if self._client is None:
             return error
+        # A new connection: a server shutting down stops listening first but may still answer on
+        # the keep-alive connections our pool holds.
+        fresh = self._client_for(self.base_url)
         try:
-            reply = await self._client.get("/health", timeout_s=5.0)
+            reply = await fresh.get("/health", timeout_s=5.0)
             healthy = reply.status < 500  # a 404 is a server without the route, not a dying one
         except EngineError:
             healthy = False
+        finally:
+            await fresh.close()
         if healthy:
             return error
         return EngineUnreachable(f"{error} (and {self.base_url}/health fails: the server is going away)",

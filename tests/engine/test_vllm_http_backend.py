@@ -532,3 +532,68 @@ def test_vllm_backend_used_again_after_close_reopens():
 
     _, result = serve_and_run(StandInVLLMServer(), body)
     assert result.ok
+
+
+# -- through a router (smg / sglang-router shapes, checked against the real ones in tests/real) ------
+
+SMG_WORKERS = {"workers": [
+    {"url": f"http://w{i}:8000", "is_healthy": True, "labels": {"max_model_len": "4096"},
+     "models": [{"id": "llama-8b", "context_length": 4096 if i else 6144}],
+     "engine_load": {"dp_rank_count": 1, "loads": [{"dp_rank": 0, "max_running_requests": 0}]}}
+    for i in range(3)] + [{"url": "http://sick:8000", "is_healthy": False}], "total": 4}
+ROUTER_MODELS = {"object": "list", "data": [{"id": "llama-8b", "object": "model", "owned_by": "self_hosted"}]}
+STRING_OR_ARRAY = ("Failed to deserialize the JSON body into the target type: prompt: data did not match any "
+                   "variant of untagged enum StringOrArray")
+
+
+def test_through_a_router_prompts_go_as_text_and_the_fleet_is_summed(tmp_path):
+    srv = StandInVLLMServer()
+    srv.inject("/v1/models", Canned(200, ROUTER_MODELS))  # a router's card: no max_model_len
+    srv.inject("/workers", Canned(200, SMG_WORKERS))
+    srv.inject("/v1/completions", Canned(400, {"error": {"message": STRING_OR_ARRAY}}))  # the id probe
+    chat = Request(prompt=messages_prompt([{"role": "user", "content": "hi there"}]), model="m",
+                   sampling=SamplingParams(max_new_tokens=8))
+    backend, result = serve_and_run(srv, lambda b: b.generate(chat),
+                                    model_path=str(tiny_tokenizer_dir(tmp_path)))
+    assert result.ok and backend.prompt_form == "text"
+    (sent,) = srv.bodies  # the canned 400 answered the token-id probe, unrecorded
+    assert isinstance(sent["prompt"], str) and "hi there" in sent["prompt"]
+    assert backend.capabilities.max_context == 4096  # the smallest worker's, never 1,048,576
+    assert backend.capabilities.max_running == 3 * 256  # three healthy workers summed, the sick one not
+    assert backend.capacity_source.startswith("router /workers: 3 worker(s)")
+
+
+def test_a_server_that_takes_token_ids_keeps_them(tmp_path):
+    srv = StandInVLLMServer()
+    backend, _ = serve_and_run(srv, lambda b: b.generate(req(5, 6, 7)),
+                               model_path=str(tiny_tokenizer_dir(tmp_path)))
+    assert backend.prompt_form == "ids" and srv.bodies[-1]["prompt"] == [5, 6, 7]
+
+
+def test_a_router_with_no_context_anywhere_stops_with_the_fix():
+    srv = StandInVLLMServer()
+    srv.inject("/v1/models", Canned(200, ROUTER_MODELS))
+    with pytest.raises(EngineDied, match="reports no context length.*pass --model DIR"):
+        serve_and_run(srv, lambda b: asyncio.sleep(0))
+
+
+@pytest.mark.parametrize("first", [ABORT, CRASH])
+def test_abort_or_500_from_a_server_going_away_waits_like_unreachable(first):
+    srv = StandInVLLMServer()
+    srv.inject("/health", Canned(503, {"error": "EngineDeadError"}))  # vLLM once its engine died
+    _, err = serve_and_run(srv, lambda b: _raised(b.generate(req(first))))
+    assert isinstance(err, EngineUnreachable) and "/health fails" in str(err)
+
+
+@pytest.mark.parametrize("first", [ABORT, CRASH])
+def test_abort_or_500_from_a_healthy_server_is_an_ordinary_retry(first):
+    _, err = serve_and_run(StandInVLLMServer(), lambda b: _raised(b.generate(req(first))))
+    assert type(err) is TransientEngineError
+
+
+async def _raised(aw):
+    try:
+        await aw
+    except Exception as e:
+        return e
+    raise AssertionError("no error")
