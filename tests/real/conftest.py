@@ -40,13 +40,9 @@ def _setup(what: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def model_dir() -> Path:
-    from engine.backends.model_cache import ModelNotFound, default_model_dir
-
-    try:
-        return default_model_dir()
-    except ModelNotFound as e:
-        pytest.skip(str(e))
+def model_dir(smol_dir) -> Path:
+    """The default model as the HF folder vLLM loads (tests/conftest.py converts it once)."""
+    return smol_dir
 
 
 class Served:

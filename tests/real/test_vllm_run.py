@@ -98,6 +98,6 @@ def test_eval_judges_on_vllm_http(resumed, vllm, model_dir):
     done = run([sys.executable, "-m", "sysgen", "eval", str(out), "--no-bertscore", "--judge-limit", "2",
                 "--judge-engine", "vllm_http", "--judge-url", vllm.url, "--judge-model", str(model_dir)])
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((out / "eval.json").read_text())
-    judged = json.dumps(report)
-    assert "vllm_http" in judged, judged[:500]
+    judges = json.loads((out / "eval.json").read_text())["judges"]
+    assert judges["status"] == "ok" and judges["engine"] == "vllm_http" and judges["regex"], judges
+    assert judges["requests"] >= judges["instances"] >= 1
