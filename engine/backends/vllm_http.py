@@ -54,6 +54,15 @@ from engine.backends.http_client import (
     wire_prompt,
     wire_text,
 )
+from engine.backends.vllm_fleet import (
+    ROUTER_UNKNOWN_MODEL,
+    fleet_context,
+    fleet_running,
+    healthy_workers,
+    positive_int,
+    process_start,
+    stall_reason,
+)
 from engine.liveness import LatencyTimeout, Liveness
 from engine.request import Request, Result
 
@@ -69,10 +78,7 @@ _FINISH = {"stop": "stop", "length": "length", "repetition": "length"}
 # Before start(), or while nothing has said (a router's /v1/models has no max_model_len): never
 # planned with, start() replaces it or stops.
 UNKNOWN_CONTEXT = 1 << 20
-ROUTER_UNKNOWN_MODEL = "unknown"
 _ENGINE_LABEL = re.compile(r'^vllm:num_requests_running\{[^}]*engine="(\d+)"', re.M)
-_QUEUED = re.compile(r"^vllm:num_requests_(?:running|waiting)(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.M)
-_START_TIME = re.compile(r"^process_start_time_seconds ([0-9.eE+-]+)$", re.M)
 
 
 class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
@@ -153,7 +159,7 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
                 else:
                     await self._size_from_server()
             await self._choose_prompt_form()
-            self._process_start = _metric(await self._metrics_text(), _START_TIME)
+            self._process_start = process_start(await self._metrics_text())
         except BaseException:
             await self.close()  # no pool left open: __aexit__ does not run when __aenter__ fails
             self.served_model = None
@@ -248,7 +254,7 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         self.capabilities = Capabilities(
             regex=True, token_ids=self.tokenizer is not None,
             max_running=min(self.max_concurrency, self.capabilities.max_running),
-            max_context=_int(ctx) or UNKNOWN_CONTEXT)
+            max_context=positive_int(ctx) or UNKNOWN_CONTEXT)
 
     async def _optional(self, path: str) -> Reply | None:
         """A 200 reply from an optional route, else None (logged at debug: most servers lack them)."""
@@ -268,12 +274,9 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         return body.get(key) if isinstance(body, dict) else None
 
     async def _fleet(self) -> list[dict]:
-        """The workers behind a router that lists them (smg and sglang-router: GET /workers), healthy
-        ones only; [] for a plain vLLM server (no such route)."""
-        body = await self._optional_json("/workers", "workers")
-        if not isinstance(body, list):
-            return []
-        return [w for w in body if isinstance(w, dict) and w.get("is_healthy", True)]
+        """The healthy workers behind a router that lists them (GET /workers); [] for a plain vLLM
+        server (no such route)."""
+        return healthy_workers(await self._optional_json("/workers", "workers"))
 
     async def _worker_card(self, fleet: list[dict]) -> dict:
         """The model card of a router's first worker, asked directly (sglang-router knows neither
@@ -309,23 +312,16 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
                     name)
 
     def _context_from(self, fleet: list[dict], worker: dict) -> None:
-        """A router's /v1/models has no max_model_len: take the smallest context its workers report
-        (on /workers, or a worker's own card), else the local model's config.json, else stop
-        (planning with a guess would overflow)."""
-        lens = [_int(m.get("context_length")) for w in fleet for m in (w.get("models") or [])
-                if isinstance(m, dict)]
-        lens += [_int((w.get("labels") or {}).get("max_model_len")) for w in fleet]
-        lens += [_int(worker.get("max_model_len"))]
-        lens = [n for n in lens if n]
-        if lens:
-            ctx, source = min(lens), f"the smallest of {len(fleet)} worker(s) on /workers"
-        elif self.model_path and Path(self.model_path, "config.json").is_file():
+        """A router's /v1/models has no max_model_len: take the smallest context its workers report,
+        else the local model's config.json, else stop (planning with a guess would overflow)."""
+        ctx, source = fleet_context(fleet, worker), f"the smallest of {len(fleet)} worker(s)"
+        if ctx is None and self.model_path and Path(self.model_path, "config.json").is_file():
             from engine.backends.model_cache import context_length
 
             ctx, source = context_length(Path(self.model_path)), f"{self.model_path}/config.json"
             log.warning("%s reports no context length (a router?): assuming %d from %s; a server started "
                         "with a smaller --max-model-len rejects longer prompts", self.base_url, ctx, source)
-        else:
+        if ctx is None:
             raise EngineDied(f"{self.base_url} reports no context length (/v1/models has no max_model_len: "
                              "a router?) and --model names no local model folder to read it from. Fix: "
                              "pass --model DIR (a local copy of the served model), or point --url at a vLLM "
@@ -336,16 +332,8 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
                                          max_context=ctx)
 
     def _size_from_fleet(self, fleet: list[dict]) -> None:
-        """The fleet's capacity, summed over the router's workers (the router forwards /server_info
-        and /metrics to one worker only): each worker's max_running_requests where it reports one,
-        else DEFAULT_RUNNING per data-parallel rank."""
-        running = 0
-        for w in fleet:
-            loads = (w.get("engine_load") or {}).get("loads") or []
-            reported = sum(_int(x.get("max_running_requests")) or 0 for x in loads if isinstance(x, dict))
-            ranks = _int((w.get("engine_load") or {}).get("dp_rank_count")) or 1
-            running += reported or DEFAULT_RUNNING * ranks
-        self._set_running(running, f"router /workers: {len(fleet)} worker(s)")
+        """The fleet's capacity summed over the router's workers (see vllm_fleet)."""
+        self._set_running(fleet_running(fleet, DEFAULT_RUNNING), f"router /workers: {len(fleet)} worker(s)")
         log.warning("%s is a router in front of %d worker(s): %d requests in flight in all (pass "
                     "--max-inflight to choose)", self.base_url, len(fleet), self.max_concurrency)
 
@@ -449,14 +437,9 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         if reply.status != 200:
             return None  # no metrics here (a proxy): nothing to judge by
         text = reply.body.decode("utf-8", "replace")
-        start = _metric(text, _START_TIME)
-        if start is not None and self._process_start is not None and start != self._process_start:
-            self._process_start = start
-            return f"a new server process answers at {self.base_url}"
-        queued = _QUEUED.findall(text)
-        if queued and sum(float(x) for x in queued) == 0:
-            return f"{self.base_url} reports nothing running or waiting while {outstanding} of ours are out"
-        return None
+        why = stall_reason(text, self._process_start, outstanding, self.base_url)
+        self._process_start = process_start(text) or self._process_start  # a restart is reported once
+        return why
 
     def result_from_completion(self, body: Any, request: Request | None = None) -> Result:
         """Validate a CompletionResponse's types and map it; a malformed answer is transient."""
@@ -508,20 +491,6 @@ def openai_regex_body(server: str, regex: str) -> dict[str, Any]:
     if server == "sglang":
         return {"regex": regex}
     raise ValueError(f"no known regex field for server {server!r}; expected 'vllm' or 'sglang'")
-
-
-def _metric(text: str, pattern: re.Pattern) -> float | None:
-    m = pattern.search(text)
-    return float(m.group(1)) if m else None
-
-
-def _int(value: Any) -> int | None:
-    """A positive int from a JSON number or numeric string (router labels are strings), else None."""
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        return None
-    return n if n > 0 and not isinstance(value, bool) else None
 
 
 def _count(value: Any, none_ok: bool = False) -> int | None:
