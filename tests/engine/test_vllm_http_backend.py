@@ -597,3 +597,31 @@ async def _raised(aw):
     except Exception as e:
         return e
     raise AssertionError("no error")
+
+
+def test_a_stalled_server_is_resubmitted_through_the_breaker_without_spending_retries():
+    """The old server's front end holds our requests without answering (its engine is gone); the
+    liveness check finds no request running, the requests go again to what answers now."""
+    from engine.liveness import Liveness
+
+    srv = StandInVLLMServer()
+    checks = []
+
+    async def stalled(outstanding):
+        checks.append(outstanding)
+        srv.delay_s = 0.0  # meanwhile a new server took over the URL
+        return "nothing running"
+
+    async def go():
+        async with VLLMHTTPBackend(srv.url) as b:
+            b.liveness = Liveness(stalled, quiet_s=0.3, every_s=0.1)
+            srv.delay_s = 30.0  # the hung front end: accepts, never answers in time
+            cfg = SchedulerConfig(max_retries=0, timeout_s=60, backoff_base_s=0.05, probe_max_s=0.2)
+            return await scheduled(b, [req(i) for i in range(3)], cfg)
+
+    with srv:
+        t0 = time.monotonic()
+        results, metrics = asyncio.run(go())
+        seconds = time.monotonic() - t0
+    assert all(r.ok for r in results) and metrics.retries == 0 and metrics.unreachable >= 3
+    assert checks and seconds < 10  # not the 30 s hang, nor the request timeout
