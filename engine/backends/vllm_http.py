@@ -431,7 +431,7 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         if self._client is None:
             return None
         try:
-            reply = await self._client.get("/metrics", timeout_s=5.0)
+            reply = await self._client.get("/metrics", timeout_s=10.0)
         except EngineError as e:
             return f"{self.base_url}/metrics does not answer ({e})"
         if reply.status != 200:

@@ -21,6 +21,9 @@ ROUTER_VENVS = {"smg": REPO / ".venv-smg", "sglang-router": REPO / ".venv-sglang
 # Small on purpose: 2 shared cores. 2,048 tokens of context hold every demo prompt at these budgets.
 MAX_MODEL_LEN = 2048
 MAX_NUM_SEQS = 16
+# The prefix cache shares whole blocks only. The CPU backend's default block is 128 tokens, so a
+# demo's short P4 turns (~100 tokens) never hit it; 32 is the smallest it takes (MultipleOf(32)).
+BLOCK_SIZE = 32
 
 
 def free_port() -> int:
@@ -91,7 +94,7 @@ def vllm_server(model_dir: Path, port: int, log: Path) -> Process:
     cmd = [str(VLLM_VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
            "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
            "--enforce-eager", "--enable-prompt-tokens-details", "--max-model-len", str(MAX_MODEL_LEN),
-           "--max-num-seqs", str(MAX_NUM_SEQS), "--dtype", "bfloat16"]
+           "--max-num-seqs", str(MAX_NUM_SEQS), "--dtype", "bfloat16", "--block-size", str(BLOCK_SIZE)]
     # 1 GiB of KV cache is ~20k tokens for SmolLM2-135M: plenty, and small beside six other users.
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
     return Process(f"vllm server :{port}", cmd, log, env)
