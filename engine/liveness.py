@@ -34,8 +34,14 @@ Check = Callable[[int], Awaitable[str | None]]
 
 
 class Liveness:
-    def __init__(self, check: Check, *, quiet_s: float = 20.0, every_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        check: Check,
+        *,
+        quiet_s: float = 20.0,
+        every_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.check, self.quiet_s, self.every_s, self.clock = check, quiet_s, every_s, clock
         self.stalls = 0  # times the in-flight requests were given up on and resubmitted
         self._inflight: dict[asyncio.Task, Request | None] = {}
@@ -76,7 +82,7 @@ class Liveness:
                     continue
                 why = await self.check(len(self._inflight))
                 strikes = strikes + 1 if why else 0
-                if strikes >= 2:
+                if why and strikes >= 2:
                     strikes = 0
                     self._stall(why)
         finally:
@@ -85,8 +91,12 @@ class Liveness:
     def _stall(self, why: str) -> None:
         self.stalls += 1
         quiet = self.clock() - self._progress
-        log.warning("no request finished for %.0fs and %s: resubmitting the %d requests in flight "
-                    "(no retries spent)", quiet, why, len(self._inflight))
+        log.warning(
+            "no request finished for %.0fs and %s: resubmitting the %d requests in flight (no retries spent)",
+            quiet,
+            why,
+            len(self._inflight),
+        )
         for task in list(self._inflight):
             self._cancelled[task] = why
             task.cancel()
@@ -101,10 +111,21 @@ class LatencyTimeout:
     """The timeout of the next request: `multiple` x the p99 of the last `window` latencies, at
     least `floor_s`, at most `cap_s` (the configured --timeout-s); `cap_s` until `min_samples`."""
 
-    def __init__(self, cap_s: float, *, floor_s: float = 60.0, multiple: float = 4.0, window: int = 512,
-                 min_samples: int = 32) -> None:
-        self.cap_s, self.floor_s, self.multiple, self.min_samples = cap_s, min(floor_s, cap_s), multiple, \
-            min_samples
+    def __init__(
+        self,
+        cap_s: float,
+        *,
+        floor_s: float = 60.0,
+        multiple: float = 4.0,
+        window: int = 512,
+        min_samples: int = 32,
+    ) -> None:
+        self.cap_s, self.floor_s, self.multiple, self.min_samples = (
+            cap_s,
+            min(floor_s, cap_s),
+            multiple,
+            min_samples,
+        )
         self._recent: deque[float] = deque(maxlen=window)
         self._current = cap_s
 

@@ -20,7 +20,7 @@ import asyncio
 import email.utils
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -265,11 +265,11 @@ def wire_text(request: Request, tokenizer: Any) -> str | None:
     """The prompt as text, for servers that refuse token ids (routers): token ids decoded, chat
     messages rendered by the model's chat template; None for chat messages without a tokenizer."""
     if request.kind == "text":
-        return request.prompt
+        return str(request.prompt)
     if tokenizer is None:
         return None
     if request.kind == "ids":
-        return tokenizer.decode(list(request.prompt), skip_special_tokens=False)
+        return tokenizer.decode(list(cast("tuple[int, ...]", request.prompt)), skip_special_tokens=False)
     return tokenizer.apply_chat_template(prompt_messages(request.prompt), add_generation_prompt=True,
                                          tokenize=False)
 

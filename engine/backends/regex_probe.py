@@ -17,8 +17,13 @@ PROBE_REGEX = "[0-9]{5}"
 
 
 def probe_body(model: str, regex_fields: dict[str, Any]) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8,
-            "temperature": 0.0, **regex_fields}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": 8,
+        "temperature": 0.0,
+        **regex_fields,
+    }
 
 
 def ignored_regex_error(url: str, server: str, answer: str) -> EngineDied:
@@ -27,17 +32,20 @@ def ignored_regex_error(url: str, server: str, answer: str) -> EngineDied:
         f"{PROBE_REGEX!r}, got {answer[:60]!r}): a router in front of the server drops it (sglang-router "
         "does). Fix: put the server behind `smg launch --backend vllm --worker-urls URL ...` or "
         "`vllm-router --worker-urls URL ...`, or use --engine vllm_http --url (the router's completions "
-        "route keeps the regex)")
+        "route keeps the regex)"
+    )
 
 
-async def check_regex_honoured(client: Any, url: str, server: str, model: str,
-                               regex_fields: dict[str, Any]) -> None:
+async def check_regex_honoured(
+    client: Any, url: str, server: str, model: str, regex_fields: dict[str, Any]
+) -> None:
     """Raise EngineDied (the run stops at start) when the chat route answers outside PROBE_REGEX;
     nothing when it honours it, or when the probe gets no usable answer (the run's own requests
     will meet whatever went wrong, with its usual handling)."""
     try:
-        reply = await client.post("/v1/chat/completions", probe_body(model, regex_fields),
-                                  max_bytes=1 << 20, timeout_s=60.0)
+        reply = await client.post(
+            "/v1/chat/completions", probe_body(model, regex_fields), max_bytes=1 << 20, timeout_s=60.0
+        )
         body = reply.json() if reply.status == 200 else None
         answer = body["choices"][0]["message"]["content"] if isinstance(body, dict) else None
     except (EngineError, ValueError, KeyError, IndexError, TypeError):

@@ -39,8 +39,12 @@ def healthy_workers(workers: Any) -> list[dict]:
 
 def fleet_context(fleet: list[dict], worker_card: dict) -> int | None:
     """The smallest context any worker reports (on /workers, or a worker's own model card)."""
-    lens = [positive_int(m.get("context_length")) for w in fleet for m in (w.get("models") or [])
-            if isinstance(m, dict)]
+    lens = [
+        positive_int(m.get("context_length"))
+        for w in fleet
+        for m in (w.get("models") or [])
+        if isinstance(m, dict)
+    ]
     lens += [positive_int((w.get("labels") or {}).get("max_model_len")) for w in fleet]
     lens.append(positive_int(worker_card.get("max_model_len")))
     return min((n for n in lens if n), default=None)
@@ -52,8 +56,11 @@ def fleet_running(fleet: list[dict], per_rank_default: int) -> int:
     running = 0
     for w in fleet:
         load = w.get("engine_load") or {}
-        reported = sum(positive_int(x.get("max_running_requests")) or 0
-                       for x in load.get("loads") or [] if isinstance(x, dict))
+        reported = sum(
+            positive_int(x.get("max_running_requests")) or 0
+            for x in load.get("loads") or []
+            if isinstance(x, dict)
+        )
         running += reported or per_rank_default * (positive_int(load.get("dp_rank_count")) or 1)
     return running
 

@@ -178,7 +178,7 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         several servers (smg, sglang-router, vllm-router) refuse token-id prompts with a 400/422, and
         every request would be dropped as rejected. One 1-token request tells."""
         encode = getattr(self.tokenizer, "encode", None)
-        if encode is None:
+        if encode is None or self._client is None:
             return
         ids = list(encode("Hello", add_special_tokens=False)) or [0]
         body = {"model": self.served_model, "prompt": ids, "max_tokens": 1, "temperature": 0.0}

@@ -265,7 +265,7 @@ def test_a_chat_route_that_drops_the_regex_is_refused_at_start(server):
         async with OpenAIBackend(srv.url, model="m", api_key=None, server=server):
             raise AssertionError("started against a server that ignores the regex")
 
-    with StandInOpenAIServer(honours_regex=False) as srv:
-        with pytest.raises(EngineDied, match=r"ignores the regex field.*smg launch --backend vllm"):
-            asyncio.run(go())
+    with StandInOpenAIServer(honours_regex=False) as srv, pytest.raises(
+            EngineDied, match=r"ignores the regex field.*smg launch --backend vllm"):
+        asyncio.run(go())
     assert len(srv.seen) == 1  # the probe only: no row was spent

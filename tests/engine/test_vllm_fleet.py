@@ -5,11 +5,20 @@ from __future__ import annotations
 
 from engine.backends.vllm_fleet import fleet_context, fleet_running, healthy_workers, stall_reason
 
-SMG = [{"id": "w1", "model_id": "/m", "url": "http://127.0.0.1:8311",
+SMG = [
+    {
+        "id": "w1",
+        "model_id": "/m",
+        "url": "http://127.0.0.1:8311",
         "models": [{"id": "/m", "model_type": ["chat", "completions"], "context_length": 2048}],
-        "connection_mode": "http", "runtime_type": "vllm", "labels": {"max_model_len": "2048"},
-        "is_healthy": True, "status": "ready",
-        "engine_load": {"dp_rank_count": 1, "loads": [{"dp_rank": 0, "max_running_requests": 0}]}}]
+        "connection_mode": "http",
+        "runtime_type": "vllm",
+        "labels": {"max_model_len": "2048"},
+        "is_healthy": True,
+        "status": "ready",
+        "engine_load": {"dp_rank_count": 1, "loads": [{"dp_rank": 0, "max_running_requests": 0}]},
+    }
+]
 SGLANG_ROUTER = [{"id": "w", "url": "http://127.0.0.1:8311", "model_id": "unknown", "is_healthy": True}]
 METRICS = """# TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{engine="0",model_name="/m"} %s

@@ -573,7 +573,7 @@ def test_a_server_that_takes_token_ids_keeps_them(tmp_path):
 def test_a_router_with_no_context_anywhere_stops_with_the_fix():
     srv = StandInVLLMServer()
     srv.inject("/v1/models", Canned(200, ROUTER_MODELS))
-    with pytest.raises(EngineDied, match="reports no context length.*pass --model DIR"):
+    with pytest.raises(EngineDied, match=r"reports no context length.*pass --model DIR"):
         serve_and_run(srv, lambda b: asyncio.sleep(0))
 
 

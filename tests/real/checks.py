@@ -27,8 +27,12 @@ def ids_once(out: Path) -> Counter:
 
 def stored_p1(out: Path) -> list[dict]:
     """Every P1 result in the run's store (the request keys the records name)."""
-    keys = {r["request_keys"]["p1"] for sink in ("data", "dropped") for r in lines(out / f"{sink}.jsonl")
-            if (r.get("request_keys") or {}).get("p1")}
+    keys = {
+        r["request_keys"]["p1"]
+        for sink in ("data", "dropped")
+        for r in lines(out / f"{sink}.jsonl")
+        if (r.get("request_keys") or {}).get("p1")
+    }
     with sqlite3.connect(out / "store.db") as db:
         rows = db.execute("SELECT key, value FROM results").fetchall()
     return [json.loads(v) for k, v in rows if bytes(k).hex() in keys]

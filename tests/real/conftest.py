@@ -35,8 +35,10 @@ def pytest_collection_modifyitems(config, items):
 def _setup(what: str) -> None:
     proc = subprocess.run(["bash", str(SETUP), what], cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
-        pytest.skip(f"{SETUP.relative_to(REPO)} {what} failed (exit {proc.returncode}), so no real "
-                    f"{what} here: {(proc.stderr or proc.stdout)[-600:]}")
+        pytest.skip(
+            f"{SETUP.relative_to(REPO)} {what} failed (exit {proc.returncode}), so no real "
+            f"{what} here: {(proc.stderr or proc.stdout)[-600:]}"
+        )
 
 
 @pytest.fixture(scope="session")

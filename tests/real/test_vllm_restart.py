@@ -24,8 +24,20 @@ ROWS = 6
 def test_a_server_restart_mid_run_drops_nothing_and_spends_no_retries(vllm, model_dir, tmp_path):
     inp, out = write_inputs(tmp_path / "in.jsonl", ROWS), tmp_path / "out"
     # Two requests at a time: most rows are still to come when the server goes away.
-    proc = start(sysgen_cmd(inp, out, vllm.url, model_dir, "--p1-max-tokens", "96", "--max-retries", "0",
-                            "--max-inflight", "2"))
+    proc = start(
+        sysgen_cmd(
+            inp,
+            out,
+            vllm.url,
+            model_dir,
+            "--p1-max-tokens",
+            "96",
+            "--max-retries",
+            "0",
+            "--max-inflight",
+            "2",
+        )
+    )
     deadline = time.monotonic() + 600
     while stored_results(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -99,8 +99,24 @@ def test_eval_judges_on_vllm_http(resumed, vllm, model_dir):
     out = resumed["out"]
     if not lines(out / "data.jsonl"):
         pytest.skip("no row kept at these token budgets: nothing to judge")
-    done = run([sys.executable, "-m", "sysgen", "eval", str(out), "--no-bertscore", "--judge-limit", "2",
-                "--judge-engine", "vllm_http", "--judge-url", vllm.url, "--judge-model", str(model_dir)])
+    done = run(
+        [
+            sys.executable,
+            "-m",
+            "sysgen",
+            "eval",
+            str(out),
+            "--no-bertscore",
+            "--judge-limit",
+            "2",
+            "--judge-engine",
+            "vllm_http",
+            "--judge-url",
+            vllm.url,
+            "--judge-model",
+            str(model_dir),
+        ]
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     judges = json.loads((out / "eval.json").read_text())["judges"]
     assert judges["status"] == "ok" and judges["engine"] == "vllm_http" and judges["regex"], judges

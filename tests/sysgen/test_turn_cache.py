@@ -17,11 +17,20 @@ def test_cached_ratio_is_summed_per_turn_over_kept_and_dropped_records(tmp_path)
         for name, (prompt, cached) in counts.items():
             st.put(keys[name], Result("x", "stop", prompt_tokens=prompt, cached_tokens=cached))
     rec = {"source": "s", "messages": [], "kept_tags": [], "tags": {}}
-    kept = [{**rec, "id": "a", "request_keys": {"p4": [keys["a1"].hex(), keys["a2"].hex()]}},
-            {**rec, "id": "b", "request_keys": {"p4": [keys["b1"].hex()]}}]
-    dropped = [{"id": "c", "source": "s", "phase": "p4", "reason": "truncated@turn2",
-                "request_keys": {"p4": [keys["c1"].hex(), keys["c2"].hex()]}},
-               {"id": "d", "source": "s", "phase": "p1", "reason": "truncated", "request_keys": {"p1": "00"}}]
+    kept = [
+        {**rec, "id": "a", "request_keys": {"p4": [keys["a1"].hex(), keys["a2"].hex()]}},
+        {**rec, "id": "b", "request_keys": {"p4": [keys["b1"].hex()]}},
+    ]
+    dropped = [
+        {
+            "id": "c",
+            "source": "s",
+            "phase": "p4",
+            "reason": "truncated@turn2",
+            "request_keys": {"p4": [keys["c1"].hex(), keys["c2"].hex()]},
+        },
+        {"id": "d", "source": "s", "phase": "p1", "reason": "truncated", "request_keys": {"p1": "00"}},
+    ]
     (tmp_path / "data.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in kept))
     (tmp_path / "dropped.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in dropped))
     ratios = stats.compute(tmp_path)["turns"]["p4_cached_ratio_by_turn"]
