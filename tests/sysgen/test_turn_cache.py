@@ -47,3 +47,6 @@ def test_report_shows_the_ratio_per_turn():
 
     text = "\n".join(turns_section({"p4_cached_ratio_by_turn": [0.25, 0.875, None]}, {}))
     assert "| 1 | 25.0% |" in text and "| 2 | 87.5% |" in text and "| 3 | n/a |" in text
+    # write_report counts turns from the records; the ratio comes from stats.json
+    text = "\n".join(turns_section({}, {"turns": {"p4_cached_ratio_by_turn": [0.1, 0.6]}}))
+    assert "| 2 | 60.0% |" in text
