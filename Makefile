@@ -10,7 +10,7 @@ DEMO_STAMP := $(VENV)/.sysgen-demo-installed
 STAMP := $(VENV)/.sysgen-installed
 SGLANG_PIN := 0.5.23
 
-.PHONY: setup demo test test-fast lint bench-overhead bench-crash bench-cpu bench-grammar bench-http bench-sim clean
+.PHONY: setup demo test test-fast test-real lint bench-overhead bench-crash bench-cpu bench-grammar bench-http bench-sim clean
 
 $(DEMO_STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ slurm-deps:
 
 test-slurm: $(STAMP) slurm-deps
 	$(PY) -m pytest -q tests/slurm
+
+# The real-engine tier: a vLLM CPU server and the routers, each from its own venv (the tests run
+# tests/real/setup.sh on first use; idempotent).
+test-real: $(STAMP)
+	$(PY) -m pytest -q -m real_engine tests/real
 
 lint: $(STAMP)
 	$(PY) -m ruff check engine sysgen bench kernels_cfg tests

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from engine.backends.openvino import OpenVINOBackend
-from engine.request import Request, Result, SamplingParams
+from engine.request import Request, SamplingParams
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 _BUILTIN = (
@@ -84,16 +84,18 @@ def run_sequential_generate(model: Any, tokenizer: Any, prompts: list[tuple[int,
     return _rate(tokens, time.perf_counter() - t0)
 
 
-def run_engine(backend: OpenVINOBackend, prompts: list[tuple[int, ...]], max_new: int,
+def run_engine(backend: Any, prompts: list[tuple[int, ...]], max_new: int,
                regex: str | None = None) -> dict:
+    return asyncio.run(timed_requests(backend, prompts, max_new, regex))
+
+
+async def timed_requests(backend: Any, prompts: list[tuple[int, ...]], max_new: int,
+                         regex: str | None = None) -> dict:
+    """Every prompt at once to the backend (greedy, P1 group): tokens generated and tok/s."""
     reqs = [Request(prompt=p, sampling=SamplingParams(max_new_tokens=max_new), model=backend.model_id,
                     regex=regex, group="p1") for p in prompts]
-
-    async def go() -> list[Result]:
-        return await asyncio.gather(*(backend.generate(r) for r in reqs))
-
     t0 = time.perf_counter()
-    results = asyncio.run(go())
+    results = await asyncio.gather(*(backend.generate(r) for r in reqs))
     rate = _rate(sum(r.completion_tokens for r in results), time.perf_counter() - t0)
     return rate | {"finish_length": sum(r.finish_reason == "length" for r in results),
                    "texts": [r.text for r in results]}
@@ -115,6 +117,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache-root", type=Path, default=None,
                     help="model cache root (default ~/.cache/sysgen)")
+    ap.add_argument("--vllm-url", default=None,
+                    help="also a running vLLM CPU server (tests/real/setup.sh; docs/engines.md) on the "
+                         "same prompts, beside OpenVINO")
+    ap.add_argument("--pipeline-rows", type=int, default=0,
+                    help="also the full pipeline (`sysgen run`, P1-P4) over this many built-in rows on "
+                         "each engine: output tok/s")
+    ap.add_argument("--quick", action="store_true",
+                    help="skip the sequential baseline and the prefix-cache-off run")
     args = ap.parse_args(argv)
     n_new = args.max_new_tokens
     kw: dict[str, Any] = {"max_num_seqs": args.max_batch, "threads": args.threads,
@@ -137,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     # tok/s at 3.4-4 on 2 cores, so read speedup_vs_sequential next to loadavg_1min_start.
     step = max(1, len(p1) // max(1, args.sequential_prompts))
     load_start = os.getloadavg()[0]
-    seq = _sequential(p1[::step][: args.sequential_prompts], n_new, tok, args.cache_root)
+    seq = None if args.quick else _sequential(p1[::step][: args.sequential_prompts], n_new, tok,
+                                              args.cache_root)
 
     engine = OpenVINOBackend(**kw)
     res: dict[str, Any] = {"engine": "openvino", "model": engine.model_id, "prompts": len(p1),
@@ -157,19 +168,27 @@ def main(argv: list[str] | None = None) -> dict:
     con = run_engine(engine, p1, n_new, regex=p1_regex)
     unc_warm = run_engine(engine, p1, n_new)
     asyncio.run(engine.close())
-    # 3. Prefix caching off, the same warm-up: every prompt prefills its 500-token template again.
-    off_engine = OpenVINOBackend(prefix_cache=False, **kw)
-    run_engine(off_engine, [warm], 4)
-    off = run_engine(off_engine, p1, n_new)
-    asyncio.run(off_engine.close())
-
     res |= {"p1_unconstrained": _strip(unc), "p1_constrained": _strip(con),
-            "p1_unconstrained_cached": _strip(unc_warm), "p1_prefix_cache_off": _strip(off),
-            "sequential_generate": seq}
+            "p1_unconstrained_cached": _strip(unc_warm)}
     res["p1_tok_s"] = unc["tok_s"]
-    res["speedup_vs_sequential"] = round(unc["tok_s"] / seq["tok_s"], 3)
     res["constrained_vs_unconstrained"] = round(con["tok_s"] / unc_warm["tok_s"], 3)
-    res["prefix_cache_speedup"] = round(unc["tok_s"] / off["tok_s"], 3)
+    if not args.quick:
+        # 3. Prefix caching off, the same warm-up: every prompt prefills its 500-token template again.
+        off_engine = OpenVINOBackend(prefix_cache=False, **kw)
+        run_engine(off_engine, [warm], 4)
+        off = run_engine(off_engine, p1, n_new)
+        asyncio.run(off_engine.close())
+        res |= {"p1_prefix_cache_off": _strip(off), "sequential_generate": seq}
+        res["speedup_vs_sequential"] = round(unc["tok_s"] / seq["tok_s"], 3)
+        res["prefix_cache_speedup"] = round(unc["tok_s"] / off["tok_s"], 3)
+    if args.vllm_url:
+        res["vllm"] = _vllm(args.vllm_url, p1, warm, p1_regex, n_new)
+        vllm_con = res["vllm"]["p1_constrained"]["tok_s"]
+        res["vllm_vs_openvino_p1_constrained"] = round(vllm_con / con["tok_s"], 3)
+    if args.pipeline_rows:
+        res["pipeline"] = {"openvino": _pipeline("openvino", None, args.pipeline_rows)}
+        if args.vllm_url:
+            res["pipeline"]["vllm_http"] = _pipeline("vllm_http", args.vllm_url, args.pipeline_rows)
     res["loadavg_1min_end"] = os.getloadavg()[0]
     _print(res)
     if args.json:
@@ -189,6 +208,52 @@ def _sequential(prompts: list[tuple[int, ...]], n_new: int, tok: Any, cache_root
                                                                    "threads": torch.get_num_threads()}
 
 
+def _vllm(url: str, p1: list[tuple[int, ...]], warm: tuple[int, ...], regex: str, n_new: int) -> dict:
+    """The same P1 prompts (token ids) on a running vLLM server, warmed the same way, then
+    unconstrained and constrained. The server has its own threads and KV cache: compare tok/s."""
+    from engine.backends.model_cache import default_model_dir
+    from engine.backends.vllm_http import VLLMHTTPBackend
+
+    async def go() -> dict:
+        async with VLLMHTTPBackend(url, model_path=str(default_model_dir())) as b:
+            await timed_requests(b, [warm], 4)
+            await timed_requests(b, [warm], 4, regex)
+            unc = await timed_requests(b, p1, n_new)
+            con = await timed_requests(b, p1, n_new, regex)
+            return {"url": url, "server_version": b.server_version, "p1_unconstrained": _strip(unc),
+                    "p1_constrained": _strip(con),
+                    "constrained_vs_unconstrained": round(con["tok_s"] / unc["tok_s"], 3)}
+
+    return asyncio.run(go())
+
+
+def _pipeline(engine: str, url: str | None, rows: int) -> dict:
+    """`sysgen run` P1-P4 over `rows` built-in instructions: wall time and output tok/s from stats.json."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-cpu-pipeline-") as tmp:
+        inp = Path(tmp, "in.jsonl")
+        inp.write_text("".join(json.dumps({"instruction": _BUILTIN[i % len(_BUILTIN)], "output": "A short "
+                                           f"answer {i}."}) + "\n" for i in range(rows)))
+        cmd = [sys.executable, "-m", "sysgen", "run", str(inp), "--out", f"{tmp}/out", "--engine", engine,
+               "--p4-max-tokens", "128", "--no-progress", "--no-report"]
+        if url:
+            from engine.backends.model_cache import default_model_dir
+
+            cmd += ["--url", url, "--model", str(default_model_dir())]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        wall = time.perf_counter() - t0
+        st = json.loads(Path(tmp, "out", "stats.json").read_text())
+    sched = st["this_run"]["scheduler"]
+    return {"rows": rows, "kept": st["kept"], "p1_parse_rate": st["p1_parse_rate"], "wall_s": round(wall, 1),
+            "output_tokens": sched["completion_tokens"], "output_tok_s": sched["output_tokens_per_s"],
+            "cached_ratio": sched.get("cached_ratio")}
+
+
 def _strip(r: dict) -> dict:
     return {k: v for k, v in r.items() if k != "texts"}
 
@@ -198,12 +263,18 @@ def _print(res: dict) -> None:
           f"greedy, {res['max_new_tokens']} new tokens, batch {res['max_batch']}, {res['threads']} threads, "
           f"load average {res['loadavg_1min_start']:.2f} -> {res['loadavg_1min_end']:.2f}")
     print(f"{'run':28} {'tokens':>7} {'seconds':>8} {'tok/s':>8}")
-    for name in ("sequential_generate", "p1_unconstrained", "p1_constrained", "p1_unconstrained_cached",
-                 "p1_prefix_cache_off"):
-        r = res[name]
-        print(f"{name:28} {r['tokens']:7d} {r['seconds']:8.2f} {r['tok_s']:8.2f}")
-    print(f"speedup_vs_sequential {res['speedup_vs_sequential']}x;  constrained_vs_unconstrained "
-          f"{res['constrained_vs_unconstrained']}x;  prefix_cache_speedup {res['prefix_cache_speedup']}x")
+    rows = [(n, res.get(n)) for n in ("sequential_generate", "p1_unconstrained", "p1_constrained",
+                                      "p1_unconstrained_cached", "p1_prefix_cache_off")]
+    rows += [(f"vllm_{n}", (res.get("vllm") or {}).get(n)) for n in ("p1_unconstrained", "p1_constrained")]
+    for name, r in rows:
+        if r:
+            print(f"{name:28} {r['tokens']:7d} {r['seconds']:8.2f} {r['tok_s']:8.2f}")
+    for engine, p in (res.get("pipeline") or {}).items():
+        print(f"pipeline {engine:19} {p['output_tokens']:7d} {p['wall_s']:8.1f} {p['output_tok_s']:8.2f}"
+              f"  ({p['rows']} rows -> {p['kept']} kept, P1 parse {p['p1_parse_rate']})")
+    print("  ".join(f"{k} {res[k]}x" for k in ("speedup_vs_sequential", "constrained_vs_unconstrained",
+                                               "prefix_cache_speedup", "vllm_vs_openvino_p1_constrained")
+                    if k in res))
 
 
 if __name__ == "__main__":

@@ -18,30 +18,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import orjson
+
+from bench.gpu_parts import build_requests, part_ratios, part_stats, plan, run_sysgen, table, write_json
+from engine.backend import EngineError
+from engine.request import Result
+from sysgen.backend_factory import make_backend
 
 RESET_PATH = {"vllm_http": "/reset_prefix_cache", "sglang_http": "/flush_cache"}
 
 
 def make_url_backend(engine: str, url: str, model: str | None, api_key: str | None):
-    if engine == "vllm_http":
-        from engine.backends.vllm_http import VLLMHTTPBackend
-
-        return VLLMHTTPBackend(url, model_path=model, api_key=api_key)
-    if engine == "sglang_http":
-        from engine.backends.sglang_http import SGLangHTTPBackend
-
-        return SGLangHTTPBackend(url, model_path=model, api_key=api_key)
-    raise ValueError(f"--engine {engine!r}: bench --url drives vllm_http or sglang_http")
+    """The run's own backend (sysgen.backend_factory), so the bench measures what `sysgen run` uses."""
+    if engine not in RESET_PATH:
+        raise ValueError(f"--engine {engine!r}: bench --url drives vllm_http or sglang_http")
+    return make_backend(engine, model=model, url=url, api_key=api_key)
 
 
 async def reset_cache(backend, engine: str) -> bool:
     """True when the server emptied its prefix cache (see the module docstring). Sent through the
     backend's own client, so a server started with --api-key gets the key."""
-    from engine.backend import EngineError
-
     try:
         reply = await backend._client.post(RESET_PATH[engine], {}, max_bytes=1 << 20, timeout_s=60.0)
     except EngineError:
@@ -52,8 +53,6 @@ async def reset_cache(backend, engine: str) -> bool:
 async def run_direct(backend, requests: list) -> tuple[list, float]:
     """All requests at once straight to the backend (its own connection cap applies): no
     scheduler, no store. A failed request counts as failed, not fatal."""
-    from engine.request import Result
-
     async def one(r):
         try:
             return await backend.generate(r)
@@ -66,8 +65,6 @@ async def run_direct(backend, requests: list) -> tuple[list, float]:
 
 
 async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from bench.gpu_parts import build_requests, part_ratios, part_stats, plan, run_sysgen
-
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     backend = make_url_backend(args.engine, args.url, args.model, api_key)
     async with backend:
@@ -96,12 +93,6 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def main_url(args: argparse.Namespace) -> int:
     """`python -m bench.gpu --url ...`: measure, print the table and ratios, write --json."""
-    import tempfile
-
-    import orjson
-
-    from bench.gpu_parts import table, write_json
-
     with tempfile.TemporaryDirectory(prefix="bench-gpu-url-") as tmp:
         info = asyncio.run(measure(args, Path(tmp)))
     print(table(info["results"]))

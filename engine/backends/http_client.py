@@ -225,6 +225,11 @@ class HTTPEndpoint:
             raise RuntimeError(f"{type(self).__name__} used before start() or after close()")
         return self._client
 
+    def _client_for(self, url: str) -> HTTPClient:
+        """A client of its own for another server of the same deployment (a router's worker), with
+        the same key."""
+        return HTTPClient(url, api_key=self.__key, timeout_s=self.timeout_s, max_connections=4)
+
     def _open(self) -> HTTPClient:
         """The client, created on first use with one keep-alive connection per request in flight."""
         if self._client is None:
@@ -261,6 +266,19 @@ def wire_prompt(request: Request, tokenizer: Any) -> list[int] | str | None:
     ids = tokenizer.apply_chat_template(prompt_messages(request.prompt), add_generation_prompt=True,
                                         tokenize=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def wire_text(request: Request, tokenizer: Any) -> str | None:
+    """The prompt as text, for servers that refuse token ids (routers): token ids decoded, chat
+    messages rendered by the model's chat template; None for chat messages without a tokenizer."""
+    if request.kind == "text":
+        return str(request.prompt)
+    if tokenizer is None:
+        return None
+    if request.kind == "ids":
+        return tokenizer.decode(list(cast("tuple[int, ...]", request.prompt)), skip_special_tokens=False)
+    return tokenizer.apply_chat_template(prompt_messages(request.prompt), add_generation_prompt=True,
+                                         tokenize=False)
 
 
 def load_tokenizer(model_path: str | None, engine: str):

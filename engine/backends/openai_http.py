@@ -36,6 +36,7 @@ from engine.backend import (
     TransientEngineError,
 )
 from engine.backends.http_client import HTTPEndpoint, error_message, max_body_bytes, status_error
+from engine.backends.regex_probe import PROBE_REGEX, check_regex_honoured
 from engine.backends.vllm_http import NEUTRAL_SAMPLING, openai_regex_body
 from engine.request import FinishReason, Request, Result, prompt_messages
 
@@ -77,7 +78,8 @@ class OpenAIBackend(HTTPEndpoint, BackendBase):
         return self
 
     async def start(self) -> None:
-        """The server must answer once (see the module docstring); closes the pool if it never does."""
+        """The server must answer once (see the module docstring), and a self-hosted one must honour
+        the regex field (a router may drop it); closes the pool if either fails."""
         client = self._open()
         url = f"{self.base_url}/v1/models"
         last: EngineError | None = None
@@ -92,10 +94,18 @@ class OpenAIBackend(HTTPEndpoint, BackendBase):
             if reply.status in (401, 403):
                 await self.close()
                 raise status_error(url, reply, None, self._scrub(error_message(reply)))  # EngineAuthError
-            return
-        await self.close()
-        raise NeverAnswered(f"nothing answers at {self.base_url} ({last}): check --url (an OpenAI-compatible "
-                            "server answers GET /v1/models) and that the server is running")
+            break
+        else:
+            await self.close()
+            raise NeverAnswered(f"nothing answers at {self.base_url} ({last}): check --url (an OpenAI-compatible "
+                                "server answers GET /v1/models) and that the server is running")
+        if self.server is not None:  # a router may drop the regex field: refuse before any row is spent
+            try:
+                await check_regex_honoured(client, self.base_url, self.server, self.model,
+                                           openai_regex_body(self.server, PROBE_REGEX))
+            except BaseException:
+                await self.close()
+                raise
 
     def payload(self, request: Request) -> dict[str, Any]:
         if request.kind == "messages":

@@ -28,9 +28,11 @@ and is scrubbed from any server text we repeat.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,8 @@ from engine.backend import (
     EngineDied,
     EngineError,
     NeverAnswered,
+    EngineOverloaded,
+    EngineUnreachable,
     RequestRejected,
     TransientEngineError,
 )
@@ -53,7 +57,18 @@ from engine.backends.http_client import (
     model_name,
     status_error,
     wire_prompt,
+    wire_text,
 )
+from engine.backends.vllm_fleet import (
+    ROUTER_UNKNOWN_MODEL,
+    fleet_context,
+    fleet_running,
+    healthy_workers,
+    positive_int,
+    process_start,
+    stall_reason,
+)
+from engine.liveness import LatencyTimeout, Liveness
 from engine.request import FinishReason, Request, Result
 
 log = logging.getLogger(__name__)
@@ -65,6 +80,9 @@ DEFAULT_RUNNING = 256
 # v1 FinishReason strings. "repetition" (repetition_detection, which we never request) ends a
 # looping output early: treated as running out of tokens, so a constrained phase retries sampled.
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "repetition": "length"}
+# Before start(), or while nothing has said (a router's /v1/models has no max_model_len): never
+# planned with, start() replaces it or stops.
+UNKNOWN_CONTEXT = 1 << 20
 _ENGINE_LABEL = re.compile(r'^vllm:num_requests_running\{[^}]*engine="(\d+)"', re.M)
 _CACHE_INFO = re.compile(r"^vllm:cache_config_info\{(.*)\}\s+\S+\s*$", re.M)
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')  # a value may hold escaped quotes
@@ -99,11 +117,18 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         self.model_id = model_name(model_path) if model_path else f"vllm@{self.base_url}"
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, "vllm_http")
         self.capabilities = Capabilities(regex=True, token_ids=self.tokenizer is not None,
-                                         max_running=self.max_concurrency, max_context=1 << 20)
+                                         max_running=self.max_concurrency, max_context=UNKNOWN_CONTEXT)
         self.server_version: str | None = None
         self.capacity_source = "default"
+        self.context_source = "/v1/models max_model_len"
         self._sem = asyncio.Semaphore(self.max_concurrency)
         self._warned_no_cache_counts = False
+        # Set behind a router that refuses token-id prompts (smg, sglang-router: 400/422 "did not
+        # match any variant of untagged enum StringOrArray"): prompts then go out as text.
+        self.ids_refused = False
+        self.liveness = Liveness(self._stall_reason)
+        self.request_timeout = LatencyTimeout(timeout_s)
+        self._process_start: float | None = None
 
     def __repr__(self) -> str:
         return (f"VLLMHTTPBackend(base_url={self.base_url!r}, model={self.served_model!r}, "
@@ -137,8 +162,20 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         try:
             self._apply_models(await self._models())
             self.server_version = await self._optional_json("/version", "version")
+            fleet = await self._fleet()
+            if self.served_model == ROUTER_UNKNOWN_MODEL or self.capabilities.max_context == UNKNOWN_CONTEXT:
+                worker = await self._worker_card(fleet)
+                if self.served_model == ROUTER_UNKNOWN_MODEL:
+                    self._name_from(worker)
+                if self.capabilities.max_context == UNKNOWN_CONTEXT:
+                    self._context_from(fleet, worker)
             if self._cap is None:
-                await self._size_from_server()
+                if fleet:
+                    self._size_from_fleet(fleet)
+                else:
+                    await self._size_from_server()
+            await self._choose_prompt_form()
+            self._process_start = process_start(await self._metrics_text())
         except BaseException:
             await self.close()  # no pool left open: __aexit__ does not run when __aenter__ fails
             self.served_model = None
@@ -148,9 +185,34 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
                         self.base_url, self.server_version, VLLM_PIN)
         # One keep-alive connection per request in flight (the first pool had the default size).
         await self._http.resize(self.max_concurrency)
-        log.info("vllm_http: %s serves %s (context %d); window sized from %s: %d running",
-                 self.base_url, self.served_model, self.capabilities.max_context, self.capacity_source,
-                 self.capabilities.max_running)
+        log.info("vllm_http: %s serves %s (context %d, %s prompts); window sized from %s: %d running",
+                 self.base_url, self.served_model, self.capabilities.max_context, self.prompt_form,
+                 self.capacity_source, self.capabilities.max_running)
+
+    async def _choose_prompt_form(self) -> None:
+        """Token ids where the server takes them (vLLM itself), else text: the routers in front of
+        several servers (smg, sglang-router, vllm-router) refuse token-id prompts with a 400/422, and
+        every request would be dropped as rejected. One 1-token request tells."""
+        encode = getattr(self.tokenizer, "encode", None)
+        if encode is None or self._client is None:
+            return
+        ids = list(encode("Hello", add_special_tokens=False)) or [0]
+        body = {"model": self.served_model, "prompt": ids, "max_tokens": 1, "temperature": 0.0}
+        try:
+            reply = await self._client.post("/v1/completions", body, max_bytes=max_body_bytes(1),
+                                            timeout_s=60.0)
+        except EngineError as e:
+            log.debug("prompt-form probe at %s: %s", self.base_url, e)
+            return
+        self.ids_refused = reply.status in (400, 422)
+        if self.ids_refused:
+            log.warning("%s refuses token-id prompts (%d %s; a router such as smg, sglang-router or "
+                        "vllm-router): prompts go out as text, rendered with the model's chat template",
+                        self.base_url, reply.status, self._scrub(error_message(reply))[:120])
+
+    @property
+    def prompt_form(self) -> str:
+        return "ids" if self.tokenizer is not None and not self.ids_refused else "text"
 
     async def _models(self) -> dict:
         """GET /v1/models. Refused credentials, a wrong URL or an answer that is not vLLM's stop at
@@ -196,16 +258,19 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         self.model_id = model_name(card["id"])
         root: str = card["root"] if isinstance(card.get("root"), str) else card["id"]
         wanted = model_name(self.model_path) if self.model_path else None
-        if wanted and wanted not in (model_name(root), model_name(card["id"])):
+        if wanted and card["id"] != ROUTER_UNKNOWN_MODEL and wanted not in (model_name(root),
+                                                                           model_name(card["id"])):
             log.warning("the server at %s serves %s but --model is %s: the tokenizer may not match",
                         self.base_url, root, self.model_path)
         if self.tokenizer is None and Path(root).is_dir():  # same node: the server's own tokenizer
             self.tokenizer = load_tokenizer(root, "vllm_http")
-        ctx = card.get("max_model_len")
+        # A LoRA adapter's card has no max_model_len: its base model's card does.
+        parent = next((c for c in cards if c["id"] == card.get("parent")), {})
+        ctx = card.get("max_model_len") or parent.get("max_model_len")
         self.capabilities = Capabilities(
             regex=True, token_ids=self.tokenizer is not None,
             max_running=min(self.max_concurrency, self.capabilities.max_running),
-            max_context=ctx if isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > 0 else 1 << 20)
+            max_context=positive_int(ctx) or UNKNOWN_CONTEXT)
 
     async def _optional(self, path: str) -> Reply | None:
         """A 200 reply from an optional route, else None (logged at debug: most servers lack them)."""
@@ -223,6 +288,75 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         except ValueError:
             return None
         return body.get(key) if isinstance(body, dict) else None
+
+    async def _fleet(self) -> list[dict]:
+        """The healthy workers behind a router that lists them (GET /workers); [] for a plain vLLM
+        server (no such route)."""
+        return healthy_workers(await self._optional_json("/workers", "workers"))
+
+    async def _worker_card(self, fleet: list[dict]) -> dict:
+        """The model card of a router's first worker, asked directly (sglang-router knows neither
+        the model's name nor its context); {} when none answers from here."""
+        for w in fleet:
+            url = w.get("url")
+            if not isinstance(url, str) or not url.startswith("http"):
+                continue
+            client = self._client_for(url)
+            try:
+                body = (await client.get("/v1/models", timeout_s=10.0)).json()
+                cards = [c for c in body.get("data") or []
+                         if isinstance(c, dict) and isinstance(c.get("id"), str)]
+            except (EngineError, ValueError, AttributeError) as e:
+                log.debug("GET %s/v1/models: %s", url, e)
+                continue
+            finally:
+                await client.close()
+            if cards:
+                return _pick_card(cards, self.model_path)
+        return {}
+
+    def _name_from(self, worker: dict) -> None:
+        """sglang-router lists its model as "unknown" and forwards the name we send to a worker,
+        which refuses any name but its own: the worker's own card names it, else --model."""
+        name = worker.get("id") or self.model_path
+        if not name:
+            raise EngineDied(f"{self.base_url} does not say which model it serves (a router listing "
+                             "\"unknown\") and its workers do not answer from here. Fix: pass --model, "
+                             "the served model name (`vllm serve` default: the path it was given)")
+        self.served_model = name
+        log.warning("%s lists its model as %r: sending the name %s", self.base_url, ROUTER_UNKNOWN_MODEL,
+                    name)
+
+    def _context_from(self, fleet: list[dict], worker: dict) -> None:
+        """A router's /v1/models has no max_model_len: take the smallest context its workers report,
+        else the local model's config.json, else stop (planning with a guess would overflow)."""
+        ctx, source = fleet_context(fleet, worker), f"the smallest of {len(fleet)} worker(s)"
+        if ctx is None and self.model_path and Path(self.model_path, "config.json").is_file():
+            from engine.backends.model_cache import context_length
+
+            ctx, source = context_length(Path(self.model_path)), f"{self.model_path}/config.json"
+            log.warning("%s reports no context length (a router?): assuming %d from %s; a server started "
+                        "with a smaller --max-model-len rejects longer prompts", self.base_url, ctx, source)
+        if ctx is None:
+            raise EngineDied(f"{self.base_url} reports no context length (/v1/models has no max_model_len: "
+                             "a router?) and --model names no local model folder to read it from. Fix: "
+                             "pass --model DIR (a local copy of the served model), or point --url at a vLLM "
+                             "server or an smg router (its /workers lists each worker's context)")
+        self.context_source = source
+        self.capabilities = dataclasses.replace(self.capabilities, max_context=ctx)
+
+    def _size_from_fleet(self, fleet: list[dict]) -> None:
+        """The fleet's capacity summed over the router's workers (see vllm_fleet)."""
+        self._set_running(fleet_running(fleet, DEFAULT_RUNNING), f"router /workers: {len(fleet)} worker(s)")
+        log.warning("%s is a router in front of %d worker(s): %d requests in flight in all (pass "
+                    "--max-inflight to choose)", self.base_url, len(fleet), self.max_concurrency)
+
+    def _set_running(self, running: int, source: str, dp_size: int = 1, kv_tokens: int = 0) -> None:
+        self.capacity_source = source
+        self.max_concurrency = max(DEFAULT_RUNNING, running + 128)
+        self._sem = asyncio.Semaphore(self.max_concurrency)
+        self.capabilities = dataclasses.replace(self.capabilities, max_running=running, dp_size=dp_size,
+                                                kv_tokens=kv_tokens)
 
     async def _size_from_server(self) -> None:
         """vLLM reports no running capacity in production. Dev mode (VLLM_SERVER_DEV_MODE=1) has
@@ -250,12 +384,8 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             running = DEFAULT_RUNNING * len(engines)
             self.capacity_source = f"/metrics: {len(engines)} engine(s) x {DEFAULT_RUNNING}"
         if running:
-            self.max_concurrency = max(DEFAULT_RUNNING, running + 128)
-            self._sem = asyncio.Semaphore(self.max_concurrency)
             dp = max(1, len(engines), kv_engines)
-            self.capabilities = Capabilities(regex=True, token_ids=self.capabilities.token_ids,
-                                             max_running=running, max_context=self.capabilities.max_context,
-                                             dp_size=dp if kv_tokens else 1, kv_tokens=kv_tokens)
+            self._set_running(running, self.capacity_source, dp_size=dp if kv_tokens else 1, kv_tokens=kv_tokens)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -264,7 +394,7 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         body: dict[str, Any] = {"model": self.served_model, "max_tokens": s.max_new_tokens,
                                 "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed,
                                 **NEUTRAL_SAMPLING}
-        body["prompt"] = wire_prompt(request, self.tokenizer)
+        body["prompt"] = (wire_text if self.ids_refused else wire_prompt)(request, self.tokenizer)
         if body["prompt"] is None:
             raise RequestRejected("a chat-messages prompt needs --model (a local copy of the served model, "
                                   "for its chat template) with vllm_http", request)
@@ -279,10 +409,60 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             await self.start()
         body = self.payload(request)
         async with self._sem:
-            # The exception texts name the URL only; the key is in a header never printed.
-            reply = await self._http.post("/v1/completions", body, request=request,
-                                            max_bytes=max_body_bytes(request.sampling.max_new_tokens))
-        return self.result_from_completion(self._json(reply, "/v1/completions", request), request)
+            t0 = time.monotonic()
+            try:
+                # The exception texts name the URL only; the key is in a header never printed.
+                reply = await self.liveness.guard(self._http.post(
+                    "/v1/completions", body, request=request, timeout_s=self.request_timeout.seconds,
+                    max_bytes=max_body_bytes(request.sampling.max_new_tokens)), request)
+                result = self.result_from_completion(self._json(reply, "/v1/completions", request), request)
+            except (EngineOverloaded, EngineUnreachable):
+                raise
+            except TransientEngineError as e:
+                raise await self._unless_gone(e, request) from e
+        self.request_timeout.observe(time.monotonic() - t0)
+        return result
+
+    async def _unless_gone(self, error: TransientEngineError, request: Request) -> EngineError:
+        """A 5xx, an `abort` or a dropped connection while the server shuts down (a restart) is
+        waited out like an unreachable server, not spent as a retry: EngineUnreachable when GET
+        /health gets no answer or a 5xx (vLLM: 503 once its engine died), else the error itself."""
+        if self._client is None:
+            return error
+        # A new connection: a server shutting down stops listening first but may still answer on
+        # the keep-alive connections our pool holds.
+        fresh = self._client_for(self.base_url)
+        try:
+            reply = await fresh.get("/health", timeout_s=5.0)
+            healthy = reply.status < 500  # a 404 is a server without the route, not a dying one
+        except EngineError:
+            healthy = False
+        finally:
+            await fresh.close()
+        if healthy:
+            return error
+        return EngineUnreachable(f"{error} (and {self.base_url}/health fails: the server is going away)",
+                                 request)
+
+    async def _metrics_text(self) -> str:
+        reply = await self._optional("/metrics")
+        return reply.body.decode("utf-8", "replace") if reply is not None else ""
+
+    async def _stall_reason(self, outstanding: int) -> str | None:
+        """The liveness check (engine/liveness.py): why the server is not serving our `outstanding`
+        requests, or None while it looks busy with them."""
+        if self._client is None:
+            return None
+        try:
+            reply = await self._client.get("/metrics", timeout_s=10.0)
+        except EngineError as e:
+            return f"{self.base_url}/metrics does not answer ({e})"
+        if reply.status != 200:
+            return None  # no metrics here (a proxy): nothing to judge by
+        text = reply.body.decode("utf-8", "replace")
+        why = stall_reason(text, self._process_start, outstanding, self.base_url)
+        self._process_start = process_start(text) or self._process_start  # a restart is reported once
+        return why
 
     def result_from_completion(self, body: Any, request: Request | None = None) -> Result:
         """Validate a CompletionResponse's types and map it; a malformed answer is transient."""
@@ -311,7 +491,7 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             self._warned_no_cache_counts = True
             log.warning("%s reports no cached-token counts; start vLLM with --enable-prompt-tokens-details "
                         "to see prefix-cache hits", self.base_url)
-        if reason in ("abort", "error"):
+        if reason in ("abort", "error"):  # "abort": the server is shutting down (see _unless_gone)
             raise TransientEngineError(f"vLLM ended the request with finish_reason {reason!r}", request)
         if reason not in _FINISH:
             raise TransientEngineError(f"vLLM returned no known finish reason (got {reason!r})", request)
@@ -319,6 +499,7 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
                       completion_tokens=completion_tokens, cached_tokens=cached)
 
     async def close(self) -> None:
+        self.liveness.close()
         client, self._client = self._client, None
         if client is not None:
             await client.close()

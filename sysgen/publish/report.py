@@ -102,6 +102,14 @@ def turns_section(turns: dict[str, Any], run_stats: dict[str, Any]) -> list[str]
         out += ["Engine tokens by phase in the last run (cached = prompt tokens the engine's prefix cache "
                 "served; P4's later turns reuse their whole history):", "",
                 table(["phase", "prompt", "cached", "completion", "cached / prompt"], rows), ""]
+    # stats.json's figure (read from the store); the report's own turn counts come from the records.
+    by_turn = turns.get("p4_cached_ratio_by_turn") or (run_stats.get("turns") or {}).get(
+        "p4_cached_ratio_by_turn") or []
+    if by_turn:
+        out += ["P4 prompt tokens served from the prefix cache, per turn (all runs into these outputs; "
+                "turn 2 and later should be mostly cached):", "",
+                table(["turn", "cached / prompt"], [[j, "n/a" if r is None else f"{100 * r:.1f}%"]
+                                                    for j, r in enumerate(by_turn, 1)]), ""]
     return out
 
 

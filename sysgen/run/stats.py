@@ -19,6 +19,7 @@ from sysgen import prompts
 from sysgen.config import RunConfig
 from sysgen.atomic import write_atomic
 from sysgen.copies import copied_tags
+from sysgen.run.turn_cache import P4TurnCache
 from sysgen.tags import TAGS
 
 STAGES = ("input", "read", "p1", "p2_kept", "p3_kept", "p4_kept")
@@ -149,18 +150,22 @@ def compute(out: Path) -> dict[str, Any]:
     overall = _Tally()
     turns = _Turns()
     by_source: dict[str, _Tally] = defaultdict(_Tally)
+    p4_cache = P4TurnCache(out / "store.db")
     for rec in _iter_jsonl(out / "data.jsonl"):
         overall.add_kept(rec)
         turns.add_kept(rec)
         by_source[rec["source"]].add_kept(rec)
+        p4_cache.add(rec)
     for rec in _iter_jsonl(out / "dropped.jsonl"):
         overall.add_dropped(rec)
         turns.add_dropped(rec)
         by_source[rec["source"]].add_dropped(rec)
+        p4_cache.add(rec)
     stats = overall.to_dict()
     stats["accounted"] = stats["kept"] + sum(overall.dropped.values()) == stats["input"]
     stats["by_source"] = {s: t.to_dict() for s, t in sorted(by_source.items())}
     stats["turns"] = turns.to_dict()
+    stats["turns"]["p4_cached_ratio_by_turn"] = p4_cache.ratios()
     return stats
 
 

@@ -15,12 +15,14 @@ import pytest
 from engine.backend import (
     ContentFiltered,
     EngineAuthError,
+    EngineDied,
     EngineOverloaded,
     NeverAnswered,
     RequestRejected,
     TransientEngineError,
 )
 from engine.backends.openai_http import OpenAIBackend
+from engine.backends.regex_probe import PROBE_REGEX
 from engine.request import Request, SamplingParams, messages_prompt
 from engine.scheduler import Scheduler, SchedulerConfig
 from tests.local_http import Canned, LocalHTTPServer
@@ -31,9 +33,10 @@ KEY = "sk-test-0123456789abcdef-SECRET"
 
 
 class StandInOpenAIServer(LocalHTTPServer):
-    def __init__(self, status: int = 200) -> None:
+    def __init__(self, status: int = 200, honours_regex: bool = True) -> None:
         super().__init__(_Handler)
         self.status = status
+        self.honours_regex = honours_regex  # False: a router that drops the regex field (sglang-router)
         self.seen: list[tuple[dict, str | None]] = []
 
 
@@ -58,8 +61,10 @@ class _Handler(BaseHTTPRequestHandler):
         elif srv.status != 200:
             status, answer = srv.status, {"error": {"message": "slow down"}}
         else:
+            regex = (body.get("structured_outputs") or {}).get("regex") or body.get("regex")
+            text = "12345" if srv.honours_regex and regex == PROBE_REGEX else "Verdict: A"
             status, answer = 200, {"choices": [{"index": 0, "finish_reason": "length", "message": {
-                "role": "assistant", "content": "Verdict: A"}}], "usage": {
+                "role": "assistant", "content": text}}], "usage": {
                 "prompt_tokens": 20, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 16}}}
         raw = json.dumps(answer).encode()
         self.send_response(status)
@@ -214,7 +219,8 @@ def test_a_self_hosted_server_gets_the_regex_in_its_own_field(server):
 
     with StandInOpenAIServer() as srv:
         asyncio.run(go())
-    (body, _), (free, _) = srv.seen
+    (probe, _), (body, _), (free, _) = srv.seen  # the start-up regex probe, then our two requests
+    assert probe["messages"][0]["content"] == "Say hello."
     if server == "vllm":  # vLLM 0.33.0's ChatCompletionRequest.structured_outputs (StructuredOutputsParams)
         fields = vllm_fields.shipped()["classes"]
         unknown = set(body) - set(fields["ChatCompletionRequest"])  # vLLM would ignore these silently
@@ -310,7 +316,8 @@ def test_repetition_is_an_answer_cut_short():
 def test_a_server_reporting_no_cached_tokens_is_warned_about_once_with_its_fix(caplog):
     caplog.set_level(logging.WARNING)
     with StandInOpenAIServer() as srv:
-        srv.inject("/v1/chat/completions", *[Canned(200, answer())] * 3)
+        # the start-up regex probe's answer (five digits), then the three answers generate() gets
+        srv.inject("/v1/chat/completions", Canned(200, answer("stop", "12345")), *[Canned(200, answer())] * 3)
 
         async def go():
             async with OpenAIBackend(srv.url, model="m", api_key=None, server="sglang") as b:
@@ -334,11 +341,28 @@ def test_cli_stops_when_a_router_drops_the_regex_field(tmp_path, capsys):
 
     sample = Path(__file__).resolve().parents[2] / "sysgen" / "samples" / "demo_mixed.jsonl"
     with StandInOpenAIServer() as srv:
-        srv.inject("/v1/chat/completions", *[Canned(200, answer("stop", "Sure! A system message."))] * 40)
+        # The start-up probe (five digits) is answered within the regex, as a router whose first worker
+        # honours it would; every row's P1 after it comes back free text.
+        srv.inject("/v1/chat/completions", Canned(200, answer("stop", "12345")),
+                   *[Canned(200, answer("stop", "Sure! A system message."))] * 40)
         code = main(["run", str(sample), "--out", str(tmp_path / "out"), "--engine", "openai",
                      "--url", srv.url, "--model", "llama-8b", "--openai-server", "vllm", "--no-progress",
                      "--no-report"])
-        answered = 40 - len(srv._canned["/v1/chat/completions"])
+        answered = 41 - len(srv._canned["/v1/chat/completions"]) - 1  # the probe is not a row
     err = capsys.readouterr().err
     assert code == 1 and "ignoring the regex field" in err and srv.url in err, err
     assert answered < 7 + 7  # stopped on the first answers: not every row's P1 and its retry
+
+
+@pytest.mark.parametrize("server", ["vllm", "sglang"])
+def test_a_chat_route_that_drops_the_regex_is_refused_at_start(server):
+    """sglang-router forwards chat requests without vLLM's structured_outputs: the run stops before
+    its first row, naming the launch line that keeps the regex."""
+    async def go():
+        async with OpenAIBackend(srv.url, model="m", api_key=None, server=server):
+            raise AssertionError("started against a server that ignores the regex")
+
+    with StandInOpenAIServer(honours_regex=False) as srv, pytest.raises(
+            EngineDied, match=r"ignores the regex field.*smg launch --backend vllm"):
+        asyncio.run(go())
+    assert len(srv.seen) == 1  # the probe only: no row was spent

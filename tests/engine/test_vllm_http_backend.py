@@ -487,7 +487,7 @@ def test_vllm_chat_prompts_become_token_ids_with_a_local_tokenizer(tmp_path):
     chat = Request(prompt=messages_prompt([{"role": "user", "content": "there hi"}]),
                    sampling=SamplingParams(), model="m")
     backend, result = serve_and_run(srv, lambda b: b.generate(chat), model_path=str(model))
-    assert backend.capabilities.token_ids and result.ok and srv.bodies[0]["prompt"] == [2, 1]
+    assert backend.capabilities.token_ids and result.ok and srv.bodies[-1]["prompt"] == [2, 1]
     assert backend.served_model == "llama-8b"  # matched by the model directory's name (the card's root)
 
 
@@ -569,3 +569,96 @@ def test_vllm_kv_cache_tokens_reads_each_engine_and_skips_unprofiled_ones():
             'mode="{\\"a\\": \\"}\\"}",num_gpu_blocks="100",skip_layers="[]"} 1.0\n')
     assert kv_cache_tokens(text) == (1, 1500)
     assert kv_cache_tokens("vllm:num_requests_running 0.0") == (0, 0)
+
+
+# -- through a router (smg / sglang-router shapes, checked against the real ones in tests/real) ------
+
+SMG_WORKERS = {"workers": [
+    {"url": f"http://w{i}:8000", "is_healthy": True, "labels": {"max_model_len": "4096"},
+     "models": [{"id": "llama-8b", "context_length": 4096 if i else 6144}],
+     "engine_load": {"dp_rank_count": 1, "loads": [{"dp_rank": 0, "max_running_requests": 0}]}}
+    for i in range(3)] + [{"url": "http://sick:8000", "is_healthy": False}], "total": 4}
+ROUTER_MODELS = {"object": "list", "data": [{"id": "llama-8b", "object": "model", "owned_by": "self_hosted"}]}
+STRING_OR_ARRAY = ("Failed to deserialize the JSON body into the target type: prompt: data did not match any "
+                   "variant of untagged enum StringOrArray")
+
+
+def test_through_a_router_prompts_go_as_text_and_the_fleet_is_summed(tmp_path):
+    srv = StandInVLLMServer()
+    srv.inject("/v1/models", Canned(200, ROUTER_MODELS))  # a router's card: no max_model_len
+    srv.inject("/workers", Canned(200, SMG_WORKERS))
+    srv.inject("/v1/completions", Canned(400, {"error": {"message": STRING_OR_ARRAY}}))  # the id probe
+    chat = Request(prompt=messages_prompt([{"role": "user", "content": "hi there"}]), model="m",
+                   sampling=SamplingParams(max_new_tokens=8))
+    backend, result = serve_and_run(srv, lambda b: b.generate(chat),
+                                    model_path=str(tiny_tokenizer_dir(tmp_path)))
+    assert result.ok and backend.prompt_form == "text"
+    (sent,) = srv.bodies  # the canned 400 answered the token-id probe, unrecorded
+    assert isinstance(sent["prompt"], str) and "hi there" in sent["prompt"]
+    assert backend.capabilities.max_context == 4096  # the smallest worker's, never 1,048,576
+    assert backend.capabilities.max_running == 3 * 256  # three healthy workers summed, the sick one not
+    assert backend.capacity_source.startswith("router /workers: 3 worker(s)")
+
+
+def test_a_server_that_takes_token_ids_keeps_them(tmp_path):
+    srv = StandInVLLMServer()
+    backend, _ = serve_and_run(srv, lambda b: b.generate(req(5, 6, 7)),
+                               model_path=str(tiny_tokenizer_dir(tmp_path)))
+    assert backend.prompt_form == "ids" and srv.bodies[-1]["prompt"] == [5, 6, 7]
+
+
+def test_a_router_with_no_context_anywhere_stops_with_the_fix():
+    srv = StandInVLLMServer()
+    srv.inject("/v1/models", Canned(200, ROUTER_MODELS))
+    with pytest.raises(EngineDied, match=r"reports no context length.*pass --model DIR"):
+        serve_and_run(srv, lambda b: asyncio.sleep(0))
+
+
+@pytest.mark.parametrize("first", [ABORT, CRASH])
+def test_abort_or_500_from_a_server_going_away_waits_like_unreachable(first):
+    srv = StandInVLLMServer()
+    srv.inject("/health", Canned(503, {"error": "EngineDeadError"}))  # vLLM once its engine died
+    _, err = serve_and_run(srv, lambda b: _raised(b.generate(req(first))))
+    assert isinstance(err, EngineUnreachable) and "/health fails" in str(err)
+
+
+@pytest.mark.parametrize("first", [ABORT, CRASH])
+def test_abort_or_500_from_a_healthy_server_is_an_ordinary_retry(first):
+    _, err = serve_and_run(StandInVLLMServer(), lambda b: _raised(b.generate(req(first))))
+    assert type(err) is TransientEngineError
+
+
+async def _raised(aw):
+    try:
+        await aw
+    except Exception as e:
+        return e
+    raise AssertionError("no error")
+
+
+def test_a_stalled_server_is_resubmitted_through_the_breaker_without_spending_retries():
+    """The old server's front end holds our requests without answering (its engine is gone); the
+    liveness check finds no request running, the requests go again to what answers now."""
+    from engine.liveness import Liveness
+
+    srv = StandInVLLMServer()
+    checks = []
+
+    async def stalled(outstanding):
+        checks.append(outstanding)
+        srv.delay_s = 0.0  # meanwhile a new server took over the URL
+        return "nothing running"
+
+    async def go():
+        async with VLLMHTTPBackend(srv.url) as b:
+            b.liveness = Liveness(stalled, quiet_s=0.3, every_s=0.1)
+            srv.delay_s = 30.0  # the hung front end: accepts, never answers in time
+            cfg = SchedulerConfig(max_retries=0, timeout_s=60, backoff_base_s=0.05, probe_max_s=0.2)
+            return await scheduled(b, [req(i) for i in range(3)], cfg)
+
+    with srv:
+        t0 = time.monotonic()
+        results, metrics = asyncio.run(go())
+        seconds = time.monotonic() - t0
+    assert all(r.ok for r in results) and metrics.retries == 0 and metrics.unreachable >= 3
+    assert checks and seconds < 10  # not the 30 s hang, nor the request timeout

@@ -1,0 +1,107 @@
+"""The real-engine tier (marker `real_engine`): a real vLLM CPU server and the real routers, from
+their own venvs (tests/real/setup.sh, run here on first use; idempotent). Selected only with
+`-m real_engine` (`make test-real`, run by .ci/run): the plain suite stays fast. A test skips only
+when the install itself is impossible here, with the installer's own words."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+try:
+    from tests.real.servers import MAX_MODEL_LEN, REPO, SETUP, Process, free_port, router, vllm_server
+except ImportError:  # tests/real is not a package: pytest put its folder on sys.path
+    from servers import MAX_MODEL_LEN, REPO, SETUP, Process, free_port, router, vllm_server
+
+# vLLM CPU on 2 shared cores: ~25 s alone with --enforce-eager, minutes when the cores are busy.
+SERVER_START_S = 600
+ROUTER_START_S = 60
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run this tier only when asked for by marker (`-m real_engine`): it installs a server and takes
+    minutes."""
+    here = Path(__file__).parent
+    if "real_engine" in (config.option.markexpr or ""):
+        return
+    mine = [i for i in items if here in Path(str(i.fspath)).parents]
+    if mine:
+        config.hook.pytest_deselected(items=mine)
+        items[:] = [i for i in items if i not in mine]
+
+
+def _setup(what: str) -> None:
+    proc = subprocess.run(["bash", str(SETUP), what], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(
+            f"{SETUP.relative_to(REPO)} {what} failed (exit {proc.returncode}), so no real "
+            f"{what} here: {(proc.stderr or proc.stdout)[-600:]}"
+        )
+
+
+@pytest.fixture(scope="session")
+def model_dir(smol_dir) -> Path:
+    """The default model as the HF folder vLLM loads (tests/conftest.py converts it once)."""
+    return smol_dir
+
+
+class Served:
+    """The vLLM server of the session: one process, restartable on the same port."""
+
+    def __init__(self, model_dir: Path, logs: Path) -> None:
+        self.model_dir, self.logs, self.port = model_dir, logs, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.starts = 0
+        self.process: Process | None = None
+
+    def start(self) -> Served:
+        self.starts += 1
+        self.process = vllm_server(self.model_dir, self.port, self.logs / f"vllm-{self.starts}.log").start()
+        return self
+
+    def wait_ready(self) -> Served:
+        self.process.wait_ready(f"{self.url}/v1/models", SERVER_START_S)
+        return self
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        if self.process is not None:
+            self.process.stop(grace_s=grace_s)
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def vllm(model_dir, tmp_path_factory) -> Served:
+    _setup("vllm")
+    served = Served(model_dir, tmp_path_factory.mktemp("vllm-logs")).start()
+    try:
+        served.wait_ready()
+        yield served
+    finally:
+        served.stop()
+
+
+@pytest.fixture(scope="session")
+def router_factory(vllm, tmp_path_factory):
+    """start(name) -> the URL of that router in front of the session's vLLM server (each started
+    once, all stopped at the end)."""
+    _setup("routers")
+    started: dict[str, tuple[Process, str]] = {}
+    logs = tmp_path_factory.mktemp("router-logs")
+
+    def start(name: str) -> str:
+        if name not in started:
+            port = free_port()
+            proc = router(name, [vllm.url], port, free_port(), logs / f"{name}.log").start()
+            url = f"http://127.0.0.1:{port}"
+            proc.wait_ready(f"{url}/v1/models", ROUTER_START_S)
+            started[name] = (proc, url)
+        return started[name][1]
+
+    yield start
+    for proc, _ in started.values():
+        proc.stop(grace_s=10.0)
+
+
+__all__ = ["MAX_MODEL_LEN"]
