@@ -295,7 +295,7 @@ class Scheduler:
                 reason = f"timeout after {cfg.timeout_s:g}s" if timed_out else str(error)
                 if isinstance(error, RequestRejected):
                     return self._failed(f"rejected: {error}", attempt, error, ErrorKind.REJECTED)
-                if not timed_out and not error.retryable:
+                if not isinstance(error, asyncio.TimeoutError) and not error.retryable:
                     return self._failed(f"engine error: {reason}", attempt, error, ErrorKind.ENGINE)
                 if attempt > cfg.max_retries:
                     return self._failed(f"gave up after {attempt} attempts: {reason}", attempt, error,

@@ -264,7 +264,7 @@ def finish_of(streamed: str | None, generated: int, max_new_tokens: int) -> Fini
     token is not emitted) the last output streamed says NONE, or an empty final output says nothing.
     Such a request ended on its own before its token budget ran out, so it stopped; with the budget
     spent, it was cut. Any other reason (a cancel) is not an answer: None."""
-    known = {"STOP": "stop", "LENGTH": "length"}.get(streamed or "")
+    known = _FINISH.get(streamed or "")
     if known is not None or streamed not in (None, "NONE"):
         return known
     return "length" if generated >= max_new_tokens else "stop"
