@@ -1,4 +1,6 @@
-"""`sysgen run | merge | repair | slurm | status | report | eval | export`. The environment is read here and nowhere else."""
+"""`sysgen run | merge | repair | slurm | status | report | eval | export`.
+
+The environment is read here and nowhere else."""
 
 from __future__ import annotations
 
@@ -160,7 +162,8 @@ def _stopped(e: Exception) -> tuple[str, int]:
     if isinstance(e, EngineConfigError):  # a wrong --url, a server set up wrong: configuration, not an outage
         return f"sysgen run: error: {e}", 2
     if isinstance(e, EngineDied):
-        what = "stopped" if isinstance(e, (EngineDown, FailureStreak, ConstraintIgnored)) else "the engine died"
+        stopped = isinstance(e, (EngineDown, FailureStreak, ConstraintIgnored))
+        what = "stopped" if stopped else "the engine died"
         return (f"sysgen: {what}: {e}\nEverything finished before is committed; {RESUME_HINT} "
                 "once the engine is fixed."), 1
     return f"sysgen run: error: {e}\n{_dataset_error_hint(e, RESUME_HINT)}", 2

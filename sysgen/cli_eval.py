@@ -14,12 +14,12 @@ from engine.progress import Progress
 from engine.scheduler import Scheduler
 from engine.store import Store
 from sysgen import backend_factory
-from sysgen.config import ENGINES
-from sysgen.eval.rundir import RunDirError, load_run
 
 # sysgen.eval.* and sysgen.publish.* stay imported inside the subcommands that use them: they bring
 # the metrics and plotting stacks (0.05 to 0.8 s each), which `sysgen run` and `--help` never need.
 from sysgen.cli_args import BERTSCORE_LAYER, JUDGE_LIMIT
+from sysgen.config import ENGINES
+from sysgen.eval.rundir import RunDirError, load_run
 
 log = logging.getLogger(__name__)
 # The engines `sysgen run` takes (its old names included), but auto and the stand-in; `same`: the run's.

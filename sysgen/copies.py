@@ -26,7 +26,7 @@ from typing import Any
 
 NEAR_RATIO = 0.8
 RUN_SHARE, RUN_MIN = 0.75, 5
-_WORD = re.compile(r"[a-z0-9]+(?:['’][a-z0-9]+)*")
+_WORD = re.compile(r"[a-z0-9]+(?:['\u2019][a-z0-9]+)*")  # an apostrophe, straight or typographic
 _EXAMPLE_LINE = re.compile(r"^\s*<([A-Za-z]+)>([^<>\n]*?)</\1>\s*$", re.MULTILINE)
 
 

@@ -97,8 +97,9 @@ class OpenAIBackend(HTTPEndpoint, BackendBase):
             break
         else:
             await self.close()
-            raise NeverAnswered(f"nothing answers at {self.base_url} ({last}): check --url (an OpenAI-compatible "
-                                "server answers GET /v1/models) and that the server is running")
+            raise NeverAnswered(f"nothing answers at {self.base_url} ({last}): check --url (an "
+                                "OpenAI-compatible server answers GET /v1/models) and that the server is "
+                                "running")
         if self.server is not None:  # a router may drop the regex field: refuse before any row is spent
             try:
                 await check_regex_honoured(client, self.base_url, self.server, self.model,

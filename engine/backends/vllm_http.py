@@ -42,9 +42,9 @@ from engine.backend import (
     EngineAuthError,
     EngineDied,
     EngineError,
-    NeverAnswered,
     EngineOverloaded,
     EngineUnreachable,
+    NeverAnswered,
     RequestRejected,
     TransientEngineError,
 )
@@ -385,7 +385,8 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             self.capacity_source = f"/metrics: {len(engines)} engine(s) x {DEFAULT_RUNNING}"
         if running:
             dp = max(1, len(engines), kv_engines)
-            self._set_running(running, self.capacity_source, dp_size=dp if kv_tokens else 1, kv_tokens=kv_tokens)
+            self._set_running(running, self.capacity_source, dp_size=dp if kv_tokens else 1,
+                              kv_tokens=kv_tokens)
 
     # -- requests ------------------------------------------------------------------------------
 

@@ -117,7 +117,7 @@ def _expand(raw: str) -> list[tuple[str, str]]:
                 continue
             if os.path.isdir(m) and not is_saved_dataset(m):
                 continue  # `data/*` also matches folders; their files are matched by `data/**/*`
-            if os.path.isdir(m) or extension(os.path.basename(m)) and os.path.basename(m) not in _METADATA:
+            if os.path.isdir(m) or (extension(os.path.basename(m)) and os.path.basename(m) not in _METADATA):
                 out.extend(_expand(m))
         if not out:
             raise DatasetError(f"{raw}: the pattern matches no data file (only {', '.join(matches[:3])}"

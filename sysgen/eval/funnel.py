@@ -160,5 +160,15 @@ def tag_stats(records: Iterable[dict[str, Any]]) -> dict[str, TagStats]:
     return summarize(records, ()).tags
 
 
-__all__ = ["ALL", "STAGES", "STAGE_LABELS", "VERDICTS", "Funnel", "TagStats", "Summary", "summarize",
-           "funnels", "tag_stats"]
+__all__ = [
+    "ALL",
+    "STAGES",
+    "STAGE_LABELS",
+    "VERDICTS",
+    "Funnel",
+    "Summary",
+    "TagStats",
+    "funnels",
+    "summarize",
+    "tag_stats",
+]

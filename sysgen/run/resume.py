@@ -286,7 +286,7 @@ class Resume:
 
 
 class Position:
-    __slots__ = ("seq", "where", "done")
+    __slots__ = ("done", "seq", "where")
 
     def __init__(self, seq: int, item: Instance | Rejected | Known, done: bool = False) -> None:
         self.seq = seq

@@ -16,8 +16,8 @@ import orjson
 
 from engine.backend import Backend
 from sysgen import prompts
-from sysgen.config import RunConfig
 from sysgen.atomic import write_atomic
+from sysgen.config import RunConfig
 from sysgen.copies import copied_tags
 from sysgen.run.turn_cache import P4TurnCache
 from sysgen.tags import TAGS

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import orjson
 import asyncio
 import dataclasses
 import sys
 import time
 
+import orjson
 import pytest
 
 from engine.backend import (
@@ -413,7 +413,7 @@ def test_the_first_requests_all_rejected_the_same_way_stop_the_run_whatever_the_
         s = Scheduler(backend, None, BREAKER)  # failure_streak 25
         return [await s.submit(req(i)) for i in range(n)]
 
-    with pytest.raises(FirstRequestsFailed, match="first 5 engine requests.*StringOrArray"):
+    with pytest.raises(FirstRequestsFailed, match=r"first 5 engine requests.*StringOrArray"):
         run(go(refusing, 7))
     assert len(refusing.times) == 5
     # Once a request has succeeded, rejections are dropped one by one (up to the streak limit).

@@ -289,9 +289,8 @@ def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, ca
 
 def test_a_sink_the_store_did_not_write_is_refused_not_emptied(tmp_path):
     (tmp_path / "data.jsonl").write_bytes(b"not ours\n")
-    with Store.open(tmp_path / "store.db") as st:
-        with pytest.raises(StoreError, match="did not write"):
-            st.add_sink("data", tmp_path / "data.jsonl")
+    with Store.open(tmp_path / "store.db") as st, pytest.raises(StoreError, match="did not write"):
+        st.add_sink("data", tmp_path / "data.jsonl")
     assert (tmp_path / "data.jsonl").read_bytes() == b"not ours\n"
 
 

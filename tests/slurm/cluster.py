@@ -119,10 +119,9 @@ PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=2
         self._wait(lambda: self._ok(["sinfo", "-h", "-o", "%t"], "idle"), timeout_s, "the node idle")
 
     def _spawn(self, cmd: list[str]) -> None:
-        log = open(self.root / "log" / f"{cmd[0]}.out", "ab")
-        self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True))
-        log.close()
+        with open(self.root / "log" / f"{cmd[0]}.out", "ab") as log:  # the child keeps its own copy
+            self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                               start_new_session=True))
 
     def _ok(self, cmd: list[str], want: str) -> bool:
         p = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=10)
