@@ -26,24 +26,33 @@ from engine.request import Request, SamplingParams
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 _BUILTIN = (
-    "Explain the difference between a list and a tuple in Python.", "Give three tips for sleeping better.",
-    "What causes the seasons on Earth?", "Write a short poem about autumn leaves.",
-    "Summarise the plot of Romeo and Juliet in two sentences.", "How do I reverse a string in JavaScript?",
-    "A train travels 120 km in 1.5 hours. What is its average speed?", "What is photosynthesis?",
-    "Suggest a name for a bakery that sells only bread.", "Why is the sky blue?",
+    "Explain the difference between a list and a tuple in Python.",
+    "Give three tips for sleeping better.",
+    "What causes the seasons on Earth?",
+    "Write a short poem about autumn leaves.",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "How do I reverse a string in JavaScript?",
+    "A train travels 120 km in 1.5 hours. What is its average speed?",
+    "What is photosynthesis?",
+    "Suggest a name for a bakery that sells only bread.",
+    "Why is the sky blue?",
     "Write a SQL query that counts rows per country in a table called users.",
-    "What are the main causes of inflation?", "Translate 'good morning' into French and Spanish.",
-    "Describe how a hash table works.", "List the planets of the solar system in order.",
+    "What are the main causes of inflation?",
+    "Translate 'good morning' into French and Spanish.",
+    "Describe how a hash table works.",
+    "List the planets of the solar system in order.",
     "If I have 3 apples and buy 5 more, then eat 2, how many do I have?",
 )
 
 
 def instructions(n: int = 16, max_chars: int = 600) -> tuple[list[str], str]:
     """n instructions: an equal share from each real sample file when present, else the built-ins."""
-    files = [("metamathqa/meta_math_qa_test.jsonl", lambda r: r["query"]),
-             ("question_answer/gsm8k_test_first300.jsonl", lambda r: r["question"]),
-             ("capybara/capybara_test.jsonl", lambda r: r["conversation"][0]["input"]),
-             ("magicoder/magicoder_oss_instruct_first500.jsonl", lambda r: r["instruction"])]
+    files = [
+        ("metamathqa/meta_math_qa_test.jsonl", lambda r: r["query"]),
+        ("question_answer/gsm8k_test_first300.jsonl", lambda r: r["question"]),
+        ("capybara/capybara_test.jsonl", lambda r: r["conversation"][0]["input"]),
+        ("magicoder/magicoder_oss_instruct_first500.jsonl", lambda r: r["instruction"]),
+    ]
     if not all((SHARED_DATA / f).is_file() for f, _ in files):
         return [_BUILTIN[i % len(_BUILTIN)] for i in range(n)], "built-in instructions"
     out: list[str] = []
@@ -78,27 +87,42 @@ def run_sequential_generate(model: Any, tokenizer: Any, prompts: list[tuple[int,
     with torch.inference_mode():
         for ids in prompts:
             x = torch.tensor([ids])
-            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
-                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            out = model.generate(
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+            )
             tokens += out.shape[1] - len(ids)  # EOS included, as the engine counts it
     return _rate(tokens, time.perf_counter() - t0)
 
 
-def run_engine(backend: Any, prompts: list[tuple[int, ...]], max_new: int,
-               regex: str | None = None) -> dict:
+def run_engine(backend: Any, prompts: list[tuple[int, ...]], max_new: int, regex: str | None = None) -> dict:
     return asyncio.run(timed_requests(backend, prompts, max_new, regex))
 
 
-async def timed_requests(backend: Any, prompts: list[tuple[int, ...]], max_new: int,
-                         regex: str | None = None) -> dict:
+async def timed_requests(
+    backend: Any, prompts: list[tuple[int, ...]], max_new: int, regex: str | None = None
+) -> dict:
     """Every prompt at once to the backend (greedy, P1 group): tokens generated and tok/s."""
-    reqs = [Request(prompt=p, sampling=SamplingParams(max_new_tokens=max_new), model=backend.model_id,
-                    regex=regex, group="p1") for p in prompts]
+    reqs = [
+        Request(
+            prompt=p,
+            sampling=SamplingParams(max_new_tokens=max_new),
+            model=backend.model_id,
+            regex=regex,
+            group="p1",
+        )
+        for p in prompts
+    ]
     t0 = time.perf_counter()
     results = await asyncio.gather(*(backend.generate(r) for r in reqs))
     rate = _rate(sum(r.completion_tokens for r in results), time.perf_counter() - t0)
-    return rate | {"finish_length": sum(r.finish_reason == "length" for r in results),
-                   "texts": [r.text for r in results]}
+    return rate | {
+        "finish_length": sum(r.finish_reason == "length" for r in results),
+        "texts": [r.text for r in results],
+    }
 
 
 def _rate(tokens: int, seconds: float) -> dict:
@@ -111,24 +135,40 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=32, help="engine max_num_seqs")
-    ap.add_argument("--sequential-prompts", type=int, default=8,
-                    help="prompts for the sequential baseline, spread evenly over the set: one at a time, "
-                         "its tok/s does not depend on how many, and all 32 take ~10 min on 2 cores")
+    ap.add_argument(
+        "--sequential-prompts",
+        type=int,
+        default=8,
+        help="prompts for the sequential baseline, spread evenly over the set: one at a time, "
+        "its tok/s does not depend on how many, and all 32 take ~10 min on 2 cores",
+    )
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--cache-root", type=Path, default=None,
-                    help="model cache root (default ~/.cache/sysgen)")
-    ap.add_argument("--vllm-url", default=None,
-                    help="also a running vLLM CPU server (tests/real/setup.sh; docs/engines.md) on the "
-                         "same prompts, beside OpenVINO")
-    ap.add_argument("--pipeline-rows", type=int, default=0,
-                    help="also the full pipeline (`sysgen run`, P1-P4) over this many built-in rows on "
-                         "each engine: output tok/s")
-    ap.add_argument("--quick", action="store_true",
-                    help="skip the sequential baseline and the prefix-cache-off run")
+    ap.add_argument(
+        "--cache-root", type=Path, default=None, help="model cache root (default ~/.cache/sysgen)"
+    )
+    ap.add_argument(
+        "--vllm-url",
+        default=None,
+        help="also a running vLLM CPU server (tests/real/setup.sh; docs/engines.md) on the "
+        "same prompts, beside OpenVINO",
+    )
+    ap.add_argument(
+        "--pipeline-rows",
+        type=int,
+        default=0,
+        help="also the full pipeline (`sysgen run`, P1-P4) over this many built-in rows on "
+        "each engine: output tok/s",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="skip the sequential baseline and the prefix-cache-off run"
+    )
     args = ap.parse_args(argv)
     n_new = args.max_new_tokens
-    kw: dict[str, Any] = {"max_num_seqs": args.max_batch, "threads": args.threads,
-                          "cache_root": args.cache_root}
+    kw: dict[str, Any] = {
+        "max_num_seqs": args.max_batch,
+        "threads": args.threads,
+        "cache_root": args.cache_root,
+    }
 
     from transformers import AutoTokenizer
 
@@ -147,16 +187,25 @@ def main(argv: list[str] | None = None) -> dict:
     # tok/s at 3.4-4 on 2 cores, so read speedup_vs_sequential next to loadavg_1min_start.
     step = max(1, len(p1) // max(1, args.sequential_prompts))
     load_start = os.getloadavg()[0]
-    seq = None if args.quick else _sequential(p1[::step][: args.sequential_prompts], n_new, tok,
-                                              args.cache_root)
+    seq = (
+        None
+        if args.quick
+        else _sequential(p1[::step][: args.sequential_prompts], n_new, tok, args.cache_root)
+    )
 
     engine = OpenVINOBackend(**kw)
-    res: dict[str, Any] = {"engine": "openvino", "model": engine.model_id, "prompts": len(p1),
-                           "prompt_source": source,
-                           "p1_prompt_tokens_mean": round(sum(map(len, p1)) / len(p1)),
-                           "max_new_tokens": n_new, "max_batch": args.max_batch,
-                           "threads": args.threads or os.cpu_count(), "kv_cache_gb": engine.kv_cache_gb,
-                           "loadavg_1min_start": load_start}
+    res: dict[str, Any] = {
+        "engine": "openvino",
+        "model": engine.model_id,
+        "prompts": len(p1),
+        "prompt_source": source,
+        "p1_prompt_tokens_mean": round(sum(map(len, p1)) / len(p1)),
+        "max_new_tokens": n_new,
+        "max_batch": args.max_batch,
+        "threads": args.threads or os.cpu_count(),
+        "kv_cache_gb": engine.kv_cache_gb,
+        "loadavg_1min_start": load_start,
+    }
     # Warm-up: first inference, the P1 regex's first compile and the template in the prefix cache, on
     # a prompt outside the measured set (so no instance's own text is cached before its first timed run).
     run_engine(engine, [warm], 4)
@@ -168,8 +217,11 @@ def main(argv: list[str] | None = None) -> dict:
     con = run_engine(engine, p1, n_new, regex=p1_regex)
     unc_warm = run_engine(engine, p1, n_new)
     asyncio.run(engine.close())
-    res |= {"p1_unconstrained": _strip(unc), "p1_constrained": _strip(con),
-            "p1_unconstrained_cached": _strip(unc_warm)}
+    res |= {
+        "p1_unconstrained": _strip(unc),
+        "p1_constrained": _strip(con),
+        "p1_unconstrained_cached": _strip(unc_warm),
+    }
     res["p1_tok_s"] = unc["tok_s"]
     res["constrained_vs_unconstrained"] = round(con["tok_s"] / unc_warm["tok_s"], 3)
     if not args.quick:
@@ -204,8 +256,10 @@ def _sequential(prompts: list[tuple[int, ...]], n_new: int, tok: Any, cache_root
 
     model = AutoModelForCausalLM.from_pretrained(default_model_dir(cache_root), dtype=torch.float32).eval()
     run_sequential_generate(model, tok, prompts[:1], 4)  # warm-up
-    return run_sequential_generate(model, tok, prompts, n_new) | {"prompts": len(prompts),
-                                                                   "threads": torch.get_num_threads()}
+    return run_sequential_generate(model, tok, prompts, n_new) | {
+        "prompts": len(prompts),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _vllm(url: str, p1: list[tuple[int, ...]], warm: tuple[int, ...], regex: str, n_new: int) -> dict:
@@ -220,9 +274,13 @@ def _vllm(url: str, p1: list[tuple[int, ...]], warm: tuple[int, ...], regex: str
             await timed_requests(b, [warm], 4, regex)
             unc = await timed_requests(b, p1, n_new)
             con = await timed_requests(b, p1, n_new, regex)
-            return {"url": url, "server_version": b.server_version, "p1_unconstrained": _strip(unc),
-                    "p1_constrained": _strip(con),
-                    "constrained_vs_unconstrained": round(con["tok_s"] / unc["tok_s"], 3)}
+            return {
+                "url": url,
+                "server_version": b.server_version,
+                "p1_unconstrained": _strip(unc),
+                "p1_constrained": _strip(con),
+                "constrained_vs_unconstrained": round(con["tok_s"] / unc["tok_s"], 3),
+            }
 
     return asyncio.run(go())
 
@@ -236,10 +294,28 @@ def _pipeline(engine: str, url: str | None, rows: int) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="bench-cpu-pipeline-") as tmp:
         inp = Path(tmp, "in.jsonl")
-        inp.write_text("".join(json.dumps({"instruction": _BUILTIN[i % len(_BUILTIN)], "output": "A short "
-                                           f"answer {i}."}) + "\n" for i in range(rows)))
-        cmd = [sys.executable, "-m", "sysgen", "run", str(inp), "--out", f"{tmp}/out", "--engine", engine,
-               "--p4-max-tokens", "128", "--no-progress", "--no-report"]
+        inp.write_text(
+            "".join(
+                json.dumps({"instruction": _BUILTIN[i % len(_BUILTIN)], "output": f"A short answer {i}."})
+                + "\n"
+                for i in range(rows)
+            )
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "sysgen",
+            "run",
+            str(inp),
+            "--out",
+            f"{tmp}/out",
+            "--engine",
+            engine,
+            "--p4-max-tokens",
+            "128",
+            "--no-progress",
+            "--no-report",
+        ]
         if url:
             from engine.backends.model_cache import default_model_dir
 
@@ -249,9 +325,15 @@ def _pipeline(engine: str, url: str | None, rows: int) -> dict:
         wall = time.perf_counter() - t0
         st = json.loads(Path(tmp, "out", "stats.json").read_text())
     sched = st["this_run"]["scheduler"]
-    return {"rows": rows, "kept": st["kept"], "p1_parse_rate": st["p1_parse_rate"], "wall_s": round(wall, 1),
-            "output_tokens": sched["completion_tokens"], "output_tok_s": sched["output_tokens_per_s"],
-            "cached_ratio": sched.get("cached_ratio")}
+    return {
+        "rows": rows,
+        "kept": st["kept"],
+        "p1_parse_rate": st["p1_parse_rate"],
+        "wall_s": round(wall, 1),
+        "output_tokens": sched["completion_tokens"],
+        "output_tok_s": sched["output_tokens_per_s"],
+        "cached_ratio": sched.get("cached_ratio"),
+    }
 
 
 def _strip(r: dict) -> dict:
@@ -259,22 +341,43 @@ def _strip(r: dict) -> dict:
 
 
 def _print(res: dict) -> None:
-    print(f"{res['prompts']} P1 prompts (~{res['p1_prompt_tokens_mean']} tokens; {res['prompt_source']}), "
-          f"greedy, {res['max_new_tokens']} new tokens, batch {res['max_batch']}, {res['threads']} threads, "
-          f"load average {res['loadavg_1min_start']:.2f} -> {res['loadavg_1min_end']:.2f}")
+    print(
+        f"{res['prompts']} P1 prompts (~{res['p1_prompt_tokens_mean']} tokens; {res['prompt_source']}), "
+        f"greedy, {res['max_new_tokens']} new tokens, batch {res['max_batch']}, {res['threads']} threads, "
+        f"load average {res['loadavg_1min_start']:.2f} -> {res['loadavg_1min_end']:.2f}"
+    )
     print(f"{'run':28} {'tokens':>7} {'seconds':>8} {'tok/s':>8}")
-    rows = [(n, res.get(n)) for n in ("sequential_generate", "p1_unconstrained", "p1_constrained",
-                                      "p1_unconstrained_cached", "p1_prefix_cache_off")]
+    rows = [
+        (n, res.get(n))
+        for n in (
+            "sequential_generate",
+            "p1_unconstrained",
+            "p1_constrained",
+            "p1_unconstrained_cached",
+            "p1_prefix_cache_off",
+        )
+    ]
     rows += [(f"vllm_{n}", (res.get("vllm") or {}).get(n)) for n in ("p1_unconstrained", "p1_constrained")]
     for name, r in rows:
         if r:
             print(f"{name:28} {r['tokens']:7d} {r['seconds']:8.2f} {r['tok_s']:8.2f}")
     for engine, p in (res.get("pipeline") or {}).items():
-        print(f"pipeline {engine:19} {p['output_tokens']:7d} {p['wall_s']:8.1f} {p['output_tok_s']:8.2f}"
-              f"  ({p['rows']} rows -> {p['kept']} kept, P1 parse {p['p1_parse_rate']})")
-    print("  ".join(f"{k} {res[k]}x" for k in ("speedup_vs_sequential", "constrained_vs_unconstrained",
-                                               "prefix_cache_speedup", "vllm_vs_openvino_p1_constrained")
-                    if k in res))
+        print(
+            f"pipeline {engine:19} {p['output_tokens']:7d} {p['wall_s']:8.1f} {p['output_tok_s']:8.2f}"
+            f"  ({p['rows']} rows -> {p['kept']} kept, P1 parse {p['p1_parse_rate']})"
+        )
+    print(
+        "  ".join(
+            f"{k} {res[k]}x"
+            for k in (
+                "speedup_vs_sequential",
+                "constrained_vs_unconstrained",
+                "prefix_cache_speedup",
+                "vllm_vs_openvino_p1_constrained",
+            )
+            if k in res
+        )
+    )
 
 
 if __name__ == "__main__":

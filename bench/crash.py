@@ -38,8 +38,10 @@ from bench import synthetic
 
 VARIANTS = {
     "zero-latency": {},
-    "random-delay": {"SYSGEN_STANDIN_DELAY": "0.002:0.03",
-                     "SYSGEN_STANDIN_FAULTS": "error=0.02,truncate=0.02"},
+    "random-delay": {
+        "SYSGEN_STANDIN_DELAY": "0.002:0.03",
+        "SYSGEN_STANDIN_FAULTS": "error=0.02,truncate=0.02",
+    },
 }
 BAD_EVERY = 97  # one malformed row in 97: the input path's drops are part of the check
 
@@ -70,14 +72,41 @@ def check(out: Path, expected: set[str]) -> dict:
     stats_path = out / "stats.json"
     st = json.loads(stats_path.read_text()) if stats_path.exists() else {}
     accounted = bool(st.get("accounted")) and st.get("input") == len(expected)
-    return {"lost": lost, "duplicated": duplicated, "corrupt": corrupt, "accounted": accounted,
-            "kept": st.get("kept"), "dropped": st.get("dropped")}
+    return {
+        "lost": lost,
+        "duplicated": duplicated,
+        "corrupt": corrupt,
+        "accounted": accounted,
+        "kept": st.get("kept"),
+        "dropped": st.get("dropped"),
+    }
 
 
-def run_variant(name: str, env_extra: dict, inp: Path, out: Path, kills: int, window: tuple[float, float],
-                rng: random.Random, timeout_s: float) -> dict:
-    cmd = [sys.executable, "-m", "sysgen", "run", str(inp), "--out", str(out), "--engine", "standin",
-           "--no-progress", "--no-report", "--timeout-s", "5"]
+def run_variant(
+    name: str,
+    env_extra: dict,
+    inp: Path,
+    out: Path,
+    kills: int,
+    window: tuple[float, float],
+    rng: random.Random,
+    timeout_s: float,
+) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "sysgen",
+        "run",
+        str(inp),
+        "--out",
+        str(out),
+        "--engine",
+        "standin",
+        "--no-progress",
+        "--no-report",
+        "--timeout-s",
+        "5",
+    ]
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SYSGEN_STANDIN")}, **env_extra}
     done_kills, early, moments, rows_at_kill = 0, 0, [], []
     t0 = time.perf_counter()
@@ -101,8 +130,14 @@ def run_variant(name: str, env_extra: dict, inp: Path, out: Path, kills: int, wi
     final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     if final.returncode != 0:
         raise SystemExit(f"bench.crash: {name}: the resumed run failed:\n{final.stderr[-2000:]}")
-    return {"variant": name, "kills": done_kills, "finished_before_kill": early, "kill_moments_s": moments,
-            "rows_at_kill": rows_at_kill, "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "variant": name,
+        "kills": done_kills,
+        "finished_before_kill": early,
+        "kill_moments_s": moments,
+        "rows_at_kill": rows_at_kill,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def rows_written(out: Path) -> int:
@@ -116,8 +151,9 @@ def rows_written(out: Path) -> int:
     return n
 
 
-def _kill_loop(cmd: list[str], kills: int, rng: random.Random, timeout_s: float, output: Path,
-               busy: Path | None = None) -> dict:
+def _kill_loop(
+    cmd: list[str], kills: int, rng: random.Random, timeout_s: float, output: Path, busy: Path | None = None
+) -> dict:
     """Time one clean run of `cmd`, delete its `output`, then start it `kills` times and SIGKILL it
     at a uniform moment within that duration; then let it finish. `busy`: a glob whose match at
     the kill shows the kill landed mid-write."""
@@ -157,8 +193,14 @@ def _kill_loop(cmd: list[str], kills: int, rng: random.Random, timeout_s: float,
     final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     if final.returncode != 0:
         raise SystemExit(f"bench.crash: {' '.join(cmd[3:5])} failed after kills:\n{final.stderr[-2000:]}")
-    return {"kills": done, "clean_s": round(clean_s, 2), "work_from_s": round(lo, 2),
-            "kill_moments_s": moments, "kills_with_temp_file": mid_write, "finished_before_kill": early}
+    return {
+        "kills": done,
+        "clean_s": round(clean_s, 2),
+        "work_from_s": round(lo, 2),
+        "kill_moments_s": moments,
+        "kills_with_temp_file": mid_write,
+        "finished_before_kill": early,
+    }
 
 
 def check_export(path: Path, kept_ids: set[str]) -> dict:
@@ -171,41 +213,85 @@ def check_export(path: Path, kept_ids: set[str]) -> dict:
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 corrupt += 1
     lost = len(kept_ids - seen.keys())
-    duplicated = (sum(c - 1 for c in seen.values() if c > 1)
-                  + sum(c for i, c in seen.items() if i not in kept_ids))
+    duplicated = sum(c - 1 for c in seen.values() if c > 1) + sum(
+        c for i, c in seen.items() if i not in kept_ids
+    )
     return {"lost": lost, "duplicated": duplicated, "corrupt": corrupt}
 
 
-def measure_merge_export(inp: Path, expected: set[str], workdir: Path, merge_kills: int, export_kills: int,
-                         rng: random.Random, timeout_s: float) -> list[dict]:
+def measure_merge_export(
+    inp: Path,
+    expected: set[str],
+    workdir: Path,
+    merge_kills: int,
+    export_kills: int,
+    rng: random.Random,
+    timeout_s: float,
+) -> list[dict]:
     """Kills during `sysgen merge` (of a two-shard run) and `sysgen export` (of the merge)."""
     py = [sys.executable, "-m", "sysgen"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYSGEN_STANDIN")}
     shards = [workdir / f"shard{i}" for i in range(2)]
     for i, d in enumerate(shards):
         shutil.rmtree(d, ignore_errors=True)
-        cmd = [*py, "run", str(inp), "--out", str(d), "--shard", f"{i}/2", "--engine", "standin",
-               "--no-progress", "--no-report"]
+        cmd = [
+            *py,
+            "run",
+            str(inp),
+            "--out",
+            str(d),
+            "--shard",
+            f"{i}/2",
+            "--engine",
+            "standin",
+            "--no-progress",
+            "--no-report",
+        ]
         subprocess.run(cmd, env=env, capture_output=True, check=True, timeout=timeout_s)
     merged = workdir / "merged"
     shutil.rmtree(merged, ignore_errors=True)
     t0 = time.perf_counter()
-    res = _kill_loop([*py, "merge", str(merged), *map(str, shards)], merge_kills, rng, timeout_s, merged,
-                     busy=merged / "*.merging")
+    res = _kill_loop(
+        [*py, "merge", str(merged), *map(str, shards)],
+        merge_kills,
+        rng,
+        timeout_s,
+        merged,
+        busy=merged / "*.merging",
+    )
     m = {"variant": "merge", **res, **check(merged, expected), "seconds": round(time.perf_counter() - t0, 1)}
     with open(merged / "data.jsonl", "rb") as f:
         kept = {orjson.loads(line)["id"] for line in f}
     t0 = time.perf_counter()
-    res = _kill_loop([*py, "export", str(merged), "--format", "messages"], export_kills, rng, timeout_s,
-                     merged / "export", busy=merged / "export" / "*.tmp")
-    e = {"variant": "export", **res, **check_export(merged / "export" / "messages.jsonl", kept),
-         "accounted": True, "seconds": round(time.perf_counter() - t0, 1)}
+    res = _kill_loop(
+        [*py, "export", str(merged), "--format", "messages"],
+        export_kills,
+        rng,
+        timeout_s,
+        merged / "export",
+        busy=merged / "export" / "*.tmp",
+    )
+    e = {
+        "variant": "export",
+        **res,
+        **check_export(merged / "export" / "messages.jsonl", kept),
+        "accounted": True,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     return [m, e]
 
 
-def measure(n: int, kills: int, workdir: Path, window: tuple[float, float], seed: int = 0,
-            variants: dict[str, dict] | None = None, timeout_s: float = 600, merge_kills: int = 0,
-            export_kills: int = 0) -> dict:
+def measure(
+    n: int,
+    kills: int,
+    workdir: Path,
+    window: tuple[float, float],
+    seed: int = 0,
+    variants: dict[str, dict] | None = None,
+    timeout_s: float = 600,
+    merge_kills: int = 0,
+    export_kills: int = 0,
+) -> dict:
     """`variants` maps a name to the stand-in's environment (default: VARIANTS)."""
     variants = variants or VARIANTS
     rng = random.Random(seed)
@@ -213,8 +299,15 @@ def measure(n: int, kills: int, workdir: Path, window: tuple[float, float], seed
     synthetic.write(inp, n, seed=seed, bad_every=BAD_EVERY)
     expected = expected_ids(inp, n)
     per = [kills // len(variants) + (i < kills % len(variants)) for i in range(len(variants))]
-    report = {"instances": n, "kills": 0, "lost": 0, "duplicated": 0, "corrupt": 0, "accounted": True,
-              "variants": []}
+    report = {
+        "instances": n,
+        "kills": 0,
+        "lost": 0,
+        "duplicated": 0,
+        "corrupt": 0,
+        "accounted": True,
+        "variants": [],
+    }
     for (name, env), k in zip(variants.items(), per, strict=True):
         out = workdir / f"out-{name}"
         shutil.rmtree(out, ignore_errors=True)
@@ -236,13 +329,17 @@ def measure(n: int, kills: int, workdir: Path, window: tuple[float, float], seed
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.crash", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.crash",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--instances", type=int, default=60_000)
     ap.add_argument("--kill-window", default="0.3:2.0", help="LOW:HIGH seconds after start to kill at")
-    ap.add_argument("--variants", default=",".join(VARIANTS),
-                    help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}"
+    )
     ap.add_argument("--merge-kills", type=int, default=10, help="kills during `sysgen merge` (0: skip)")
     ap.add_argument("--export-kills", type=int, default=10, help="kills during `sysgen export` (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
@@ -258,28 +355,54 @@ def main(argv: list[str] | None = None) -> int:
     variants = {name: VARIANTS[name] for name in names}
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        res = measure(args.instances, args.kills, Path(args.workdir), window, args.seed, variants,
-                      merge_kills=args.merge_kills, export_kills=args.export_kills)
+        res = measure(
+            args.instances,
+            args.kills,
+            Path(args.workdir),
+            window,
+            args.seed,
+            variants,
+            merge_kills=args.merge_kills,
+            export_kills=args.export_kills,
+        )
     else:
         with tempfile.TemporaryDirectory(prefix="sysgen-crash-") as tmp:
-            res = measure(args.instances, args.kills, Path(tmp), window, args.seed, variants,
-                          merge_kills=args.merge_kills, export_kills=args.export_kills)
-    print(f"bench.crash: {res['instances']:,} input rows (1 in {BAD_EVERY} malformed), "
-          "SIGKILL at random moments")
-    print(f"  {'variant':<14} {'kills':>5} {'lost':>5} {'dup':>5} {'corrupt':>7} {'accounted':>9} "
-          f"{'seconds':>8}")
+            res = measure(
+                args.instances,
+                args.kills,
+                Path(tmp),
+                window,
+                args.seed,
+                variants,
+                merge_kills=args.merge_kills,
+                export_kills=args.export_kills,
+            )
+    print(
+        f"bench.crash: {res['instances']:,} input rows (1 in {BAD_EVERY} malformed), "
+        "SIGKILL at random moments"
+    )
+    print(
+        f"  {'variant':<14} {'kills':>5} {'lost':>5} {'dup':>5} {'corrupt':>7} {'accounted':>9} "
+        f"{'seconds':>8}"
+    )
     for v in res["variants"]:
-        print(f"  {v['variant']:<14} {v['kills']:>5} {v['lost']:>5} {v['duplicated']:>5} {v['corrupt']:>7} "
-              f"{v['accounted']!s:>9} {v['seconds']:>8}")
+        print(
+            f"  {v['variant']:<14} {v['kills']:>5} {v['lost']:>5} {v['duplicated']:>5} {v['corrupt']:>7} "
+            f"{v['accounted']!s:>9} {v['seconds']:>8}"
+        )
         if "rows_at_kill" in v:
             print(f"  {'':<14} rows out at each kill: {', '.join(f'{r:,}' for r in v['rows_at_kill'])}")
         else:
-            print(f"  {'':<14} kills at {v['work_from_s']}-{v['clean_s']} s (work starts, clean run ends); "
-                  f"{v['kills_with_temp_file']} of {v['kills']} while a temporary output file existed")
+            print(
+                f"  {'':<14} kills at {v['work_from_s']}-{v['clean_s']} s (work starts, clean run ends); "
+                f"{v['kills_with_temp_file']} of {v['kills']} while a temporary output file existed"
+            )
     clean = not (res["lost"] or res["duplicated"] or res["corrupt"])
     ok = res["kills"] == args.kills + args.merge_kills + args.export_kills and clean and res["accounted"]
-    print(f"  total: kills={res['kills']} lost={res['lost']} duplicated={res['duplicated']} "
-          f"corrupt={res['corrupt']} accounted={res['accounted']} -> {'PASS' if ok else 'FAIL'}")
+    print(
+        f"  total: kills={res['kills']} lost={res['lost']} duplicated={res['duplicated']} "
+        f"corrupt={res['corrupt']} accounted={res['accounted']} -> {'PASS' if ok else 'FAIL'}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
     return 0 if ok else 1

@@ -70,8 +70,9 @@ async def _raw(engine, requests: list, window: int | None) -> list:
     async def one(r):
         async with gate:
             try:
-                out = await engine.async_generate(input_ids=list(r.prompt),
-                                                  sampling_params=sampling_params_for(r))
+                out = await engine.async_generate(
+                    input_ids=list(r.prompt), sampling_params=sampling_params_for(r)
+                )
                 return result_from_output(out, r)
             except Exception as e:  # SGLang's 400 abort raises ValueError: a failed request, not a failed run
                 return Result.failure(f"{type(e).__name__}: {e}")
@@ -80,8 +81,9 @@ async def _raw(engine, requests: list, window: int | None) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", help="local Hugging Face model directory")
     p.add_argument("--profile", help="kernels_cfg profile (default: from the detected GPU)")
     p.add_argument("--fp8", action="store_true", help="the profile's FP8 settings (Hopper)")
@@ -89,13 +91,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=2000, help="P1 requests per part")
     p.add_argument("--warmup", type=int, default=32)
     p.add_argument("--max-inflight", type=int, help="scheduler window (default: from the engine's capacity)")
-    p.add_argument("--batch-baseline", action="store_true",
-                   help="also time all n requests at once (Engine.generate(list)'s FCFS queue regime)")
+    p.add_argument(
+        "--batch-baseline",
+        action="store_true",
+        help="also time all n requests at once (Engine.generate(list)'s FCFS queue regime)",
+    )
     p.add_argument("--json", help="write the results here")
     p.add_argument("--dry-run", action="store_true", help="build prompts and print the plan; no engine")
     p.add_argument("--url", help="drive a running server instead of an in-process engine (bench.gpu_url)")
-    p.add_argument("--engine", default="vllm_http", choices=("vllm_http", "sglang_http"),
-                   help="with --url: what serves there")
+    p.add_argument(
+        "--engine",
+        default="vllm_http",
+        choices=("vllm_http", "sglang_http"),
+        help="with --url: what serves there",
+    )
     p.add_argument("--api-key", help="with --url: the server's key (default: env OPENAI_API_KEY)")
     args = p.parse_args(argv)
     if args.url and not args.dry_run:
@@ -118,8 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         if args.dry_run:
             tokenizer = _tokenizer(args.model) if args.model else None
-            reqs = build_requests(args.n, input_path=args.input, tokenizer=tokenizer, model_id="dry-run",
-                                  constrain=True, workdir=work)
+            reqs = build_requests(
+                args.n,
+                input_path=args.input,
+                tokenizer=tokenizer,
+                model_id="dry-run",
+                constrain=True,
+                workdir=work,
+            )
             info = plan(args, reqs, server_args, note)
             print(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode())
             write_json(args.json, info)
@@ -143,13 +158,22 @@ def _measure(args, server_args: dict, note: str, work: Path) -> int:
         info["gpu"] = detect_gpu()
         info["regime"] = regime(window, caps, args.batch_baseline)
         if args.warmup:
-            run_raw(engine, [replace(r, sampling=replace(r.sampling, max_new_tokens=16))
-                             for r in regex_reqs[: args.warmup]], window)
-        rows = [part_stats("raw_free", *run_raw(engine, free_reqs, window)),
-                part_stats("raw_regex", *run_raw(engine, regex_reqs, window))]
+            run_raw(
+                engine,
+                [
+                    replace(r, sampling=replace(r.sampling, max_new_tokens=16))
+                    for r in regex_reqs[: args.warmup]
+                ],
+                window,
+            )
+        rows = [
+            part_stats("raw_free", *run_raw(engine, free_reqs, window)),
+            part_stats("raw_regex", *run_raw(engine, regex_reqs, window)),
+        ]
         engine.flush_cache()
         results, seconds = engine.loop.run_until_complete(
-            run_sysgen(backend, regex_reqs, work / "store.db", args.max_inflight))
+            run_sysgen(backend, regex_reqs, work / "store.db", args.max_inflight)
+        )
         rows.append(part_stats("sysgen_regex", results, seconds))
         if args.batch_baseline:
             rows.append(part_stats("raw_batch", *run_raw(engine, regex_reqs, None)))
@@ -157,8 +181,9 @@ def _measure(args, server_args: dict, note: str, work: Path) -> int:
         engine.loop.run_until_complete(backend.close())
     by = part_ratios(info, rows)
     if "raw_batch" in by:
-        info["ratios"]["windowed_vs_batch_output_tok_s"] = ratio(by["raw_regex"]["output_tokens_per_s"],
-                                                                 by["raw_batch"]["output_tokens_per_s"])
+        info["ratios"]["windowed_vs_batch_output_tok_s"] = ratio(
+            by["raw_regex"]["output_tokens_per_s"], by["raw_batch"]["output_tokens_per_s"]
+        )
     print(table(rows))
     print(orjson.dumps(info["ratios"]).decode())
     write_json(args.json, info)
@@ -169,12 +194,17 @@ def regime(window: int, caps, batch: bool) -> dict[str, Any]:
     """The queue regime each part runs in, stated in the JSON so the ratios can be read."""
     dp = max(1, caps.dp_size)
     running = max(1, caps.max_running // dp)
-    out = {"window": window, "dp_size": dp, "max_running_per_rank": running,
-           "kv_tokens_per_rank": caps.kv_tokens,
-           "waiting_per_rank_max": max(0, -(-window // dp) - running),
-           "lpm_waiting_limit": LPM_WAITING_LIMIT,
-           "raw_free": "windowed", "raw_regex": "windowed",
-           "sysgen_regex": "windowed (the scheduler may shrink it when the KV cache runs fewer)"}
+    out = {
+        "window": window,
+        "dp_size": dp,
+        "max_running_per_rank": running,
+        "kv_tokens_per_rank": caps.kv_tokens,
+        "waiting_per_rank_max": max(0, -(-window // dp) - running),
+        "lpm_waiting_limit": LPM_WAITING_LIMIT,
+        "raw_free": "windowed",
+        "raw_regex": "windowed",
+        "sysgen_regex": "windowed (the scheduler may shrink it when the KV cache runs fewer)",
+    }
     if batch:
         out["raw_batch"] = "all n at once: waiting past the lpm limit, FCFS"
     return out
@@ -184,8 +214,6 @@ def _tokenizer(model: str):
     from transformers import AutoTokenizer  # seconds to import: only --dry-run with --model needs it
 
     return AutoTokenizer.from_pretrained(model)
-
-
 
 
 if __name__ == "__main__":

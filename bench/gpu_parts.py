@@ -21,8 +21,9 @@ from sysgen.datasets.stream import iter_instances
 from sysgen.run.phases import PhaseSettings, PromptBuilder, p1_request
 
 
-def build_requests(n: int, *, input_path: str | None, tokenizer: Any, model_id: str, constrain: bool,
-                   workdir: Path) -> list:
+def build_requests(
+    n: int, *, input_path: str | None, tokenizer: Any, model_id: str, constrain: bool, workdir: Path
+) -> list:
     """`n` P1 requests (token ids when there is a tokenizer, else chat messages)."""
     if input_path is None:
         input_path = str(workdir / "synthetic.jsonl")
@@ -44,16 +45,23 @@ def part_stats(name: str, results: list, seconds: float) -> dict[str, Any]:
     out_tok = sum(r.completion_tokens for r in ok)
     prompt_tok = sum(r.prompt_tokens for r in ok)
     cached = sum(r.cached_tokens for r in ok)
-    return {"part": name, "requests": len(results), "failed": len(results) - len(ok),
-            "seconds": round(seconds, 3), "output_tokens": out_tok, "prompt_tokens": prompt_tok,
-            "cached_tokens": cached,
-            "output_tokens_per_s": round(out_tok / seconds, 1) if seconds > 0 else 0.0,
-            "requests_per_s": round(len(ok) / seconds, 2) if seconds > 0 else 0.0,
-            "cached_ratio": round(cached / prompt_tok, 4) if prompt_tok else 0.0}
+    return {
+        "part": name,
+        "requests": len(results),
+        "failed": len(results) - len(ok),
+        "seconds": round(seconds, 3),
+        "output_tokens": out_tok,
+        "prompt_tokens": prompt_tok,
+        "cached_tokens": cached,
+        "output_tokens_per_s": round(out_tok / seconds, 1) if seconds > 0 else 0.0,
+        "requests_per_s": round(len(ok) / seconds, 2) if seconds > 0 else 0.0,
+        "cached_ratio": round(cached / prompt_tok, 4) if prompt_tok else 0.0,
+    }
 
 
-async def run_sysgen(backend, requests: list, store_path: Path,
-                     max_inflight: int | None) -> tuple[list, float]:
+async def run_sysgen(
+    backend, requests: list, store_path: Path, max_inflight: int | None
+) -> tuple[list, float]:
     """The same requests through our scheduler and a fresh store, all submitted at once as a run
     would (the scheduler bounds what reaches the engine)."""
     store = Store.open(store_path)
@@ -86,10 +94,12 @@ def part_ratios(info: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, d
     by = {r["part"]: r for r in rows}
     info["results"] = rows
     info["ratios"] = {
-        "sysgen_vs_raw_output_tok_s": ratio(by["sysgen_regex"]["output_tokens_per_s"],
-                                            by["raw_regex"]["output_tokens_per_s"]),
-        "regex_vs_free_output_tok_s": ratio(by["raw_regex"]["output_tokens_per_s"],
-                                            by["raw_free"]["output_tokens_per_s"]),
+        "sysgen_vs_raw_output_tok_s": ratio(
+            by["sysgen_regex"]["output_tokens_per_s"], by["raw_regex"]["output_tokens_per_s"]
+        ),
+        "regex_vs_free_output_tok_s": ratio(
+            by["raw_regex"]["output_tokens_per_s"], by["raw_free"]["output_tokens_per_s"]
+        ),
     }
     return by
 
@@ -97,12 +107,19 @@ def part_ratios(info: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, d
 def plan(args, requests: list, server_args: dict | None, profile_note: str) -> dict[str, Any]:
     lens = [len(r.prompt) if r.kind == "ids" else len(orjson.dumps(r.prompt)) for r in requests]
     unit = "tokens" if requests and requests[0].kind == "ids" else "JSON bytes (no tokenizer)"
-    return {"dry_run": bool(args.dry_run), "model": args.model, "n": len(requests), "warmup": args.warmup,
-            "parts": ["raw_free", "raw_regex", "sysgen_regex"], "profile": profile_note,
-            "server_args": server_args, "prompt_unit": unit,
-            "prompt_len_mean": round(statistics.mean(lens), 1) if lens else 0,
-            "prompt_len_max": max(lens, default=0),
-            "regex_chars": len(requests[0].regex or "") if requests else 0}
+    return {
+        "dry_run": bool(args.dry_run),
+        "model": args.model,
+        "n": len(requests),
+        "warmup": args.warmup,
+        "parts": ["raw_free", "raw_regex", "sysgen_regex"],
+        "profile": profile_note,
+        "server_args": server_args,
+        "prompt_unit": unit,
+        "prompt_len_mean": round(statistics.mean(lens), 1) if lens else 0,
+        "prompt_len_max": max(lens, default=0),
+        "regex_chars": len(requests[0].regex or "") if requests else 0,
+    }
 
 
 def write_json(path: str | None, info: dict) -> None:

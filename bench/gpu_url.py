@@ -53,6 +53,7 @@ async def reset_cache(backend, engine: str) -> bool:
 async def run_direct(backend, requests: list) -> tuple[list, float]:
     """All requests at once straight to the backend (its own connection cap applies): no
     scheduler, no store. A failed request counts as failed, not fatal."""
+
     async def one(r):
         try:
             return await backend.generate(r)
@@ -69,15 +70,22 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     backend = make_url_backend(args.engine, args.url, args.model, api_key)
     async with backend:
         if backend.tokenizer is None:
-            raise SystemExit("error: --url needs --model DIR (a local copy of the served model, for its "
-                             "tokenizer: prompts go out as token ids)")
+            raise SystemExit(
+                "error: --url needs --model DIR (a local copy of the served model, for its "
+                "tokenizer: prompts go out as token ids)"
+            )
         mk = dict(input_path=args.input, tokenizer=backend.tokenizer, model_id=backend.model_id, workdir=work)
         regex_reqs = build_requests(args.n, constrain=True, **mk)
         free_reqs = build_requests(args.n, constrain=False, **mk)
         info = plan(args, regex_reqs, None, "none (a running server)")
-        info.update(engine=args.engine, url=args.url, served_model=backend.model_id,
-                    server_version=getattr(backend, "server_version", None),
-                    capacity=backend.capabilities.max_running, cache_reset={})
+        info.update(
+            engine=args.engine,
+            url=args.url,
+            served_model=backend.model_id,
+            server_version=getattr(backend, "server_version", None),
+            capacity=backend.capabilities.max_running,
+            cache_reset={},
+        )
         if args.warmup:
             await run_direct(backend, regex_reqs[: args.warmup])
         rows = []
@@ -85,8 +93,11 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             info["cache_reset"][name] = await reset_cache(backend, args.engine)
             rows.append(part_stats(name, *await run_direct(backend, reqs)))
         info["cache_reset"]["sysgen_regex"] = await reset_cache(backend, args.engine)
-        rows.append(part_stats("sysgen_regex", *await run_sysgen(backend, regex_reqs, work / "store.db",
-                                                                   args.max_inflight)))
+        rows.append(
+            part_stats(
+                "sysgen_regex", *await run_sysgen(backend, regex_reqs, work / "store.db", args.max_inflight)
+            )
+        )
     part_ratios(info, rows)
     return info
 

@@ -110,20 +110,39 @@ class ShapeCost:
     step_ms_bs: dict[str, float]  # method -> median ms to fill the masks of `batch` sequences
 
 
-def measure_shape(info: xgr.TokenizerInfo, name: str, regex: str, walks: Sequence[Sequence[int]], *,
-                  batch: int, steps: int, threads: Sequence[int]) -> ShapeCost:
+def measure_shape(
+    info: xgr.TokenizerInfo,
+    name: str,
+    regex: str,
+    walks: Sequence[Sequence[int]],
+    *,
+    batch: int,
+    steps: int,
+    threads: Sequence[int],
+) -> ShapeCost:
     compiler = xgr.GrammarCompiler(info, cache_enabled=False)
     t0 = time.perf_counter()
     grammar = compiler.compile_regex(regex)
     compile_s = time.perf_counter() - t0
     per_token = walk_mask_us(grammar, info.vocab_size, walks)
     step = batch_step_ms(grammar, info.vocab_size, walks, batch=batch, steps=steps, threads=threads)
-    return ShapeCost(name, len(regex), len(walks), compile_s, grammar.memory_size_bytes,
-                     _pct(per_token, 50), _pct(per_token, 90), _pct(per_token, 99), max(per_token), step)
+    return ShapeCost(
+        name,
+        len(regex),
+        len(walks),
+        compile_s,
+        grammar.memory_size_bytes,
+        _pct(per_token, 50),
+        _pct(per_token, 90),
+        _pct(per_token, 99),
+        max(per_token),
+        step,
+    )
 
 
-def walk_mask_us(grammar: xgr.CompiledGrammar, vocab_size: int,
-                 walks: Sequence[Sequence[int]]) -> list[float]:
+def walk_mask_us(
+    grammar: xgr.CompiledGrammar, vocab_size: int, walks: Sequence[Sequence[int]]
+) -> list[float]:
     """Microseconds per fill_next_token_bitmask, one per token of every walk (EOS position included)."""
     bitmask = xgr.allocate_token_bitmask(1, vocab_size)
     times = []
@@ -138,8 +157,15 @@ def walk_mask_us(grammar: xgr.CompiledGrammar, vocab_size: int,
     return times
 
 
-def batch_step_ms(grammar: xgr.CompiledGrammar, vocab_size: int, walks: Sequence[Sequence[int]], *,
-                  batch: int, steps: int, threads: Sequence[int]) -> dict[str, float]:
+def batch_step_ms(
+    grammar: xgr.CompiledGrammar,
+    vocab_size: int,
+    walks: Sequence[Sequence[int]],
+    *,
+    batch: int,
+    steps: int,
+    threads: Sequence[int],
+) -> dict[str, float]:
     """Median ms to fill `batch` masks per decode step, sequences spread over random walk offsets."""
     rng = random.Random(0)
     bitmask = xgr.allocate_token_bitmask(batch, vocab_size)
@@ -204,14 +230,26 @@ class GpuModel:
         w = self.params * self.bytes_per_param / 1e9
         kv = self.kv_bytes_per_token * self.batch * self.context / 1e9
         bw = self.hbm_bytes_per_s / 1e12
-        return (f"({w:.1f} GB weights + {kv:.1f} GB KV [{self.kv_bytes_per_token} B/token x {self.batch} "
-                f"seqs x {self.context} tokens]) / {bw:.2f} TB/s = {self.step_ms():.2f} ms")
+        return (
+            f"({w:.1f} GB weights + {kv:.1f} GB KV [{self.kv_bytes_per_token} B/token x {self.batch} "
+            f"seqs x {self.context} tokens]) / {bw:.2f} TB/s = {self.step_ms():.2f} ms"
+        )
 
 
-def run(info: xgr.TokenizerInfo, encode: Callable[[str], list[int]], *, eos_id: int,
-        shapes: dict[str, str], p3: str, texts: Sequence[str] = TAGGED_OUTPUTS, batch: int = 256,
-        steps: int = 20, threads: Sequence[int] = (), gpu: GpuModel | None = None,
-        reference: str | None = None) -> dict[str, Any]:
+def run(
+    info: xgr.TokenizerInfo,
+    encode: Callable[[str], list[int]],
+    *,
+    eos_id: int,
+    shapes: dict[str, str],
+    p3: str,
+    texts: Sequence[str] = TAGGED_OUTPUTS,
+    batch: int = 256,
+    steps: int = 20,
+    threads: Sequence[int] = (),
+    gpu: GpuModel | None = None,
+    reference: str | None = None,
+) -> dict[str, Any]:
     """The benchmark's core: costs per shape plus the GPU comparison for `reference` (default: first)."""
     threads = tuple(threads) or tuple(sorted({1, os.cpu_count() or 1}))
     costs = []
@@ -241,9 +279,12 @@ def run(info: xgr.TokenizerInfo, encode: Callable[[str], list[int]], *, eos_id: 
         "cpu_count": os.cpu_count(),
         "loadavg_1min": os.getloadavg()[0],  # other processes distort these timings
         "predicted_ratio_by_shape": {
-            c.name: {"no_overlap": (step_gpu + min(c.step_ms_bs.values())) / step_gpu,
-                     "overlap": max(step_gpu, min(c.step_ms_bs.values())) / step_gpu}
-            for c in [*costs, p3_cost]},
+            c.name: {
+                "no_overlap": (step_gpu + min(c.step_ms_bs.values())) / step_gpu,
+                "overlap": max(step_gpu, min(c.step_ms_bs.values())) / step_gpu,
+            }
+            for c in [*costs, p3_cost]
+        },
         "shapes": [asdict(c) for c in costs],
         "p3": asdict(p3_cost),
         "regexes": {**shapes, "p3_all_tags": p3},
@@ -274,10 +315,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m bench.grammar", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--steps", type=int, default=8, help="decode steps timed at batch 256")
-    ap.add_argument("--context", type=int, default=GpuModel.context,
-                    help="average tokens per sequence in the modelled GPU batch")
-    ap.add_argument("--cache-root", type=Path, default=None,
-                    help="model cache root (default ~/.cache/sysgen)")
+    ap.add_argument(
+        "--context",
+        type=int,
+        default=GpuModel.context,
+        help="average tokens per sequence in the modelled GPU batch",
+    )
+    ap.add_argument(
+        "--cache-root", type=Path, default=None, help="model cache root (default ~/.cache/sysgen)"
+    )
     args = ap.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -287,8 +333,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tok = AutoTokenizer.from_pretrained(default_model_dir(args.cache_root))
     info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=len(tok), stop_token_ids=[tok.eos_token_id])
     shapes, p3 = _tags_module_regexes()
-    res = run(info, lambda s: tok.encode(s, add_special_tokens=False), eos_id=tok.eos_token_id, shapes=shapes,
-              p3=p3, steps=args.steps, gpu=GpuModel(context=args.context))
+    res = run(
+        info,
+        lambda s: tok.encode(s, add_special_tokens=False),
+        eos_id=tok.eos_token_id,
+        shapes=shapes,
+        p3=p3,
+        steps=args.steps,
+        gpu=GpuModel(context=args.context),
+    )
     _print(res)
     if args.json:
         args.json.write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2))
@@ -296,20 +349,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _print(res: dict[str, Any]) -> None:
-    head = (f"{'shape':22} {'chars':>5} {'walked':>6} {'compile s':>9} {'mask us p50':>11} {'p90':>8} "
-            f"{'p99':>8}")
+    head = (
+        f"{'shape':22} {'chars':>5} {'walked':>6} {'compile s':>9} {'mask us p50':>11} {'p90':>8} {'p99':>8}"
+    )
     print(f"{head}  step ms @bs{res['batch']}")
     for c in [*res["shapes"], res["p3"]]:
         steps = "  ".join(f"{k}={v:.2f}" for k, v in c["step_ms_bs"].items())
-        print(f"{c['name']:22} {c['regex_chars']:5d} {c['walked']:6d} {c['compile_s']:9.3f} "
-              f"{c['mask_us_p50']:11.1f} {c['mask_us_p90']:8.1f} {c['mask_us_p99']:8.1f}  {steps}")
+        print(
+            f"{c['name']:22} {c['regex_chars']:5d} {c['walked']:6d} {c['compile_s']:9.3f} "
+            f"{c['mask_us_p50']:11.1f} {c['mask_us_p90']:8.1f} {c['mask_us_p99']:8.1f}  {steps}"
+        )
     print(f"{'shape':22} predicted constrained/unconstrained GPU step: no overlap | overlapped")
     for name, r in res["predicted_ratio_by_shape"].items():
         print(f"{name:22} {r['no_overlap']:8.3f} | {r['overlap']:.3f}")
     print(f"GPU step: {res['gpu_step_arithmetic']}")
-    print(f"{res['reference_shape']}: predicted constrained/unconstrained step ratio "
-          f"{res['predicted_constrained_ratio']:.3f} without overlap, "
-          f"{res['predicted_constrained_ratio_overlapped']:.3f} with mask filling overlapped")
+    print(
+        f"{res['reference_shape']}: predicted constrained/unconstrained step ratio "
+        f"{res['predicted_constrained_ratio']:.3f} without overlap, "
+        f"{res['predicted_constrained_ratio_overlapped']:.3f} with mask filling overlapped"
+    )
 
 
 if __name__ == "__main__":

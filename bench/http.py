@@ -27,9 +27,11 @@ import subprocess
 import sys
 import time
 
-TARGETS = {"http_requests_per_s_latency1s_inflight512": (">=", 300),
-           "http_requests_per_s_zero_latency": (">=", 1500),
-           "latency1s_inflight2048_share_of_bound": (">=", 0.6)}
+TARGETS = {
+    "http_requests_per_s_latency1s_inflight512": (">=", 300),
+    "http_requests_per_s_zero_latency": (">=", 1500),
+    "latency1s_inflight2048_share_of_bound": (">=", 0.6),
+}
 
 
 def cpu_model() -> str:
@@ -46,9 +48,12 @@ class Server:
     """bench/http_server.py in a child process, on its own core where there are two or more."""
 
     def __init__(self, delay_s: float) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.http_server", "--delay", str(delay_s)],
-                                     stdout=subprocess.PIPE, text=True,
-                                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.http_server", "--delay", str(delay_s)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
         line = self.proc.stdout.readline()
         if not line.startswith("PORT "):
             self.proc.kill()
@@ -111,8 +116,9 @@ async def _through_backend(url: str, inflight: int, warmup_s: float, window_s: f
         return await _drive(send, inflight, warmup_s, window_s)
 
 
-async def _bare(client: str, url: str, inflight: int, warmup_s: float,
-                window_s: float) -> tuple[float, float]:
+async def _bare(
+    client: str, url: str, inflight: int, warmup_s: float, window_s: float
+) -> tuple[float, float]:
     import orjson
 
     body = orjson.dumps({"input_ids": list(range(200)), "sampling_params": {"max_new_tokens": 1}})
@@ -122,6 +128,7 @@ async def _bare(client: str, url: str, inflight: int, warmup_s: float,
 
         limits = httpx.Limits(max_connections=inflight, max_keepalive_connections=inflight)
         async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as c:
+
             async def send(i: int) -> None:
                 orjson.loads((await c.post("/generate", content=body, headers=headers)).content)
 
@@ -129,6 +136,7 @@ async def _bare(client: str, url: str, inflight: int, warmup_s: float,
     import aiohttp
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=inflight)) as s:
+
         async def send(i: int) -> None:
             async with s.post(url + "/generate", data=body, headers=headers) as r:
                 orjson.loads(await r.read())
@@ -160,8 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", action="store_true", help="also bare httpx and aiohttp loops")
     a = p.parse_args(argv)
     inflights = [int(x) for x in a.inflight.split(",")]
-    res: dict = {"cpu_model": cpu_model(), "cpus": os.cpu_count(), "latency_s": a.latency_s,
-                 "window_s": a.window_s, "zero_latency_inflight": a.zero_inflight}
+    res: dict = {
+        "cpu_model": cpu_model(),
+        "cpus": os.cpu_count(),
+        "latency_s": a.latency_s,
+        "window_s": a.window_s,
+        "zero_latency_inflight": a.zero_inflight,
+    }
     rows = []
     for n in inflights:
         rps, cpu = measure(a.latency_s, n, a.window_s)
@@ -185,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
                 except ImportError:
                     continue
                 res.setdefault("candidates", {})[f"{client}_latency{lat:g}s_inflight{n}"] = {
-                    "requests_per_s": round(rps, 1), "client_cpu_ms_per_request": round(cpu, 3)}
+                    "requests_per_s": round(rps, 1),
+                    "client_cpu_ms_per_request": round(cpu, 3),
+                }
                 name = f"bare {client}: latency {lat:g}s, {n} in flight"
                 rows.append((name, rps, cpu, n / lat if lat else None))
     print(f"{'run':<44} {'req/s':>9} {'CPU ms/req':>11} {'bound':>8} {'core share':>11}")

@@ -20,22 +20,39 @@ import orjson
 
 # In the JSON body the regex's newlines are the two characters \n: a tag name follows `"` or those.
 _VERDICT_TAG = re.compile(rb'(?:"|\\n)(\w+): \(\?:Good\|Bad\|None\)')
-_P1 = ("<Role>You are a careful assistant (profile {n}).</Role>\n<Content>Cover the question accurately."
-       "</Content>\n<Task>Answer the request completely.</Task>\n")
+_P1 = (
+    "<Role>You are a careful assistant (profile {n}).</Role>\n<Content>Cover the question accurately."
+    "</Content>\n<Task>Answer the request completely.</Task>\n"
+)
 _ANSWER = "Here is a careful answer that follows the system message. " * 4
-SERVER_INFO = {"max_running_requests": 64, "dp_size": 1, "grammar_backend": "xgrammar",
-               "context_length": 65536}
+SERVER_INFO = {
+    "max_running_requests": 64,
+    "dp_size": 1,
+    "grammar_backend": "xgrammar",
+    "context_length": 65536,
+}
 MODEL_INFO = {"model_path": "/models/standin-http", "is_generation": True}
 
 
 def _response(status: int, body: bytes) -> bytes:
     reason = {200: b"OK", 401: b"Unauthorized", 404: b"Not Found"}.get(status, b"Error")
-    return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-            % (status, reason, len(body))) + body
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        % (status, reason, len(body))
+    ) + body
 
 
-_CANNED_GENERATE = orjson.dumps({"text": "ok", "meta_info": {
-    "finish_reason": {"type": "stop"}, "prompt_tokens": 3, "completion_tokens": 1, "cached_tokens": 0}})
+_CANNED_GENERATE = orjson.dumps(
+    {
+        "text": "ok",
+        "meta_info": {
+            "finish_reason": {"type": "stop"},
+            "prompt_tokens": 3,
+            "completion_tokens": 1,
+            "cached_tokens": 0,
+        },
+    }
+)
 
 
 def generate_answer(body: bytes, counter: int) -> bytes:
@@ -47,14 +64,28 @@ def generate_answer(body: bytes, counter: int) -> bytes:
     else:
         tags = _VERDICT_TAG.findall(body)
         text = "".join(f"{t.decode()}: Good\n" for t in tags) if tags else _P1.format(n=counter)
-    return orjson.dumps({"text": text, "meta_info": {
-        "finish_reason": {"type": "stop"}, "prompt_tokens": 10, "completion_tokens": len(text) // 4,
-        "cached_tokens": 0}})
+    return orjson.dumps(
+        {
+            "text": text,
+            "meta_info": {
+                "finish_reason": {"type": "stop"},
+                "prompt_tokens": 10,
+                "completion_tokens": len(text) // 4,
+                "cached_tokens": 0,
+            },
+        }
+    )
 
 
 def chat_answer() -> bytes:
-    return orjson.dumps({"choices": [{"index": 0, "finish_reason": "stop", "message": {
-        "role": "assistant", "content": "ok"}}], "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+    return orjson.dumps(
+        {
+            "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+        }
+    )
 
 
 class _Conn(asyncio.Protocol):
@@ -75,14 +106,14 @@ class _Conn(asyncio.Protocol):
             head = self.buf[:end]
             i = head.lower().find(b"content-length:")
             eol = head.find(b"\r\n", i)
-            n = int(head[i + 15:eol if eol > 0 else None]) if i >= 0 else 0
+            n = int(head[i + 15 : eol if eol > 0 else None]) if i >= 0 else 0
             if len(self.buf) < end + 4 + n:
                 return
-            body, self.buf = self.buf[end + 4:end + 4 + n], self.buf[end + 4 + n:]
+            body, self.buf = self.buf[end + 4 : end + 4 + n], self.buf[end + 4 + n :]
             if self.server.auth is not None and self.server.auth not in head.lower():
                 self._write(_response(401, b'{"detail":"Unauthorized"}'))
                 continue
-            self.answer(head[:head.find(b"\r\n")], body)
+            self.answer(head[: head.find(b"\r\n")], body)
 
     def answer(self, line: bytes, body: bytes) -> None:
         srv = self.server

@@ -69,16 +69,24 @@ def measure(workdir: Path, lines: int, line_bytes: int) -> dict:
         os.utime(sink)  # a new mtime: the recorded stat no longer matches
         reopen()
 
-    res = {"lines": lines, "bytes": size, "commits": -(-lines // COMMIT),
-           "untouched_s": round(untouched, 4), "touched_s": round(best_of(touched), 4),
-           "length_only_s": round(best_of(length_only), 4)}
+    res = {
+        "lines": lines,
+        "bytes": size,
+        "commits": -(-lines // COMMIT),
+        "untouched_s": round(untouched, 4),
+        "touched_s": round(best_of(touched), 4),
+        "length_only_s": round(best_of(length_only), 4),
+    }
     res["touched_gb_per_s"] = round(size / res["touched_s"] / 1e9, 2)
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.integrity", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.integrity",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--lines", type=int, default=800_000)
     ap.add_argument("--line-bytes", type=int, default=1500)
     ap.add_argument("--json", help="write the results here")

@@ -41,8 +41,12 @@ from pathlib import Path
 
 from bench import synthetic
 
-TARGETS = {"requests_per_s": (">=", 10_000), "peak_rss_mb": ("<=", 500), "resume_s": ("<=", 10),
-           "peak_rss_mb_tokenized": ("<=", 500)}
+TARGETS = {
+    "requests_per_s": (">=", 10_000),
+    "peak_rss_mb": ("<=", 500),
+    "resume_s": ("<=", 10),
+    "peak_rss_mb_tokenized": ("<=", 500),
+}
 RSS_EVERY_S = 0.5
 
 
@@ -56,16 +60,30 @@ class CliRun:
 def _memory_mb(pid: int) -> tuple[float, float] | None:
     """(VmRSS, VmHWM) of a live process, in MB."""
     try:
-        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                      if line.startswith(("VmRSS:", "VmHWM:")))
+        fields = dict(
+            line.split(":", 1)
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if line.startswith(("VmRSS:", "VmHWM:"))
+        )
         return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
     except (OSError, ValueError, KeyError, IndexError):
         return None
 
 
 def _run_cli(inp: Path, out: Path, tokenizer: str | None = None) -> CliRun:
-    cmd = [sys.executable, "-m", "sysgen", "run", str(inp), "--out", str(out), "--engine", "standin",
-           "--no-progress", "--no-report"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sysgen",
+        "run",
+        str(inp),
+        "--out",
+        str(out),
+        "--engine",
+        "standin",
+        "--no-progress",
+        "--no-report",
+    ]
     # Zero latency and no injected faults, whatever the caller's environment says.
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYSGEN_STANDIN")}
     if tokenizer:
@@ -124,8 +142,9 @@ def resume_seconds(inp: Path, out: Path) -> tuple[float, dict]:
     return time.perf_counter() - t0, counters
 
 
-def measure(n: int, workdir: Path, row_bytes: int = 2000, full_scan: bool = False,
-            tokenized: bool = False) -> dict:
+def measure(
+    n: int, workdir: Path, row_bytes: int = 2000, full_scan: bool = False, tokenized: bool = False
+) -> dict:
     inp, out = workdir / "synthetic.jsonl", workdir / "out"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, never a resumed one
     t0 = time.perf_counter()
@@ -194,7 +213,8 @@ def measure_tokenized(inp: Path, out: Path, n: int, plain_rate: float, tokenizer
         "pipeline_s_tokenized": st["wall_s"],
         "accounted_tokenized": st["accounted"],
         "tokenizer": "SmolLM2-135M-Instruct (the default CPU model's) via engine/prefix.ChatPrompter"
-                     if tokenizer == "default" else tokenizer,
+        if tokenizer == "default"
+        else tokenizer,
     }
 
 
@@ -214,31 +234,57 @@ def _verdict(key: str, value: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.overhead",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--instances", type=int, default=800_000)
     ap.add_argument("--row-bytes", type=int, default=2000, help="approximate size of a synthetic row")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--workdir", help="keep the input and outputs here (default: a temporary directory)")
-    ap.add_argument("--full-scan-resume", action="store_true",
-                    help="also time a re-run without the watermark")
-    ap.add_argument("--tokenized", action="store_true",
-                    help="also run with prompts tokenized by the default model's real tokenizer (SmolLM2)")
+    ap.add_argument(
+        "--full-scan-resume", action="store_true", help="also time a re-run without the watermark"
+    )
+    ap.add_argument(
+        "--tokenized",
+        action="store_true",
+        help="also run with prompts tokenized by the default model's real tokenizer (SmolLM2)",
+    )
     args = ap.parse_args(argv)
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        res = measure(args.instances, Path(args.workdir), args.row_bytes, args.full_scan_resume,
-                      args.tokenized)
+        res = measure(
+            args.instances, Path(args.workdir), args.row_bytes, args.full_scan_resume, args.tokenized
+        )
     else:
         with tempfile.TemporaryDirectory(prefix="sysgen-overhead-") as tmp:
             res = measure(args.instances, Path(tmp), args.row_bytes, args.full_scan_resume, args.tokenized)
-    print(f"bench.overhead: {res['instances']:,} synthetic instances of ~{res['row_bytes_mean']:,} B, "
-          f"stand-in engine (zero latency), {res['cpus']} CPUs")
-    for key in ("requests_per_s", "requests_per_cpu_s", "instances_per_s", "peak_rss_mb",
-                "rss_growth_mb_per_100k", "resume_s", "resume_full_scan_s", "pipeline_s", "requests",
-                "engine_calls", "kept", "dropped", "accounted",
-                "requests_per_s_tokenized", "peak_rss_mb_tokenized", "rss_growth_mb_per_100k_tokenized",
-                "tokenized_vs_plain", "prompt_tokens_mean_tokenized", "accounted_tokenized"):
+    print(
+        f"bench.overhead: {res['instances']:,} synthetic instances of ~{res['row_bytes_mean']:,} B, "
+        f"stand-in engine (zero latency), {res['cpus']} CPUs"
+    )
+    for key in (
+        "requests_per_s",
+        "requests_per_cpu_s",
+        "instances_per_s",
+        "peak_rss_mb",
+        "rss_growth_mb_per_100k",
+        "resume_s",
+        "resume_full_scan_s",
+        "pipeline_s",
+        "requests",
+        "engine_calls",
+        "kept",
+        "dropped",
+        "accounted",
+        "requests_per_s_tokenized",
+        "peak_rss_mb_tokenized",
+        "rss_growth_mb_per_100k_tokenized",
+        "tokenized_vs_plain",
+        "prompt_tokens_mean_tokenized",
+        "accounted_tokenized",
+    ):
         if res.get(key) is not None:
             v = res[key]
             if isinstance(v, float):  # noqa: SIM108 - one conditional expression inside another reads worse

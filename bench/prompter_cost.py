@@ -29,11 +29,14 @@ def measure(make, n: int) -> dict:
     chat = make(AutoTokenizer.from_pretrained(default_model_dir()))
     build = getattr(chat, "prompt", None)
     if build is None:  # the old prompter: ids(system, user)
+
         def build(msgs):
             return chat.ids(msgs[0][1], msgs[1][1])
+
     user = "Explain how a binary search works, with an example in Python. " * 3
     for i in range(50):  # warm-up
         build([("system", f"warm {i}"), ("user", user)])
+
     def system(i: int) -> str:
         return f"You are assistant {i}. Be concise and friendly; answer in steps."
 
@@ -48,9 +51,12 @@ def measure(make, n: int) -> dict:
         build([("system", system(i)), ("user", user)])
     grown, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return {"prompts": n, "us_per_prompt": round(1e6 * dt / n, 1),
-            "heap_growth_mb": round((grown - base) / 2**20, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return {
+        "prompts": n,
+        "us_per_prompt": round(1e6 * dt / n, 1),
+        "heap_growth_mb": round((grown - base) / 2**20, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
 
 
 def conversation(turns: int) -> dict:
@@ -61,17 +67,25 @@ def conversation(turns: int) -> dict:
     from engine.prefix import ChatPrompter
 
     chat = ChatPrompter(AutoTokenizer.from_pretrained(default_model_dir()))
-    msgs = [("system", "You are a careful assistant. Answer in short steps."),
-            ("user", "Question 0: what is 0 plus 0? Please explain the steps.")]
+    msgs = [
+        ("system", "You are a careful assistant. Answer in short steps."),
+        ("user", "Question 0: what is 0 plus 0? Please explain the steps."),
+    ]
     t0 = time.perf_counter()
     ids = chat.prompt(msgs)
     for j in range(1, turns):
-        msgs += [("assistant", f"The answer is {2 * j - 2}, because {j - 1} and {j - 1} make {2 * j - 2}."),
-                 ("user", f"Question {j}: what is {j} plus {j}? Please explain the steps.")]
+        msgs += [
+            ("assistant", f"The answer is {2 * j - 2}, because {j - 1} and {j - 1} make {2 * j - 2}."),
+            ("user", f"Question {j}: what is {j} plus {j}? Please explain the steps."),
+        ]
         ids = chat.extend(ids, msgs)
     dt = time.perf_counter() - t0
-    return {"turns": turns, "seconds": round(dt, 3), "ms_per_turn": round(1e3 * dt / turns, 3),
-            "last_prompt_tokens": len(ids)}
+    return {
+        "turns": turns,
+        "seconds": round(dt, 3),
+        "ms_per_turn": round(1e3 * dt / turns, 3),
+        "last_prompt_tokens": len(ids),
+    }
 
 
 def main() -> None:

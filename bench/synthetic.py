@@ -40,8 +40,13 @@ def rows(n: int, *, seed: int = 0, row_bytes: int = 2000, bad_every: int = 0) ->
         if kind == 0:
             row = {"instruction": q, "input": "", "output": a}
         elif kind == 1:
-            row = {"conversations": [{"from": "system", "value": "You are a helpful assistant."},
-                                     {"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+            row = {
+                "conversations": [
+                    {"from": "system", "value": "You are a helpful assistant."},
+                    {"from": "human", "value": q},
+                    {"from": "gpt", "value": a},
+                ]
+            }
         elif kind == 2:
             row = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
         else:

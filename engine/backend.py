@@ -41,8 +41,13 @@ class EngineOverloaded(TransientEngineError):
     `retry_after_s` (the server's Retry-After,
     or a backoff when it gave none), without spending the request's retries."""
 
-    def __init__(self, message: str, request: Request | None = None, status: int | None = None,
-                 retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        request: Request | None = None,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message, request, status)
         self.retry_after_s = retry_after_s
 

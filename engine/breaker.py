@@ -21,8 +21,13 @@ log = logging.getLogger(__name__)
 
 
 class Breaker:
-    def __init__(self, down_limit_s: float, probe_base_s: float = 0.5, probe_max_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        down_limit_s: float,
+        probe_base_s: float = 0.5,
+        probe_max_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.down_limit_s = down_limit_s
         self.probe_base_s, self.probe_max_s = probe_base_s, probe_max_s
         self.clock = clock
@@ -59,8 +64,12 @@ class Breaker:
             return
         self.open_since = self.clock()
         self.outages += 1
-        log.warning("the engine is unreachable (%s): requests wait and one probe goes every few seconds, "
-                    "for up to %gs before the run stops", error, self.down_limit_s)
+        log.warning(
+            "the engine is unreachable (%s): requests wait and one probe goes every few seconds, "
+            "for up to %gs before the run stops",
+            error,
+            self.down_limit_s,
+        )
         self._prober = asyncio.get_running_loop().create_task(self._probe(self.open_since))
 
     def reached(self) -> None:
@@ -90,7 +99,8 @@ class Breaker:
                 self.fatal = EngineDown(
                     f"the engine was unreachable for {self.down_limit_s:g}s (last error: {self._last}); "
                     "the run stops here with nothing dropped: start the engine (or raise --engine-down-s) "
-                    "and re-run the same command to resume")
+                    "and re-run the same command to resume"
+                )
                 self._notify()
                 return
             await asyncio.sleep(min(left, probe_delay_s(n, self.probe_base_s, self.probe_max_s)))

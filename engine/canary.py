@@ -76,7 +76,8 @@ class ConstraintCanary:
                 f"their regex (e.g. {self.example[:120]!r}): the server is ignoring the regex field. Send "
                 "requests to the server directly, or through a router that forwards it (`smg launch "
                 "--backend vllm ...`; sglang-router drops it on chat requests), and check that "
-                "--openai-server names the server behind --url (vllm or sglang)")
+                "--openai-server names the server behind --url (vllm or sglang)"
+            )
 
 
 class FirstFailures:

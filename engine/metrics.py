@@ -37,8 +37,12 @@ class Metrics:
         if group:
             g = self.by_phase.get(group)
             if g is None:
-                g = self.by_phase[group] = {"engine_calls": 0, "prompt_tokens": 0, "cached_tokens": 0,
-                                            "completion_tokens": 0}
+                g = self.by_phase[group] = {
+                    "engine_calls": 0,
+                    "prompt_tokens": 0,
+                    "cached_tokens": 0,
+                    "completion_tokens": 0,
+                }
             g["engine_calls"] += 1
             g["prompt_tokens"] += result.prompt_tokens
             g["cached_tokens"] += result.cached_tokens
@@ -63,7 +67,11 @@ class Metrics:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("started")
-        d.update(misses=self.misses, elapsed_s=round(self.elapsed_s, 3),
-                 output_tokens_per_s=round(self.output_tokens_per_s, 2),
-                 cached_ratio=round(self.cached_ratio, 4), engine_down_s=round(self.engine_down_s, 3))
+        d.update(
+            misses=self.misses,
+            elapsed_s=round(self.elapsed_s, 3),
+            output_tokens_per_s=round(self.output_tokens_per_s, 2),
+            cached_ratio=round(self.cached_ratio, 4),
+            engine_down_s=round(self.engine_down_s, 3),
+        )
         return d

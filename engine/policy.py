@@ -32,8 +32,13 @@ def rank_running(max_running: int, kv_tokens: int = 0, tokens_per_request: float
     return running
 
 
-def engine_window(max_running: int, dp_size: int = 1, kv_tokens: int = 0,
-                  tokens_per_request: float | None = None, margin: float = 0.25) -> int:
+def engine_window(
+    max_running: int,
+    dp_size: int = 1,
+    kv_tokens: int = 0,
+    tokens_per_request: float | None = None,
+    margin: float = 0.25,
+) -> int:
     """Outstanding requests for an engine of `dp_size` ranks running `max_running` in total, each
     rank with `kv_tokens` of KV cache (0 = unknown): per rank what it runs plus a margin that keeps
     its own waiting queue under LPM_WAITING_LIMIT, summed over ranks (SGLang's DP controller spreads
@@ -43,8 +48,9 @@ def engine_window(max_running: int, dp_size: int = 1, kv_tokens: int = 0,
     return dp * window_size(per_rank, margin)
 
 
-def tokens_per_request(prompt_tokens: int, cached_tokens: int, completion_tokens: int,
-                       calls: int) -> float | None:
+def tokens_per_request(
+    prompt_tokens: int, cached_tokens: int, completion_tokens: int, calls: int
+) -> float | None:
     """Mean KV tokens one request holds at its end: unshared prompt tokens plus answer."""
     if calls <= 0:
         return None

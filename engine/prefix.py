@@ -73,8 +73,9 @@ class ChatPrompter:
         self.max_tokens = max_tokens  # the engine's context; 0 = unknown, nothing refused
         # Bytes of the longest vocabulary entry (as its UTF-8 string, never fewer bytes than it stands
         # for): no token covers more text, so text of B bytes is at least B / this many tokens.
-        self._token_bytes = max((len(t.encode()) for t in tokenizer.get_vocab()), default=1) \
-            if max_tokens else 1
+        self._token_bytes = (
+            max((len(t.encode()) for t in tokenizer.get_vocab()), default=1) if max_tokens else 1
+        )
         specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
         for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
             if getattr(tok, "special", False):
@@ -101,8 +102,10 @@ class ChatPrompter:
         if not self.can_split:
             bad = next((s for t in texts for s in self._specials if s in t), None)
             if bad is not None:
-                raise PromptError(f"the text holds the special token {bad!r} and this tokenizer cannot "
-                                  "encode it as plain text")
+                raise PromptError(
+                    f"the text holds the special token {bad!r} and this tokenizer cannot "
+                    "encode it as plain text"
+                )
             return [list(x) for x in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
         out = self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)
         return [list(x) for x in out["input_ids"]]
@@ -128,8 +131,9 @@ class ChatPrompter:
             return
         need = known + sum(self.least_tokens(t) for t in texts)
         if need > self.max_tokens:
-            raise PromptTooLong(f"the prompt holds at least {need:,} tokens; the engine's context is "
-                                f"{self.max_tokens:,}")
+            raise PromptTooLong(
+                f"the prompt holds at least {need:,} tokens; the engine's context is {self.max_tokens:,}"
+            )
 
     def has_special_text(self, text: str) -> bool:
         return any(s in text for s in self._specials)
@@ -138,8 +142,9 @@ class ChatPrompter:
 
     def render_messages(self, messages: Sequence[Message], generation_prompt: bool = True) -> str:
         msgs = [{"role": r, "content": c} for r, c in messages]
-        return self.tokenizer.apply_chat_template(msgs, tokenize=False,
-                                                  add_generation_prompt=generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=generation_prompt
+        )
 
     def render(self, system: str | None, user: str) -> str:
         return self.render_messages(_pair(system, user))
@@ -155,7 +160,7 @@ class ChatPrompter:
         last, end, pad = -1, 0, len(_PAD)
         for m in _MARK_RE.finditer(text):  # a slot the template leaves out (earlier answers) is absent
             i, at = int(m.group(1)), m.start() - pad
-            if i <= last or at < end or text[at:m.start()] != _PAD or text[m.end():m.end() + pad] != _PAD:
+            if i <= last or at < end or text[at : m.start()] != _PAD or text[m.end() : m.end() + pad] != _PAD:
                 return None
             last, end = i, m.end() + pad
         return _PADDED_RE.sub(r"\1", text)
@@ -177,10 +182,19 @@ class ChatPrompter:
                 run.append(part)
         if run:
             items.append(tuple(run))
-        literal = {k: tuple(self.encode("".join(it))) for k, it in enumerate(items)
-                   if isinstance(it, tuple) and all(isinstance(p, str) for p in it)}
-        end = next((k for k, it in enumerate(items)
-                    if isinstance(it, tuple) and any(isinstance(p, int) and p != 0 for p in it)), len(items))
+        literal = {
+            k: tuple(self.encode("".join(it)))
+            for k, it in enumerate(items)
+            if isinstance(it, tuple) and all(isinstance(p, str) for p in it)
+        }
+        end = next(
+            (
+                k
+                for k, it in enumerate(items)
+                if isinstance(it, tuple) and any(isinstance(p, int) and p != 0 for p in it)
+            ),
+            len(items),
+        )
         return _Layout(items, literal, end)
 
     def _layout(self, roles: tuple[str, ...]) -> _Layout | None:
@@ -192,8 +206,9 @@ class ChatPrompter:
         _put(self._layouts, roles, lay, MAX_LAYOUTS)
         return lay
 
-    def _fill(self, lay: _Layout, contents: Sequence[str], start: int = 0,
-              stop: int | None = None) -> list[int]:
+    def _fill(
+        self, lay: _Layout, contents: Sequence[str], start: int = 0, stop: int | None = None
+    ) -> list[int]:
         parts: list[Sequence[int] | None] = []
         texts, where = [], []
         for k in range(start, len(lay.items) if stop is None else stop):
@@ -234,8 +249,11 @@ class ChatPrompter:
             lay.checked += 1
             whole = tuple(self.encode(self.render_messages(messages)))
             if whole != ids:
-                log.warning("chat layout disagrees with whole-prompt tokenization for roles %s; using "
-                            "whole prompts for this shape", roles)
+                log.warning(
+                    "chat layout disagrees with whole-prompt tokenization for roles %s; using "
+                    "whole prompts for this shape",
+                    roles,
+                )
                 lay.ok = False
                 return whole
         return ids
@@ -266,11 +284,11 @@ class ChatPrompter:
         ids = prev + tuple(answer) + tuple(self._fill(suf, contents))
         if suf.checked < VERIFY_FIRST and not any(self.has_special_text(c) for _, c in messages):
             suf.checked += 1
-            shown = self.tokenizer.decode(list(ids), skip_special_tokens=False,
-                                          clean_up_tokenization_spaces=False)
+            shown = self.tokenizer.decode(
+                list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
             if shown != self.render_messages(messages):
-                log.warning("chat template is not a chain for roles %s; whole prompts for this shape",
-                            window)
+                log.warning("chat template is not a chain for roles %s; whole prompts for this shape", window)
                 suf.ok = False
                 return self.prompt(messages)
         return ids
@@ -282,17 +300,23 @@ class ChatPrompter:
         full, prev = self._marked(roles), self._marked(roles[:-2])
         answer = _MARK.format(len(roles) - 2)
         if full is not None and prev is not None and full.startswith(prev + answer):
-            lay = self._layout_of(full[len(prev) + len(answer):])
-            if any(isinstance(p, int) and p != len(roles) - 1 for it in lay.items if isinstance(it, tuple)
-                   for p in it):
+            lay = self._layout_of(full[len(prev) + len(answer) :])
+            if any(
+                isinstance(p, int) and p != len(roles) - 1
+                for it in lay.items
+                if isinstance(it, tuple)
+                for p in it
+            ):
                 lay = None  # the text after the answer shows earlier content: not a chain we can window
         _put(self._suffixes, roles, lay, MAX_LAYOUTS)
         return lay
 
     def _whole(self, messages: Sequence[Message]) -> tuple[int, ...]:
         if any(self.has_special_text(c) for _, c in messages):
-            raise PromptError("a message holds special-token text and this chat template cannot be split "
-                              "into template and data safely")
+            raise PromptError(
+                "a message holds special-token text and this chat template cannot be split "
+                "into template and data safely"
+            )
         return tuple(self.encode(self.render_messages(messages)))
 
     def prefix_len(self, system: str | None) -> int:
@@ -309,9 +333,9 @@ def _window(roles: tuple[str, ...]) -> tuple[str, ...]:
     n = len(roles)
     head = WINDOW_HEAD + (n - WINDOW_HEAD - WINDOW_TAIL) % 2
     middle = n - head - WINDOW_TAIL
-    if middle < 2 or roles[head:n - WINDOW_TAIL] != roles[head:head + 2] * (middle // 2):
+    if middle < 2 or roles[head : n - WINDOW_TAIL] != roles[head : head + 2] * (middle // 2):
         return roles
-    return roles[:head] + roles[n - WINDOW_TAIL:]
+    return roles[:head] + roles[n - WINDOW_TAIL :]
 
 
 def _pair(system: str | None, user: str) -> list[Message]:

@@ -22,9 +22,17 @@ class Progress:
     """Call `tick()` often; it prints at most every `every_s` seconds. `total` returns the (estimated)
     number of items, or None when unknown; `done` counts items finished or found already done."""
 
-    def __init__(self, metrics: Metrics, total: Callable[[], float | None], *, every_s: float = 2.0,
-                 stream: TextIO | None = None, enabled: bool = True, unit: str = "inst",
-                 count_kept: bool = True) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        total: Callable[[], float | None],
+        *,
+        every_s: float = 2.0,
+        stream: TextIO | None = None,
+        enabled: bool = True,
+        unit: str = "inst",
+        count_kept: bool = True,
+    ) -> None:
         self.metrics = metrics
         self.total = total
         self.every_s = every_s
@@ -48,9 +56,11 @@ class Progress:
         pct = f"{100 * frac:5.1f}%" if frac is not None else "  ?  "
         hit = m.hits / m.submitted if m.submitted else 0.0
         kept = f" ({self.kept:,} {self.kept_label})" if self.count_kept else ""
-        return (f"[{pct}] {self.done:,} done{kept} | {self.done / el:,.1f} {self.unit}/s | "
-                f"{m.completion_tokens / el:,.0f} out tok/s | in-flight {m.inflight} | "
-                f"store hits {100 * hit:.0f}% | ETA {fmt_eta(eta)}")
+        return (
+            f"[{pct}] {self.done:,} done{kept} | {self.done / el:,.1f} {self.unit}/s | "
+            f"{m.completion_tokens / el:,.0f} out tok/s | in-flight {m.inflight} | "
+            f"store hits {100 * hit:.0f}% | ETA {fmt_eta(eta)}"
+        )
 
     def tick(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -31,6 +31,7 @@ class ErrorKind(str, Enum):
             return cls.REJECTED
         return cls.GAVE_UP if error.startswith("gave up") else cls.ENGINE
 
+
 # A prompt is token ids (preferred: the engine skips tokenization and prefix reuse is exact),
 # plain text, or chat messages (for endpoints that apply their own chat template).
 Prompt = tuple[int, ...] | str | tuple[tuple[tuple[str, str], ...], ...]
@@ -55,8 +56,13 @@ class SamplingParams:
     def to_dict(self) -> dict[str, Any]:
         # Spelled out, not asdict(): this runs for every request key, and asdict() deep-copies
         # (it was ~7% of the event loop's time). Same dict, so the same keys.
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
-                "seed": self.seed, "stop": self.stop}
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+            "seed": self.seed,
+            "stop": self.stop,
+        }
 
 
 def messages_prompt(messages: list[dict[str, str]]) -> Prompt:
@@ -103,9 +109,21 @@ def request_key(model: str, prompt: Prompt, sampling: SamplingParams, regex: str
     are assembled from parts (keys in sorted order, orjson's compact separators) so that the model
     and the regex, the same for most requests, are serialized once: the P1 regex alone is ~1.4 KB.
     Same bytes as serializing the whole dict (tested), so the same keys."""
-    return xxhash.xxh3_128_digest(b"".join((
-        b'{"model":', _json(model), b',"prompt":', orjson.dumps(prompt, option=orjson.OPT_SORT_KEYS),
-        b',"regex":', _json(regex), b',"sampling":', _sampling_json(sampling), b"}")))
+    return xxhash.xxh3_128_digest(
+        b"".join(
+            (
+                b'{"model":',
+                _json(model),
+                b',"prompt":',
+                orjson.dumps(prompt, option=orjson.OPT_SORT_KEYS),
+                b',"regex":',
+                _json(regex),
+                b',"sampling":',
+                _sampling_json(sampling),
+                b"}",
+            )
+        )
+    )
 
 
 @lru_cache(maxsize=1024)

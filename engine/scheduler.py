@@ -189,8 +189,9 @@ class Scheduler:
     anything succeeded, or the first constrained answers do not match their regex: see
     engine/canary.py) and CancelledError."""
 
-    def __init__(self, backend: Backend, store: Store | None = None, config: SchedulerConfig | None = None,
-                 **overrides) -> None:
+    def __init__(
+        self, backend: Backend, store: Store | None = None, config: SchedulerConfig | None = None, **overrides
+    ) -> None:
         self.backend = backend
         self.store = store
         self.config = replace(config or SchedulerConfig(), **overrides)
@@ -283,11 +284,14 @@ class Scheduler:
                 now = time.monotonic()
                 shed_since = shed_since or now
                 if now - shed_since > cfg.engine_down_s:
-                    raise EngineDown(f"the engine kept shedding load for {cfg.engine_down_s:g}s ({error}); "
-                                     "the run stops here with nothing dropped: re-run the same command to "
-                                     "resume once it has capacity (or raise --engine-down-s)")
-                await asyncio.sleep(shed_delay_s(error.retry_after_s, shed, cfg.backoff_base_s,
-                                                 cfg.backoff_max_s))
+                    raise EngineDown(
+                        f"the engine kept shedding load for {cfg.engine_down_s:g}s ({error}); "
+                        "the run stops here with nothing dropped: re-run the same command to "
+                        "resume once it has capacity (or raise --engine-down-s)"
+                    )
+                await asyncio.sleep(
+                    shed_delay_s(error.retry_after_s, shed, cfg.backoff_base_s, cfg.backoff_max_s)
+                )
                 continue
             attempt += 1
             if error is not None:
@@ -298,11 +302,13 @@ class Scheduler:
                 if not isinstance(error, asyncio.TimeoutError) and not error.retryable:
                     return self._failed(f"engine error: {reason}", attempt, error, ErrorKind.ENGINE)
                 if attempt > cfg.max_retries:
-                    return self._failed(f"gave up after {attempt} attempts: {reason}", attempt, error,
-                                        ErrorKind.GAVE_UP)
+                    return self._failed(
+                        f"gave up after {attempt} attempts: {reason}", attempt, error, ErrorKind.GAVE_UP
+                    )
                 m.retries += 1
-                log.warning("request %s attempt %d failed (%s); retrying", request.key.hex()[:8], attempt,
-                            reason)
+                log.warning(
+                    "request %s attempt %d failed (%s); retrying", request.key.hex()[:8], attempt, reason
+                )
                 await asyncio.sleep(backoff_s(attempt, cfg.backoff_base_s, cfg.backoff_max_s))
                 continue
             m.record(result, time.perf_counter() - t0, request.group)
@@ -310,8 +316,9 @@ class Scheduler:
             self._first.success()
             if self._canary is not None and request.regex and result.finish_reason == "stop":
                 self._canary.check(request.regex, result.text)
-            if self._resize_from is not None and (m.engine_calls % RESIZE_EVERY == 0
-                                                  or m.engine_calls == FIRST_RESIZE):
+            if self._resize_from is not None and (
+                m.engine_calls % RESIZE_EVERY == 0 or m.engine_calls == FIRST_RESIZE
+            ):
                 self._resize_window()
             result.attempts = attempt
             if request.regex and result.finish_reason == "length" and length_tries < cfg.length_retries:
@@ -321,8 +328,9 @@ class Scheduler:
                 continue
             return result
 
-    def _failed(self, reason: str, attempt: int, error: EngineError | asyncio.TimeoutError,
-                kind: ErrorKind) -> Result:
+    def _failed(
+        self, reason: str, attempt: int, error: EngineError | asyncio.TimeoutError, kind: ErrorKind
+    ) -> Result:
         """The request's final failure, to be stored; or FailureStreak when the last
         `failure_streak` final failures were all of this kind, FirstRequestsFailed when the run's
         first `first_failures` were and nothing has succeeded yet."""
@@ -332,19 +340,24 @@ class Scheduler:
             return Result.failure(reason, attempt, kind)
         same = "timeout" if isinstance(error, asyncio.TimeoutError) else error.kind
         if self._streak.failure(same):
-            raise FailureStreak(f"the last {self._streak.count} engine requests all failed the same way "
-                                f"({reason}); the run stops here rather than drop the rest of the input: "
-                                "fix the cause and re-run the same command to resume")
+            raise FailureStreak(
+                f"the last {self._streak.count} engine requests all failed the same way "
+                f"({reason}); the run stops here rather than drop the rest of the input: "
+                "fix the cause and re-run the same command to resume"
+            )
         if self._first.failure(same):
-            raise FirstRequestsFailed(f"the first {self._first.count} engine requests of this run all failed "
-                                      f"the same way and none succeeded ({reason}); the run stops here: fix "
-                                      "the cause and re-run the same command")
+            raise FirstRequestsFailed(
+                f"the first {self._first.count} engine requests of this run all failed "
+                f"the same way and none succeeded ({reason}); the run stops here: fix "
+                "the cause and re-run the same command"
+            )
         return Result.failure(reason, attempt, kind)
 
     def _sync_metrics(self) -> None:
         b = self.breaker
-        self.metrics.engine_down_s = b.down_s + (time.monotonic() - b.open_since if b.open_since is not None
-                                                  else 0.0)
+        self.metrics.engine_down_s = b.down_s + (
+            time.monotonic() - b.open_since if b.open_since is not None else 0.0
+        )
 
     def _resize_window(self) -> None:
         m, caps = self.metrics, self.backend.capabilities

@@ -28,12 +28,16 @@ import xxhash
 from engine.store_errors import SinkMismatch
 
 ZERO = b"\0" * 16
-SCHEMA = ("CREATE TABLE IF NOT EXISTS sink_log "
-          "(sink TEXT, end INTEGER, digest BLOB, PRIMARY KEY(sink, end)) WITHOUT ROWID;")
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS sink_log "
+    "(sink TEXT, end INTEGER, digest BLOB, PRIMARY KEY(sink, end)) WITHOUT ROWID;"
+)
 _READ = 8 << 20
-FIX = ("Fix: restore the file (or the store.db that belongs to it), or run `sysgen repair {dir}`: it moves "
-       "the outputs aside and the next `sysgen run` rebuilds them, answering every request the store holds "
-       "without the engine")
+FIX = (
+    "Fix: restore the file (or the store.db that belongs to it), or run `sysgen repair {dir}`: it moves "
+    "the outputs aside and the next `sysgen run` rebuilds them, answering every request the store holds "
+    "without the engine"
+)
 
 
 def hasher(prev: bytes) -> xxhash.xxh3_128:
@@ -73,8 +77,9 @@ def segments(conn: sqlite3.Connection, name: str) -> list[tuple[int, bytes]]:
 
 def tail(conn: sqlite3.Connection, name: str) -> tuple[int, bytes]:
     """(committed end, its digest) of the last logged segment; (0, ZERO) before any."""
-    row = conn.execute("SELECT end, digest FROM sink_log WHERE sink=? ORDER BY end DESC LIMIT 1",
-                       (name,)).fetchone()
+    row = conn.execute(
+        "SELECT end, digest FROM sink_log WHERE sink=? ORDER BY end DESC LIMIT 1", (name,)
+    ).fetchone()
     return (row[0], row[1]) if row else (0, ZERO)
 
 
@@ -123,17 +128,22 @@ def check(conn: sqlite3.Connection, name: str, path: Path, *, full: bool = False
             raise SinkMismatch(
                 f"{path} holds {size:,} bytes that this store did not write (store.db deleted or replaced, "
                 "or a file of another program). Fix: move the file away to keep it (or delete it to start "
-                "over), or give another --out")
+                "over), or give another --out"
+            )
         return 0, size
     committed = int(known)
     if size < committed:
-        raise SinkMismatch(f"{path}: {size:,} bytes on disk but store.db committed {committed:,}: lines "
-                           "were removed or the file was truncated or replaced outside sysgen, or store.db "
-                           f"belongs to another run. {fix}")
+        raise SinkMismatch(
+            f"{path}: {size:,} bytes on disk but store.db committed {committed:,}: lines "
+            "were removed or the file was truncated or replaced outside sysgen, or store.db "
+            f"belongs to another run. {fix}"
+        )
     segs = segments(conn, name)
     if segs and segs[-1][0] != committed:
-        raise SinkMismatch(f"{path}: store.db's digests end at byte {segs[-1][0]:,} but its length says "
-                           f"{committed:,}: store.db was edited or mixed from two runs. {fix}")
+        raise SinkMismatch(
+            f"{path}: store.db's digests end at byte {segs[-1][0]:,} but its length says "
+            f"{committed:,}: store.db was edited or mixed from two runs. {fix}"
+        )
     if segs:
         bad = _first_bad(path, segs, len(segs) - 1)
         if bad is None and (full or _meta(conn, f"sinkstat:{name}") != file_stat(path)):
@@ -143,7 +153,8 @@ def check(conn: sqlite3.Connection, name: str, path: Path, *, full: bool = False
             raise SinkMismatch(
                 f"{path}: lines {first:,}-{last:,} (bytes {bad[0]:,}-{bad[1]:,}, one commit) are not the "
                 "ones store.db committed: the file was edited (a line inserted, removed or changed), or "
-                f"store.db belongs to another run. Nothing was changed. {fix}")
+                f"store.db belongs to another run. Nothing was changed. {fix}"
+            )
     if size > committed:
         pending = _meta(conn, f"pending:{name}")
         start, _, end = (pending or "").partition(":")
@@ -151,7 +162,8 @@ def check(conn: sqlite3.Connection, name: str, path: Path, *, full: bool = False
             raise SinkMismatch(
                 f"{path}: {size - committed:,} bytes after the {committed:,} that store.db committed, which "
                 "this store did not write (lines appended by hand, or store.db belongs to another run). "
-                f"Nothing was changed. {fix}")
+                f"Nothing was changed. {fix}"
+            )
     return committed, size
 
 

@@ -52,13 +52,14 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
 HOT_SIZE = 4096
 
-_SCHEMA = """
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB);
 CREATE TABLE IF NOT EXISTS results (id INTEGER PRIMARY KEY, key BLOB NOT NULL UNIQUE, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS items (key BLOB PRIMARY KEY, value BLOB) WITHOUT ROWID;
-""" + sink_log.SCHEMA
-
-
+"""
+    + sink_log.SCHEMA
+)
 
 
 def describe_failure(e: BaseException) -> str:
@@ -79,8 +80,10 @@ class Store:
         except StoreLocked as e:
             raise StoreError(str(e)) from None
         except OSError as e:  # a read-only folder: the lock file cannot even be created
-            raise StoreError(f"{self.path.parent}: cannot write the store there ({e.strerror or e}). "
-                             "Fix: give a writable output directory, or fix its permissions") from None
+            raise StoreError(
+                f"{self.path.parent}: cannot write the store there ({e.strerror or e}). "
+                "Fix: give a writable output directory, or fix its permissions"
+            ) from None
         try:
             self._init_db()
             self._reader = connect(self.path, cache_mb=16)  # misses never reach it: the key filter answers
@@ -93,8 +96,12 @@ class Store:
         self._hot: dict[bytes, bytes] = {}  # recently read values: repeated prompts skip SQLite
         self._error_raised = False
         try:
-            self._writer = StoreWriter(self.path, commit_every=commit_every,
-                                       commit_interval_s=commit_interval_s, on_commit=self._committed)
+            self._writer = StoreWriter(
+                self.path,
+                commit_every=commit_every,
+                commit_interval_s=commit_interval_s,
+                on_commit=self._committed,
+            )
         except sqlite3.DatabaseError as e:
             self._reader.close()
             self._lock.release()
@@ -122,8 +129,10 @@ class Store:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StoreError(f"{path.parent}: cannot create the output directory ({e.strerror or e}). "
-                             "Fix: give a writable location") from None
+            raise StoreError(
+                f"{path.parent}: cannot create the output directory ({e.strerror or e}). "
+                "Fix: give a writable location"
+            ) from None
         return cls(path, **kw)
 
     def _value(self, sql: str, params: tuple = ()) -> Any:
@@ -137,21 +146,29 @@ class Store:
         try:
             return self._reader.execute(sql, params).fetchone()
         except sqlite3.DatabaseError as e:
-            raise StoreError(f"{self.path}: cannot read the store ({e}); the file is damaged or was "
-                             "changed by another program. Fix: restore it, or start a new --out") from e
+            raise StoreError(
+                f"{self.path}: cannot read the store ({e}); the file is damaged or was "
+                "changed by another program. Fix: restore it, or start a new --out"
+            ) from e
 
     def _unusable(self, e: BaseException) -> StoreError:
         """A store.db sqlite cannot open or read, with the advice that fits why."""
         p = self.path
         if p.exists() and not os.access(p, os.R_OK | os.W_OK):
-            return StoreError(f"{p}: cannot read and write the store ({e}). Fix: give this user read and "
-                              f"write permission (chmod u+rw {p}), or run as the user who owns it")
+            return StoreError(
+                f"{p}: cannot read and write the store ({e}). Fix: give this user read and "
+                f"write permission (chmod u+rw {p}), or run as the user who owns it"
+            )
         if not os.access(p.parent, os.W_OK):
-            return StoreError(f"{p}: the folder {p.parent} is not writable ({e}), and SQLite needs its "
-                              "journal beside the store. Fix: make the folder writable")
-        return StoreError(f"{p}: not a usable store ({e}): the file is damaged, or not a sysgen store. "
-                          f"Fix: restore it from a copy; or move it away and run again to start a new store "
-                          f"(the outputs beside it cannot be proved then: move them away too)")
+            return StoreError(
+                f"{p}: the folder {p.parent} is not writable ({e}), and SQLite needs its "
+                "journal beside the store. Fix: make the folder writable"
+            )
+        return StoreError(
+            f"{p}: not a usable store ({e}): the file is damaged, or not a sysgen store. "
+            f"Fix: restore it from a copy; or move it away and run again to start a new store "
+            f"(the outputs beside it cannot be proved then: move them away too)"
+        )
 
     def _init_db(self) -> None:
         fix = "Fix: write to a new --out directory, or run the sysgen version that made it."
@@ -162,15 +179,18 @@ class Store:
         try:
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if tables and "meta" not in tables:
-                raise StoreError(f"{self.path}: an SQLite file that is not a sysgen store. "
-                                 "Fix: write to a new --out directory, or move the file away")
+                raise StoreError(
+                    f"{self.path}: an SQLite file that is not a sysgen store. "
+                    "Fix: write to a new --out directory, or move the file away"
+                )
             conn.executescript(_SCHEMA)
             row = conn.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()
             if row is None:
                 conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             elif int(row[0]) != SCHEMA_VERSION:
-                raise StoreError(f"{self.path}: store schema v{int(row[0])}, this version reads "
-                                 f"v{SCHEMA_VERSION}. {fix}")
+                raise StoreError(
+                    f"{self.path}: store schema v{int(row[0])}, this version reads v{SCHEMA_VERSION}. {fix}"
+                )
         except sqlite3.DatabaseError as e:
             raise self._unusable(e) from e
         finally:
@@ -184,8 +204,9 @@ class Store:
             try:
                 f.add_many(k for (k,) in self._reader.execute("SELECT key FROM results"))
             except sqlite3.DatabaseError as e:
-                raise StoreError(f"{self.path}: cannot read the store ({e}). Fix: restore it, "
-                                 "or start a new --out") from e
+                raise StoreError(
+                    f"{self.path}: cannot read the store ({e}). Fix: restore it, or start a new --out"
+                ) from e
             self._filter = f
         return self._filter
 
@@ -234,8 +255,10 @@ class Store:
         error = self._writer.error
         if error is not None:
             self._error_raised = True
-            raise StoreError(f"{self.path}: the store's writer stopped: {describe_failure(error)}. "
-                             "Everything committed before that is intact.") from error
+            raise StoreError(
+                f"{self.path}: the store's writer stopped: {describe_failure(error)}. "
+                "Everything committed before that is intact."
+            ) from error
 
     def put(self, key: bytes, result: Result) -> None:
         self._check()
@@ -245,8 +268,9 @@ class Store:
         (self._filter or self._key_filter()).add(key)
         self._writer.submit(PutResult(key, raw))
 
-    def finish_item(self, key: bytes, value: bytes | None = None,
-                    lines: tuple[tuple[str, bytes], ...] = ()) -> None:
+    def finish_item(
+        self, key: bytes, value: bytes | None = None, lines: tuple[tuple[str, bytes], ...] = ()
+    ) -> None:
         """Mark a work item done and append its output lines to sinks, atomically."""
         self._check()
         self._recent_items.add(key)
@@ -261,8 +285,10 @@ class Store:
         be the committed ones (engine/sink_log.py); SinkMismatch, changing nothing, if they are not."""
         path = Path(path)
         if path.is_dir():
-            raise SinkMismatch(f"{path} is a directory, where the output file belongs. "
-                               "Fix: move it away, or give another --out")
+            raise SinkMismatch(
+                f"{path} is a directory, where the output file belongs. "
+                "Fix: move it away, or give another --out"
+            )
         try:
             return sink_log.check(self._reader, name, path, full=full)
         except sqlite3.DatabaseError as e:
@@ -280,8 +306,9 @@ class Store:
         known = self.get_meta(f"sink:{name}")
         committed, size = self.check_sink(name, path)
         if size > committed:  # only then: a truncate to the same size would change the file's mtime
-            log.warning("%s: %d bytes a stopped run wrote after its last commit are removed", path,
-                        size - committed)
+            log.warning(
+                "%s: %d bytes a stopped run wrote after its last commit are removed", path, size - committed
+            )
             with open(path, "ab") as f:
                 f.truncate(committed)
         elif not path.exists():
@@ -303,8 +330,9 @@ class Store:
             raise self._unusable(e) from e
         return tuple(sorted(k.removeprefix("sink:") for (k,) in rows))
 
-    def drop_lines(self, name: str, drop: Callable[[bytes], bool], items: list[bytes],
-                   meta_keys: tuple[str, ...] = ()) -> int:
+    def drop_lines(
+        self, name: str, drop: Callable[[bytes], bool], items: list[bytes], meta_keys: tuple[str, ...] = ()
+    ) -> int:
         """Remove the committed lines of sink `name` that `drop` picks and forget the done markers
         `items` (and meta `meta_keys`), atomically: re-opened work items, whose next outcome is
         appended as usual. `drop` runs on the writer thread. Returns the lines removed."""

@@ -44,11 +44,14 @@ class StoreLock:
             raise StoreLocked(
                 f"{self.path.parent} is in use by another sysgen process (pid {holder}). Two runs writing "
                 "one output directory would duplicate work. Fix: wait for that run to finish or stop it "
-                "(it resumes later), or give this one another --out", holder) from None
+                "(it resumes later), or give this one another --out",
+                holder,
+            ) from None
         except OSError as e:  # a file system without locks (e.g. Lustre mounted without -o flock)
             os.close(fd)
-            log.warning("%s: cannot lock (%s); nothing stops a second run from writing here too",
-                        self.path, e)
+            log.warning(
+                "%s: cannot lock (%s); nothing stops a second run from writing here too", self.path, e
+            )
             return
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

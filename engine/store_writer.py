@@ -172,8 +172,9 @@ class StoreWriter:
         try:
             while not closing:
                 try:
-                    op: Op | None = self._q.get(timeout=self.commit_interval_s if due is None
-                                                else max(0.0, due - time.monotonic()))
+                    op: Op | None = self._q.get(
+                        timeout=self.commit_interval_s if due is None else max(0.0, due - time.monotonic())
+                    )
                 except queue.Empty:
                     op = None
                 while op is not None:  # take whatever is queued without waiting again
@@ -199,8 +200,12 @@ class StoreWriter:
                         op = self._q.get_nowait()
                     except queue.Empty:
                         op = None
-                if self._pending and (waiters or closing or len(self._pending) >= self.commit_every
-                                      or (due is not None and time.monotonic() >= due)):
+                if self._pending and (
+                    waiters
+                    or closing
+                    or len(self._pending) >= self.commit_every
+                    or (due is not None and time.monotonic() >= due)
+                ):
                     self._commit()
                     due = None
                 for w in waiters:
@@ -236,8 +241,12 @@ class StoreWriter:
         if end != committed:  # a store written before digests existed: vouch for what it holds now
             with open(op.path, "rb") as src:
                 digest = sink_log.hash_range(src, 0, committed, sink_log.ZERO)
-            _transaction(self._conn, lambda: self._conn.execute(
-                "INSERT OR REPLACE INTO sink_log VALUES (?, ?, ?)", (op.name, committed, digest)))
+            _transaction(
+                self._conn,
+                lambda: self._conn.execute(
+                    "INSERT OR REPLACE INTO sink_log VALUES (?, ?, ?)", (op.name, committed, digest)
+                ),
+            )
             end = committed
         self._tails[op.name] = (end, digest)
 
@@ -264,8 +273,12 @@ class StoreWriter:
         data = {name: b"".join(parts) for name, parts in chunks.items()}
         if data:  # announced first: a kill after the write leaves bytes the next open knows are ours
             starts = {n: self._tails[n][0] for n in data}
-            _transaction(conn, lambda: _set_metas(conn, [
-                (f"pending:{n}", f"{starts[n]}:{starts[n] + len(b)}") for n, b in data.items()]))
+            _transaction(
+                conn,
+                lambda: _set_metas(
+                    conn, [(f"pending:{n}", f"{starts[n]}:{starts[n] + len(b)}") for n, b in data.items()]
+                ),
+            )
         log: list[tuple[str, int, bytes]] = []
         for name, blob in data.items():
             f = self._files[name]
@@ -278,8 +291,12 @@ class StoreWriter:
 
         def work() -> None:
             # Sorted keys walk the index in order: neighbouring inserts share B-tree pages.
-            _insert_rows(conn, "INSERT INTO results(key, value)",
-                         "ON CONFLICT(key) DO UPDATE SET value=excluded.value", sorted(results.items()))
+            _insert_rows(
+                conn,
+                "INSERT INTO results(key, value)",
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                sorted(results.items()),
+            )
             _insert_rows(conn, "INSERT OR IGNORE INTO items(key, value)", "", items)
             _set_metas(conn, metas)
             conn.executemany("INSERT OR REPLACE INTO sink_log VALUES (?, ?, ?)", log)
@@ -301,8 +318,10 @@ class StoreWriter:
             conn.execute("DELETE FROM items")
             conn.executemany("DELETE FROM sink_log WHERE sink=?", [(n,) for n in names])
             conn.executemany("DELETE FROM meta WHERE k=?", [(k,) for k in op.meta_keys])
-            _set_metas(conn, [(f"sink:{n}", "0") for n in names] + [(f"pending:{n}", f"0:{s}")
-                                                                    for n, s in sizes.items()])
+            _set_metas(
+                conn,
+                [(f"sink:{n}", "0") for n in names] + [(f"pending:{n}", f"0:{s}") for n, s in sizes.items()],
+            )
 
         _transaction(conn, work)
         for f in self._files.values():
@@ -346,8 +365,9 @@ class StoreWriter:
             conn.executemany("DELETE FROM meta WHERE k=?", [(k,) for k in op.meta_keys])
             conn.execute("DELETE FROM sink_log WHERE sink=?", (name,))
             conn.execute("INSERT INTO sink_log VALUES (?, ?, ?)", (name, length, digest))
-            _set_metas(conn, [(f"sink:{name}", str(length)), (f"sinkstat:{name}", stat),
-                              (f"swap:{name}", tmp.name)])
+            _set_metas(
+                conn, [(f"sink:{name}", str(length)), (f"sinkstat:{name}", stat), (f"swap:{name}", tmp.name)]
+            )
 
         _transaction(conn, work)
         f.close()

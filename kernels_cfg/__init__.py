@@ -88,14 +88,19 @@ def read_profile(name: str) -> dict[str, Any]:
 
 def match_profile(gpu_name: str) -> str:
     """Profile name for a GPU name such as "NVIDIA H100 80GB HBM3"."""
-    hits = [name for name in list_profiles()
-            if any(re.search(rx, gpu_name, re.IGNORECASE) for rx in _read(name)["meta"]["match"])]
+    hits = [
+        name
+        for name in list_profiles()
+        if any(re.search(rx, gpu_name, re.IGNORECASE) for rx in _read(name)["meta"]["match"])
+    ]
     if len(hits) == 1:
         return hits[0]
     if not hits:
-        raise ProfileError(f"no GPU profile matches {gpu_name!r}; pass --gpu-profile with one of: "
-                           f"{', '.join(list_profiles())} (the closest in memory size), or add a file to "
-                           f"{PROFILE_DIR}")
+        raise ProfileError(
+            f"no GPU profile matches {gpu_name!r}; pass --gpu-profile with one of: "
+            f"{', '.join(list_profiles())} (the closest in memory size), or add a file to "
+            f"{PROFILE_DIR}"
+        )
     raise ProfileError(f"GPU {gpu_name!r} matches several profiles ({', '.join(hits)}); pass --gpu-profile")
 
 
@@ -105,8 +110,10 @@ def size_class(model_size_b: float, classes: list[str]) -> str:
     for value, name in sizes:
         if value >= model_size_b * _SIZE_SLACK:
             return name
-    raise ProfileError(f"no size class for a {model_size_b:g}B model (largest: {sizes[-1][1]}); pass "
-                       "overrides such as tp_size and max_running_requests, or add a model_size table")
+    raise ProfileError(
+        f"no size class for a {model_size_b:g}B model (largest: {sizes[-1][1]}); pass "
+        "overrides such as tp_size and max_running_requests, or add a model_size table"
+    )
 
 
 def load_profile(
@@ -126,8 +133,10 @@ def load_profile(
 
         name_or_gpu = detect_gpu()
         if name_or_gpu is None:
-            raise ProfileError("no GPU found (nvidia-smi lists none) to pick a profile for; pass "
-                               f"--gpu-profile with one of: {', '.join(list_profiles())}")
+            raise ProfileError(
+                "no GPU found (nvidia-smi lists none) to pick a profile for; pass "
+                f"--gpu-profile with one of: {', '.join(list_profiles())}"
+            )
     name = name_or_gpu if name_or_gpu in list_profiles() else match_profile(name_or_gpu)
     data = _read(name)
     path = PROFILE_DIR / f"{name}.toml"
@@ -137,8 +146,9 @@ def load_profile(
         args.update(data["model_size"][size])
     if fp8:
         if "fp8" not in data:
-            raise ProfileError(f"{path}: {name} has no FP8 settings ({data['meta'].get('description', '')}); "
-                               "drop --fp8")
+            raise ProfileError(
+                f"{path}: {name} has no FP8 settings ({data['meta'].get('description', '')}); drop --fp8"
+            )
         fp8_table = dict(data["fp8"])
         fp8_sizes = fp8_table.pop("model_size", {})
         args.update(fp8_table)
@@ -161,8 +171,10 @@ def validate_server_args(args: dict[str, Any], *, source: str = "server args") -
         return
     unknown = sorted(k for k in args if k not in fields)
     if unknown:
-        raise ProfileError(f"{source}: unknown SGLang server argument(s) {unknown}; names must be "
-                           "ServerArgs fields of the installed sglang (see sglang/srt/arg_groups/fields/)")
+        raise ProfileError(
+            f"{source}: unknown SGLang server argument(s) {unknown}; names must be "
+            "ServerArgs fields of the installed sglang (see sglang/srt/arg_groups/fields/)"
+        )
     for key, value in args.items():
         choices = fields[key].choices
         if choices is not None and value is not None and value not in choices:

@@ -1,6 +1,6 @@
 """Print a profile's server args as `sglang.launch_server` flags (or JSON), e.g. for a worker:
 
-    python -m sglang.launch_server --model-path M $(python -m kernels_cfg h100-80gb --model-size-b 8)
+python -m sglang.launch_server --model-path M $(python -m kernels_cfg h100-80gb --model-size-b 8)
 """
 
 from __future__ import annotations
@@ -14,10 +14,14 @@ from kernels_cfg import ProfileError, estimate_model_size_b, list_profiles, load
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernels_cfg", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("profile", nargs="?",
-                   help=f"profile or GPU name (default: detect); one of {list_profiles()}")
+    p = argparse.ArgumentParser(
+        prog="python -m kernels_cfg",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "profile", nargs="?", help=f"profile or GPU name (default: detect); one of {list_profiles()}"
+    )
     p.add_argument("--model-size-b", type=float, help="parameters in billions (picks the size class)")
     p.add_argument("--model", help="local checkpoint to read the size from instead of --model-size-b")
     p.add_argument("--fp8", action="store_true", help="add the profile's [fp8] settings (Hopper only)")

@@ -42,8 +42,11 @@ def sglang_version(root: Path) -> str | None:
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             names = node.targets if isinstance(node, ast.Assign) else []
-            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and any(
-                    isinstance(t, ast.Name) and t.id in ("__version__", "version") for t in names):
+            if (
+                isinstance(node, ast.Assign)
+                and isinstance(node.value, ast.Constant)
+                and any(isinstance(t, ast.Name) and t.id in ("__version__", "version") for t in names)
+            ):
                 return str(node.value.value)
     return None
 
@@ -70,7 +73,8 @@ def _constant_lists(tree: ast.Module) -> dict[str, tuple[object, ...]]:
 def _is_classvar(annotation: ast.expr) -> bool:
     node = annotation.value if isinstance(annotation, ast.Subscript) else annotation
     return (isinstance(node, ast.Name) and node.id == "ClassVar") or (
-        isinstance(node, ast.Attribute) and node.attr == "ClassVar")
+        isinstance(node, ast.Attribute) and node.attr == "ClassVar"
+    )
 
 
 def _annotation_parts(annotation: ast.expr) -> tuple[ast.expr, ast.Call | None]:
@@ -112,9 +116,13 @@ def _field(stmt: ast.AnnAssign, lists: dict[str, tuple[object, ...]]) -> ServerA
 def _class_fields(tree: ast.Module, class_name: str, lists: dict) -> list[ServerArgField]:
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == class_name:
-            return [_field(s, lists) for s in node.body
-                    if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
-                    and not _is_classvar(s.annotation)]
+            return [
+                _field(s, lists)
+                for s in node.body
+                if isinstance(s, ast.AnnAssign)
+                and isinstance(s.target, ast.Name)
+                and not _is_classvar(s.annotation)
+            ]
     raise LookupError(f"class {class_name} not found")
 
 
@@ -170,7 +178,8 @@ def server_arg_fields(root: Path | None = None) -> dict[str, ServerArgField]:
 def _input_namespaces(tree: ast.Module) -> list[str]:
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
-                isinstance(t, ast.Name) and t.id == "_INPUT_NAMESPACES" for t in node.targets):
+            isinstance(t, ast.Name) and t.id == "_INPUT_NAMESPACES" for t in node.targets
+        ):
             if not isinstance(node.value, (ast.List, ast.Tuple)):
                 raise LookupError("_INPUT_NAMESPACES is not a literal list")
             return [e.id for e in node.value.elts if isinstance(e, ast.Name)]

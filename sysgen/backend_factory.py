@@ -29,20 +29,31 @@ def resolve_engine(name: str) -> tuple[str, str]:
 # stand-in's answers never depend on batching.
 NOT_DETERMINISTIC = {
     "openvino": "OpenVINO GenAI has no batch-invariant mode (an answer can change with the requests "
-                "batched beside it and with prefix-cache hits); the store keeps each first answer, so a "
-                "resumed run stays stable. For batch-invariant output use --engine sglang",
+    "batched beside it and with prefix-cache hits); the store keeps each first answer, so a "
+    "resumed run stays stable. For batch-invariant output use --engine sglang",
     "vllm_http": "vLLM's batch invariance is switched on where the server starts and cannot be checked over "
-                 "HTTP: start it with VLLM_BATCH_INVARIANT=1 (NVIDIA GPUs of compute capability 9.0 or "
-                 "newer) and run without --deterministic",
+    "HTTP: start it with VLLM_BATCH_INVARIANT=1 (NVIDIA GPUs of compute capability 9.0 or "
+    "newer) and run without --deterministic",
     "openai": "an OpenAI-compatible endpoint has no batch-invariant mode sysgen can ask for or check",
 }
 
 
-def make_backend(name: str, *, model: str | None, url: str | None = None, api_key: str | None = None,
-                 gpu_profile: str | None = None, max_batch: int = 32, fp8: bool = False,
-                 max_inflight: int | None = None, standin: dict[str, Any] | None = None,
-                 timeout_s: float = SchedulerConfig.timeout_s, openai_server: str | None = None,
-                 kv_cache_gb: int | None = None, deterministic: bool = False) -> Backend:
+def make_backend(
+    name: str,
+    *,
+    model: str | None,
+    url: str | None = None,
+    api_key: str | None = None,
+    gpu_profile: str | None = None,
+    max_batch: int = 32,
+    fp8: bool = False,
+    max_inflight: int | None = None,
+    standin: dict[str, Any] | None = None,
+    timeout_s: float = SchedulerConfig.timeout_s,
+    openai_server: str | None = None,
+    kv_cache_gb: int | None = None,
+    deterministic: bool = False,
+) -> Backend:
     """timeout_s: the scheduler's per-request timeout (--timeout-s); the GPU backends' own request
     timeouts match it, so neither cuts a request the other still allows."""
     name, why = resolve_engine(name)
@@ -67,13 +78,20 @@ def make_backend(name: str, *, model: str | None, url: str | None = None, api_ke
     if name == "sglang_http":
         from engine.backends.sglang_http import SGLangHTTPBackend
 
-        return SGLangHTTPBackend(url, model_path=model, max_concurrency=max_inflight, timeout_s=timeout_s,
-                                 api_key=api_key, deterministic=deterministic)
+        return SGLangHTTPBackend(
+            url,
+            model_path=model,
+            max_concurrency=max_inflight,
+            timeout_s=timeout_s,
+            api_key=api_key,
+            deterministic=deterministic,
+        )
     if name == "vllm_http":
         from engine.backends.vllm_http import VLLMHTTPBackend
 
-        return VLLMHTTPBackend(url, model_path=model, api_key=api_key, max_concurrency=max_inflight,
-                               timeout_s=timeout_s)
+        return VLLMHTTPBackend(
+            url, model_path=model, api_key=api_key, max_concurrency=max_inflight, timeout_s=timeout_s
+        )
     if name == "openai":
         from engine.backends.openai_http import OpenAIBackend
 

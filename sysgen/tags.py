@@ -113,8 +113,12 @@ def filter_tags(text: str, examples: Examples | None = None, keep_copies: bool =
         return parsed
     if keep_copies:
         return replace(parsed, copied=copied)
-    return replace(parsed, tags={t: p for t, p in parsed.tags.items() if t not in copied},
-                   dropped=parsed.dropped + [(t, "copied_example") for t in copied], copied=copied)
+    return replace(
+        parsed,
+        tags={t: p for t, p in parsed.tags.items() if t not in copied},
+        dropped=parsed.dropped + [(t, "copied_example") for t in copied],
+        copied=copied,
+    )
 
 
 def _parse(text: str) -> Filtered:

@@ -34,15 +34,25 @@ def fields():
     if root is None:
         pytest.skip(f"sglang source not installed: pip install --no-deps sglang=={pin} (the Makefile does)")
     installed = sglang_version(root)
-    assert installed == pin, f"installed sglang {installed} but pyproject pins {pin}: " \
-                             f"pip install --no-deps sglang=={pin}"
+    assert installed == pin, (
+        f"installed sglang {installed} but pyproject pins {pin}: pip install --no-deps sglang=={pin}"
+    )
     return server_arg_fields(root)
 
 
 def test_reader_finds_the_fields_we_rely_on(fields):
-    for name in ("mem_fraction_static", "max_running_requests", "chunked_prefill_size",
-                 "attention_backend", "schedule_policy", "grammar_backend", "tp_size", "quantization",
-                 "kv_cache_dtype", "log_level"):
+    for name in (
+        "mem_fraction_static",
+        "max_running_requests",
+        "chunked_prefill_size",
+        "attention_backend",
+        "schedule_policy",
+        "grammar_backend",
+        "tp_size",
+        "quantization",
+        "kv_cache_dtype",
+        "log_level",
+    ):
         assert name in fields, f"ServerArgs has no {name} in the pinned sglang"
     assert "fa3" in fields["attention_backend"].choices and "lpm" in fields["schedule_policy"].choices
     assert fields["enable_mixed_chunk"].is_bool
@@ -63,8 +73,12 @@ def test_every_profile_key_is_a_pinned_server_arg(name, fields):
 
 
 # Model classes as the profiles' comments state them: (parameters, KV bytes per token, bf16).
-MODELS = {"8b": (8.03e9, 128 * 1024), "14b": (14.8e9, 200 * 1024),
-          "32b": (32.8e9, 256 * 1024), "70b": (70.6e9, 320 * 1024)}
+MODELS = {
+    "8b": (8.03e9, 128 * 1024),
+    "14b": (14.8e9, 200 * 1024),
+    "32b": (32.8e9, 256 * 1024),
+    "70b": (70.6e9, 320 * 1024),
+}
 
 
 @pytest.mark.parametrize("name", list_profiles())
@@ -91,11 +105,17 @@ def test_memory_arithmetic_leaves_kv_room_for_every_running_request(name, fp8):
         assert 0.5 < args["mem_fraction_static"] < 0.95
 
 
-@pytest.mark.parametrize("gpu,profile", [
-    ("NVIDIA H100 80GB HBM3", "h100-80gb"), ("NVIDIA H100 PCIe", "h100-80gb"),
-    ("NVIDIA H200", "h200-141gb"), ("NVIDIA A100-SXM4-80GB", "a100-80gb"),
-    ("NVIDIA A100 80GB PCIe", "a100-80gb"), ("NVIDIA A100-PCIE-40GB", "a100-40gb"),
-])
+@pytest.mark.parametrize(
+    "gpu,profile",
+    [
+        ("NVIDIA H100 80GB HBM3", "h100-80gb"),
+        ("NVIDIA H100 PCIe", "h100-80gb"),
+        ("NVIDIA H200", "h200-141gb"),
+        ("NVIDIA A100-SXM4-80GB", "a100-80gb"),
+        ("NVIDIA A100 80GB PCIe", "a100-80gb"),
+        ("NVIDIA A100-PCIE-40GB", "a100-40gb"),
+    ],
+)
 def test_gpu_names_pick_their_profile(gpu, profile):
     assert kernels_cfg.match_profile(gpu) == profile
     assert load_profile(gpu) == load_profile(profile)
@@ -122,8 +142,10 @@ def test_merge_order_base_size_fp8_then_overrides():
     assert big_fp8["tp_size"] == 2 and big_fp8["quantization"] == "fp8"
     assert big_fp8["max_running_requests"] == 7
     # A 9B or 10.7B model gets the 14b class (conservative), an 8.03B one the 8b class.
-    assert load_profile("h100-80gb", model_size_b=10.7)["max_running_requests"] == \
-        load_profile("h100-80gb", model_size_b=14)["max_running_requests"]
+    assert (
+        load_profile("h100-80gb", model_size_b=10.7)["max_running_requests"]
+        == load_profile("h100-80gb", model_size_b=14)["max_running_requests"]
+    )
     assert load_profile("h100-80gb", model_size_b=8.03) == base
 
 
@@ -158,10 +180,12 @@ def test_field_reader_on_a_synthetic_source_tree(tmp_path):
         "from typing import ClassVar\nclass Sched:\n    _NS_PATH = 'x'\n    hidden: ClassVar[int] = 1\n"
         "    policy: A[str, Arg(help='p', choices=POLICIES)] = 'fcfs'\n"
         "    fast: A[bool, 'go fast'] = False\n"
-        "    gemm: A[str, Arg(cli_name='--gemm-backend', choices=['a', 'b'])] = 'a'\n")
+        "    gemm: A[str, Arg(cli_name='--gemm-backend', choices=['a', 'b'])] = 'a'\n"
+    )
     (root / "srt" / "server_args.py").write_text(
         "from sglang.srt.arg_groups.fields.sched import (Sched,)\n"
-        "class ServerArgs:\n    def f(self): pass\n_INPUT_NAMESPACES = [Sched]\n")
+        "class ServerArgs:\n    def f(self): pass\n_INPUT_NAMESPACES = [Sched]\n"
+    )
     got = server_arg_fields.__wrapped__(root)
     assert set(got) == {"policy", "fast", "gemm"}
     assert got["policy"].choices == ("lpm", "fcfs") and got["fast"].is_bool
@@ -169,7 +193,8 @@ def test_field_reader_on_a_synthetic_source_tree(tmp_path):
     assert sglang_version(root) == "9.9.9"
     # Older layout: one dataclass holding every field.
     (root / "srt" / "server_args.py").write_text(
-        "class ServerArgs:\n    model_path: str\n    tp_size: int = 1\n")
+        "class ServerArgs:\n    model_path: str\n    tp_size: int = 1\n"
+    )
     assert set(server_arg_fields.__wrapped__(root)) == {"model_path", "tp_size"}
 
 

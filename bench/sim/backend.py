@@ -47,22 +47,32 @@ class Recorded:
 
     def add(self, group: str, r: SimReq) -> None:
         # Token ids, not block chains: the replay matches to the token too (chains are rebuilt from them).
-        self.calls.setdefault(group, []).append((r.prompt_len, r.ids, r.max_new, r.out_len, r.constrained,
-                                                  r.keep_ids))
+        self.calls.setdefault(group, []).append(
+            (r.prompt_len, r.ids, r.max_new, r.out_len, r.constrained, r.keep_ids)
+        )
 
 
 class SimBackend(BackendBase):
     name = "sim"
 
-    def __init__(self, engine: SimEngine, tokenizer, workload: Workload | None = None, *,
-                 model_id: str = "sim:Llama-3.1-8B", record: bool = True,
-                 charge_wrapper: bool = True, keep_outputs: bool = False) -> None:
+    def __init__(
+        self,
+        engine: SimEngine,
+        tokenizer,
+        workload: Workload | None = None,
+        *,
+        model_id: str = "sim:Llama-3.1-8B",
+        record: bool = True,
+        charge_wrapper: bool = True,
+        keep_outputs: bool = False,
+    ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.workload = workload
         self.model_id = model_id
-        self.capabilities = Capabilities(regex=True, token_ids=True, max_running=engine.spec.max_running,
-                                         max_context=131_072)
+        self.capabilities = Capabilities(
+            regex=True, token_ids=True, max_running=engine.spec.max_running, max_context=131_072
+        )
         self.record = Recorded() if record else None
         self.charge_wrapper = charge_wrapper
         # cache prompt + answer token ids of P1 and P4: the next request extending them (a later P4
@@ -97,8 +107,16 @@ class SimBackend(BackendBase):
         self._next += 1
         text, out_len, finish = self._respond(request)
         prompt = request.prompt
-        r = SimReq(rid, len(prompt), block_chain(prompt), request.sampling.max_new_tokens, out_len,
-                   constrained=request.regex is not None, group=request.group, ids=compact_ids(prompt))
+        r = SimReq(
+            rid,
+            len(prompt),
+            block_chain(prompt),
+            request.sampling.max_new_tokens,
+            out_len,
+            constrained=request.regex is not None,
+            group=request.group,
+            ids=compact_ids(prompt),
+        )
         if request.group == "p1":
             self.p1_seen += 1
             if self.expected_p1 is not None and self.p1_seen >= self.expected_p1:
@@ -124,8 +142,10 @@ class SimBackend(BackendBase):
             text, n = _p1_text(h)
         elif request.group == "p3":
             tags = [t for t in TAGS if f"{t}: " in (request.regex or "")]
-            text = "".join(f"{t}: {'Good' if (h >> (7 * i)) % 100 < GOOD_RATE * 100 else 'Bad'}\n"
-                           for i, t in enumerate(tags))
+            text = "".join(
+                f"{t}: {'Good' if (h >> (7 * i)) % 100 < GOOD_RATE * 100 else 'Bad'}\n"
+                for i, t in enumerate(tags)
+            )
             n = 4 * len(tags) + 1
         else:
             n = self._answer_tokens(request) or 64 + h % 448
@@ -193,8 +213,15 @@ class SimBackend(BackendBase):
             for r in done:
                 fut, _r, text, finish = self._futs.pop(r.rid)
                 if not fut.done():
-                    fut.set_result(Result(text=text, finish_reason=finish, prompt_tokens=r.prompt_len,
-                                          completion_tokens=r.out_len, cached_tokens=r.cached))
+                    fut.set_result(
+                        Result(
+                            text=text,
+                            finish_reason=finish,
+                            prompt_tokens=r.prompt_len,
+                            completion_tokens=r.out_len,
+                            cached_tokens=r.cached,
+                        )
+                    )
             self.sim_cpu_s += time.process_time() - t0
 
 

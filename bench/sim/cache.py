@@ -30,7 +30,7 @@ def block_chain(ids: Sequence[int], block: int = BLOCK) -> array:
     out = array("q")
     h = 0
     for i in range(0, len(ids) - block + 1, block):
-        h = hash((h, tuple(ids[i:i + block])))
+        h = hash((h, tuple(ids[i : i + block])))
         out.append(h)
     return out
 
@@ -83,7 +83,7 @@ class PrefixCache:
         if ids is None:
             return m * self.block
         b = self.block
-        q = tuple(ids[m * b:(m + 1) * b])
+        q = tuple(ids[m * b : (m + 1) * b])
         kids = self.kids.get(chain[m - 1] if m else 0) if q else None
         if not kids:
             return m * b
@@ -102,7 +102,7 @@ class PrefixCache:
                 ref[h] = 1
                 added += 1
                 if ids is not None:
-                    parent, toks = (chain[i - 1] if i else 0), tuple(ids[i * b:(i + 1) * b])
+                    parent, toks = (chain[i - 1] if i else 0), tuple(ids[i * b : (i + 1) * b])
                     self.filed[h] = (parent, toks)
                     insort(self.kids.setdefault(parent, []), toks)
             else:

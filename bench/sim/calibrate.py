@@ -76,10 +76,16 @@ def run_all_at_once(engine: SimEngine, pairs: list[tuple[int, int]], seed: int =
     while (out := engine.step()) is not None:
         t += out[0]
     s = engine.stats
-    return {"requests": len(pairs), "gpu_s": t, "output_tokens": s.output_tokens,
-            "output_tokens_per_s": s.output_tokens / t, "requests_per_s": len(pairs) / t,
-            "mean_prompt": sum(p for p, _ in pairs) / len(pairs),
-            "mean_output": sum(o for _, o in pairs) / len(pairs), "retractions": s.retractions}
+    return {
+        "requests": len(pairs),
+        "gpu_s": t,
+        "output_tokens": s.output_tokens,
+        "output_tokens_per_s": s.output_tokens / t,
+        "requests_per_s": len(pairs) / t,
+        "mean_prompt": sum(p for p, _ in pairs) / len(pairs),
+        "mean_output": sum(o for _, o in pairs) / len(pairs),
+        "retractions": s.retractions,
+    }
 
 
 def calibrate(n: int = PUBLISHED["num_prompts"], seed: int = 0) -> dict:
@@ -94,7 +100,7 @@ def calibrate(n: int = PUBLISHED["num_prompts"], seed: int = 0) -> dict:
 PREFILL_PUBLISHED = {
     "source": "github.com/sgl-project/sglang/pull/1060 (an SGLang maintainer's run on the PR's H100)",
     "what": "Llama-3.1-8B-Instruct, --enable-torch-compile --disable-radix-cache --disable-flashinfer; "
-            "bench_serving random, 1000 prompts, input uniform in [0, 8192], output in [0, 8], all at once",
+    "bench_serving random, 1000 prompts, input uniform in [0, 8192], output in [0, 8], all at once",
     "gpu_profile": "h100-80gb",
     "input_tokens_per_s": 27670.26,
 }
@@ -114,5 +120,8 @@ def prefill_check(seed: int = 0) -> dict:
     while (out := eng.step()) is not None:
         t += out[0]
     rate = eng.stats.prompt_tokens / t
-    return {"input_tokens_per_s": rate, "ratio": rate / PREFILL_PUBLISHED["input_tokens_per_s"],
-            "published": PREFILL_PUBLISHED}
+    return {
+        "input_tokens_per_s": rate,
+        "ratio": rate / PREFILL_PUBLISHED["input_tokens_per_s"],
+        "published": PREFILL_PUBLISHED,
+    }

@@ -97,15 +97,28 @@ class CostModel:
         weights = m.matmul_params * m.weight_bytes_per_param / self.bw
         return max(weights, 2 * m.matmul_params * tokens / self.fl)
 
-    def step_s(self, *, decode: int, decode_ctx: int, prefill: int = 0, prefill_pairs: float = 0.0,
-               prefill_ctx_read: int = 0, constrained: int = 0) -> float:
+    def step_s(
+        self,
+        *,
+        decode: int,
+        decode_ctx: int,
+        prefill: int = 0,
+        prefill_pairs: float = 0.0,
+        prefill_ctx_read: int = 0,
+        constrained: int = 0,
+    ) -> float:
         """One forward: `decode` sequences reading `decode_ctx` cached tokens in all, plus `prefill`
         new tokens attending to `prefill_pairs` (token, position) pairs over `prefill_ctx_read`
         cached tokens; `constrained` of the decode sequences need a grammar mask."""
         m = self.model
         kv = (decode_ctx + prefill_ctx_read) * m.kv_bytes_per_token / self.bw
-        return (self.linear_s(decode + prefill) + kv + prefill_pairs * m.attn_flops_per_pair / self.fl
-                + self.overhead_s + constrained * self.mask_s_per_seq)
+        return (
+            self.linear_s(decode + prefill)
+            + kv
+            + prefill_pairs * m.attn_flops_per_pair / self.fl
+            + self.overhead_s
+            + constrained * self.mask_s_per_seq
+        )
 
     def decode_run_s(self, k: int, n: int, ctx0: int, constrained: int) -> float:
         """k decode steps of a fixed batch of n sequences whose contexts total ctx0 at the first step
@@ -129,15 +142,30 @@ class EngineSpec:
 
     def describe(self) -> dict[str, Any]:
         c = self.cost
-        return {"profile": self.profile, "model": c.model.name, "max_running_requests": self.max_running,
-                "kv_pool_tokens": self.kv_tokens, "chunked_prefill_size": self.chunked_prefill,
-                "enable_mixed_chunk": self.mixed_chunk, "hbm_TB_s": c.hbm_bytes_s / 1e12,
-                "peak_TFLOP_s": c.flops / 1e12, "eta_bw": c.eta_bw, "eta_flops": c.eta_flops,
-                "overhead_ms": c.overhead_s * 1e3, "grammar_mask_us_per_seq": c.mask_s_per_seq * 1e6}
+        return {
+            "profile": self.profile,
+            "model": c.model.name,
+            "max_running_requests": self.max_running,
+            "kv_pool_tokens": self.kv_tokens,
+            "chunked_prefill_size": self.chunked_prefill,
+            "enable_mixed_chunk": self.mixed_chunk,
+            "hbm_TB_s": c.hbm_bytes_s / 1e12,
+            "peak_TFLOP_s": c.flops / 1e12,
+            "eta_bw": c.eta_bw,
+            "eta_flops": c.eta_flops,
+            "overhead_ms": c.overhead_s * 1e3,
+            "grammar_mask_us_per_seq": c.mask_s_per_seq * 1e6,
+        }
 
 
-def engine_spec(profile: str, *, fp8: bool = False, model: ModelSpec | None = None,
-                overrides: dict[str, Any] | None = None, **cost_kw: float) -> EngineSpec:
+def engine_spec(
+    profile: str,
+    *,
+    fp8: bool = False,
+    model: ModelSpec | None = None,
+    overrides: dict[str, Any] | None = None,
+    **cost_kw: float,
+) -> EngineSpec:
     """The engine a kernels_cfg profile gives an 8B model: KV pool = memory x mem_fraction_static
     minus weights, over KV bytes per token (SGLang's own arithmetic, shown in the TOML files)."""
     from kernels_cfg import load_profile, read_profile
@@ -154,5 +182,11 @@ def engine_spec(profile: str, *, fp8: bool = False, model: ModelSpec | None = No
     static = meta["memory_mib"] * 1024**2 * args["mem_fraction_static"]
     kv_tokens = int((static - m.params * m.weight_bytes_per_param) / m.kv_bytes_per_token)
     cost = CostModel(profile, hw["hbm_bytes_s"], flops, m, **cost_kw)
-    return EngineSpec(profile, int(args["max_running_requests"]), kv_tokens,
-                      int(args["chunked_prefill_size"]), bool(args.get("enable_mixed_chunk", False)), cost)
+    return EngineSpec(
+        profile,
+        int(args["max_running_requests"]),
+        kv_tokens,
+        int(args["chunked_prefill_size"]),
+        bool(args.get("enable_mixed_chunk", False)),
+        cost,
+    )

@@ -188,9 +188,14 @@ class SimEngine:
                 ctx_read += p0
                 r.done += n
             ctx = self._sum_prompt + self.generated if decode else 0
-            dur = self.cost.step_s(decode=decode, decode_ctx=ctx,
-                                   prefill=ptoks, prefill_pairs=pairs, prefill_ctx_read=ctx_read,
-                                   constrained=self._constrained if decode else 0)
+            dur = self.cost.step_s(
+                decode=decode,
+                decode_ctx=ctx,
+                prefill=ptoks,
+                prefill_pairs=pairs,
+                prefill_ctx_read=ctx_read,
+                constrained=self._constrained if decode else 0,
+            )
             if decode:
                 self.S += 1
             self.chunked = None

@@ -42,8 +42,16 @@ def engine_summary(eng: SimEngine, seconds: float) -> dict:
     }
 
 
-async def _stream(workload: Workload, spec: EngineSpec, tokenizer, out: Path, max_inflight: int | None,
-                  charge_wrapper: bool, keep_outputs: bool, p3_context: str) -> tuple[dict, Recorded]:
+async def _stream(
+    workload: Workload,
+    spec: EngineSpec,
+    tokenizer,
+    out: Path,
+    max_inflight: int | None,
+    charge_wrapper: bool,
+    keep_outputs: bool,
+    p3_context: str,
+) -> tuple[dict, Recorded]:
     from engine.store import Store
     from sysgen.config import RunConfig
     from sysgen.run.pipeline import run_stream
@@ -52,36 +60,56 @@ async def _stream(workload: Workload, spec: EngineSpec, tokenizer, out: Path, ma
     backend = SimBackend(eng, tokenizer, workload, charge_wrapper=charge_wrapper, keep_outputs=keep_outputs)
     backend.expected_p1 = workload.instances
     # engine="auto" is never resolved here: the simulated backend is passed in directly.
-    cfg = RunConfig(inputs=(str(workload.path),), out=str(out), max_inflight=max_inflight,
-                    progress=False, report=False, p3_context=p3_context)
+    cfg = RunConfig(
+        inputs=(str(workload.path),),
+        out=str(out),
+        max_inflight=max_inflight,
+        progress=False,
+        report=False,
+        p3_context=p3_context,
+    )
     t0, c0 = time.perf_counter(), time.process_time()
     async with backend:
         with Store.open(out / "store.db") as store:
             counters = await run_stream(cfg, backend, store, out, progress_enabled=False)
     res = engine_summary(eng, backend.vt)
-    res.update({
-        "kept": counters["kept"], "dropped": counters["dropped"],
-        "window": counters["scheduler"].get("window") or max_inflight,
-        "wrapper_cpu_s": round(backend.wrapper_cpu_s, 2),
-        "wrapper_cpu_us_per_request": round(1e6 * backend.wrapper_cpu_s / max(1, backend._next), 1),
-        "wrapper_bound_s": round(backend.wrapper_bound_s, 2),
-        "simulation_cpu_s": round(backend.sim_cpu_s, 2),
-        "engine_calls": backend._next,
-        "real_s": round(time.perf_counter() - t0, 1),
-        "real_cpu_s": round(time.process_time() - c0, 1),
-    })
+    res.update(
+        {
+            "kept": counters["kept"],
+            "dropped": counters["dropped"],
+            "window": counters["scheduler"].get("window") or max_inflight,
+            "wrapper_cpu_s": round(backend.wrapper_cpu_s, 2),
+            "wrapper_cpu_us_per_request": round(1e6 * backend.wrapper_cpu_s / max(1, backend._next), 1),
+            "wrapper_bound_s": round(backend.wrapper_bound_s, 2),
+            "simulation_cpu_s": round(backend.sim_cpu_s, 2),
+            "engine_calls": backend._next,
+            "real_s": round(time.perf_counter() - t0, 1),
+            "real_cpu_s": round(time.process_time() - c0, 1),
+        }
+    )
     return res, backend.record
 
 
-def stream(workload: Workload, spec: EngineSpec, tokenizer, *, max_inflight: int | None = None,
-           workdir: Path | None = None, charge_wrapper: bool = True,
-           keep_outputs: bool = False, p3_context: str = "standalone") -> tuple[dict, Recorded]:
+def stream(
+    workload: Workload,
+    spec: EngineSpec,
+    tokenizer,
+    *,
+    max_inflight: int | None = None,
+    workdir: Path | None = None,
+    charge_wrapper: bool = True,
+    keep_outputs: bool = False,
+    p3_context: str = "standalone",
+) -> tuple[dict, Recorded]:
     """sysgen's real run_stream (scheduler, store, pipeline) over the workload, simulated engine.
     `p3_context` is sysgen's --p3-context (continue pays off with keep_outputs: P1's answers cached).
     Runs on asyncio's default loop: the driver needs to see when the loop is idle."""
     with tempfile.TemporaryDirectory(prefix="sysgen-sim-", dir=workdir) as tmp:
-        return asyncio.run(_stream(workload, spec, tokenizer, Path(tmp), max_inflight, charge_wrapper,
-                                   keep_outputs, p3_context))
+        return asyncio.run(
+            _stream(
+                workload, spec, tokenizer, Path(tmp), max_inflight, charge_wrapper, keep_outputs, p3_context
+            )
+        )
 
 
 def batch(spec: EngineSpec, recorded: Recorded, limit: int | None = None) -> dict:
@@ -95,8 +123,20 @@ def batch(spec: EngineSpec, recorded: Recorded, limit: int | None = None) -> dic
     for phase in (*PHASES, *sorted(set(recorded.calls) - set(PHASES))):
         calls = recorded.calls.get(phase, [])[:limit]
         for plen, ids, max_new, out_len, con, keep_ids in calls:
-            eng.add(SimReq(rid, plen, block_chain(ids), max_new, out_len, con, group=phase, ids=ids,
-                           keep=block_chain(keep_ids) if keep_ids is not None else None, keep_ids=keep_ids))
+            eng.add(
+                SimReq(
+                    rid,
+                    plen,
+                    block_chain(ids),
+                    max_new,
+                    out_len,
+                    con,
+                    group=phase,
+                    ids=ids,
+                    keep=block_chain(keep_ids) if keep_ids is not None else None,
+                    keep_ids=keep_ids,
+                )
+            )
             rid += 1
         t0 = t
         while (out := eng.step()) is not None:

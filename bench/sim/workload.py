@@ -61,8 +61,10 @@ class Workload:
 
 def load_samples(data_dir: Path) -> dict[str, list[Instance]]:
     if not data_dir.is_dir():
-        raise NoData(f"{data_dir} is absent: bench.sim needs the real sample rows (see SOURCES.md there); "
-                     "pass --data DIR")
+        raise NoData(
+            f"{data_dir} is absent: bench.sim needs the real sample rows (see SOURCES.md there); "
+            "pass --data DIR"
+        )
     out = {}
     for name, (_, rel, _, _) in PAPER.items():
         path = data_dir / rel
@@ -84,8 +86,16 @@ def _exchanges(inst: Instance, turns: int | None) -> list[tuple[str, str]]:
     return kept
 
 
-def build(out: Path, n: int, tokenizer, *, data_dir: Path | None = None, turns: int | None = None,
-          seed: int = 0, paper_answers: bool = False) -> Workload:
+def build(
+    out: Path,
+    n: int,
+    tokenizer,
+    *,
+    data_dir: Path | None = None,
+    turns: int | None = None,
+    seed: int = 0,
+    paper_answers: bool = False,
+) -> Workload:
     """Write n instances (ShareGPT JSON Lines) to `out`; lengths per real row are tokenized once.
     `paper_answers`: scale each dataset's answer lengths so their mean matches the paper's Table 9
     (our samples' answers are shorter: GSM8K's 290 characters against Orca-Math's 878)."""
@@ -98,8 +108,10 @@ def build(out: Path, n: int, tokenizer, *, data_dir: Path | None = None, turns: 
         scale = 1.0
         if paper_answers:
             scale = PAPER[k][3] / (sum(len(r.original_answer or "") for r in rows) / len(rows))
-        row_answers[k] = [tuple(max(1, round(scale * enc(c))) for r, c in _exchanges(i, turns)
-                                if r == "assistant") for i in rows]
+        row_answers[k] = [
+            tuple(max(1, round(scale * enc(c))) for r, c in _exchanges(i, turns) if r == "assistant")
+            for i in rows
+        ]
     rng = random.Random(seed)
     answers: list[tuple[int, ...]] = []
     drawn = dict.fromkeys(names, 0)
@@ -120,10 +132,16 @@ def build(out: Path, n: int, tokenizer, *, data_dir: Path | None = None, turns: 
     for name, rows in samples.items():
         q = [len(r.first_user) for r in rows]
         a = [len(r.original_answer or "") for r in rows]
-        info[name] = {"paper_instances": PAPER[name][0], "sample_rows": len(rows), "drawn": drawn[name],
-                      "sample_query_chars": round(sum(q) / len(q), 1), "paper_query_chars": PAPER[name][2],
-                      "sample_answer_chars": round(sum(a) / len(a), 1), "paper_answer_chars": PAPER[name][3],
-                      "source": PAPER[name][1]}
+        info[name] = {
+            "paper_instances": PAPER[name][0],
+            "sample_rows": len(rows),
+            "drawn": drawn[name],
+            "sample_query_chars": round(sum(q) / len(q), 1),
+            "paper_query_chars": PAPER[name][2],
+            "sample_answer_chars": round(sum(a) / len(a), 1),
+            "paper_answer_chars": PAPER[name][3],
+            "source": PAPER[name][1],
+        }
     return Workload(out, n, info, answers)
 
 

@@ -101,8 +101,12 @@ def status_error(url: str, reply: Reply, request: Request | None, message: str |
     status = reply.status
     text = f"{url}: {status} {error_message(reply) if message is None else message}"
     if status in (401, 403):
-        return EngineAuthError(f"{text}. The server refused our credentials: check --api-key (or "
-                               "OPENAI_API_KEY) and the server's auth settings", request, status)
+        return EngineAuthError(
+            f"{text}. The server refused our credentials: check --api-key (or "
+            "OPENAI_API_KEY) and the server's auth settings",
+            request,
+            status,
+        )
     if status in (429, 502, 503, 504):
         return EngineOverloaded(text, request, status, retry_after_s(reply.retry_after))
     if status >= 500 or status == 408:  # 408: the server gave up waiting for us, try again
@@ -116,8 +120,15 @@ class HTTPClient:
     One aiohttp session; its connector keeps up to `max_connections` keep-alive connections (the
     backend bounds requests in flight to the same number, so no request waits for a connection)."""
 
-    def __init__(self, base_url: str, *, api_key: str | None = None, timeout_s: float = 600.0,
-                 connect_timeout_s: float = 10.0, max_connections: int = 256) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 600.0,
+        connect_timeout_s: float = 10.0,
+        max_connections: int = 256,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -130,28 +141,61 @@ class HTTPClient:
     def _open(self):
         if self._session is None:
             aiohttp = self._aiohttp
-            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0,
-                                             keepalive_timeout=75, ttl_dns_cache=300)
+            connector = aiohttp.TCPConnector(
+                limit=self.max_connections, limit_per_host=0, keepalive_timeout=75, ttl_dns_cache=300
+            )
             timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.connect_timeout_s)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, headers=self._headers,
-                                                  raise_for_status=False, trust_env=False)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=timeout,
+                headers=self._headers,
+                raise_for_status=False,
+                trust_env=False,
+            )
         return self._session
 
-    async def get(self, path: str, *, max_bytes: int = 4 << 20, timeout_s: float | None = None,
-                  request: Request | None = None) -> Reply:
+    async def get(
+        self,
+        path: str,
+        *,
+        max_bytes: int = 4 << 20,
+        timeout_s: float | None = None,
+        request: Request | None = None,
+    ) -> Reply:
         return await self._call("GET", path, None, max_bytes, timeout_s, request)
 
-    async def post(self, path: str, body: Any, *, max_bytes: int, timeout_s: float | None = None,
-                   request: Request | None = None) -> Reply:
+    async def post(
+        self,
+        path: str,
+        body: Any,
+        *,
+        max_bytes: int,
+        timeout_s: float | None = None,
+        request: Request | None = None,
+    ) -> Reply:
         return await self._call("POST", path, orjson.dumps(body), max_bytes, timeout_s, request)
 
-    async def _call(self, method: str, path: str, data: bytes | None, max_bytes: int,
-                    timeout_s: float | None, request: Request | None) -> Reply:
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        data: bytes | None,
+        max_bytes: int,
+        timeout_s: float | None,
+        request: Request | None,
+    ) -> Reply:
         aiohttp = self._aiohttp
         session = self._open()
         url = self.base_url + path
-        kw = {} if timeout_s is None else {"timeout": aiohttp.ClientTimeout(
-            total=timeout_s, sock_connect=min(timeout_s, self.connect_timeout_s))}
+        kw = (
+            {}
+            if timeout_s is None
+            else {
+                "timeout": aiohttp.ClientTimeout(
+                    total=timeout_s, sock_connect=min(timeout_s, self.connect_timeout_s)
+                )
+            }
+        )
         try:
             async with session.request(method, url, data=data, **kw) as resp:
                 size = resp.content_length
@@ -162,8 +206,9 @@ class HTTPClient:
                     body = await resp.read()
                 else:
                     body = await _read_bounded(resp, max_bytes, url, request)
-                return Reply(resp.status, body, resp.headers.get("Retry-After"),
-                             resp.headers.get("Content-Type", ""))
+                return Reply(
+                    resp.status, body, resp.headers.get("Retry-After"), resp.headers.get("Content-Type", "")
+                )
         except aiohttp.ClientConnectorError as e:
             raise EngineUnreachable(f"{url}: cannot connect ({e.os_error or e})", request) from e
         except aiohttp.ConnectionTimeoutError as e:
@@ -195,7 +240,6 @@ async def _read_bounded(resp, max_bytes: int, url: str, request: Request | None)
             raise _too_large(url, f"over {max_bytes:,}", max_bytes, request)
         chunks.append(chunk)
     return b"".join(chunks)
-
 
 
 class HTTPEndpoint:
@@ -233,8 +277,12 @@ class HTTPEndpoint:
     def _open(self) -> HTTPClient:
         """The client, created on first use with one keep-alive connection per request in flight."""
         if self._client is None:
-            self._client = HTTPClient(self.base_url, api_key=self.__key, timeout_s=self.timeout_s,
-                                      max_connections=self.max_concurrency)
+            self._client = HTTPClient(
+                self.base_url,
+                api_key=self.__key,
+                timeout_s=self.timeout_s,
+                max_connections=self.max_concurrency,
+            )
         return self._client
 
 
@@ -263,8 +311,9 @@ def wire_prompt(request: Request, tokenizer: Any) -> list[int] | str | None:
         return cast(str, request.prompt)
     if tokenizer is None:
         return None
-    ids = tokenizer.apply_chat_template(prompt_messages(request.prompt), add_generation_prompt=True,
-                                        tokenize=True)
+    ids = tokenizer.apply_chat_template(
+        prompt_messages(request.prompt), add_generation_prompt=True, tokenize=True
+    )
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
@@ -277,8 +326,9 @@ def wire_text(request: Request, tokenizer: Any) -> str | None:
         return None
     if request.kind == "ids":
         return tokenizer.decode(list(cast("tuple[int, ...]", request.prompt)), skip_special_tokens=False)
-    return tokenizer.apply_chat_template(prompt_messages(request.prompt), add_generation_prompt=True,
-                                         tokenize=False)
+    return tokenizer.apply_chat_template(
+        prompt_messages(request.prompt), add_generation_prompt=True, tokenize=False
+    )
 
 
 def load_tokenizer(model_path: str | None, engine: str):
@@ -288,10 +338,16 @@ def load_tokenizer(model_path: str | None, engine: str):
     try:
         from transformers import AutoTokenizer
     except ImportError as e:
-        raise ImportError(f"--model for {engine} loads its tokenizer with transformers: "
-                          "pip install -e '.[cpu]' (or pass no --model for text-only prompts)") from e
+        raise ImportError(
+            f"--model for {engine} loads its tokenizer with transformers: "
+            "pip install -e '.[cpu]' (or pass no --model for text-only prompts)"
+        ) from e
     return AutoTokenizer.from_pretrained(model_path)
 
+
 def _too_large(url: str, size: str, limit: int, request: Request | None) -> TransientEngineError:
-    return TransientEngineError(f"{url}: refused an answer of {size} bytes, more than the request's token "
-                                f"budget can produce ({limit:,} bytes)", request)
+    return TransientEngineError(
+        f"{url}: refused an answer of {size} bytes, more than the request's token "
+        f"budget can produce ({limit:,} bytes)",
+        request,
+    )

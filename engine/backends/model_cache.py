@@ -78,8 +78,9 @@ def _stat_fingerprint(path: Path) -> str:
 def gguf_tokenizer_dir(gguf: Path, cache_root: Path | None = None) -> Path:
     """A transformers tokenizer (plus config.json, for the context length) read out of `gguf` once."""
     root = (cache_root or default_cache_root()) / "tokenizers"
-    return _cached_conversion(root / f"{gguf.stem}-{_stat_fingerprint(gguf)}",
-                              lambda out: _convert_gguf_tokenizer(gguf, out))
+    return _cached_conversion(
+        root / f"{gguf.stem}-{_stat_fingerprint(gguf)}", lambda out: _convert_gguf_tokenizer(gguf, out)
+    )
 
 
 # GGUF tensor types that OpenVINO GenAI 2026.4's GGUF reader turns into different weights. Q4_1
@@ -94,8 +95,9 @@ REENCODE_TYPES = frozenset({"Q4_1"})
 F16_COPY_MAX_BYTES = 4 << 30
 
 
-def openvino_gguf(gguf: Path, cache_root: Path | None = None,
-                  f16_max_bytes: int = F16_COPY_MAX_BYTES) -> tuple[Path, str]:
+def openvino_gguf(
+    gguf: Path, cache_root: Path | None = None, f16_max_bytes: int = F16_COPY_MAX_BYTES
+) -> tuple[Path, str]:
     """(the GGUF file for OpenVINO to load, how it was re-encoded: "" for none, "f16" or "q8_0").
 
     `gguf` itself, or, when it holds tensors of REENCODE_TYPES, a copy with exactly those tensors
@@ -118,9 +120,14 @@ def openvino_gguf(gguf: Path, cache_root: Path | None = None,
     if not tensors:
         return gguf, ""
     kind = "f16" if 2 * sum(int(t.n_elements) for t in tensors) <= f16_max_bytes else "q8_0"
-    log.info("%s holds %s tensors, which OpenVINO does not read as they are: writing a copy with them as "
-             "%s (once) under %s", gguf, "/".join(sorted({t.tensor_type.name for t in tensors})),
-             kind.upper(), root)
+    log.info(
+        "%s holds %s tensors, which OpenVINO does not read as they are: writing a copy with them as "
+        "%s (once) under %s",
+        gguf,
+        "/".join(sorted({t.tensor_type.name for t in tensors})),
+        kind.upper(),
+        root,
+    )
     done = _cached_conversion(copy_dir(kind), lambda out: _reencode_gguf(gguf, out / gguf.name, kind))
     return done / gguf.name, kind
 
@@ -159,8 +166,9 @@ def default_model_dir(cache_root: Path | None = None) -> Path:
     sequential `model.generate` baseline of bench.cpu needs it; the engine reads the GGUF."""
     gguf = default_gguf_path()
     root = (cache_root or default_cache_root()) / "models"
-    return _cached_conversion(root / f"SmolLM2-135M-Instruct-Q4_1-{file_fingerprint(gguf)}",
-                              lambda out: _convert_gguf(gguf, out))
+    return _cached_conversion(
+        root / f"SmolLM2-135M-Instruct-Q4_1-{file_fingerprint(gguf)}", lambda out: _convert_gguf(gguf, out)
+    )
 
 
 def _cached_conversion(target: Path, convert: Callable[[Path], None]) -> Path:

@@ -42,20 +42,35 @@ from engine.request import FinishReason, Request, Result, prompt_messages
 
 log = logging.getLogger(__name__)
 
-_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "tool_calls": "stop",
-                                    "function_call": "stop", "repetition": "length"}
+_FINISH: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "stop",
+    "function_call": "stop",
+    "repetition": "length",
+}
 STARTUP_TRIES = 3  # GET /v1/models at start; refused connections fail in milliseconds, so ~2 s in all
 # How a self-hosted server is told to report cached prompt tokens on its OpenAI routes.
-_CACHE_REPORT_HINT = {"vllm": "start vLLM with --enable-prompt-tokens-details",
-                      "sglang": "start SGLang with --enable-cache-report"}
+_CACHE_REPORT_HINT = {
+    "vllm": "start vLLM with --enable-prompt-tokens-details",
+    "sglang": "start SGLang with --enable-cache-report",
+}
 
 
 class OpenAIBackend(HTTPEndpoint, BackendBase):
     name = "openai"
     tokenizer = None
 
-    def __init__(self, base_url: str, *, model: str, api_key: str | None, max_concurrency: int = 32,
-                 timeout_s: float = 120, server: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str,
+        api_key: str | None,
+        max_concurrency: int = 32,
+        timeout_s: float = 120,
+        server: str | None = None,
+    ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if server is not None:
@@ -65,8 +80,9 @@ class OpenAIBackend(HTTPEndpoint, BackendBase):
         self.model = model
         self.model_id = f"openai:{model}@{self.base_url}"
         self.max_concurrency = max_concurrency
-        self.capabilities = Capabilities(regex=server is not None, token_ids=False,
-                                         max_running=max_concurrency, max_context=1 << 20)
+        self.capabilities = Capabilities(
+            regex=server is not None, token_ids=False, max_running=max_concurrency, max_context=1 << 20
+        )
         self._sem = asyncio.Semaphore(max_concurrency)
         self._warned_no_cache_counts = False
 
@@ -97,13 +113,20 @@ class OpenAIBackend(HTTPEndpoint, BackendBase):
             break
         else:
             await self.close()
-            raise NeverAnswered(f"nothing answers at {self.base_url} ({last}): check --url (an "
-                                "OpenAI-compatible server answers GET /v1/models) and that the server is "
-                                "running")
+            raise NeverAnswered(
+                f"nothing answers at {self.base_url} ({last}): check --url (an "
+                "OpenAI-compatible server answers GET /v1/models) and that the server is "
+                "running"
+            )
         if self.server is not None:  # a router may drop the regex field: refuse before any row is spent
             try:
-                await check_regex_honoured(client, self.base_url, self.server, self.model,
-                                           openai_regex_body(self.server, PROBE_REGEX))
+                await check_regex_honoured(
+                    client,
+                    self.base_url,
+                    self.server,
+                    self.model,
+                    openai_regex_body(self.server, PROBE_REGEX),
+                )
             except BaseException:
                 await self.close()
                 raise
@@ -114,11 +137,18 @@ class OpenAIBackend(HTTPEndpoint, BackendBase):
         elif request.kind == "text":
             messages = [{"role": "user", "content": cast(str, request.prompt)}]
         else:
-            raise RequestRejected("an OpenAI-compatible endpoint takes text or chat messages, not token ids",
-                                  request)
+            raise RequestRejected(
+                "an OpenAI-compatible endpoint takes text or chat messages, not token ids", request
+            )
         s = request.sampling
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": s.temperature,
-                                "top_p": s.top_p, "max_tokens": s.max_new_tokens, "seed": s.seed}
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "max_tokens": s.max_new_tokens,
+            "seed": s.seed,
+        }
         if s.stop:
             body["stop"] = list(s.stop)
         if self.server == "vllm":  # else vLLM fills them from the model's generation_config.json
@@ -132,8 +162,12 @@ class OpenAIBackend(HTTPEndpoint, BackendBase):
         url = f"{self.base_url}/v1/chat/completions"
         async with self._sem:
             # The exception texts name the URL only; the key is in a header never printed.
-            r = await client.post("/v1/chat/completions", self.payload(request), request=request,
-                                  max_bytes=max_body_bytes(request.sampling.max_new_tokens))
+            r = await client.post(
+                "/v1/chat/completions",
+                self.payload(request),
+                request=request,
+                max_bytes=max_body_bytes(request.sampling.max_new_tokens),
+            )
         if r.status >= 400:
             raise status_error(url, r, request, self._scrub(error_message(r)))
         try:
@@ -144,8 +178,12 @@ class OpenAIBackend(HTTPEndpoint, BackendBase):
         if not self._warned_no_cache_counts and not _reports_cached(body):
             self._warned_no_cache_counts = True
             hint = _CACHE_REPORT_HINT.get(self.server or "", "the endpoint may not report them")
-            log.warning("%s reports no cached-token counts (usage.prompt_tokens_details.cached_tokens), so "
-                        "prefix-cache hits read 0: %s", self.base_url, hint)
+            log.warning(
+                "%s reports no cached-token counts (usage.prompt_tokens_details.cached_tokens), so "
+                "prefix-cache hits read 0: %s",
+                self.base_url,
+                hint,
+            )
         return result
 
     async def close(self) -> None:
@@ -163,16 +201,21 @@ def checked_result(body: Any, request: Request, url: str) -> Result:
     choice = body["choices"][0]
     finish = choice.get("finish_reason")
     if finish == "content_filter":
-        raise ContentFiltered(f"{url}: content_filter: the endpoint's content filter withheld the answer",
-                              request)
+        raise ContentFiltered(
+            f"{url}: content_filter: the endpoint's content filter withheld the answer", request
+        )
     if finish not in _FINISH:  # "abort" (a server shutting down), "error", none: never a success
-        raise TransientEngineError(f"{url}: the server ended the answer with finish_reason {finish!r}",
-                                   request)
+        raise TransientEngineError(
+            f"{url}: the server ended the answer with finish_reason {finish!r}", request
+        )
     usage = body.get("usage") or {}
-    return Result(text=choice["message"].get("content") or "", finish_reason=_FINISH[finish],
-                  prompt_tokens=usage.get("prompt_tokens") or 0,
-                  completion_tokens=usage.get("completion_tokens") or 0,
-                  cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    return Result(
+        text=choice["message"].get("content") or "",
+        finish_reason=_FINISH[finish],
+        prompt_tokens=usage.get("prompt_tokens") or 0,
+        completion_tokens=usage.get("completion_tokens") or 0,
+        cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
+    )
 
 
 def _reports_cached(body: dict) -> bool:
@@ -198,8 +241,16 @@ def _problem(body: Any) -> str | None:
     details = usage.get("prompt_tokens_details") or {} if isinstance(usage, dict) else None
     if not isinstance(usage, dict) or not isinstance(details, dict):
         return "usage is not an object"
-    counts = {"usage.prompt_tokens": usage.get("prompt_tokens"),
-              "usage.completion_tokens": usage.get("completion_tokens"),
-              "usage.prompt_tokens_details.cached_tokens": details.get("cached_tokens")}
-    return next((f"{k} is {v!r}" for k, v in counts.items()
-                 if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0)), None)
+    counts = {
+        "usage.prompt_tokens": usage.get("prompt_tokens"),
+        "usage.completion_tokens": usage.get("completion_tokens"),
+        "usage.prompt_tokens_details.cached_tokens": details.get("cached_tokens"),
+    }
+    return next(
+        (
+            f"{k} is {v!r}"
+            for k, v in counts.items()
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0)
+        ),
+        None,
+    )

@@ -87,11 +87,19 @@ class OpenVINOBackend(BackendBase):
 
     name = "openvino"
 
-    def __init__(self, model: str | Path | None = None, *, model_id: str | None = None,
-                 max_num_seqs: int = 32, kv_cache_gb: int | None = None,
-                 max_num_batched_tokens: int = MAX_BATCHED_TOKENS, prefix_cache: bool = True,
-                 threads: int | None = None, cache_root: Path | None = None,
-                 properties: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        model_id: str | None = None,
+        max_num_seqs: int = 32,
+        kv_cache_gb: int | None = None,
+        max_num_batched_tokens: int = MAX_BATCHED_TOKENS,
+        prefix_cache: bool = True,
+        threads: int | None = None,
+        cache_root: Path | None = None,
+        properties: dict[str, Any] | None = None,
+    ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if kv_cache_gb is not None and kv_cache_gb < 1:
@@ -100,8 +108,9 @@ class OpenVINOBackend(BackendBase):
         self._init_model(model, model_id, cache_root)
         self.kv_cache_gb = kv_cache_gb or default_kv_cache_gb()
         self._init_engine(max_num_seqs, max_num_batched_tokens, prefix_cache, threads, properties)
-        self.capabilities = Capabilities(regex=True, token_ids=True, max_running=max_num_seqs,
-                                         max_context=self.max_context)
+        self.capabilities = Capabilities(
+            regex=True, token_ids=True, max_running=max_num_seqs, max_context=self.max_context
+        )
         self._valid_regexes: OrderedDict[str, None] = OrderedDict()
         self._closed = False
 
@@ -114,8 +123,10 @@ class OpenVINOBackend(BackendBase):
         else:
             self.model_path = Path(model)
             if not self.model_path.exists():
-                raise ModelNotFound(f"--model {model}: no such file or folder; fix: pass a .gguf file or "
-                                    "an OpenVINO model folder")
+                raise ModelNotFound(
+                    f"--model {model}: no such file or folder; fix: pass a .gguf file or "
+                    "an OpenVINO model folder"
+                )
         self.engine_path = self.model_path  # what OpenVINO loads
         if self.model_path.is_file():
             if self.model_path.suffix != ".gguf":
@@ -130,13 +141,21 @@ class OpenVINOBackend(BackendBase):
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         except (OSError, ValueError) as exc:
-            raise ModelNotFound(f"{tok_dir}: no Hugging Face tokenizer files ({exc}); fix: export the model "
-                                "with `optimum-cli export openvino`, which writes them") from exc
+            raise ModelNotFound(
+                f"{tok_dir}: no Hugging Face tokenizer files ({exc}); fix: export the model "
+                "with `optimum-cli export openvino`, which writes them"
+            ) from exc
         self.max_context = context_length(tok_dir)
         self.vocab_size = len(self.tokenizer)
 
-    def _init_engine(self, max_num_seqs: int, max_batched: int, prefix_cache: bool,
-                     threads: int | None, properties: dict[str, Any] | None) -> None:
+    def _init_engine(
+        self,
+        max_num_seqs: int,
+        max_batched: int,
+        prefix_cache: bool,
+        threads: int | None,
+        properties: dict[str, Any] | None,
+    ) -> None:
         import numpy as np
         import openvino
 
@@ -156,9 +175,12 @@ class OpenVINOBackend(BackendBase):
             except RuntimeError as exc:
                 raise EngineDied(f"OpenVINO could not load {self.model_path}: {exc}") from exc
 
-        self._stepper = Stepper(make_pipeline, self._result,
-                                lambda ids: openvino.Tensor(np.array([ids], dtype=np.int64)),
-                                ov.GenerationStatus.RUNNING)
+        self._stepper = Stepper(
+            make_pipeline,
+            self._result,
+            lambda ids: openvino.Tensor(np.array([ids], dtype=np.int64)),
+            ov.GenerationStatus.RUNNING,
+        )
         base = self._stepper.pipe.get_config()
         self.eos_token_id = int(base.eos_token_id)
         self.stop_token_ids = {int(i) for i in base.stop_token_ids} | {self.eos_token_id}
@@ -169,8 +191,11 @@ class OpenVINOBackend(BackendBase):
         if self._closed:
             raise EngineDied("backend closed", request)
         if request.model != self.model_id:
-            raise RequestRejected(f"request is for model {request.model!r} but this backend runs "
-                                  f"{self.model_id!r}; build requests with backend.model_id", request)
+            raise RequestRejected(
+                f"request is for model {request.model!r} but this backend runs "
+                f"{self.model_id!r}; build requests with backend.model_id",
+                request,
+            )
         ids = self.prompt_ids(request)
         if request.regex is not None:
             self._check_regex(request)
@@ -189,16 +214,19 @@ class OpenVINOBackend(BackendBase):
         elif request.kind == "text":
             ids = tuple(self.tokenizer.encode(request.prompt, add_special_tokens=False))
         else:
-            text = self.tokenizer.apply_chat_template(prompt_messages(request.prompt), tokenize=False,
-                                                      add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(
+                prompt_messages(request.prompt), tokenize=False, add_generation_prompt=True
+            )
             ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
         if not ids:
             raise RequestRejected("empty prompt", request)
         limit = self.max_context - request.sampling.max_new_tokens
         if len(ids) > limit:
-            raise RequestRejected(f"prompt has {len(ids)} tokens; at most {limit} fit (context "
-                                  f"{self.max_context} - max_new_tokens {request.sampling.max_new_tokens})",
-                                  request)
+            raise RequestRejected(
+                f"prompt has {len(ids)} tokens; at most {limit} fit (context "
+                f"{self.max_context} - max_new_tokens {request.sampling.max_new_tokens})",
+                request,
+            )
         # OpenVINO does not check ids: an out-of-range one silently yields garbage.
         if max(ids) >= self.vocab_size or min(ids) < 0:
             raise RequestRejected(f"prompt holds token ids outside [0, {self.vocab_size})", request)
@@ -227,20 +255,25 @@ class OpenVINOBackend(BackendBase):
         """A finished job's Result (on the engine thread)."""
         ov = self._ov
         if status == ov.GenerationStatus.IGNORED:
-            raise TransientEngineError(f"the KV cache ({self.kv_cache_gb} GB) could not hold this request; "
-                                       "raise --kv-cache-gb or lower --max-batch", job.request)
+            raise TransientEngineError(
+                f"the KV cache ({self.kv_cache_gb} GB) could not hold this request; "
+                "raise --kv-cache-gb or lower --max-batch",
+                job.request,
+            )
         if status != ov.GenerationStatus.FINISHED:
             raise TransientEngineError(f"openvino ended the request with status {status.name}", job.request)
         finish = finish_of(job.finish, len(job.out), job.request.sampling.max_new_tokens)
         if finish is None:
             raise TransientEngineError(f"openvino returned no finish reason (got {job.finish})", job.request)
-        text = cast(str, self.tokenizer.decode(job.out, skip_special_tokens=True,
-                                               clean_up_tokenization_spaces=False))
+        text = cast(
+            str, self.tokenizer.decode(job.out, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        )
         cuts = [i for i in (text.find(s) for s in job.request.sampling.stop) if i >= 0]
         if cuts:  # a stop string inside one token is not removed by the engine
             text, finish = text[: min(cuts)], "stop"
-        return Result(text=text, finish_reason=finish, prompt_tokens=len(job.ids),
-                      completion_tokens=len(job.out))
+        return Result(
+            text=text, finish_reason=finish, prompt_tokens=len(job.ids), completion_tokens=len(job.out)
+        )
 
     @property
     def stats(self) -> dict[str, int]:
@@ -274,6 +307,7 @@ def _import_openvino_genai() -> Any:
     try:
         import openvino_genai
     except ImportError as exc:
-        raise ModelNotFound(f"--engine openvino needs openvino-genai, which is not installed; fix: "
-                            f"{INSTALL_HINT}") from exc
+        raise ModelNotFound(
+            f"--engine openvino needs openvino-genai, which is not installed; fix: {INSTALL_HINT}"
+        ) from exc
     return openvino_genai

@@ -66,8 +66,13 @@ class Stepper:
     """`finish(job, status)` turns a job whose handle stopped running into a Result (or raises an
     EngineError); it runs on this thread, so decoding stays off the event loop."""
 
-    def __init__(self, make_pipeline: Callable[[], Any], finish: Callable[[Job, Any], Result],
-                 tensor: Callable[[tuple[int, ...]], Any], running_status: Any) -> None:
+    def __init__(
+        self,
+        make_pipeline: Callable[[], Any],
+        finish: Callable[[Job, Any], Result],
+        tensor: Callable[[tuple[int, ...]], Any],
+        running_status: Any,
+    ) -> None:
         self._make_pipeline, self._finish, self._tensor = make_pipeline, finish, tensor
         self._running = running_status
         self.pipe = make_pipeline()  # in the caller's thread: a model that cannot load fails there
@@ -175,8 +180,11 @@ class Stepper:
 
     def _rebuild(self, exc: Exception) -> None:
         """A failed step: fail what was running (retryable) and start from a fresh pipeline."""
-        log.warning("openvino step failed with %d request(s) running: %r; rebuilding the pipeline",
-                    len(self.live), exc)
+        log.warning(
+            "openvino step failed with %d request(s) running: %r; rebuilding the pipeline",
+            len(self.live),
+            exc,
+        )
         for job in self.live.values():
             job.resolve(error=TransientEngineError(f"openvino step failed: {exc}", job.request))
         self.live.clear()

@@ -41,7 +41,10 @@ def detect_gpu() -> str | None:
         try:
             out = subprocess.run(
                 [smi, "--query-gpu=name", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20, check=False,
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=False,
             )
         except (OSError, subprocess.SubprocessError):
             out = None
@@ -69,9 +72,12 @@ def choose_backend(
     if requested not in _NAMES:
         raise ValueError(f"unknown engine {requested!r}; choose one of {', '.join(_NAMES)}")
     if requested in ("openvino", "sglang_http", "vllm_http", "openai"):
-        where = {"openvino": "on the CPU", "sglang_http": "on a remote SGLang server or router",
-                 "vllm_http": "on a remote vLLM server or router",
-                 "openai": "on an OpenAI-compatible endpoint"}[requested]
+        where = {
+            "openvino": "on the CPU",
+            "sglang_http": "on a remote SGLang server or router",
+            "vllm_http": "on a remote vLLM server or router",
+            "openai": "on an OpenAI-compatible endpoint",
+        }[requested]
         return requested, f"engine {requested!r} was asked for explicitly; it runs {where}."
     has_cuda = _cuda_now() if cuda_available is None else cuda_available
     has_sglang = sglang_installed() if sglang_available is None else sglang_available
@@ -79,15 +85,19 @@ def choose_backend(
         if not has_sglang:
             raise ValueError(f"--engine sglang needs SGLang, which is not installed: {SGLANG_INSTALL_HINT}")
         if not has_cuda:
-            raise ValueError("--engine sglang needs a CUDA GPU and none was found (nvidia-smi lists none); "
-                             "use --engine openvino on this machine, or --engine sglang_http --url URL "
-                             "for a GPU server")
+            raise ValueError(
+                "--engine sglang needs a CUDA GPU and none was found (nvidia-smi lists none); "
+                "use --engine openvino on this machine, or --engine sglang_http --url URL "
+                "for a GPU server"
+            )
         return "sglang", "engine 'sglang' was asked for and a CUDA GPU and SGLang are both present."
     if has_cuda and has_sglang:
         return "sglang", "a CUDA GPU and SGLang are both present, so the in-process SGLang engine runs."
     if has_cuda:
-        return "openvino", (f"a CUDA GPU is present but SGLang is not installed ({SGLANG_INSTALL_HINT}), "
-                            "so the CPU engine (openvino) runs.")
+        return "openvino", (
+            f"a CUDA GPU is present but SGLang is not installed ({SGLANG_INSTALL_HINT}), "
+            "so the CPU engine (openvino) runs."
+        )
     return "openvino", "no CUDA GPU was found, so the CPU engine (openvino) runs."
 
 

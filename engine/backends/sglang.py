@@ -42,7 +42,8 @@ GRAMMAR_TIMEOUT_HINT = (
     "SGLang timed out compiling a regex grammar and now refuses every request with that regex until "
     "it restarts; the run stops and resumes from the store. If it happens again, let SGLang wait "
     "longer (environment SGLANG_GRAMMAR_MAX_POLL_ITERATIONS, default 10000 polls of 5 ms) or use "
-    "a smaller regex")
+    "a smaller regex"
+)
 
 
 class GrammarTimeout(TransientEngineError):
@@ -87,8 +88,9 @@ def capacity_from_states(states: Any) -> tuple[int, int, int] | None:
     None when they do not say."""
     if not isinstance(states, list) or not states or not all(isinstance(s, dict) for s in states):
         return None
-    running = [s.get("effective_max_running_requests_per_dp") or s.get("max_running_requests")
-               for s in states]
+    running = [
+        s.get("effective_max_running_requests_per_dp") or s.get("max_running_requests") for s in states
+    ]
     if not all(pos_int(n) for n in running):
         return None
     kv = [_memory(s).get("token_capacity") or s.get("max_total_num_tokens") for s in states]
@@ -114,8 +116,11 @@ def sampling_params_for(request: Request) -> dict[str, Any]:
     costs throughput: seeded sampled outputs vary run to run (the store keeps the first answer, so
     a resumed run is stable anyway). Greedy decoding needs no seed."""
     s = request.sampling
-    params: dict[str, Any] = {"temperature": s.temperature, "top_p": s.top_p,
-                              "max_new_tokens": s.max_new_tokens}
+    params: dict[str, Any] = {
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "max_new_tokens": s.max_new_tokens,
+    }
     if s.stop:
         params["stop"] = list(s.stop)
     if request.regex is not None:
@@ -169,7 +174,7 @@ def child_exit(pid: int) -> tuple[bool, int | None]:
         return False, None  # gone and already reaped (by SGLang's watchdog)
     except OSError:
         return True, None
-    fields = raw[raw.rfind(")") + 2:].split()
+    fields = raw[raw.rfind(")") + 2 :].split()
     if not fields or fields[0] not in ("Z", "X"):
         return True, None
     status = int(fields[49]) if len(fields) > 49 else None
@@ -196,9 +201,16 @@ class SGLangBackend(BackendBase):
 
     name = "sglang"
 
-    def __init__(self, model_path: str, *, server_args: dict[str, Any], model_id: str | None = None,
-                 request_timeout_s: float | None = 600.0, watch_interval_s: float = 1.0,
-                 grammar_timeouts_before_stop: int = 2) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        server_args: dict[str, Any],
+        model_id: str | None = None,
+        request_timeout_s: float | None = 600.0,
+        watch_interval_s: float = 1.0,
+        grammar_timeouts_before_stop: int = 2,
+    ) -> None:
         if "model_path" in server_args:
             raise ValueError("pass the model as SGLangBackend(model_path, ...), not in server_args")
         self.model_path = model_path
@@ -244,11 +256,15 @@ class SGLangBackend(BackendBase):
                 capacity = capacity_from_states(await asyncio.wait_for(get_state(), timeout=60))
                 if capacity is not None:
                     running, dp, kv = capacity
-                    self.capabilities = dataclasses.replace(self.capabilities, max_running=running,
-                                                            dp_size=dp, kv_tokens=kv)
+                    self.capabilities = dataclasses.replace(
+                        self.capabilities, max_running=running, dp_size=dp, kv_tokens=kv
+                    )
             except Exception as e:  # capacity stays as configured
-                log.warning("could not read SGLang's running capacity (%s); using %d",
-                            e, self.capabilities.max_running)
+                log.warning(
+                    "could not read SGLang's running capacity (%s); using %d",
+                    e,
+                    self.capabilities.max_running,
+                )
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             loop.add_signal_handler(signal.SIGQUIT, self._on_child_failure_signal)  # replaces SGLang's
             self._sigquit_loop = loop
@@ -289,11 +305,15 @@ class SGLangBackend(BackendBase):
         if self._dead.done():
             raise EngineDied(self._dead.result(), request)
         rid = uuid.uuid4().hex
-        task = asyncio.ensure_future(self._engine.async_generate(
-            sampling_params=sampling_params_for(request), rid=rid, **self._prompt_kwargs(request)))
+        task = asyncio.ensure_future(
+            self._engine.async_generate(
+                sampling_params=sampling_params_for(request), rid=rid, **self._prompt_kwargs(request)
+            )
+        )
         try:
-            done, _ = await asyncio.wait({task, self._dead}, timeout=self.request_timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {task, self._dead}, timeout=self.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
             if task in done:
                 try:
                     return result_from_output(self._output(task, request), request)
@@ -302,8 +322,9 @@ class SGLangBackend(BackendBase):
                     raise
             if self._dead.done():
                 raise EngineDied(self._dead.result(), request)
-            raise TransientEngineError(f"SGLang gave no answer in {self.request_timeout_s:g}s; aborted it",
-                                       request)
+            raise TransientEngineError(
+                f"SGLang gave no answer in {self.request_timeout_s:g}s; aborted it", request
+            )
         finally:
             if not task.done():
                 task.cancel()
@@ -323,8 +344,9 @@ class SGLangBackend(BackendBase):
             return {"prompt": request.prompt}
         if self.tokenizer is None:
             raise RequestRejected("a chat-messages prompt needs a tokenizer with a chat template", request)
-        ids = self.tokenizer.apply_chat_template(prompt_messages(request.prompt), add_generation_prompt=True,
-                                                 tokenize=True)
+        ids = self.tokenizer.apply_chat_template(
+            prompt_messages(request.prompt), add_generation_prompt=True, tokenize=True
+        )
         return {"input_ids": list(ids["input_ids"] if hasattr(ids, "keys") else ids)}
 
     def _output(self, task: asyncio.Future, request: Request) -> dict[str, Any]:

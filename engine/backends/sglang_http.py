@@ -67,9 +67,19 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
 
     name = "sglang_http"
 
-    def __init__(self, base_url: str, *, model_path: str | None, model_id: str | None = None,
-                 max_concurrency: int | None = None, timeout_s: float = 600, retries: int = 3,
-                 tokenizer: Any = None, api_key: str | None = None, deterministic: bool = False) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model_path: str | None,
+        model_id: str | None = None,
+        max_concurrency: int | None = None,
+        timeout_s: float = 600,
+        retries: int = 3,
+        tokenizer: Any = None,
+        api_key: str | None = None,
+        deterministic: bool = False,
+    ) -> None:
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self._init_endpoint(base_url, api_key, timeout_s)  # `sglang.launch_server --api-key`
@@ -84,8 +94,12 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
         fallback = default_model_id(model_path, {}) if model_path else f"sglang@{self.base_url}"
         self.model_id = model_id or fallback
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, "sglang_http")
-        self.capabilities = Capabilities(regex=True, token_ids=self.tokenizer is not None,
-                                         max_running=self.max_concurrency, max_context=1 << 20)
+        self.capabilities = Capabilities(
+            regex=True,
+            token_ids=self.tokenizer is not None,
+            max_running=self.max_concurrency,
+            max_context=1 << 20,
+        )
         self.server_info: dict[str, Any] = {}
         self.model_info: dict[str, Any] = {}
         self._sem = asyncio.Semaphore(self.max_concurrency)
@@ -116,7 +130,8 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
                 f"--deterministic: the SGLang server at {self.base_url} does not run with "
                 "enable_deterministic_inference (its /server_info says "
                 f"{self.server_info.get('enable_deterministic_inference')!r}); restart it with "
-                "--enable-deterministic-inference, or run without --deterministic")
+                "--enable-deterministic-inference, or run without --deterministic"
+            )
         self._apply_info()
         # The pool holds one keep-alive connection per request in flight (the first pool, opened
         # before the capacity was known, had the default size: a 256-connection pool capped a
@@ -146,9 +161,11 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
                 last = e
                 if attempt < self.retries:
                     await asyncio.sleep(min(8.0, 0.5 * 2**attempt) * (0.5 + random.random()))
-        raise NeverAnswered(f"no SGLang server answers at {self.base_url} ({type(last).__name__}: {last}); "
-                         "start one with `python -m sglang.launch_server --model-path MODEL --port PORT` "
-                         "or check --url")
+        raise NeverAnswered(
+            f"no SGLang server answers at {self.base_url} ({type(last).__name__}: {last}); "
+            "start one with `python -m sglang.launch_server --model-path MODEL --port PORT` "
+            "or check --url"
+        )
 
     def _info_body(self, path: str, r: Reply) -> dict[str, Any]:
         try:
@@ -157,9 +174,11 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
             body = None
         if not isinstance(body, dict):
             snippet = r.body[:80].decode("utf-8", "replace")
-            raise EngineDied(f"the server at {self.base_url} answered something that is not SGLang: "
-                             f"GET {path} gave {r.content_type or 'no type'} {snippet!r}; check --url "
-                             "(an SGLang server or router answers /server_info with JSON)")
+            raise EngineDied(
+                f"the server at {self.base_url} answered something that is not SGLang: "
+                f"GET {path} gave {r.content_type or 'no type'} {snippet!r}; check --url "
+                "(an SGLang server or router answers /server_info with JSON)"
+            )
         return body
 
     def _apply_info(self) -> None:
@@ -169,8 +188,12 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
         if self._explicit_model_id is None and served:
             self.model_id = default_model_id(served, {k: v for k, v in info.items() if isinstance(v, str)})
         if self.model_path and served and model_name(served) != model_name(self.model_path):
-            log.warning("the server at %s serves %s but --model is %s: the tokenizer may not match",
-                        self.base_url, served, self.model_path)
+            log.warning(
+                "the server at %s serves %s but --model is %s: the tokenizer may not match",
+                self.base_url,
+                served,
+                self.model_path,
+            )
         # internal_states: one per DP rank (sglang 0.5.23 http_server.server_info), giving each rank's
         # running capacity and KV-cache size; older servers and routers give only the flat fields.
         capacity = capacity_from_states(info.get("internal_states"))
@@ -180,8 +203,13 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
         else:
             running, dp, kv = _running_capacity(info), pos_int(info.get("dp_size")) or 1, 0
         if running is not None and running > MAX_REPORTED_RUNNING:
-            log.warning("the server at %s reports %d requests running at once; using %d (pass --max-inflight "
-                        "to go higher)", self.base_url, running, MAX_REPORTED_RUNNING)
+            log.warning(
+                "the server at %s reports %d requests running at once; using %d (pass --max-inflight "
+                "to go higher)",
+                self.base_url,
+                running,
+                MAX_REPORTED_RUNNING,
+            )
             running = MAX_REPORTED_RUNNING
         dp = min(dp, running) if running else 1  # no more ranks than requests: each rank runs one
         context = pos_int(info.get("context_length")) or pos_int(info.get("max_req_input_len"))
@@ -206,8 +234,11 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
         elif prompt is not None:
             body["text"] = prompt
         else:
-            raise RequestRejected("a chat-messages prompt needs --model (for its chat template) with "
-                                  "sglang_http; or use the openai backend", request)
+            raise RequestRejected(
+                "a chat-messages prompt needs --model (for its chat template) with "
+                "sglang_http; or use the openai backend",
+                request,
+            )
         return body
 
     async def generate(self, request: Request) -> Result:
@@ -218,8 +249,9 @@ class SGLangHTTPBackend(HTTPEndpoint, BackendBase):
         body = self.payload(request)
         url = f"{self.base_url}/generate"
         async with self._sem:
-            r = await self._http.post("/generate", body, request=request,
-                                        max_bytes=max_body_bytes(request.sampling.max_new_tokens))
+            r = await self._http.post(
+                "/generate", body, request=request, max_bytes=max_body_bytes(request.sampling.max_new_tokens)
+            )
         try:
             if r.status >= 400:
                 raise generate_error(url, r, request)
@@ -291,4 +323,3 @@ def _running_capacity(info: dict[str, Any]) -> int | None:
     if dp is not None and pos_int(dp) is None:
         log.warning("ignoring dp_size=%r from /server_info (not a positive integer)", dp)
     return running * (pos_int(dp) or 1)
-

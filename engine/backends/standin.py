@@ -16,13 +16,20 @@ class StandInBackend(BackendBase):
     name = "standin"
     tokenizer = None
 
-    def __init__(self, respond: Callable[[Request], str], *, model_id: str = "standin", max_running: int = 64,
-                 delay_s: Callable[[Request], float] | float = 0.0,
-                 fault: Callable[[Request, int], Fault] | None = None) -> None:
+    def __init__(
+        self,
+        respond: Callable[[Request], str],
+        *,
+        model_id: str = "standin",
+        max_running: int = 64,
+        delay_s: Callable[[Request], float] | float = 0.0,
+        fault: Callable[[Request, int], Fault] | None = None,
+    ) -> None:
         self.respond = respond
         self.model_id = model_id
-        self.capabilities = Capabilities(regex=True, token_ids=True, max_running=max_running,
-                                         max_context=1 << 20)
+        self.capabilities = Capabilities(
+            regex=True, token_ids=True, max_running=max_running, max_context=1 << 20
+        )
         self.delay_s = delay_s
         self.fault = fault
         self.calls = 0
@@ -52,5 +59,6 @@ class StandInBackend(BackendBase):
         if what == "truncate":
             text, finish = text[: len(text) // 2], "length"
         n_prompt = len(request.prompt) if isinstance(request.prompt, tuple) else len(str(request.prompt)) // 4
-        return Result(text=text, finish_reason=finish, prompt_tokens=n_prompt,
-                      completion_tokens=max(1, len(text) // 4))
+        return Result(
+            text=text, finish_reason=finish, prompt_tokens=n_prompt, completion_tokens=max(1, len(text) // 4)
+        )

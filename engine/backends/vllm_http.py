@@ -103,9 +103,17 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
 
     name = "vllm_http"
 
-    def __init__(self, base_url: str, *, model_path: str | None = None, api_key: str | None = None,
-                 max_concurrency: int | None = None, timeout_s: float = 600, retries: int = 3,
-                 tokenizer: Any = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model_path: str | None = None,
+        api_key: str | None = None,
+        max_concurrency: int | None = None,
+        timeout_s: float = 600,
+        retries: int = 3,
+        tokenizer: Any = None,
+    ) -> None:
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self._init_endpoint(base_url, api_key, timeout_s)
@@ -116,8 +124,12 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         self.served_model: str | None = None
         self.model_id = model_name(model_path) if model_path else f"vllm@{self.base_url}"
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, "vllm_http")
-        self.capabilities = Capabilities(regex=True, token_ids=self.tokenizer is not None,
-                                         max_running=self.max_concurrency, max_context=UNKNOWN_CONTEXT)
+        self.capabilities = Capabilities(
+            regex=True,
+            token_ids=self.tokenizer is not None,
+            max_running=self.max_concurrency,
+            max_context=UNKNOWN_CONTEXT,
+        )
         self.server_version: str | None = None
         self.capacity_source = "default"
         self.context_source = "/v1/models max_model_len"
@@ -131,8 +143,10 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         self._process_start: float | None = None
 
     def __repr__(self) -> str:
-        return (f"VLLMHTTPBackend(base_url={self.base_url!r}, model={self.served_model!r}, "
-                f"api_key=<{self._key_shown}>)")
+        return (
+            f"VLLMHTTPBackend(base_url={self.base_url!r}, model={self.served_model!r}, "
+            f"api_key=<{self._key_shown}>)"
+        )
 
     async def __aenter__(self) -> VLLMHTTPBackend:
         await self.start()
@@ -181,13 +195,23 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             self.served_model = None
             raise
         if self.server_version and self.server_version != VLLM_PIN:
-            log.warning("the server at %s runs vLLM %s; sysgen speaks the fields of vLLM %s",
-                        self.base_url, self.server_version, VLLM_PIN)
+            log.warning(
+                "the server at %s runs vLLM %s; sysgen speaks the fields of vLLM %s",
+                self.base_url,
+                self.server_version,
+                VLLM_PIN,
+            )
         # One keep-alive connection per request in flight (the first pool had the default size).
         await self._http.resize(self.max_concurrency)
-        log.info("vllm_http: %s serves %s (context %d, %s prompts); window sized from %s: %d running",
-                 self.base_url, self.served_model, self.capabilities.max_context, self.prompt_form,
-                 self.capacity_source, self.capabilities.max_running)
+        log.info(
+            "vllm_http: %s serves %s (context %d, %s prompts); window sized from %s: %d running",
+            self.base_url,
+            self.served_model,
+            self.capabilities.max_context,
+            self.prompt_form,
+            self.capacity_source,
+            self.capabilities.max_running,
+        )
 
     async def _choose_prompt_form(self) -> None:
         """Token ids where the server takes them (vLLM itself), else text: the routers in front of
@@ -199,16 +223,21 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         ids = list(encode("Hello", add_special_tokens=False)) or [0]
         body = {"model": self.served_model, "prompt": ids, "max_tokens": 1, "temperature": 0.0}
         try:
-            reply = await self._client.post("/v1/completions", body, max_bytes=max_body_bytes(1),
-                                            timeout_s=60.0)
+            reply = await self._client.post(
+                "/v1/completions", body, max_bytes=max_body_bytes(1), timeout_s=60.0
+            )
         except EngineError as e:
             log.debug("prompt-form probe at %s: %s", self.base_url, e)
             return
         self.ids_refused = reply.status in (400, 422)
         if self.ids_refused:
-            log.warning("%s refuses token-id prompts (%d %s; a router such as smg, sglang-router or "
-                        "vllm-router): prompts go out as text, rendered with the model's chat template",
-                        self.base_url, reply.status, self._scrub(error_message(reply))[:120])
+            log.warning(
+                "%s refuses token-id prompts (%d %s; a router such as smg, sglang-router or "
+                "vllm-router): prompts go out as text, rendered with the model's chat template",
+                self.base_url,
+                reply.status,
+                self._scrub(error_message(reply))[:120],
+            )
 
     @property
     def prompt_form(self) -> str:
@@ -225,9 +254,13 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
                 if reply.status >= 400:
                     raise status_error(url, reply, None, self._scrub(error_message(reply)))
             except EngineAuthError as e:
-                raise EngineAuthError(f"{url}: {e.status} {self._scrub(error_message(reply))}. The server "
-                                      "refused our key: pass --api-key (or OPENAI_API_KEY), the key the "
-                                      "server was started with", None, e.status) from e
+                raise EngineAuthError(
+                    f"{url}: {e.status} {self._scrub(error_message(reply))}. The server "
+                    "refused our key: pass --api-key (or OPENAI_API_KEY), the key the "
+                    "server was started with",
+                    None,
+                    e.status,
+                ) from e
             except RequestRejected as e:  # 404 and the like: a wrong URL, not a vLLM server
                 raise EngineDied(f"{e}; is --url a vLLM server? (`vllm serve` answers GET /v1/models)") from e
             except EngineError as e:
@@ -242,12 +275,16 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             if isinstance(body, dict) and isinstance(body.get("data"), list) and body["data"]:
                 return body
             snippet = self._scrub(reply.body[:120].decode("utf-8", "replace"))
-            raise EngineDied(f"the server at {self.base_url} answered something that is not vLLM: GET "
-                             f"/v1/models gave {reply.content_type or 'no type'} {snippet!r} (no model "
-                             "listed); check --url")
-        raise NeverAnswered(f"no vLLM server answers at {self.base_url} ({type(last).__name__}: {last}); "
-                         "start one with `vllm serve MODEL --port PORT --enable-prompt-tokens-details` "
-                         "or check --url")
+            raise EngineDied(
+                f"the server at {self.base_url} answered something that is not vLLM: GET "
+                f"/v1/models gave {reply.content_type or 'no type'} {snippet!r} (no model "
+                "listed); check --url"
+            )
+        raise NeverAnswered(
+            f"no vLLM server answers at {self.base_url} ({type(last).__name__}: {last}); "
+            "start one with `vllm serve MODEL --port PORT --enable-prompt-tokens-details` "
+            "or check --url"
+        )
 
     def _apply_models(self, models: dict) -> None:
         cards = [c for c in models["data"] if isinstance(c, dict) and isinstance(c.get("id"), str)]
@@ -258,19 +295,28 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         self.model_id = model_name(card["id"])
         root: str = card["root"] if isinstance(card.get("root"), str) else card["id"]
         wanted = model_name(self.model_path) if self.model_path else None
-        if wanted and card["id"] != ROUTER_UNKNOWN_MODEL and wanted not in (model_name(root),
-                                                                           model_name(card["id"])):
-            log.warning("the server at %s serves %s but --model is %s: the tokenizer may not match",
-                        self.base_url, root, self.model_path)
+        if (
+            wanted
+            and card["id"] != ROUTER_UNKNOWN_MODEL
+            and wanted not in (model_name(root), model_name(card["id"]))
+        ):
+            log.warning(
+                "the server at %s serves %s but --model is %s: the tokenizer may not match",
+                self.base_url,
+                root,
+                self.model_path,
+            )
         if self.tokenizer is None and Path(root).is_dir():  # same node: the server's own tokenizer
             self.tokenizer = load_tokenizer(root, "vllm_http")
         # A LoRA adapter's card has no max_model_len: its base model's card does.
         parent = next((c for c in cards if c["id"] == card.get("parent")), {})
         ctx = card.get("max_model_len") or parent.get("max_model_len")
         self.capabilities = Capabilities(
-            regex=True, token_ids=self.tokenizer is not None,
+            regex=True,
+            token_ids=self.tokenizer is not None,
             max_running=min(self.max_concurrency, self.capabilities.max_running),
-            max_context=positive_int(ctx) or UNKNOWN_CONTEXT)
+            max_context=positive_int(ctx) or UNKNOWN_CONTEXT,
+        )
 
     async def _optional(self, path: str) -> Reply | None:
         """A 200 reply from an optional route, else None (logged at debug: most servers lack them)."""
@@ -304,8 +350,9 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             client = self._client_for(url)
             try:
                 body = (await client.get("/v1/models", timeout_s=10.0)).json()
-                cards = [c for c in body.get("data") or []
-                         if isinstance(c, dict) and isinstance(c.get("id"), str)]
+                cards = [
+                    c for c in body.get("data") or [] if isinstance(c, dict) and isinstance(c.get("id"), str)
+                ]
             except (EngineError, ValueError, AttributeError) as e:
                 log.debug("GET %s/v1/models: %s", url, e)
                 continue
@@ -320,12 +367,15 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         which refuses any name but its own: the worker's own card names it, else --model."""
         name = worker.get("id") or self.model_path
         if not name:
-            raise EngineDied(f"{self.base_url} does not say which model it serves (a router listing "
-                             "\"unknown\") and its workers do not answer from here. Fix: pass --model, "
-                             "the served model name (`vllm serve` default: the path it was given)")
+            raise EngineDied(
+                f"{self.base_url} does not say which model it serves (a router listing "
+                '"unknown") and its workers do not answer from here. Fix: pass --model, '
+                "the served model name (`vllm serve` default: the path it was given)"
+            )
         self.served_model = name
-        log.warning("%s lists its model as %r: sending the name %s", self.base_url, ROUTER_UNKNOWN_MODEL,
-                    name)
+        log.warning(
+            "%s lists its model as %r: sending the name %s", self.base_url, ROUTER_UNKNOWN_MODEL, name
+        )
 
     def _context_from(self, fleet: list[dict], worker: dict) -> None:
         """A router's /v1/models has no max_model_len: take the smallest context its workers report,
@@ -335,28 +385,41 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             from engine.backends.model_cache import context_length
 
             ctx, source = context_length(Path(self.model_path)), f"{self.model_path}/config.json"
-            log.warning("%s reports no context length (a router?): assuming %d from %s; a server started "
-                        "with a smaller --max-model-len rejects longer prompts", self.base_url, ctx, source)
+            log.warning(
+                "%s reports no context length (a router?): assuming %d from %s; a server started "
+                "with a smaller --max-model-len rejects longer prompts",
+                self.base_url,
+                ctx,
+                source,
+            )
         if ctx is None:
-            raise EngineDied(f"{self.base_url} reports no context length (/v1/models has no max_model_len: "
-                             "a router?) and --model names no local model folder to read it from. Fix: "
-                             "pass --model DIR (a local copy of the served model), or point --url at a vLLM "
-                             "server or an smg router (its /workers lists each worker's context)")
+            raise EngineDied(
+                f"{self.base_url} reports no context length (/v1/models has no max_model_len: "
+                "a router?) and --model names no local model folder to read it from. Fix: "
+                "pass --model DIR (a local copy of the served model), or point --url at a vLLM "
+                "server or an smg router (its /workers lists each worker's context)"
+            )
         self.context_source = source
         self.capabilities = dataclasses.replace(self.capabilities, max_context=ctx)
 
     def _size_from_fleet(self, fleet: list[dict]) -> None:
         """The fleet's capacity summed over the router's workers (see vllm_fleet)."""
         self._set_running(fleet_running(fleet, DEFAULT_RUNNING), f"router /workers: {len(fleet)} worker(s)")
-        log.warning("%s is a router in front of %d worker(s): %d requests in flight in all (pass "
-                    "--max-inflight to choose)", self.base_url, len(fleet), self.max_concurrency)
+        log.warning(
+            "%s is a router in front of %d worker(s): %d requests in flight in all (pass "
+            "--max-inflight to choose)",
+            self.base_url,
+            len(fleet),
+            self.max_concurrency,
+        )
 
     def _set_running(self, running: int, source: str, dp_size: int = 1, kv_tokens: int = 0) -> None:
         self.capacity_source = source
         self.max_concurrency = max(DEFAULT_RUNNING, running + 128)
         self._sem = asyncio.Semaphore(self.max_concurrency)
-        self.capabilities = dataclasses.replace(self.capabilities, max_running=running, dp_size=dp_size,
-                                                kv_tokens=kv_tokens)
+        self.capabilities = dataclasses.replace(
+            self.capabilities, max_running=running, dp_size=dp_size, kv_tokens=kv_tokens
+        )
 
     async def _size_from_server(self) -> None:
         """vLLM reports no running capacity in production. Dev mode (VLLM_SERVER_DEV_MODE=1) has
@@ -378,27 +441,38 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         if running is None and kv_tokens:
             n = max(len(engines), kv_engines)
             running = KV_SIZED_RUNNING * n
-            self.capacity_source = (f"/metrics cache_config_info: {n} engine(s) x {kv_tokens:,} KV tokens, "
-                                    f"up to {KV_SIZED_RUNNING} running each")
+            self.capacity_source = (
+                f"/metrics cache_config_info: {n} engine(s) x {kv_tokens:,} KV tokens, "
+                f"up to {KV_SIZED_RUNNING} running each"
+            )
         elif running is None and engines:
             running = DEFAULT_RUNNING * len(engines)
             self.capacity_source = f"/metrics: {len(engines)} engine(s) x {DEFAULT_RUNNING}"
         if running:
             dp = max(1, len(engines), kv_engines)
-            self._set_running(running, self.capacity_source, dp_size=dp if kv_tokens else 1,
-                              kv_tokens=kv_tokens)
+            self._set_running(
+                running, self.capacity_source, dp_size=dp if kv_tokens else 1, kv_tokens=kv_tokens
+            )
 
     # -- requests ------------------------------------------------------------------------------
 
     def payload(self, request: Request) -> dict[str, Any]:
         s = request.sampling
-        body: dict[str, Any] = {"model": self.served_model, "max_tokens": s.max_new_tokens,
-                                "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed,
-                                **NEUTRAL_SAMPLING}
+        body: dict[str, Any] = {
+            "model": self.served_model,
+            "max_tokens": s.max_new_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "seed": s.seed,
+            **NEUTRAL_SAMPLING,
+        }
         body["prompt"] = (wire_text if self.ids_refused else wire_prompt)(request, self.tokenizer)
         if body["prompt"] is None:
-            raise RequestRejected("a chat-messages prompt needs --model (a local copy of the served model, "
-                                  "for its chat template) with vllm_http", request)
+            raise RequestRejected(
+                "a chat-messages prompt needs --model (a local copy of the served model, "
+                "for its chat template) with vllm_http",
+                request,
+            )
         if s.stop:
             body["stop"] = list(s.stop)
         if request.regex is not None:
@@ -413,9 +487,16 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             t0 = time.monotonic()
             try:
                 # The exception texts name the URL only; the key is in a header never printed.
-                reply = await self.liveness.guard(self._http.post(
-                    "/v1/completions", body, request=request, timeout_s=self.request_timeout.seconds,
-                    max_bytes=max_body_bytes(request.sampling.max_new_tokens)), request)
+                reply = await self.liveness.guard(
+                    self._http.post(
+                        "/v1/completions",
+                        body,
+                        request=request,
+                        timeout_s=self.request_timeout.seconds,
+                        max_bytes=max_body_bytes(request.sampling.max_new_tokens),
+                    ),
+                    request,
+                )
                 result = self.result_from_completion(self._json(reply, "/v1/completions", request), request)
             except (EngineOverloaded, EngineUnreachable):
                 raise
@@ -442,8 +523,9 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             await fresh.close()
         if healthy:
             return error
-        return EngineUnreachable(f"{error} (and {self.base_url}/health fails: the server is going away)",
-                                 request)
+        return EngineUnreachable(
+            f"{error} (and {self.base_url}/health fails: the server is going away)", request
+        )
 
     async def _metrics_text(self) -> str:
         reply = await self._optional("/metrics")
@@ -467,9 +549,13 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
 
     def result_from_completion(self, body: Any, request: Request | None = None) -> Result:
         """Validate a CompletionResponse's types and map it; a malformed answer is transient."""
+
         def bad(what: str) -> TransientEngineError:
-            return TransientEngineError(f"{self.base_url}/v1/completions: malformed answer ({what}): "
-                                        f"{self._scrub(str(body)[:200])!r}", request)
+            return TransientEngineError(
+                f"{self.base_url}/v1/completions: malformed answer ({what}): "
+                f"{self._scrub(str(body)[:200])!r}",
+                request,
+            )
 
         choices = body.get("choices") if isinstance(body, dict) else None
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
@@ -490,14 +576,22 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             raise bad("cached_tokens is not an integer")
         if details is None and not self._warned_no_cache_counts:
             self._warned_no_cache_counts = True
-            log.warning("%s reports no cached-token counts; start vLLM with --enable-prompt-tokens-details "
-                        "to see prefix-cache hits", self.base_url)
+            log.warning(
+                "%s reports no cached-token counts; start vLLM with --enable-prompt-tokens-details "
+                "to see prefix-cache hits",
+                self.base_url,
+            )
         if reason in ("abort", "error"):  # "abort": the server is shutting down (see _unless_gone)
             raise TransientEngineError(f"vLLM ended the request with finish_reason {reason!r}", request)
         if reason not in _FINISH:
             raise TransientEngineError(f"vLLM returned no known finish reason (got {reason!r})", request)
-        return Result(text=text, finish_reason=_FINISH[reason], prompt_tokens=prompt_tokens,
-                      completion_tokens=completion_tokens, cached_tokens=cached)
+        return Result(
+            text=text,
+            finish_reason=_FINISH[reason],
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_tokens=cached,
+        )
 
     async def close(self) -> None:
         self.liveness.close()
@@ -559,4 +653,3 @@ def _pick_card(cards: list[dict], model_path: str | None) -> dict:
             if model_name(model_path) in (model_name(c["id"]), model_name(str(c.get("root") or ""))):
                 return c
     return next((c for c in cards if not c.get("parent")), cards[0])
-

@@ -28,8 +28,10 @@ class ColumnMap:
             role, eq, path = part.partition("=")
             role, path = role.strip(), path.strip()
             if not eq or not path:
-                raise ValueError(f"--columns: {part!r} is not ROLE=FIELD. Fix: e.g. --columns "
-                                 "user=question,assistant=answer")
+                raise ValueError(
+                    f"--columns: {part!r} is not ROLE=FIELD. Fix: e.g. --columns "
+                    "user=question,assistant=answer"
+                )
             if role not in ROLES:
                 raise ValueError(f"--columns: unknown role {role!r}. Fix: use {', '.join(ROLES)}")
             if role in out:
@@ -56,9 +58,11 @@ class ColumnMap:
             if not isinstance(row, dict) or lookup(row, path) is _MISSING:
                 fields = field_paths(row) if isinstance(row, dict) else []
                 shown = ", ".join(fields[:MAX_LISTED]) + (", …" if len(fields) > MAX_LISTED else "")
-                raise DatasetError(f"--columns {role}={_dotted(path)}: the first row of {where} has no such "
-                                   f"field; its fields are: {shown or '(none)'}. Fix: map the roles to "
-                                   "those fields")
+                raise DatasetError(
+                    f"--columns {role}={_dotted(path)}: the first row of {where} has no such "
+                    f"field; its fields are: {shown or '(none)'}. Fix: map the roles to "
+                    "those fields"
+                )
 
     def raw_turns(self, row: dict) -> list[RawTurn]:
         out: list[RawTurn] = []
@@ -67,8 +71,10 @@ class ColumnMap:
             name = _dotted(path)
             if value is _MISSING or value is None:
                 if role == "user":
-                    raise RowProblem(f"row has no '{name}' (mapped to user by --columns)",
-                                     "fill in the field or drop the row")
+                    raise RowProblem(
+                        f"row has no '{name}' (mapped to user by --columns)",
+                        "fill in the field or drop the row",
+                    )
                 continue  # no system message, or no answer: a prompt-only row
             out.append((role, text_of(value, "row", name), f"'{name}'"))
         return out

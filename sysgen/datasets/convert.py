@@ -10,7 +10,13 @@ from sysgen.datasets.turns import check_turns
 
 
 def to_instance(
-    row: object, *, source: str, path: str, line: int, offset: int = -1, fmt: str = "auto",
+    row: object,
+    *,
+    source: str,
+    path: str,
+    line: int,
+    offset: int = -1,
+    fmt: str = "auto",
     columns: ColumnMap | None = None,
 ) -> Instance | Rejected:
     """Convert a parsed row. `fmt="auto"` detects the format of this row alone; any other name in
@@ -26,8 +32,15 @@ def to_instance(
             )
         if columns is not None:
             turns = check_turns(columns.raw_turns(row))
-            return Instance(id=f"{source}:{line}", source=source, fmt="columns", turns=turns, path=path,
-                            line=line, offset=offset)
+            return Instance(
+                id=f"{source}:{line}",
+                source=source,
+                fmt="columns",
+                turns=turns,
+                path=path,
+                line=line,
+                offset=offset,
+            )
         used = detect_format(row) if fmt == "auto" else fmt
         if used is None:
             keys = "{" + ",".join(repr(k) for k in sorted(present_keys(row))) + "}"

@@ -121,10 +121,13 @@ def _user_turns(row: dict) -> list[RawTurn]:
     """MT-Bench style: `turns` is the user's side of a conversation whose answers are to be written."""
     items = row.get("turns")
     if not isinstance(items, list) or not items:
-        raise RowProblem("field 'turns' must be a non-empty list of strings",
-                         "make 'turns' a list of the user's messages, in order")
-    return [("user", text_of(t, f"turn {i} of 'turns'", "turns"), f"turn {i}")
-            for i, t in enumerate(items, 1)]
+        raise RowProblem(
+            "field 'turns' must be a non-empty list of strings",
+            "make 'turns' a list of the user's messages, in order",
+        )
+    return [
+        ("user", text_of(t, f"turn {i} of 'turns'", "turns"), f"turn {i}") for i, t in enumerate(items, 1)
+    ]
 
 
 def _fix_format(fmt: str) -> str:

@@ -56,8 +56,9 @@ def extension(name: str) -> str:
 def is_saved_dataset(path: str | Path) -> bool:
     """A folder written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
     p = Path(path)
-    return (p / "dataset_dict.json").is_file() or ((p / "state.json").is_file()
-                                                   and (p / "dataset_info.json").is_file())
+    return (p / "dataset_dict.json").is_file() or (
+        (p / "state.json").is_file() and (p / "dataset_info.json").is_file()
+    )
 
 
 def is_run_output(path: str | Path) -> bool:
@@ -96,22 +97,32 @@ def source_names(inputs: Sequence[str | Path]) -> dict[str, str]:
 
 def _expand(raw: str) -> list[tuple[str, str]]:
     if raw.startswith(HF_PREFIX):
-        name = raw[len(HF_PREFIX):].strip("/")
+        name = raw[len(HF_PREFIX) :].strip("/")
         if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
-            raise DatasetError(f"{raw}: not a Hugging Face dataset name. Fix: write hf:OWNER/NAME, "
-                               "e.g. hf:LDJnr/Capybara", kind="argument")
+            raise DatasetError(
+                f"{raw}: not a Hugging Face dataset name. Fix: write hf:OWNER/NAME, e.g. hf:LDJnr/Capybara",
+                kind="argument",
+            )
         return [(HF_PREFIX + name, "hf_hub")]
     if not os.path.lexists(raw) and glob.has_magic(raw):
         matches = sorted(glob.glob(raw, recursive=True), key=_natural)
         if not matches:
-            raise DatasetError(f"{raw}: the pattern matches no file. Fix: check the pattern (quote it so "
-                               "the shell passes it to sysgen)", kind="argument")
+            raise DatasetError(
+                f"{raw}: the pattern matches no file. Fix: check the pattern (quote it so "
+                "the shell passes it to sysgen)",
+                kind="argument",
+            )
         out: list[tuple[str, str]] = []
         own = [m for m in matches if is_run_output(m)]
         if own:
-            log.info("%s: left out %d output file(s) of a sysgen run (%s%s): a run never reads its own or "
-                     "another run's outputs through a pattern", raw, len(own), ", ".join(own[:3]),
-                     ", …" if len(own) > 3 else "")
+            log.info(
+                "%s: left out %d output file(s) of a sysgen run (%s%s): a run never reads its own or "
+                "another run's outputs through a pattern",
+                raw,
+                len(own),
+                ", ".join(own[:3]),
+                ", …" if len(own) > 3 else "",
+            )
         for m in matches:
             if m in own:
                 continue
@@ -120,21 +131,25 @@ def _expand(raw: str) -> list[tuple[str, str]]:
             if os.path.isdir(m) or (extension(os.path.basename(m)) and os.path.basename(m) not in _METADATA):
                 out.extend(_expand(m))
         if not out:
-            raise DatasetError(f"{raw}: the pattern matches no data file (only {', '.join(matches[:3])}"
-                               f"{', …' if len(matches) > 3 else ''}). Fix: match files ending in "
-                               f"{', '.join(FILE_EXTENSIONS)}", kind="argument")
+            raise DatasetError(
+                f"{raw}: the pattern matches no data file (only {', '.join(matches[:3])}"
+                f"{', …' if len(matches) > 3 else ''}). Fix: match files ending in "
+                f"{', '.join(FILE_EXTENSIONS)}",
+                kind="argument",
+            )
         return out
     _check_exists(raw)
     if os.path.isdir(raw):
         return [(_abs(raw), "hf_disk")] if is_saved_dataset(raw) else _folder(raw)
     kind = extension(os.path.basename(raw))
     if not kind:
-        raise DatasetError(f"{raw}: unknown file type. Fix: give a file ending in one of "
-                           f"{', '.join(FILE_EXTENSIONS)}, a folder of them, or a save_to_disk folder",
-                           kind="argument")
+        raise DatasetError(
+            f"{raw}: unknown file type. Fix: give a file ending in one of "
+            f"{', '.join(FILE_EXTENSIONS)}, a folder of them, or a save_to_disk folder",
+            kind="argument",
+        )
     if not os.path.isfile(raw):
-        raise DatasetError(f"{raw}: not a regular file. Fix: pass the data files themselves",
-                           kind="argument")
+        raise DatasetError(f"{raw}: not a regular file. Fix: pass the data files themselves", kind="argument")
     return [(_abs(raw), kind)]
 
 
@@ -143,11 +158,17 @@ def _check_exists(raw: str) -> None:
         os.stat(raw)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise DatasetError(f"{raw}: a symbolic link loop (the link points back at itself). Fix: point "
-                               "the link at the real file", kind="argument") from None
+            raise DatasetError(
+                f"{raw}: a symbolic link loop (the link points back at itself). Fix: point "
+                "the link at the real file",
+                kind="argument",
+            ) from None
         if os.path.islink(raw):
-            raise DatasetError(f"{raw}: a symbolic link to {os.readlink(raw)}, which does not exist. Fix: "
-                               "point the link at the real file", kind="argument") from None
+            raise DatasetError(
+                f"{raw}: a symbolic link to {os.readlink(raw)}, which does not exist. Fix: "
+                "point the link at the real file",
+                kind="argument",
+            ) from None
         if e.errno == errno.EACCES:
             raise DatasetError(f"{raw}: permission denied. Fix: make it readable", kind="argument") from None
         raise DatasetError(f"{raw}: no such file or folder. Fix: check the path", kind="argument") from None
@@ -178,11 +199,19 @@ def _folder(root: str) -> list[tuple[str, str]]:
             else:
                 skipped.append(os.path.relpath(os.path.join(dirpath, f), root))
     if skipped:
-        log.info("%s: skipped %d file(s) that are not data (%s%s)", root, len(skipped),
-                 ", ".join(skipped[:5]), ", …" if len(skipped) > 5 else "")
+        log.info(
+            "%s: skipped %d file(s) that are not data (%s%s)",
+            root,
+            len(skipped),
+            ", ".join(skipped[:5]),
+            ", …" if len(skipped) > 5 else "",
+        )
     if not out:
-        raise DatasetError(f"{root}: a folder with no data file in it. Fix: put files ending in "
-                           f"{', '.join(FILE_EXTENSIONS)} there, or pass the files", kind="argument")
+        raise DatasetError(
+            f"{root}: a folder with no data file in it. Fix: put files ending in "
+            f"{', '.join(FILE_EXTENSIONS)} there, or pass the files",
+            kind="argument",
+        )
     out.sort(key=lambda pk: _natural(pk[0]))
     return out
 
@@ -200,7 +229,7 @@ def _natural(s: str) -> list:
 def _parts(path: str) -> list[str]:
     """Path components, the last one without its data extension."""
     if path.startswith(HF_PREFIX):
-        return [p for p in path[len(HF_PREFIX):].split("/") if p]
+        return [p for p in path[len(HF_PREFIX) :].split("/") if p]
     parts = [p for p in Path(path).parts if p not in ("/", "")]
     last = parts[-1]
     parts[-1] = last[: len(last) - len(extension(last))] or last
@@ -217,8 +246,9 @@ def _names(paths: list[str], previous: dict[str, str]) -> list[str]:
     free = [p for p in paths if p not in pinned]
     left = _shortest_suffixes({p: _parts(p) for p in free}, set(pinned.values()), names)
     # Same path but for the extension (a/train.jsonl beside a/train.parquet): keep the extension.
-    left = _shortest_suffixes({p: [x for x in Path(p).parts if x != "/"] for p in left},
-                              set(names.values()), names)
+    left = _shortest_suffixes(
+        {p: [x for x in Path(p).parts if x != "/"] for p in left}, set(names.values()), names
+    )
     for p in left:
         names[p] = p
     return [names[p] for p in paths]

@@ -79,7 +79,7 @@ class Rejected:
 
     @property
     def scope(self) -> str:
-        """"row" for one bad row; "file" when the file cannot be read on from here."""
+        """ "row" for one bad row; "file" when the file cannot be read on from here."""
         return "row"
 
     def __str__(self) -> str:

@@ -82,9 +82,16 @@ def iter_rows(path: str | Path, *, start_offset: int = 0, start_line: int = 1) -
                 yield item
         except (EOFError, OSError, zlib.error) as e:
             # A damaged or cut-off gzip: the rows before were good; say where it broke.
-            yield last + 1, -1, BadFile(
-                name, last + 1, f"the file cannot be read after line {last} ({e}); its remaining rows "
-                "are lost", fix="re-download or re-compress the file")
+            yield (
+                last + 1,
+                -1,
+                BadFile(
+                    name,
+                    last + 1,
+                    f"the file cannot be read after line {last} ({e}); its remaining rows are lost",
+                    fix="re-download or re-compress the file",
+                ),
+            )
 
 
 def _first_byte(f: BinaryIO) -> bytes:
@@ -137,8 +144,12 @@ def _skip_rest_of_line(f: BinaryIO) -> int:
 
 
 def _too_big(name: str, line: int, size: int) -> BadRow:
-    return BadRow(name, line, f"row is {human_size(size)}, over the {human_size(MAX_ROW_BYTES)} limit",
-                  fix="drop or shorten the row, or raise sysgen.datasets.readers.MAX_ROW_BYTES")
+    return BadRow(
+        name,
+        line,
+        f"row is {human_size(size)}, over the {human_size(MAX_ROW_BYTES)} limit",
+        fix="drop or shorten the row, or raise sysgen.datasets.readers.MAX_ROW_BYTES",
+    )
 
 
 def parse_row(raw: bytes, name: str, line: int) -> object:
@@ -196,8 +207,11 @@ def _parquet(name: str, start_line: int) -> Iterator[Row]:
                 row += 1
     except Exception as e:  # pyarrow raises several types for a file that is not (good) parquet
         what = "not a readable parquet file" if row == 1 else f"the file cannot be read after row {row - 1}"
-        yield max(row, start_line), -1, BadFile(name, max(row, start_line), f"{what} ({e})",
-                                                fix="re-download or re-write the file")
+        yield (
+            max(row, start_line),
+            -1,
+            BadFile(name, max(row, start_line), f"{what} ({e})", fix="re-download or re-write the file"),
+        )
 
 
 def _csv(name: str, kind: str, start_line: int) -> Iterator[Row]:
@@ -214,10 +228,26 @@ def _csv(name: str, kind: str, start_line: int) -> Iterator[Row]:
                 if row < start_line or not any(c.strip() for c in cells):
                     continue
                 if len(cells) != len(header):
-                    yield row, -1, BadRow(name, row, f"{len(cells)} cells under a header of {len(header)}",
-                                          fix="quote cells that hold the delimiter, or fix the row")
+                    yield (
+                        row,
+                        -1,
+                        BadRow(
+                            name,
+                            row,
+                            f"{len(cells)} cells under a header of {len(header)}",
+                            fix="quote cells that hold the delimiter, or fix the row",
+                        ),
+                    )
                     continue
                 yield row, -1, {k: (v if v != "" else None) for k, v in zip(header, cells, strict=True)}
         except (UnicodeDecodeError, csv.Error) as e:
-            yield row + 1, -1, BadFile(name, row + 1, f"the file cannot be read after record {row} ({e})",
-                                       fix="re-encode the file as UTF-8 and check its quoting")
+            yield (
+                row + 1,
+                -1,
+                BadFile(
+                    name,
+                    row + 1,
+                    f"the file cannot be read after record {row} ({e})",
+                    fix="re-encode the file as UTF-8 and check its quoting",
+                ),
+            )

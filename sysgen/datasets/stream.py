@@ -56,7 +56,7 @@ def iter_instances(
     if skip_before is not None:
         if skip_before not in by_path:
             raise DatasetError(f"resume source {skip_before} is not among the inputs")
-        srcs = srcs[[s.path for s in srcs].index(skip_before):]
+        srcs = srcs[[s.path for s in srcs].index(skip_before) :]
     return _generate(srcs, fmt, strict, start, known, columns, split, subset, unused)
 
 
@@ -86,9 +86,15 @@ def _rows(src: Source, line: int, offset: int, split: str | None, subset: str | 
 
 
 def _generate(
-    srcs: list[Source], fmt: str, strict: bool, start: dict[str, tuple[int, int]],
-    known: Callable[[str, int], bool] | None, columns: ColumnMap | None, split: str | None,
-    subset: str | None, unused: UnusedFields | None,
+    srcs: list[Source],
+    fmt: str,
+    strict: bool,
+    start: dict[str, tuple[int, int]],
+    known: Callable[[str, int], bool] | None,
+    columns: ColumnMap | None,
+    split: str | None,
+    subset: str | None,
+    unused: UnusedFields | None,
 ) -> Iterator[Instance | Rejected | Known]:
     for src in srcs:
         name = src.path
@@ -115,8 +121,14 @@ def _generate(
         unused.log_summary()
 
 
-def preflight(inputs: Sequence[str | Path], *, fmt: str = "auto", columns: str | None = None,
-              split: str | None = None, subset: str | None = None) -> list[Source]:
+def preflight(
+    inputs: Sequence[str | Path],
+    *,
+    fmt: str = "auto",
+    columns: str | None = None,
+    split: str | None = None,
+    subset: str | None = None,
+) -> list[Source]:
     """Everything about the inputs that can be wrong before a run starts, checked now: paths,
     --format and --columns, Hugging Face splits and subsets, and --columns against each source's
     first row. Returns the sources; DatasetError (kind "argument" or "file") otherwise."""
@@ -124,8 +136,10 @@ def preflight(inputs: Sequence[str | Path], *, fmt: str = "auto", columns: str |
     srcs = resolve_inputs(inputs)
     if (split or subset) and all(s.is_file for s in srcs):
         flag = "--split" if split else "--subset"
-        raise DatasetError(f"{flag} applies to hf:NAME and save_to_disk inputs, and none is given. Fix: drop "
-                           f"{flag}, or pass the dataset as hf:OWNER/NAME")
+        raise DatasetError(
+            f"{flag} applies to hf:NAME and save_to_disk inputs, and none is given. Fix: drop "
+            f"{flag}, or pass the dataset as hf:OWNER/NAME"
+        )
     for src in srcs:
         if not src.is_file:
             open_source(src, split, subset)  # a bad split or subset, or a dataset not to be had, fails here

@@ -39,8 +39,11 @@ class SourceUnused:
     last_line: int = 0  # rows up to here are counted: a resume that reads them again adds nothing
 
     def to_dict(self) -> dict:
-        return {"keys": dict(sorted(self.counts.items())), "example": self.example,
-                "last_line": self.last_line}
+        return {
+            "keys": dict(sorted(self.counts.items())),
+            "example": self.example,
+            "last_line": self.last_line,
+        }
 
 
 class UnusedFields:
@@ -49,8 +52,9 @@ class UnusedFields:
     def __init__(self, saved: dict | None = None) -> None:
         self.by_source: dict[str, SourceUnused] = {}
         for name, d in (saved or {}).items():
-            self.by_source[name] = SourceUnused(dict(d.get("keys", {})), d.get("example", ""),
-                                                int(d.get("last_line", 0)))
+            self.by_source[name] = SourceUnused(
+                dict(d.get("keys", {})), d.get("example", ""), int(d.get("last_line", 0))
+            )
 
     def add(self, source: str, line: int, row_id: str, keys: list[str]) -> None:
         s = self.by_source.setdefault(source, SourceUnused())
@@ -76,6 +80,10 @@ class UnusedFields:
         for name, s in self.by_source.items():
             if s.counts:
                 keys = ", ".join(f"'{k}' ({n:,} rows)" for k, n in sorted(s.counts.items()))
-                log.warning("source %s: text in %s is read by no format or --columns mapping (e.g. row %s); "
-                            "pass --columns to map it, or ignore this if it is not part of the conversation",
-                            name, keys, s.example)
+                log.warning(
+                    "source %s: text in %s is read by no format or --columns mapping (e.g. row %s); "
+                    "pass --columns to map it, or ignore this if it is not part of the conversation",
+                    name,
+                    keys,
+                    s.example,
+                )

@@ -43,8 +43,14 @@ def pairs_from(records: Sequence[dict[str, Any]], all_turns: bool = False) -> li
     for r in records:
         turns = turn_pairs(r) or [("", message(r, "assistant") or "", r.get("original_answer"))]
         for j, (_, new, original) in enumerate(turns if all_turns else turns[:1], 1):
-            out.append(metrics.Pair(id=f"{r.get('id')}#{j}" if all_turns else str(r.get("id")),
-                                    source=str(r.get("source") or "unknown"), new=new, original=original))
+            out.append(
+                metrics.Pair(
+                    id=f"{r.get('id')}#{j}" if all_turns else str(r.get("id")),
+                    source=str(r.get("source") or "unknown"),
+                    new=new,
+                    original=original,
+                )
+            )
     return out
 
 
@@ -66,8 +72,11 @@ def answer_metrics(run: RunDir, cfg: EvalConfig) -> dict[str, Any]:
     if cfg.bertscore:
         out["bertscore"], vals = _model_metric(
             "BERTScore",
-            lambda c, r: semantic.bertscore(c, r, model_dir=cfg.bertscore_model,
-                                            num_layers=cfg.bertscore_layer), with_orig)
+            lambda c, r: semantic.bertscore(
+                c, r, model_dir=cfg.bertscore_model, num_layers=cfg.bertscore_layer
+            ),
+            with_orig,
+        )
         if vals is not None:
             extra["bertscore_f1"] = vals
             out["bertscore"]["layer"] = cfg.bertscore_layer
@@ -75,28 +84,31 @@ def answer_metrics(run: RunDir, cfg: EvalConfig) -> dict[str, Any]:
         out["bertscore"] = {"status": "skipped", "reason": "--no-bertscore"}
     if cfg.bleurt_checkpoint is not None:
         ckpt = cfg.bleurt_checkpoint
-        out["bleurt"], vals = _model_metric(
-            "BLEURT", lambda c, r: semantic.bleurt(c, r, ckpt), with_orig)
+        out["bleurt"], vals = _model_metric("BLEURT", lambda c, r: semantic.bleurt(c, r, ckpt), with_orig)
         if vals is not None:
             extra["bleurt"] = vals
     else:
-        out["bleurt"] = {"status": "skipped",
-                         "reason": "no --bleurt-checkpoint given; BLEURT needs a local checkpoint"}
+        out["bleurt"] = {
+            "status": "skipped",
+            "reason": "no --bleurt-checkpoint given; BLEURT needs a local checkpoint",
+        }
     out["by_source"] = metrics.by_source(pairs, extra, use_stemmer=cfg.use_stemmer)
     out["copied_examples"] = example_copies(run)
     if any(len(turn_pairs(r)) > 1 for r in run.records):  # multi-turn: every turn pair, beside the first
         every = pairs_from(run.records, all_turns=True)
-        out["all_turns"] = {"pairs": len(every),
-                            "by_source": metrics.by_source(every, {}, use_stemmer=cfg.use_stemmer)}
+        out["all_turns"] = {
+            "pairs": len(every),
+            "by_source": metrics.by_source(every, {}, use_stemmer=cfg.use_stemmer),
+        }
     out["conventions"] = {
         "scale": "0-100, mean over instances with an original answer (reference = original)",
         "rouge": f"rouge-score F1, use_stemmer={cfg.use_stemmer}",
         "gleu": "nltk corpus_gleu over all pairs (gleu_corpus); mean nltk sentence_gleu beside it; "
-                "regex word/punctuation tokens, lower-cased",
+        "regex word/punctuation tokens, lower-cased",
         "length": "mean words (whitespace split) and characters; ratio = mean new / mean original "
-                  "over instances with an original answer",
+        "over instances with an original answer",
         "turns": "by_source compares each record's first turn (the paper's setting); all_turns compares "
-                 "every answered turn pair (ROUGE, GLEU and lengths only)",
+        "every answered turn pair (ROUGE, GLEU and lengths only)",
     }
     return out
 
@@ -108,19 +120,31 @@ def example_copies(run: RunDir) -> dict[str, Any]:
     by_source: dict[str, list[str]] = {}
     for r in run.records:
         by_source.setdefault(str(r.get("source") or "unknown"), []).append(message(r, "system") or "")
-    out: dict[str, Any] = {**copies.copied_share((m for ms in by_source.values() for m in ms), ex),
-                           "by_source": {s: copies.copied_share(ms, ex)["pct"]
-                                         for s, ms in by_source.items()},
-                           "examples": len(ex.phrases), "prompt": prompts.digest("p1_generate")}
+    out: dict[str, Any] = {
+        **copies.copied_share((m for ms in by_source.values() for m in ms), ex),
+        "by_source": {s: copies.copied_share(ms, ex)["pct"] for s, ms in by_source.items()},
+        "examples": len(ex.phrases),
+        "prompt": prompts.digest("p1_generate"),
+    }
     used = (run.stats.get("prompts") or {}).get("p1_generate")
     if used and used != out["prompt"]:
-        out["note"] = (f"the run's P1 prompt (hash {used}) is not this sysgen's ({out['prompt']}); "
-                       "its examples are checked against this one's")
+        out["note"] = (
+            f"the run's P1 prompt (hash {used}) is not this sysgen's ({out['prompt']}); "
+            "its examples are checked against this one's"
+        )
     return out
 
 
-async def judge(run: RunDir, backend: Any, submit: judges.Submit, *, limit: int | None = None,
-                engine: str = "", concurrency: int = 256, progress: Progress | None = None) -> dict[str, Any]:
+async def judge(
+    run: RunDir,
+    backend: Any,
+    submit: judges.Submit,
+    *,
+    limit: int | None = None,
+    engine: str = "",
+    concurrency: int = 256,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Run both judges on (up to `limit`) records; writes judgements.jsonl beside the data.
     `concurrency` bounds requests awaiting at once: keep it above the scheduler's window.
     `progress` (its `done` counts requests) is ticked as verdicts come back."""
@@ -136,11 +160,17 @@ async def judge(run: RunDir, backend: Any, submit: judges.Submit, *, limit: int 
     with atomic_path(run.path / JUDGEMENTS) as tmp, tmp.open("wb") as fh:
         for j in results:
             fh.write(orjson.dumps(j.to_dict()) + b"\n")
-    return {"status": "ok", "engine": engine or getattr(backend, "name", ""),
-            "model": backend.model_id, "instances": len(chosen), "requests": len(results),
-            "regex": bool(backend.capabilities.regex), "limit": limit,
-            "prompts": {n: judges.prompt_hash(n) for n in ("pairwise", "alignment")},
-            **judge_stats.summarize(results)}
+    return {
+        "status": "ok",
+        "engine": engine or getattr(backend, "name", ""),
+        "model": backend.model_id,
+        "instances": len(chosen),
+        "requests": len(results),
+        "regex": bool(backend.capabilities.regex),
+        "limit": limit,
+        "prompts": {n: judges.prompt_hash(n) for n in ("pairwise", "alignment")},
+        **judge_stats.summarize(results),
+    }
 
 
 def _counted(submit: judges.Submit, progress: Progress) -> judges.Submit:

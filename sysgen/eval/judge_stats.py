@@ -44,11 +44,17 @@ class WinCount:
 
     def to_dict(self) -> dict[str, Any]:
         n = self.judged
-        return {"wins": self.wins, "losses": self.losses, "ties": self.ties, "invalid": self.invalid,
-                "failed": self.failed, "judged": n,
-                "win_rate": 100.0 * self.wins / n if n else None,
-                "tie_rate": 100.0 * self.ties / n if n else None,
-                "loss_rate": 100.0 * self.losses / n if n else None}
+        return {
+            "wins": self.wins,
+            "losses": self.losses,
+            "ties": self.ties,
+            "invalid": self.invalid,
+            "failed": self.failed,
+            "judged": n,
+            "win_rate": 100.0 * self.wins / n if n else None,
+            "tie_rate": 100.0 * self.ties / n if n else None,
+            "loss_rate": 100.0 * self.losses / n if n else None,
+        }
 
 
 def pairwise_summary(judgements: Iterable[Judgement]) -> dict[str, dict[str, Any]]:
@@ -60,22 +66,27 @@ def pairwise_summary(judgements: Iterable[Judgement]) -> dict[str, dict[str, Any
         if j.kind == "alignment":
             continue
         for src in (j.source, "all"):
-            group = counts.setdefault(src, {k: WinCount() for k in ("original_first", "new_first",
-                                                                    "combined")})
+            group = counts.setdefault(
+                src, {k: WinCount() for k in ("original_first", "new_first", "combined")}
+            )
             group[j.kind].add(j)
             group["combined"].add(j)
         by_instance.setdefault((j.source, j.id), {})[j.kind] = j
     out: dict[str, dict[str, Any]] = {}
     for src, group in counts.items():
-        pairs = [(w["original_first"], w["new_first"]) for (s, _), w in by_instance.items()
-                 if src in (s, "all") and len(w) == 2]
+        pairs = [
+            (w["original_first"], w["new_first"])
+            for (s, _), w in by_instance.items()
+            if src in (s, "all") and len(w) == 2
+        ]
         out[src] = {k: v.to_dict() for k, v in group.items()}
         out[src]["instances_both_orders"] = len(pairs)
         # Same answer chosen in both orders: a verdict that survives the swap.
         out[src]["consistent"] = sum(1 for a, b in pairs if _winner(a) and _winner(a) == _winner(b))
         # Same letter in both orders: the judge followed the position, not the content.
-        out[src]["same_letter"] = sum(1 for a, b in pairs if a.verdict in ("A", "B")
-                                      and a.verdict == b.verdict)
+        out[src]["same_letter"] = sum(
+            1 for a, b in pairs if a.verdict in ("A", "B") and a.verdict == b.verdict
+        )
     return _all_last(out)
 
 

@@ -49,8 +49,14 @@ class Judgement:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "source": self.source, "kind": self.kind, "verdict": self.verdict,
-                "raw": self.raw, "error": self.error}
+        return {
+            "id": self.id,
+            "source": self.source,
+            "kind": self.kind,
+            "verdict": self.verdict,
+            "raw": self.raw,
+            "error": self.error,
+        }
 
 
 def load_prompt(name: str) -> str:
@@ -110,21 +116,32 @@ def fitted_request(build: Callable[[int], str], backend: Any, regex: str, group:
 def pairwise_request(instruction: str, answer_a: str, answer_b: str, backend: Any) -> Request:
     template = load_prompt("pairwise")
     return fitted_request(
-        lambda n: fill(template, instruction=_clip(instruction, n), answer_a=_clip(answer_a, n),
-                       answer_b=_clip(answer_b, n)),
-        backend, PAIRWISE_REGEX, "judge_pairwise")
+        lambda n: fill(
+            template,
+            instruction=_clip(instruction, n),
+            answer_a=_clip(answer_a, n),
+            answer_b=_clip(answer_b, n),
+        ),
+        backend,
+        PAIRWISE_REGEX,
+        "judge_pairwise",
+    )
 
 
 def alignment_request(system: str, instruction: str, answer: str, backend: Any) -> Request:
     template = load_prompt("alignment")
     return fitted_request(
-        lambda n: fill(template, system=_clip(system, n), instruction=_clip(instruction, n),
-                       answer=_clip(answer, n)),
-        backend, ALIGNMENT_REGEX, "judge_alignment")
+        lambda n: fill(
+            template, system=_clip(system, n), instruction=_clip(instruction, n), answer=_clip(answer, n)
+        ),
+        backend,
+        ALIGNMENT_REGEX,
+        "judge_alignment",
+    )
 
 
 def parse_pairwise(text: str) -> str | None:
-    """"A", "B" or "tie" from a judge's output; lenient for unconstrained endpoints (the first of
+    """ "A", "B" or "tie" from a judge's output; lenient for unconstrained endpoints (the first of
     them standing as a word), None when there is none."""
     m = _PAIRWISE_LENIENT.search(text.strip())
     if not m:
@@ -163,8 +180,10 @@ def _judged(rec: dict[str, Any], pairwise: bool, alignment: bool) -> tuple[str |
     turns = turn_pairs(rec)
     original = turns[0][2] if turns else rec.get("original_answer")
     system = message(rec, "system")
-    return (original if pairwise and original and original.strip() else None,
-            system if alignment and system else None)
+    return (
+        original if pairwise and original and original.strip() else None,
+        system if alignment and system else None,
+    )
 
 
 def planned_count(records: Iterable[dict[str, Any]], *, pairwise: bool = True, alignment: bool = True) -> int:
@@ -176,8 +195,9 @@ def planned_count(records: Iterable[dict[str, Any]], *, pairwise: bool = True, a
     return n
 
 
-def iter_plan(records: Iterable[dict[str, Any]], backend: Any, *, pairwise: bool = True,
-              alignment: bool = True) -> Iterator[Job]:
+def iter_plan(
+    records: Iterable[dict[str, Any]], backend: Any, *, pairwise: bool = True, alignment: bool = True
+) -> Iterator[Job]:
     """Every judge request for these records, built as they are needed: two pairwise orders when
     there is an original answer, one alignment request when there is a system message."""
     for rec in records:
@@ -196,8 +216,10 @@ def _whole_conversation(rec: dict[str, Any], user: str, new: str) -> tuple[str, 
     turns = turn_pairs(rec)
     if len(turns) < 2:
         return user, new
-    return ("\n\n".join(f"[Turn {j}] {u}" for j, (u, _, _) in enumerate(turns, 1)),
-            "\n\n".join(f"[Turn {j}] {a}" for j, (_, a, _) in enumerate(turns, 1)))
+    return (
+        "\n\n".join(f"[Turn {j}] {u}" for j, (u, _, _) in enumerate(turns, 1)),
+        "\n\n".join(f"[Turn {j}] {a}" for j, (_, a, _) in enumerate(turns, 1)),
+    )
 
 
 def plan(records: Iterable[dict[str, Any]], backend: Any, **kw: bool) -> list[Job]:
@@ -214,8 +236,7 @@ async def run(jobs: Iterable[Job], submit: Submit, concurrency: int = 256) -> li
         if not result.ok:
             return Judgement(rid, src, kind, None, result.text, error=result.error or "failed")
         verdict = parse_alignment(result.text) if kind == "alignment" else parse_pairwise(result.text)
-        return Judgement(rid, src, kind, verdict, result.text,
-                         error=None if verdict else "unparseable")
+        return Judgement(rid, src, kind, verdict, result.text, error=None if verdict else "unparseable")
 
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")

@@ -112,8 +112,9 @@ def answer_metrics(
     return out
 
 
-def by_source(pairs: Sequence[Pair], extra_per_pair: dict[str, Sequence[float]] | None = None,
-              use_stemmer: bool = True) -> dict[str, dict[str, Any]]:
+def by_source(
+    pairs: Sequence[Pair], extra_per_pair: dict[str, Sequence[float]] | None = None, use_stemmer: bool = True
+) -> dict[str, dict[str, Any]]:
     """answer_metrics per source, plus "all"; extra scores are split along with their pairs."""
     extra = extra_per_pair or {}
     index = {id(p): i for i, p in enumerate(p for p in pairs if p.has_original)}

@@ -79,17 +79,16 @@ def load_run(path: Path | str) -> RunDir:
     root = Path(path)
     data = root / DATA
     if not data.is_file():
-        raise RunDirError(
-            f"{data}: not found; pass the --out directory of a `sysgen run` (it holds {DATA})"
-        )
+        raise RunDirError(f"{data}: not found; pass the --out directory of a `sysgen run` (it holds {DATA})")
     stats: dict[str, Any] = {}
     stats_path = root / STATS
     if stats_path.is_file():
         try:
             stats = orjson.loads(stats_path.read_bytes())
         except orjson.JSONDecodeError as exc:
-            raise RunDirError(f"{stats_path}: not valid JSON ({exc}); delete it to report without it") \
-                from exc
+            raise RunDirError(
+                f"{stats_path}: not valid JSON ({exc}); delete it to report without it"
+            ) from exc
     return RunDir(path=root, stats=stats)
 
 

@@ -68,14 +68,19 @@ def bertscore(
     # bert-score treats model_type as a Hugging Face name or path; a path has no entry in its
     # layer table, so num_layers must be given.
     _, _, f1 = score(
-        list(candidates), list(references), model_type=str(model), num_layers=num_layers,
-        batch_size=batch_size, verbose=False,
+        list(candidates),
+        list(references),
+        model_type=str(model),
+        num_layers=num_layers,
+        batch_size=batch_size,
+        verbose=False,
     )
     return ModelScores([100.0 * float(v) for v in f1], str(model), f"layer {num_layers}")
 
 
-def bleurt(candidates: Sequence[str], references: Sequence[str], checkpoint: Path,
-           batch_size: int = 16) -> ModelScores:
+def bleurt(
+    candidates: Sequence[str], references: Sequence[str], checkpoint: Path, batch_size: int = 16
+) -> ModelScores:
     """BLEURT per pair, from a local checkpoint: a PyTorch port (a directory with config.json, read
     by `bleurt-pytorch`) or an original TensorFlow checkpoint (read by Google's `bleurt` package,
     which needs TensorFlow). Scores are scaled by 100 like the paper's."""
@@ -99,8 +104,9 @@ def bleurt(candidates: Sequence[str], references: Sequence[str], checkpoint: Pat
     )
 
 
-def _bleurt_pytorch(candidates: Sequence[str], references: Sequence[str], checkpoint: Path,
-                    batch_size: int) -> ModelScores:
+def _bleurt_pytorch(
+    candidates: Sequence[str], references: Sequence[str], checkpoint: Path, batch_size: int
+) -> ModelScores:
     import torch
 
     try:
@@ -113,8 +119,13 @@ def _bleurt_pytorch(candidates: Sequence[str], references: Sequence[str], checkp
     values: list[float] = []
     with torch.inference_mode():
         for i in range(0, len(candidates), batch_size):
-            enc = tokenizer(list(references[i : i + batch_size]), list(candidates[i : i + batch_size]),
-                            padding="longest", truncation=True, max_length=512, return_tensors="pt")
+            enc = tokenizer(
+                list(references[i : i + batch_size]),
+                list(candidates[i : i + batch_size]),
+                padding="longest",
+                truncation=True,
+                max_length=512,
+                return_tensors="pt",
+            )
             values.extend(float(v) for v in model(**enc).logits.flatten())
     return ModelScores([100.0 * v for v in values], str(checkpoint), "bleurt-pytorch")
-

@@ -58,14 +58,20 @@ def export_dir(run_dir: Path, out: Path | None, fmt: str = "messages") -> Path:
         return default_dir(run_dir, fmt)
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file; the export is a folder (data files and README.md side "
-                          f"by side). Fix: pass a folder, e.g. --out {out.parent / 'export'}")
+        raise ExportError(
+            f"--out {out} is a file; the export is a folder (data files and README.md side "
+            f"by side). Fix: pass a folder, e.g. --out {out.parent / 'export'}"
+        )
     if not out.exists() and out.name.endswith(DATA_SUFFIXES):
-        raise ExportError(f"--out {out} names a file; the export is a folder (data files and README.md side "
-                          f"by side). Fix: pass a folder, e.g. --out {out.with_suffix('')}")
+        raise ExportError(
+            f"--out {out} names a file; the export is a folder (data files and README.md side "
+            f"by side). Fix: pass a folder, e.g. --out {out.with_suffix('')}"
+        )
     if out.resolve() == run_dir.resolve():
-        raise ExportError(f"--out {out} is the run folder itself; the export would mix with the run's own "
-                          f"files. Fix: pass another folder, e.g. --out {run_dir / EXPORT_DIR}")
+        raise ExportError(
+            f"--out {out} is the run folder itself; the export would mix with the run's own "
+            f"files. Fix: pass another folder, e.g. --out {run_dir / EXPORT_DIR}"
+        )
     return out
 
 
@@ -73,8 +79,10 @@ def _check_one_file_type(folder: Path, fmt: str) -> None:
     # `datasets` picks one reader for a whole folder: JSON Lines and parquet exports cannot share one.
     other = [p.name for f, p in existing_exports(folder).items() if (f == "parquet") != (fmt == "parquet")]
     if other:
-        raise ExportError(f"{folder} already holds {', '.join(other)}; one folder holds one file type so "
-                          "that datasets.load_dataset reads it. Fix: pass another --out for this format")
+        raise ExportError(
+            f"{folder} already holds {', '.join(other)}; one folder holds one file type so "
+            "that datasets.load_dataset reads it. Fix: pass another --out for this format"
+        )
 
 
 def _check_records(run: RunDir) -> None:
@@ -88,16 +96,19 @@ def _check_records(run: RunDir) -> None:
     except SinkMismatch as e:
         raise ExportError(f"not exported: {e}") from None
     except sqlite3.DatabaseError as e:
-        raise ExportError(f"{db}: cannot read the run's store ({e}), so its data.jsonl cannot be checked. "
-                          "Fix: restore store.db, or copy data.jsonl to a folder of its own and export that"
-                          ) from e
+        raise ExportError(
+            f"{db}: cannot read the run's store ({e}), so its data.jsonl cannot be checked. "
+            "Fix: restore store.db, or copy data.jsonl to a folder of its own and export that"
+        ) from e
 
 
 def _check_readme(out: Path) -> None:
     readme = out / "README.md"
     if readme.is_file() and "- sysgen\n" not in readme.read_text(encoding="utf-8", errors="replace"):
-        raise ExportError(f"{readme} exists and is not a sysgen dataset card; exporting would overwrite it. "
-                          "Fix: pass an empty folder to --out")
+        raise ExportError(
+            f"{readme} exists and is not a sysgen dataset card; exporting would overwrite it. "
+            "Fix: pass an empty folder to --out"
+        )
 
 
 def unfinished(run: RunDir, exported: int) -> str | None:
@@ -110,8 +121,10 @@ def unfinished(run: RunDir, exported: int) -> str | None:
     if (st.get("this_run") or {}).get("interrupted") or st.get("complete") is False:
         return "its last run was interrupted"
     if "kept" in st and st["kept"] != exported:
-        return (f"data.jsonl holds {exported:,} records but stats.json, written when the last run ended, "
-                f"counts {st['kept']:,}: a later run was stopped before it ended")
+        return (
+            f"data.jsonl holds {exported:,} records but stats.json, written when the last run ended, "
+            f"counts {st['kept']:,}: a later run was stopped before it ended"
+        )
     return None
 
 
@@ -120,8 +133,10 @@ def _messages(rec: dict[str, Any], index: int) -> list[dict[str, str]]:
     for m in rec["messages"]:
         role = m.get("role")
         if role not in SHAREGPT_FROM:
-            raise ValueError(f"data.jsonl record {index} (id {rec.get('id')!r}): unknown role {role!r}; "
-                             f"expected one of {', '.join(SHAREGPT_FROM)}")
+            raise ValueError(
+                f"data.jsonl record {index} (id {rec.get('id')!r}): unknown role {role!r}; "
+                f"expected one of {', '.join(SHAREGPT_FROM)}"
+            )
         out.append({"role": str(role), "content": str(m.get("content") or "")})
     return out
 

@@ -80,19 +80,26 @@ def tags_png(tag_stats: dict[str, TagStats], path: Path) -> Path:
         tags = ts.tags
         x = range(len(tags))
         w = 0.28
-        gen = ax.bar([i - w for i in x], [ts.generated[t] for t in tags], w, label="after P2",
-                     color="#90caf9")
+        gen = ax.bar(
+            [i - w for i in x], [ts.generated[t] for t in tags], w, label="after P2", color="#90caf9"
+        )
         kept = ax.bar(list(x), [ts.kept[t] for t in tags], w, label="kept (P3 Good)", color="#1565c0")
-        copied = ax.bar([i + w for i in x], [ts.copied[t] for t in tags], w,
-                        label="copied from P1 examples (all answered)", color="#e53935")
+        copied = ax.bar(
+            [i + w for i in x],
+            [ts.copied[t] for t in tags],
+            w,
+            label="copied from P1 examples (all answered)",
+            color="#e53935",
+        )
         for bars in (gen, kept, copied):
             ax.bar_label(bars, fontsize=7, padding=1)
         ax.set_xticks(list(x), tags, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel("instances with tag")
         ax.yaxis.set_major_locator(_int_ticks())
         ax.set_ylim(0, max(1, ts.instances, *ts.copied.values()) * 1.2)
-        ax.set_title(f"{_title(group)} ({ts.instances:,} kept instance{'' if ts.instances == 1 else 's'})",
-                     fontsize=11)
+        ax.set_title(
+            f"{_title(group)} ({ts.instances:,} kept instance{'' if ts.instances == 1 else 's'})", fontsize=11
+        )
         ax.spines[["top", "right"]].set_visible(False)
     # One legend for the figure, above the panels: inside a panel it would cover the tallest bars.
     fig.legend(*axes[0].get_legend_handles_labels(), loc="upper right", ncols=3, frameon=False, fontsize=9)
@@ -157,9 +164,11 @@ def judges_png(judges: dict[str, Any], path: Path) -> Path | None:
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     groups = list(pairwise)
-    orders = [("original_first", "A=original, B=new", "#90caf9"),
-              ("new_first", "A=new, B=original", "#64b5f6"),
-              ("combined", "both orders", "#0d47a1")]
+    orders = [
+        ("original_first", "A=original, B=new", "#90caf9"),
+        ("new_first", "A=new, B=original", "#64b5f6"),
+        ("combined", "both orders", "#0d47a1"),
+    ]
     w = 0.27
     for k, (key, label, color) in enumerate(orders):
         vals = [pairwise[g][key]["win_rate"] or 0.0 for g in groups]
@@ -175,9 +184,12 @@ def judges_png(judges: dict[str, Any], path: Path) -> Path | None:
     agroups = list(alignment)
     avals = [alignment[g]["yes_rate"] or 0.0 for g in agroups]
     bars = right.bar([_title(g) for g in agroups], avals, color="#2e7d32")
-    right.bar_label(bars, labels=[f"{v:.0f}% (n={alignment[g]['judged']})" for v, g in zip(avals, agroups,
-                                                                                             strict=True)],
-                    fontsize=7, padding=1)
+    right.bar_label(
+        bars,
+        labels=[f"{v:.0f}% (n={alignment[g]['judged']})" for v, g in zip(avals, agroups, strict=True)],
+        fontsize=7,
+        padding=1,
+    )
     right.set_ylim(0, 115)
     right.set_yticks(range(0, 101, 20))
     right.set_ylabel("answers following the system message (%)")

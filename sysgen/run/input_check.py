@@ -56,8 +56,9 @@ def _folder_identity(path: str) -> dict:
     return {"size": size, "mtime_ns": mtime, "xxh3": digest_}
 
 
-def compare(recorded: dict[str, dict], paths: tuple[str, ...],
-            names: dict[str, str] | None = None) -> tuple[list[str], dict[str, dict]]:
+def compare(
+    recorded: dict[str, dict], paths: tuple[str, ...], names: dict[str, str] | None = None
+) -> tuple[list[str], dict[str, dict]]:
     """(inputs that changed other than by appending, the identities to record now), keyed by
     source name as the done markers are (`names`: source path -> name; else the file's own).
     A hf:NAME dataset has no identity here: the Hugging Face cache pins its revision."""
@@ -75,13 +76,18 @@ def compare(recorded: dict[str, dict], paths: tuple[str, ...],
             continue
         st = os.stat(path)
         old = recorded.get(name)
-        if (old and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns
-                and old.get("ctime_ns") == st.st_ctime_ns):
+        if (
+            old
+            and old["size"] == st.st_size
+            and old["mtime_ns"] == st.st_mtime_ns
+            and old.get("ctime_ns") == st.st_ctime_ns
+        ):
             continue  # recorded as it is
         grown = old is not None and st.st_size >= old["size"]
         full, head = digest(path, old["size"] if grown else None)
-        appended = grown and head == old["xxh3"] and (st.st_size == old["size"]
-                                                      or _ends_line(path, old["size"]))
+        appended = (
+            grown and head == old["xxh3"] and (st.st_size == old["size"] or _ends_line(path, old["size"]))
+        )
         if old is not None and not appended:
             changed.append(path)
         now[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "xxh3": full}

@@ -42,8 +42,14 @@ class Outcome:
     def to_line(self) -> tuple[str, dict[str, Any]]:
         if self.record is not None:
             return "data", self.record
-        return "dropped", {"id": self.id, "source": self.source, "phase": self.phase, "reason": self.reason,
-                           "detail": self.detail[:500], **self.extra}
+        return "dropped", {
+            "id": self.id,
+            "source": self.source,
+            "phase": self.phase,
+            "reason": self.reason,
+            "detail": self.detail[:500],
+            **self.extra,
+        }
 
 
 def rejected_outcome(rej: Rejected) -> Outcome:
@@ -56,11 +62,23 @@ def rejected_outcome(rej: Rejected) -> Outcome:
 def _failed(inst: Instance, phase: str, res: Result, keys: dict, extra: dict | None = None) -> Outcome | None:
     if not res.ok:
         reason = drop_reason(res)
-        return Outcome(inst.id, inst.source, phase=phase, reason=reason, detail=res.error or "",
-                       extra={"request_keys": keys, **(extra or {})})
+        return Outcome(
+            inst.id,
+            inst.source,
+            phase=phase,
+            reason=reason,
+            detail=res.error or "",
+            extra={"request_keys": keys, **(extra or {})},
+        )
     if res.finish_reason == "length":
-        return Outcome(inst.id, inst.source, phase=phase, reason="truncated",
-                       detail=res.text[-200:], extra={"request_keys": keys, **(extra or {})})
+        return Outcome(
+            inst.id,
+            inst.source,
+            phase=phase,
+            reason="truncated",
+            detail=res.text[-200:],
+            extra={"request_keys": keys, **(extra or {})},
+        )
     return None
 
 
@@ -92,8 +110,14 @@ async def _run_instance(inst: Instance, submit, build: PromptBuilder, s: PhaseSe
         p2["p2_copied"] = {t: {"phrase": p, "example": ex} for t, (p, ex) in filtered.copied.items()}
     if not filtered.tags:
         reason = "copied_example" if filtered.copied else "no_valid_tags"
-        return Outcome(inst.id, inst.source, phase="p2", reason=reason, detail=r1.text[:300],
-                       extra={"request_keys": keys, **p2})
+        return Outcome(
+            inst.id,
+            inst.source,
+            phase="p2",
+            reason=reason,
+            detail=r1.text[:300],
+            extra={"request_keys": keys, **p2},
+        )
 
     p1 = P1Turn(req1.prompt, p1_user_text(inst, s), r1.text) if s.p3_context != "standalone" else None
     req3 = await build.off_loop(len(p1.prompt) if p1 else 0, lambda b: p3_request(filtered, b, s, p1))
@@ -104,8 +128,14 @@ async def _run_instance(inst: Instance, submit, build: PromptBuilder, s: PhaseSe
     verdicts = tags.parse_verdicts(r3.text, list(filtered.tags))
     kept = tags.kept_tags(filtered.tags, verdicts)
     if not kept:
-        return Outcome(inst.id, inst.source, phase="p3", reason="no_good_tags", detail=r3.text[:200],
-                       extra={"request_keys": keys, "tags": filtered.tags, "verdicts": verdicts, **p2})
+        return Outcome(
+            inst.id,
+            inst.source,
+            phase="p3",
+            reason="no_good_tags",
+            detail=r3.text[:200],
+            extra={"request_keys": keys, "tags": filtered.tags, "verdicts": verdicts, **p2},
+        )
 
     system = tags.strip_tags(kept)
     record = {
@@ -127,21 +157,41 @@ async def _run_instance(inst: Instance, submit, build: PromptBuilder, s: PhaseSe
         return await _first_turn(inst, system, record, submit, build, s, keys, p2)
     done = await answer_turns(inst, system, submit, build, s)
     keys["p4"] = done.keys
-    turn_info = {"user_turns": done.user_turns, "answered_turns": done.answered,
-                 "p4_resampled_turns": done.resampled}
+    turn_info = {
+        "user_turns": done.user_turns,
+        "answered_turns": done.answered,
+        "p4_resampled_turns": done.resampled,
+    }
     if done.reason and not (s.keep_partial and done.partial_ok):
         detail = done.detail
-        return Outcome(inst.id, inst.source, phase="p4", reason=done.reason, detail=detail,
-                       extra={"request_keys": keys, **p2, **turn_info})
+        return Outcome(
+            inst.id,
+            inst.source,
+            phase="p4",
+            reason=done.reason,
+            detail=detail,
+            extra={"request_keys": keys, **p2, **turn_info},
+        )
     record.update(messages=done.messages, original_answers=done.original_answers, **turn_info)
     if done.reason:
-        record["partial"] = {"reason": f"p4:{done.reason}", "kept_turns": done.answered,
-                             "note": "--keep-partial: the turns after the failed one are left out"}
+        record["partial"] = {
+            "reason": f"p4:{done.reason}",
+            "kept_turns": done.answered,
+            "note": "--keep-partial: the turns after the failed one are left out",
+        }
     return Outcome(inst.id, inst.source, record=record)
 
 
-async def _first_turn(inst: Instance, system: str, record: dict, submit, build: PromptBuilder,
-                      s: PhaseSettings, keys: dict, p2: dict) -> Outcome:
+async def _first_turn(
+    inst: Instance,
+    system: str,
+    record: dict,
+    submit,
+    build: PromptBuilder,
+    s: PhaseSettings,
+    keys: dict,
+    p2: dict,
+) -> Outcome:
     """`--turns first`: the paper's single-turn P4, the same request and outcome as before multi-turn."""
     req4 = await build.off_loop(len(inst.first_user), lambda b: p4_request(inst, system, b, s))
     keys["p4"] = req4.key.hex()
@@ -150,8 +200,9 @@ async def _first_turn(inst: Instance, system: str, record: dict, submit, build: 
         return out
     answer = r4.text.strip()
     if not answer:
-        return Outcome(inst.id, inst.source, phase="p4", reason="empty_answer",
-                       extra={"request_keys": keys, **p2})
+        return Outcome(
+            inst.id, inst.source, phase="p4", reason="empty_answer", extra={"request_keys": keys, **p2}
+        )
     record["messages"] = [
         {"role": "system", "content": system},
         {"role": "user", "content": inst.first_user},

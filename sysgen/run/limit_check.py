@@ -24,7 +24,10 @@ def check_limit(store: Store, cfg: RunConfig, fingerprint: str) -> None:
     ours = isinstance(wm, dict) and wm.get("fingerprint") == fingerprint and "seq" in wm
     done = int(wm["seq"]) + 1 if ours else 0  # the watermark names the last position done, from 0
     if done > cfg.limit:
-        raise DatasetError(f"--limit {cfg.limit:,} is below the {done:,} instances {cfg.out} already holds "
-                           f"from an earlier run of this configuration; nothing was changed. Fix: pass "
-                           f"--limit {done:,} or more (or no --limit) to resume, or a new --out for a "
-                           "smaller run", kind="argument")
+        raise DatasetError(
+            f"--limit {cfg.limit:,} is below the {done:,} instances {cfg.out} already holds "
+            f"from an earlier run of this configuration; nothing was changed. Fix: pass "
+            f"--limit {done:,} or more (or no --limit) to resume, or a new --out for a "
+            "smaller run",
+            kind="argument",
+        )

@@ -67,8 +67,11 @@ def _lines(path: Path, limit: int | None) -> Iterator[bytes]:
             yield line
 
 
-def _merge_sinks(out: Path, shards: list[Path], limits: dict[tuple[Path, str], int | None],
-                 ) -> tuple[dict[str, int], dict[str, tuple[bytes, str]]]:
+def _merge_sinks(
+    out: Path,
+    shards: list[Path],
+    limits: dict[tuple[Path, str], int | None],
+) -> tuple[dict[str, int], dict[str, tuple[bytes, str]]]:
     """Write OUT's sinks from the proved bytes of each shard's (`limits`); returns the counts and
     each sink's (digest, file stat) for OUT's store."""
     digests: dict[str, tuple[bytes, str]] = {}
@@ -112,12 +115,15 @@ def _check_schema(db: Path) -> None:
         conn.close()
     if row is None or int(row[0]) != SCHEMA_VERSION:
         found = row[0] if row else "?"
-        raise StoreError(f"{db}: store schema v{found}, this version reads v{SCHEMA_VERSION}. "
-                         "Fix: merge with the sysgen version that wrote the shards")
+        raise StoreError(
+            f"{db}: store schema v{found}, this version reads v{SCHEMA_VERSION}. "
+            "Fix: merge with the sysgen version that wrote the shards"
+        )
 
 
-def _merge_stores(out: Path, shards: list[Path], counts: dict[str, int],
-                  digests: dict[str, tuple[bytes, str]]) -> int:
+def _merge_stores(
+    out: Path, shards: list[Path], counts: dict[str, int], digests: dict[str, tuple[bytes, str]]
+) -> int:
     dbs = [s / "store.db" for s in shards if (s / "store.db").exists()]
     for db in dbs:
         _check_schema(db)
@@ -128,18 +134,24 @@ def _merge_stores(out: Path, shards: list[Path], counts: dict[str, int],
         for db in dbs:
             conn.execute("ATTACH DATABASE ? AS shard", (f"file:{db}?mode=ro",))
             conn.execute("BEGIN")
-            conn.execute("INSERT OR IGNORE INTO results(key, value) "
-                         "SELECT key, value FROM shard.results ORDER BY id")
+            conn.execute(
+                "INSERT OR IGNORE INTO results(key, value) SELECT key, value FROM shard.results ORDER BY id"
+            )
             conn.execute("COMMIT")
             conn.execute("DETACH DATABASE shard")
         # The merged files' lengths, so the store knows them (a run into OUT then starts them afresh,
         # and OUT can be merged again).
         conn.execute("BEGIN")
-        conn.executemany("INSERT OR REPLACE INTO meta(k, v) VALUES (?, ?)",
-                         [(f"sink:{s}", str(counts[f"{s}_bytes"])) for s in SINKS]
-                         + [(f"sinkstat:{s}", digests[s][1]) for s in SINKS] + [("merge", "1")])
-        conn.executemany("INSERT OR REPLACE INTO sink_log VALUES (?, ?, ?)",
-                         [(s, counts[f"{s}_bytes"], digests[s][0]) for s in SINKS if counts[f"{s}_bytes"]])
+        conn.executemany(
+            "INSERT OR REPLACE INTO meta(k, v) VALUES (?, ?)",
+            [(f"sink:{s}", str(counts[f"{s}_bytes"])) for s in SINKS]
+            + [(f"sinkstat:{s}", digests[s][1]) for s in SINKS]
+            + [("merge", "1")],
+        )
+        conn.executemany(
+            "INSERT OR REPLACE INTO sink_log VALUES (?, ?, ?)",
+            [(s, counts[f"{s}_bytes"], digests[s][0]) for s in SINKS if counts[f"{s}_bytes"]],
+        )
         conn.execute("COMMIT")
         return conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
     finally:
@@ -151,8 +163,10 @@ def _lock(db: Path, what: str) -> StoreLock:
     try:
         lock.acquire()
     except StoreLocked as e:
-        raise StoreError(f"{db.parent} is {what} by another sysgen process (pid {e.holder}). "
-                         "Fix: wait for it to finish, or stop it (it resumes later), then merge") from None
+        raise StoreError(
+            f"{db.parent} is {what} by another sysgen process (pid {e.holder}). "
+            "Fix: wait for it to finish, or stop it (it resumes later), then merge"
+        ) from None
     return lock
 
 
@@ -183,16 +197,19 @@ def shard_problems(dirs: list[Path]) -> tuple[list[str], int | None]:
             infos.append((d, orjson.loads(raw)))
     for d, info in infos:
         if not info.get("finished"):
-            problems.append(f"{d} is unfinished (interrupted, or still running): resume it with its own "
-                            "command first")
+            problems.append(
+                f"{d} is unfinished (interrupted, or still running): resume it with its own command first"
+            )
     sharded = [(d, info) for d, info in infos if info.get("shard")]
     problems += [f"{d} is not a --shard i/N run" for d, info in infos if not info.get("shard")]
     if sharded:
         first, ref = sharded[0]
         ns = {info["shard"][1] for _, info in sharded}
         if len(ns) > 1:
-            problems.append("shards of different N: " + ", ".join(
-                f"{d} is {i['shard'][0]}/{i['shard'][1]}" for d, i in sharded))
+            problems.append(
+                "shards of different N: "
+                + ", ".join(f"{d} is {i['shard'][0]}/{i['shard'][1]}" for d, i in sharded)
+            )
         for key, what in (("settings", "run settings"), ("inputs", "inputs"), ("limit", "--limit")):
             for d, info in sharded:
                 if info.get(key) != ref.get(key):
@@ -207,8 +224,9 @@ def shard_problems(dirs: list[Path]) -> tuple[list[str], int | None]:
                 seen[i] = d
             missing = sorted(set(range(n)) - seen.keys())
             if missing:
-                problems.append(f"shard{'s' if len(missing) > 1 else ''} "
-                                f"{', '.join(f'{i}/{n}' for i in missing)} missing")
+                problems.append(
+                    f"shard{'s' if len(missing) > 1 else ''} {', '.join(f'{i}/{n}' for i in missing)} missing"
+                )
     rows = [info.get("rows_read") for _, info in infos]
     total = sum(rows) if len(infos) == len(dirs) and all(r is not None for r in rows) else None
     return problems, total
@@ -226,16 +244,19 @@ def _merge_made(out: Path) -> bool:
 def _check_out(out: Path) -> None:
     """OUT must be new, empty, or an earlier merge's output: never a run's own directory."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"OUT {out} is an existing file. "
-                         "Fix: name a new directory as OUT (the first argument)")
+        raise ValueError(
+            f"OUT {out} is an existing file. Fix: name a new directory as OUT (the first argument)"
+        )
     if not out.is_dir():
         return
     held = [n for n in ("store.db", "data.jsonl", "dropped.jsonl") if (out / n).exists()]
     if (out / MARKER).exists() and _merge_made(out):
         return  # an earlier merge's output (that no run has written into since)
     if held:
-        raise ValueError(f"OUT {out} holds a sysgen run ({', '.join(held)}), which a merge would replace. "
-                         f"Fix: name a new directory first: sysgen merge MERGED {out} ...")
+        raise ValueError(
+            f"OUT {out} holds a sysgen run ({', '.join(held)}), which a merge would replace. "
+            f"Fix: name a new directory first: sysgen merge MERGED {out} ..."
+        )
 
 
 def merge(out: str | os.PathLike, shards: list[str | os.PathLike], allow_partial: bool = False) -> dict:
@@ -244,16 +265,20 @@ def merge(out: str | os.PathLike, shards: list[str | os.PathLike], allow_partial
     out, dirs = Path(out), [Path(s) for s in shards]
     for d in dirs:
         if not (d / "data.jsonl").exists() and not (d / "dropped.jsonl").exists():
-            raise ValueError(f"{d}: no data.jsonl or dropped.jsonl. "
-                             "Fix: pass the --out directories of the shard runs")
+            raise ValueError(
+                f"{d}: no data.jsonl or dropped.jsonl. Fix: pass the --out directories of the shard runs"
+            )
         if d.resolve() == out.resolve():
             raise ValueError(f"{d}: is the merge output too. Fix: merge into a new directory")
     _check_out(out)
     problems, rows_read = shard_problems(dirs)
     if problems and not allow_partial:
-        raise ValueError("refused, the shards are not one complete run: " + "; ".join(problems)
-                         + ". Fix: finish or add the missing shards, or pass --allow-partial to merge anyway "
-                         "(marked partial in stats.json)")
+        raise ValueError(
+            "refused, the shards are not one complete run: "
+            + "; ".join(problems)
+            + ". Fix: finish or add the missing shards, or pass --allow-partial to merge anyway "
+            "(marked partial in stats.json)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     with open(out / MARKER, "wb") as f:
         f.write(b"written by sysgen merge; this directory may be merged into again\n")
@@ -287,25 +312,40 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(f"sysgen merge: error: {e}", file=sys.stderr)
         return 2
     except (OSError, sqlite3.Error) as e:  # e.g. a full disk: OUT is incomplete, the shards untouched
-        print(f"sysgen merge: error: writing {args.out} failed: {describe_failure(e)}. The shards are "
-              "untouched. Fix: free space (or fix the cause) and run the same merge again", file=sys.stderr)
+        print(
+            f"sysgen merge: error: writing {args.out} failed: {describe_failure(e)}. The shards are "
+            "untouched. Fix: free space (or fix the cause) and run the same merge again",
+            file=sys.stderr,
+        )
         return 1
     m = st["merge"]
-    print(f"sysgen merge: {len(args.shards)} shards → {args.out}: {m['data']:,} kept, "
-          f"{m['dropped']:,} dropped, "
-          f"{m['duplicates']:,} duplicate ids skipped, {m['stored_results']:,} stored results; "
-          f"accounted={st['accounted']}", file=sys.stderr)
+    print(
+        f"sysgen merge: {len(args.shards)} shards → {args.out}: {m['data']:,} kept, "
+        f"{m['dropped']:,} dropped, "
+        f"{m['duplicates']:,} duplicate ids skipped, {m['stored_results']:,} stored results; "
+        f"accounted={st['accounted']}",
+        file=sys.stderr,
+    )
     if st.get("partial"):
-        print(f"sysgen merge: WARNING: PARTIAL merge (--allow-partial): {'; '.join(st['partial'])}",
-              file=sys.stderr)
+        print(
+            f"sysgen merge: WARNING: PARTIAL merge (--allow-partial): {'; '.join(st['partial'])}",
+            file=sys.stderr,
+        )
     return 0
 
 
 def add_merge_parser(sub) -> None:
-    p = sub.add_parser("merge", help="combine the output directories of --shard runs",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "merge",
+        help="combine the output directories of --shard runs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("out", help="merged output directory")
     p.add_argument("shards", nargs="+", help="the --out directories of the shard runs")
-    p.add_argument("--allow-partial", action="store_true",
-                   help="merge even unfinished, missing or mismatched shards (marked partial in stats.json)")
+    p.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="merge even unfinished, missing or mismatched shards (marked partial in stats.json)",
+    )
     p.set_defaults(func=cmd_merge)

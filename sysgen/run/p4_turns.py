@@ -94,8 +94,9 @@ async def answer_turns(inst: Instance, system: str, submit, build: PromptBuilder
             if prompt is None:
                 prompt = await build.off_loop(len(system) + len(user), lambda b, m=msgs: b.conversation(m))
             else:
-                prompt = await build.off_loop(len(prompt) + len(user),
-                                              lambda b, p=prompt, m=msgs: b.extend(p, m))
+                prompt = await build.off_loop(
+                    len(prompt) + len(user), lambda b, p=prompt, m=msgs: b.extend(p, m)
+                )
         except PromptTooLong as e:  # known from the text's length, before it is tokenized
             out.reason, out.detail = f"context@turn{j}", str(e)
             return out
@@ -108,8 +109,12 @@ async def answer_turns(inst: Instance, system: str, submit, build: PromptBuilder
                 out.detail = f"prompt {n_prompt} tokens, context {s.max_context}"
                 return out
             budget = min(budget, room)
-        req = Request(prompt=prompt, sampling=SamplingParams(temperature=s.temperature, max_new_tokens=budget,
-                                                              seed=s.seed), model=s.model_id, group="p4")
+        req = Request(
+            prompt=prompt,
+            sampling=SamplingParams(temperature=s.temperature, max_new_tokens=budget, seed=s.seed),
+            model=s.model_id,
+            group="p4",
+        )
         out.keys.append(req.key.hex())
         res = await submit(req)
         if res.ok and res.finish_reason == "length" and looks_like_loop(res.text):

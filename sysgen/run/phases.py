@@ -123,7 +123,8 @@ class PromptBuilder:
         if self.chat is not None:
             return self.chat.ids(system, user)
         msgs = ([{"role": "system", "content": system}] if system is not None else []) + [
-            {"role": "user", "content": user}]
+            {"role": "user", "content": user}
+        ]
         return messages_prompt(msgs)
 
     def conversation(self, messages: Sequence[tuple[str, str]]) -> Prompt:
@@ -199,8 +200,13 @@ def p2_filter(p1_text: str, s: PhaseSettings) -> tags.Filtered:
 
 def p1_request(inst: Instance, build: PromptBuilder, s: PhaseSettings) -> Request:
     user = p1_user_text(inst, s)
-    return Request(prompt=build(p1_system(s), user), sampling=_sampling(s, s.p1_max_tokens),
-                   model=s.model_id, regex=tags.p1_regex() if s.constrain else None, group="p1")
+    return Request(
+        prompt=build(p1_system(s), user),
+        sampling=_sampling(s, s.p1_max_tokens),
+        model=s.model_id,
+        regex=tags.p1_regex() if s.constrain else None,
+        group="p1",
+    )
 
 
 @dataclass(frozen=True)
@@ -212,8 +218,9 @@ class P1Turn:
     answer: str
 
 
-def p3_request(filtered: tags.Filtered, build: PromptBuilder, s: PhaseSettings,
-               p1: P1Turn | None = None) -> Request:
+def p3_request(
+    filtered: tags.Filtered, build: PromptBuilder, s: PhaseSettings, p1: P1Turn | None = None
+) -> Request:
     """`standalone`: the P3 template as system turn, the message as user turn. `continue` and `chat`
     (with `p1`): the next turn of P1's chat, [P1 system, P1 user, P1's raw answer, P3's turn], so a
     prefix cache that keeps P1's prompt + answer (SGLang's radix cache) serves all of P1's part. The
@@ -222,18 +229,31 @@ def p3_request(filtered: tags.Filtered, build: PromptBuilder, s: PhaseSettings,
     # Constrained, the answer is a fixed form: budget exactly enough for its longest spelling.
     budget = tags.p3_token_bound(present) if s.constrain else s.p3_max_tokens
     if s.p3_context != "standalone" and p1 is not None:
-        prompt = build.extend(p1.prompt, [("system", p1_system(s)), ("user", p1.user),
-                                          ("assistant", p1.answer), ("user", _p3_turn(filtered, s, p1))])
+        prompt = build.extend(
+            p1.prompt,
+            [
+                ("system", p1_system(s)),
+                ("user", p1.user),
+                ("assistant", p1.answer),
+                ("user", _p3_turn(filtered, s, p1)),
+            ],
+        )
     else:
         prompt = build(prompts.load("p3_verify"), _p3_user(filtered))
-    return Request(prompt=prompt, sampling=_sampling(s, budget),
-                   model=s.model_id, regex=tags.p3_regex(present) if s.constrain else None, group="p3")
+    return Request(
+        prompt=prompt,
+        sampling=_sampling(s, budget),
+        model=s.model_id,
+        regex=tags.p3_regex(present) if s.constrain else None,
+        group="p3",
+    )
 
 
 def _p3_user(filtered: tags.Filtered) -> str:
     """The standalone P3 user turn: the filtered and the annotated message."""
-    return prompts.load("p3_user").format(filtered=tags.strip_tags(filtered.tags),
-                                          annotated=filtered.render())
+    return prompts.load("p3_user").format(
+        filtered=tags.strip_tags(filtered.tags), annotated=filtered.render()
+    )
 
 
 def _p3_turn(filtered: tags.Filtered, s: PhaseSettings, p1: P1Turn) -> str:
@@ -252,5 +272,6 @@ def _p3_turn(filtered: tags.Filtered, s: PhaseSettings, p1: P1Turn) -> str:
 def p4_request(inst: Instance, system_message: str, build: PromptBuilder, s: PhaseSettings) -> Request:
     """`--turns first`: the paper's single-turn P4 (the same request as before multi-turn)."""
     prompt = build.conversation([("system", system_message), ("user", inst.first_user)])
-    return Request(prompt=prompt, sampling=_sampling(s, s.p4_max_tokens), model=s.model_id, regex=None,
-                   group="p4")
+    return Request(
+        prompt=prompt, sampling=_sampling(s, s.p4_max_tokens), model=s.model_id, regex=None, group="p4"
+    )

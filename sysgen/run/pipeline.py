@@ -77,9 +77,15 @@ class InputFraction:
         return max(self.read / self.bytes_frac, float(self.read))
 
 
-async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path, progress_enabled: bool = True,
-                     sched_config: SchedulerConfig | None = None,
-                     sources: Sequence[Source] | None = None) -> dict:
+async def run_stream(
+    cfg: RunConfig,
+    backend: Backend,
+    store: Store,
+    out: Path,
+    progress_enabled: bool = True,
+    sched_config: SchedulerConfig | None = None,
+    sources: Sequence[Source] | None = None,
+) -> dict:
     """Stream every item to completion (or to a signal). Returns this run's counters; raises
     RunInterrupted after a signal, EngineDied or StoreError when the run cannot go on (in every
     case with everything finished before committed). `sources`: the inputs as the run plan
@@ -89,8 +95,10 @@ async def run_stream(cfg: RunConfig, backend: Backend, store: Store, out: Path, 
     check_limit(store, cfg, fp)
     resume = Resume.open(store, out, cfg, fp, settings, sources)
     sched = Scheduler(backend, store, sched_config or scheduler_config(cfg))
-    build = PromptBuilder(backend.tokenizer if backend.capabilities.token_ids else None,
-                          max_context=backend.capabilities.max_context)
+    build = PromptBuilder(
+        backend.tokenizer if backend.capabilities.token_ids else None,
+        max_context=backend.capabilities.max_context,
+    )
     stream = _Stream(resume, sched, store, settings, build, progress_enabled)
     with _signals_to(stream.on_signal):
         await stream.run()
@@ -131,8 +139,15 @@ class _Stream:
     """One run's items: fed from the resume point through a bounded window, each run through the
     phases and finished as one output line; on a signal the feeding stops and in-flight items drain."""
 
-    def __init__(self, resume: Resume, sched: Scheduler, store: Store, settings: PhaseSettings,
-                 build: PromptBuilder, progress_enabled: bool) -> None:
+    def __init__(
+        self,
+        resume: Resume,
+        sched: Scheduler,
+        store: Store,
+        settings: PhaseSettings,
+        build: PromptBuilder,
+        progress_enabled: bool,
+    ) -> None:
         self.resume, self.sched, self.store, self.settings, self.build = resume, sched, store, settings, build
         self.stop = asyncio.Event()
         self.hurry = asyncio.Event()  # a second signal: skip the drain
@@ -156,16 +171,24 @@ class _Stream:
             self.hurry.set()
             print("\nsysgen: stopping now", file=sys.stderr, flush=True)
         else:
-            print(f"\nsysgen: stopping: no new instances; those in flight get up to {DRAIN_S:g} s to "
-                  "finish (press Ctrl-C again to stop at once; either way the run resumes)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"\nsysgen: stopping: no new instances; those in flight get up to {DRAIN_S:g} s to "
+                "finish (press Ctrl-C again to stop at once; either way the run resumes)",
+                file=sys.stderr,
+                flush=True,
+            )
         self.stop.set()
 
     def counters(self) -> dict:
-        return {"kept": self.kept, "dropped": self.dropped, "skipped_done": self.skipped_done,
-                "already_done": self.before_watermark + self.skipped_done,
-                "scheduler": self.sched.metrics.to_dict(), "interrupted": self.stop.is_set(),
-                "sources": self.resume.source_report()}
+        return {
+            "kept": self.kept,
+            "dropped": self.dropped,
+            "skipped_done": self.skipped_done,
+            "already_done": self.before_watermark + self.skipped_done,
+            "scheduler": self.sched.metrics.to_dict(),
+            "interrupted": self.stop.is_set(),
+            "sources": self.resume.source_report(),
+        }
 
     async def run(self) -> None:
         """Until every item is finished, or a signal's drain is over; raises what stopped the run."""

@@ -54,11 +54,16 @@ _FROM_BACKEND = ("model_id", "constrain", "max_context")
 def phase_settings(cfg: RunConfig, backend: Backend) -> PhaseSettings:
     """The phases' settings: every PhaseSettings field the run configuration names, plus what the
     backend decides (its model, whether it constrains decoding, its context)."""
-    same = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(PhaseSettings)
-            if f.name not in _FROM_BACKEND}
+    same = {
+        f.name: getattr(cfg, f.name) for f in dataclasses.fields(PhaseSettings) if f.name not in _FROM_BACKEND
+    }
     caps = backend.capabilities
-    return PhaseSettings(**same, model_id=backend.model_id, constrain=cfg.constrain and caps.regex,
-                         max_context=caps.max_context if cfg.turns == "all" else 0)
+    return PhaseSettings(
+        **same,
+        model_id=backend.model_id,
+        constrain=cfg.constrain and caps.regex,
+        max_context=caps.max_context if cfg.turns == "all" else 0,
+    )
 
 
 def scheduler_config(cfg: RunConfig) -> SchedulerConfig:

@@ -36,8 +36,10 @@ def repair(run_dir: str | os.PathLike) -> list[tuple[Path, Path | None, str]]:
     run_dir = Path(run_dir)
     db = run_dir / "store.db"
     if not db.is_file():
-        raise ValueError(f"{db} does not exist: without its store a run's outputs cannot be checked or "
-                         "rebuilt. Fix: pass the --out directory of a sysgen run")
+        raise ValueError(
+            f"{db} does not exist: without its store a run's outputs cannot be checked or "
+            "rebuilt. Fix: pass the --out directory of a sysgen run"
+        )
     moved: list[tuple[Path, Path | None, str]] = []
     with Store.open(db) as store:
         for name in store.sink_names():
@@ -61,23 +63,35 @@ def cmd_repair(args: argparse.Namespace) -> int:
         print(f"sysgen repair: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"sysgen repair: error: {e.filename or args.dir}: {e.strerror or e}. Nothing was changed in "
-              "the store. Fix: the cause (permissions, disk space), then run repair again", file=sys.stderr)
+        print(
+            f"sysgen repair: error: {e.filename or args.dir}: {e.strerror or e}. Nothing was changed in "
+            "the store. Fix: the cause (permissions, disk space), then run repair again",
+            file=sys.stderr,
+        )
         return 2
     if not moved:
-        print(f"sysgen repair: {args.dir}: every output is what its store committed; nothing to do",
-              file=sys.stderr)
+        print(
+            f"sysgen repair: {args.dir}: every output is what its store committed; nothing to do",
+            file=sys.stderr,
+        )
         return 0
     for path, aside, why in moved:
         where = f"moved to {aside.name}" if aside else "missing"
         print(f"sysgen repair: {path.name}: {where} ({why})", file=sys.stderr)
-    print(f"sysgen repair: {args.dir}: now run the same `sysgen run` command again: it rebuilds the outputs, "
-          "answering every request its store holds without the engine", file=sys.stderr)
+    print(
+        f"sysgen repair: {args.dir}: now run the same `sysgen run` command again: it rebuilds the outputs, "
+        "answering every request its store holds without the engine",
+        file=sys.stderr,
+    )
     return 0
 
 
 def add_repair_parser(sub) -> None:
-    p = sub.add_parser("repair", help="move outputs that do not match their store aside, to be rebuilt",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "repair",
+        help="move outputs that do not match their store aside, to be rebuilt",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("dir", help="the --out directory of a sysgen run")
     p.set_defaults(func=cmd_repair)

@@ -47,8 +47,13 @@ def fingerprint(cfg: RunConfig, settings: PhaseSettings) -> str:
     sets = dict(settings.__dict__)
     if sets.get("p3_context") == "standalone":  # the default layout keeps earlier runs' fingerprints
         del sets["p3_context"]
-    payload = {"settings": sets, "prompts": prompts.digests(), "format": cfg.format,
-               "shard": cfg.shard, "grammar": xxhash.xxh3_64_hexdigest(grammar.encode())}
+    payload = {
+        "settings": sets,
+        "prompts": prompts.digests(),
+        "format": cfg.format,
+        "shard": cfg.shard,
+        "grammar": xxhash.xxh3_64_hexdigest(grammar.encode()),
+    }
     # How rows are read changes what an instance is; absent when unset, so older fingerprints hold.
     payload.update({k: getattr(cfg, k) for k in ("columns", "split", "subset") if getattr(cfg, k, None)})
     return xxhash.xxh3_64_hexdigest(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS))
@@ -58,9 +63,12 @@ def run_info(cfg: RunConfig, settings: PhaseSettings, identities: dict[str, dict
     """What `merge` compares across shards: the same settings (fingerprint without the shard),
     inputs (by content hash) and limit, and which shard of how many this run is."""
     shard = cfg.shard_spec
-    return {"settings": fingerprint(replace(cfg, shard=None), settings),
-            "inputs": {n: identities.get(n, {}).get("xxh3") for n in names}, "limit": cfg.limit,
-            "shard": list(shard) if shard else None}
+    return {
+        "settings": fingerprint(replace(cfg, shard=None), settings),
+        "inputs": {n: identities.get(n, {}).get("xxh3") for n in names},
+        "limit": cfg.limit,
+        "shard": list(shard) if shard else None,
+    }
 
 
 def in_shard(item: Instance | Rejected | Known, shard: tuple[int, int] | None) -> bool:
@@ -95,8 +103,11 @@ class InputStream:
         """The inputs expanded (folders, globs), in reading order."""
         return tuple(s.path for s in self.sources)
 
-    def stream(self, watermark: dict | None, known: Callable[[str, int], bool] | None,
-               ) -> Iterator[tuple[int, Instance | Rejected | Known]]:
+    def stream(
+        self,
+        watermark: dict | None,
+        known: Callable[[str, int], bool] | None,
+    ) -> Iterator[tuple[int, Instance | Rejected | Known]]:
         """(seq, item) for the configured inputs, shard and limit, starting at `watermark`; `known`
         says which rows after it are done by position alone."""
         cfg = self.cfg
@@ -106,10 +117,19 @@ class InputStream:
             start = {watermark["path"]: (watermark["line"], watermark["offset"])}
             seq = watermark["seq"]
         shard = cfg.shard_spec
-        items = iter_instances(cfg.inputs, fmt=cfg.format, strict=cfg.strict, start=start, known=known,
-                               columns=getattr(cfg, "columns", None), split=getattr(cfg, "split", None),
-                               subset=getattr(cfg, "subset", None), sources=self.sources,
-                               skip_before=first, unused=self.unused)
+        items = iter_instances(
+            cfg.inputs,
+            fmt=cfg.format,
+            strict=cfg.strict,
+            start=start,
+            known=known,
+            columns=getattr(cfg, "columns", None),
+            split=getattr(cfg, "split", None),
+            subset=getattr(cfg, "subset", None),
+            sources=self.sources,
+            skip_before=first,
+            unused=self.unused,
+        )
         for item in items:
             if shard is not None and not in_shard(item, shard):
                 continue
@@ -147,8 +167,9 @@ class Checkpoint:
         self.run_info: dict = {}
 
     @classmethod
-    def open(cls, store: Store, out: Path, cfg: RunConfig, fp: str, settings: PhaseSettings,
-             sources: list[Source]) -> Checkpoint:
+    def open(
+        cls, store: Store, out: Path, cfg: RunConfig, fp: str, settings: PhaseSettings, sources: list[Source]
+    ) -> Checkpoint:
         """Prove and register the sinks; empty them if the configuration or an input changed; load
         the resume points. `sources` are the inputs already resolved (with previous_names)."""
         names = {s.path: s.name for s in sources}
@@ -159,17 +180,25 @@ class Checkpoint:
         files = tuple(s.path for s in sources)
         changed, identities = input_check.compare(orjson.loads(raw) if raw else {}, files, names)
         if old is not None and old.decode() != fp:
-            log.warning("the configuration changed since the last run in %s: outputs start afresh; stored "
-                        "requests whose inputs did not change are reused", out)
+            log.warning(
+                "the configuration changed since the last run in %s: outputs start afresh; stored "
+                "requests whose inputs did not change are reused",
+                out,
+            )
             store.reset_outputs()
         elif old is not None and changed:
-            log.warning("%s changed since the last run in %s (not only appended to): outputs start afresh; "
-                        "unchanged rows are answered from the store", ", ".join(changed), out)
+            log.warning(
+                "%s changed since the last run in %s (not only appended to): outputs start afresh; "
+                "unchanged rows are answered from the store",
+                ", ".join(changed),
+                out,
+            )
             store.reset_outputs()
             old = None
         elif old is None and committed:  # outputs this store holds but no run wrote (a merge): afresh
-            log.warning("%s holds merged outputs: this run writes them afresh; stored requests are reused",
-                        out)
+            log.warning(
+                "%s holds merged outputs: this run writes them afresh; stored requests are reused", out
+            )
             store.reset_outputs()
         store.set_meta("fingerprint", fp)
         store.set_meta("inputs", orjson.dumps(identities))
@@ -213,8 +242,9 @@ class Checkpoint:
                         keys.append(self._fp + src + hit[1].to_bytes(8, "big"))
         if not keys:
             return
-        n = self.store.drop_lines("dropped", lambda line: engine_failure(line) is not None, keys,
-                                  meta_keys=("watermark",))
+        n = self.store.drop_lines(
+            "dropped", lambda line: engine_failure(line) is not None, keys, meta_keys=("watermark",)
+        )
         log.info("--retry-failed: %d instance(s) dropped for engine errors are processed again", n)
 
     def _load(self, files: tuple[str, ...]) -> None:
@@ -267,13 +297,21 @@ class Resume:
         self.item_key, self.is_done = checkpoint.item_key, checkpoint.is_done
 
     @classmethod
-    def open(cls, store: Store, out: Path, cfg: RunConfig, fp: str, settings: PhaseSettings,
-             sources: Sequence[Source] | None = None) -> Resume:
+    def open(
+        cls,
+        store: Store,
+        out: Path,
+        cfg: RunConfig,
+        fp: str,
+        settings: PhaseSettings,
+        sources: Sequence[Source] | None = None,
+    ) -> Resume:
         """`sources`: the inputs already resolved (by the run plan), named here as an earlier run named
         them; resolved here if not."""
         previous = previous_names(store)
-        sources = (resolve_inputs(cfg.inputs, previous) if sources is None
-                   else datasets_named(sources, previous))
+        sources = (
+            resolve_inputs(cfg.inputs, previous) if sources is None else datasets_named(sources, previous)
+        )
         checkpoint = Checkpoint.open(store, out, cfg, fp, settings, sources)
         return cls(InputStream(cfg, sources, UnusedFields(checkpoint.unused)), checkpoint)
 
@@ -325,6 +363,16 @@ class Watermark:
         if last is not None and (force or now - self._written_at >= WATERMARK_EVERY_S):
             self._pending, self._written_at = None, now
             path, line, offset = last.where
-            self.store.set_meta("watermark", orjson.dumps({
-                "fingerprint": self.fp, "inputs": self.inputs, "seq": last.seq,
-                "path": path, "line": line, "offset": offset}))
+            self.store.set_meta(
+                "watermark",
+                orjson.dumps(
+                    {
+                        "fingerprint": self.fp,
+                        "inputs": self.inputs,
+                        "seq": last.seq,
+                        "path": path,
+                        "line": line,
+                        "offset": offset,
+                    }
+                ),
+            )

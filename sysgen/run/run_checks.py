@@ -27,15 +27,21 @@ def _same(a: Path, b: Path) -> bool:
 def check_out(out: Path) -> None:
     """ValueError naming the path and the fix when --out cannot hold a run's outputs."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is an existing file, not a directory. Fix: give a directory "
-                         "(it is created if missing)")
+        raise ValueError(
+            f"--out {out} is an existing file, not a directory. Fix: give a directory "
+            "(it is created if missing)"
+        )
     for name in SINK_FILES:
         if (out / name).is_dir():
-            raise ValueError(f"{out / name} is a directory, where the run writes its output file. "
-                             "Fix: move it away, or give another --out")
+            raise ValueError(
+                f"{out / name} is a directory, where the run writes its output file. "
+                "Fix: move it away, or give another --out"
+            )
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out} is not writable (the run keeps its store and outputs there). "
-                         "Fix: give a writable directory, or fix its permissions")
+        raise ValueError(
+            f"--out {out} is not writable (the run keeps its store and outputs there). "
+            "Fix: give a writable directory, or fix its permissions"
+        )
 
 
 def own_outputs_left_out(inputs: tuple[str, ...], out: Path) -> list[str]:
@@ -46,20 +52,28 @@ def own_outputs_left_out(inputs: tuple[str, ...], out: Path) -> list[str]:
     for p in inputs:
         path = Path(p)
         if any(_same(path, out / name) for name in STORE_FILES):
-            raise ValueError(f"input {p} is a file of the run's own state in --out {out}. "
-                             "Fix: pass only data files as inputs")
+            raise ValueError(
+                f"input {p} is a file of the run's own state in --out {out}. "
+                "Fix: pass only data files as inputs"
+            )
         sink = next((name for name in SINK_FILES if _same(path, out / name)), None)
         if sink is None:
             keep.append(p)
             continue
         if not is_run:
-            raise ValueError(f"input {p} is where this run writes its {sink} (--out {out}), so it would "
-                             "be overwritten before it is read. Fix: give another --out, or move the input")
-        print(f"sysgen: warning: input {p} is this run's own output (--out {out}): left out of the inputs",
-              file=sys.stderr)
+            raise ValueError(
+                f"input {p} is where this run writes its {sink} (--out {out}), so it would "
+                "be overwritten before it is read. Fix: give another --out, or move the input"
+            )
+        print(
+            f"sysgen: warning: input {p} is this run's own output (--out {out}): left out of the inputs",
+            file=sys.stderr,
+        )
     if not keep:
-        raise ValueError(f"every input is one of this run's outputs in {out}. "
-                         "Fix: pass the data files the run was made from")
+        raise ValueError(
+            f"every input is one of this run's outputs in {out}. "
+            "Fix: pass the data files the run was made from"
+        )
     return keep
 
 
@@ -71,6 +85,8 @@ def check_no_foreign_outputs(out: Path) -> None:
     for name in SINK_FILES:
         size = (out / name).stat().st_size if (out / name).is_file() else 0
         if size:
-            raise ValueError(f"{out / name} holds {size:,} bytes but {out} has no store.db (deleted, or "
-                             "not a sysgen run), so the run would empty it. Fix: move the file away to keep "
-                             "it (or delete it to start over), or give another --out")
+            raise ValueError(
+                f"{out / name} holds {size:,} bytes but {out} has no store.db (deleted, or "
+                "not a sysgen run), so the run would empty it. Fix: move the file away to keep "
+                "it (or delete it to start over), or give another --out"
+            )

@@ -85,12 +85,16 @@ class _Tally:
             "dropped": dict(sorted(self.dropped.items())),
             "p1_parse_rate": round(self.p1_well_formed / self.p1_total, 4) if self.p1_total else None,
             "p2_tag_drops": dict(sorted(self.p2_drop_reasons.items())),
-            "p2_tag_drops_by_tag": {t: dict(sorted(c.items()))
-                                    for t, c in sorted(self.p2_drops_by_tag.items())},
+            "p2_tag_drops_by_tag": {
+                t: dict(sorted(c.items())) for t, c in sorted(self.p2_drops_by_tag.items())
+            },
             # Phrases that copy the P1 prompt's worked examples, per tag, over every instance P1 answered
             # (removed as copied_example, or kept and marked p2_copied with --keep-copies).
-            "p2_copied": {"instances": self.copied_instances, "phrases": sum(self.copied.values()),
-                          "by_tag": {t: self.copied[t] for t in TAGS}},
+            "p2_copied": {
+                "instances": self.copied_instances,
+                "phrases": sum(self.copied.values()),
+                "by_tag": {t: self.copied[t] for t in TAGS},
+            },
             "tag_counts": {t: self.tags_p2[t] for t in TAGS},
             "tag_counts_kept": {t: self.tags_kept[t] for t in TAGS},
         }
@@ -127,13 +131,19 @@ class _Turns:
         for j in range(1, most + 1):
             reached = sum(n for t, n in self.hist.items() if t >= j)
             got = sum(n for t, n in self.answered.items() if t >= j)
-            retention[str(j)] = {"instances": reached, "answered": got,
-                                 "pct": round(100 * got / reached, 2) if reached else 0.0}
-        return {"user_turns_histogram": {str(k): self.hist[k] for k in sorted(self.hist)},
-                "retention_by_turn": retention,
-                "answered_turns": sum(t * n for t, n in self.answered.items()),
-                "p4_resampled": self.resampled, "p4_resample_kept": self.resample_kept,
-                "partial_records": self.partial}
+            retention[str(j)] = {
+                "instances": reached,
+                "answered": got,
+                "pct": round(100 * got / reached, 2) if reached else 0.0,
+            }
+        return {
+            "user_turns_histogram": {str(k): self.hist[k] for k in sorted(self.hist)},
+            "retention_by_turn": retention,
+            "answered_turns": sum(t * n for t, n in self.answered.items()),
+            "p4_resampled": self.resampled,
+            "p4_resample_kept": self.resample_kept,
+            "partial_records": self.partial,
+        }
 
 
 def turn_stats(records, dropped) -> dict[str, Any]:
@@ -169,8 +179,13 @@ def compute(out: Path) -> dict[str, Any]:
     return stats
 
 
-def write(out: Path, extra: dict[str, Any], rows_read: int | None = None, partial: bool = False,
-          sources: set[str] | None = None) -> dict[str, Any]:
+def write(
+    out: Path,
+    extra: dict[str, Any],
+    rows_read: int | None = None,
+    partial: bool = False,
+    sources: set[str] | None = None,
+) -> dict[str, Any]:
     """stats.json from the outputs. `rows_read`: the input rows the finished run (or the shards)
     went through; `accounted` is true only when the outputs hold exactly that many lines, so an
     interrupted run, a partial merge or outputs mixed from other inputs never read as complete.
@@ -189,17 +204,29 @@ def write(out: Path, extra: dict[str, Any], rows_read: int | None = None, partia
     return stats
 
 
-def write_run(out: Path, cfg: RunConfig, backend: Backend, counters: dict[str, Any], rows_read: int | None,
-              wall_s: float) -> dict[str, Any]:
+def write_run(
+    out: Path,
+    cfg: RunConfig,
+    backend: Backend,
+    counters: dict[str, Any],
+    rows_read: int | None,
+    wall_s: float,
+) -> dict[str, Any]:
     """stats.json after `sysgen run` (finished, or stopped with `rows_read` None): the outputs'
     figures with the run's engine, model, prompts, configuration and this run's counters."""
     counters = dict(counters)
     sources = counters.pop("sources", {})
     config = {**dataclasses.asdict(cfg), "engine": backend.name}  # the resolved engine, never "auto"
-    extra = {"model": backend.model_id, "engine": backend.name, "prompts": prompts.digests(),
-             "config": config, "sources": sources,
-             "constrained": cfg.constrain and backend.capabilities.regex, "this_run": counters,
-             "wall_s": round(wall_s, 2)}
+    extra = {
+        "model": backend.model_id,
+        "engine": backend.name,
+        "prompts": prompts.digests(),
+        "config": config,
+        "sources": sources,
+        "constrained": cfg.constrain and backend.capabilities.regex,
+        "this_run": counters,
+        "wall_s": round(wall_s, 2),
+    }
     return write(out, extra, rows_read=rows_read, sources=set(sources) or None)
 
 

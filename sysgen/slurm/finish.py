@@ -52,11 +52,15 @@ def finish(run_dir: Path) -> int:
         why = shard_problems(dirs)[0]  # the shards together: one N, the same settings and inputs
     if bad or why:
         resubmit = f"sysgen slurm --resubmit {run_dir}"
-        msg = (f"not merged: {len(bad)} of {s.shards} shards unfinished ({', '.join(map(str, bad))}): "
-               f"{'; '.join(why)}. Fix: {resubmit} (runs only those shards, each resuming from its store, "
-               "then this finishing job again)")
-        _record(run_dir, {"merged": False, "unfinished": bad, "problems": why, "resubmit": resubmit,
-                          "message": msg})
+        msg = (
+            f"not merged: {len(bad)} of {s.shards} shards unfinished ({', '.join(map(str, bad))}): "
+            f"{'; '.join(why)}. Fix: {resubmit} (runs only those shards, each resuming from its store, "
+            "then this finishing job again)"
+        )
+        _record(
+            run_dir,
+            {"merged": False, "unfinished": bad, "problems": why, "resubmit": resubmit, "message": msg},
+        )
         print(f"sysgen slurm: {msg}")
         return 1
     out = run_dir / MERGED
@@ -68,11 +72,23 @@ def finish(run_dir: Path) -> int:
         print(f"sysgen slurm: {msg}")
         return 1
     m = st["merge"]
-    msg = (f"merged {s.shards} shards into {out}: {m['data']:,} kept, {m['dropped']:,} dropped, "
-           f"{m['duplicates']:,} duplicate ids, accounted={st['accounted']}")
+    msg = (
+        f"merged {s.shards} shards into {out}: {m['data']:,} kept, {m['dropped']:,} dropped, "
+        f"{m['duplicates']:,} duplicate ids, accounted={st['accounted']}"
+    )
     print(f"sysgen slurm: {msg}", flush=True)
     codes = {"report": main(["report", str(out)]), "export": main(["export", str(out)])}
-    _record(run_dir, {"merged": True, "path": str(out), "message": msg, "kept": m["data"],
-                      "dropped": m["dropped"], "duplicates": m["duplicates"], "accounted": st["accounted"],
-                      "exit_codes": codes})
+    _record(
+        run_dir,
+        {
+            "merged": True,
+            "path": str(out),
+            "message": msg,
+            "kept": m["data"],
+            "dropped": m["dropped"],
+            "duplicates": m["duplicates"],
+            "accounted": st["accounted"],
+            "exit_codes": codes,
+        },
+    )
     return 0 if not any(codes.values()) else 1

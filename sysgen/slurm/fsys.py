@@ -45,7 +45,9 @@ def store_fs_problem(path: Path) -> str | None:
     """Why shard stores must not live under `path`, or None."""
     kind = fs_type(path)
     if kind in UNSAFE:
-        return (f"{path} is on a {kind} file system, where SQLite's locks are not reliable and two "
-                "writers could corrupt a shard's store. Fix: put --out on a local disk, NFSv4, Lustre, "
-                "GPFS or BeeGFS (or pass --allow-fs if you know its locks work)")
+        return (
+            f"{path} is on a {kind} file system, where SQLite's locks are not reliable and two "
+            "writers could corrupt a shard's store. Fix: put --out on a local disk, NFSv4, Lustre, "
+            "GPFS or BeeGFS (or pass --allow-fs if you know its locks work)"
+        )
     return None

@@ -108,26 +108,41 @@ def array_spec(shards: list[int], offset: int, concurrent: int) -> str:
 
 def task_script(s: SlurmSettings, run_dir: Path, shards: list[int], offset: int) -> str:
     name = run_dir.name
-    head = ["#!/bin/bash", f"#SBATCH --job-name=sysgen-{name}",
-            f"#SBATCH --array={array_spec(shards, offset, s.concurrent)}",
-            f"#SBATCH --output={run_dir}/logs/%A_%a.out", "#SBATCH --open-mode=append",
-            "#SBATCH --requeue", f"#SBATCH --signal=B:USR1@{s.signal_s}"]
+    head = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name=sysgen-{name}",
+        f"#SBATCH --array={array_spec(shards, offset, s.concurrent)}",
+        f"#SBATCH --output={run_dir}/logs/%A_%a.out",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --requeue",
+        f"#SBATCH --signal=B:USR1@{s.signal_s}",
+    ]
     head += [f"#SBATCH {line}" for line in _sbatch_lines(s)]
     head.append(f"# Written by `sysgen slurm`: shard i of {s.shards} is array index i - {offset}.")
     engine = ""
     if s.engine_cmd:
         engine = _ENGINE.format(cmd=shlex.quote(s.engine_cmd), url=shlex.quote(s.engine_ready or ""))
-    body = _TASK.format(run=shlex.quote(str(run_dir)), n=s.shards, py=shlex.quote(s.python), offset=offset,
-                        engine=engine, inputs=" ".join(map(shlex.quote, s.inputs)),
-                        run_args=" ".join(map(shlex.quote, s.run_args)))
+    body = _TASK.format(
+        run=shlex.quote(str(run_dir)),
+        n=s.shards,
+        py=shlex.quote(s.python),
+        offset=offset,
+        engine=engine,
+        inputs=" ".join(map(shlex.quote, s.inputs)),
+        run_args=" ".join(map(shlex.quote, s.run_args)),
+    )
     return "\n".join(head) + "\n" + body
 
 
 def finish_script(s: SlurmSettings, run_dir: Path) -> str:
     """After every array task ends (afterany, given on the sbatch command line): merge, report and
     export when all shards are finished, else say which to resubmit."""
-    head = ["#!/bin/bash", f"#SBATCH --job-name=sysgen-{run_dir.name}-finish",
-            f"#SBATCH --output={run_dir}/logs/finish-%j.out", "#SBATCH --open-mode=append"]
+    head = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name=sysgen-{run_dir.name}-finish",
+        f"#SBATCH --output={run_dir}/logs/finish-%j.out",
+        "#SBATCH --open-mode=append",
+    ]
     if s.partition:
         head.append(f"#SBATCH --partition={s.partition}")
     if s.time:

@@ -14,8 +14,19 @@ import orjson
 FILE = "slurm.json"
 # Options of the array alone: they change where and how fast shards run, never what they write,
 # so --resubmit may change them.
-ARRAY_FIELDS = ("concurrent", "partition", "gpus_per_task", "cpus_per_task", "mem", "time", "signal_s",
-                "sbatch", "engine_cmd", "engine_ready", "python")
+ARRAY_FIELDS = (
+    "concurrent",
+    "partition",
+    "gpus_per_task",
+    "cpus_per_task",
+    "mem",
+    "time",
+    "signal_s",
+    "sbatch",
+    "engine_cmd",
+    "engine_ready",
+    "python",
+)
 
 
 @dataclass
@@ -64,8 +75,10 @@ def load(run_dir: Path) -> SlurmSettings | None:
         raw = orjson.loads(path.read_bytes())
         return SlurmSettings(**raw)
     except (orjson.JSONDecodeError, TypeError) as e:
-        raise ValueError(f"{path}: not a sysgen slurm record ({e}). Fix: give the run directory a "
-                         "`sysgen slurm` submission made") from None
+        raise ValueError(
+            f"{path}: not a sysgen slurm record ({e}). Fix: give the run directory a "
+            "`sysgen slurm` submission made"
+        ) from None
 
 
 def save(run_dir: Path, s: SlurmSettings) -> None:
@@ -83,8 +96,10 @@ def differences(old: SlurmSettings, new: SlurmSettings) -> list[str]:
     if old.inputs != new.inputs:
         why.append(f"other inputs ({' '.join(new.inputs)}; it has {' '.join(old.inputs)})")
     if old.run_args != new.run_args:
-        why.append(f"other run options ({' '.join(new.run_args) or 'none'}; it has "
-                   f"{' '.join(old.run_args) or 'none'})")
+        why.append(
+            f"other run options ({' '.join(new.run_args) or 'none'}; it has "
+            f"{' '.join(old.run_args) or 'none'})"
+        )
     return why
 
 

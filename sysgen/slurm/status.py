@@ -22,8 +22,10 @@ from sysgen.slurm.submit import submissions
 
 FINISH = "finish.json"
 MERGED = "merged"
-_PROGRESS = re.compile(rb"\[\s*(?:[\d.]+%|\?)\s*\] [\d,]+ done.*?\| ([\d,.]+) \S+/s \| ([\d,]+) out tok/s"
-                       rb".*?ETA (\d+:\d\d:\d\d|--:--:--)")
+_PROGRESS = re.compile(
+    rb"\[\s*(?:[\d.]+%|\?)\s*\] [\d,]+ done.*?\| ([\d,.]+) \S+/s \| ([\d,]+) out tok/s"
+    rb".*?ETA (\d+:\d\d:\d\d|--:--:--)"
+)
 _ACTIVE = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
 
 
@@ -66,8 +68,9 @@ def _squeue() -> list[tuple[str, str, str]] | None:
     if shutil.which("squeue") is None:
         return None
     try:
-        p = subprocess.run(["squeue", "-h", "-r", "-o", "%F|%K|%T"], capture_output=True, text=True,
-                           timeout=60)
+        p = subprocess.run(
+            ["squeue", "-h", "-r", "-o", "%F|%K|%T"], capture_output=True, text=True, timeout=60
+        )
     except subprocess.TimeoutExpired:
         return None
     if p.returncode != 0:
@@ -81,8 +84,9 @@ def live_tasks(run_dir: Path) -> dict[int, str] | None:
     jobs = _squeue()
     if jobs is None:
         return None
-    return {int(index) + offsets[job]: state for job, index, state in jobs
-            if job in offsets and index.isdigit()}
+    return {
+        int(index) + offsets[job]: state for job, index, state in jobs if job in offsets and index.isdigit()
+    }
 
 
 def live_finishing_jobs(run_dir: Path) -> list[str]:
@@ -113,11 +117,21 @@ def shard_status(shard_dir: Path, live_state: str | None, squeue_known: bool) ->
     else:
         state = "not started" if was is None else "failed"
     progress = _last_progress(shard_dir / "task.log") if state == "running" else None
-    out = {"state": state, "done": len(data) + sum(drops.values()), "kept": len(data),
-           "dropped": sum(drops.values()), "dropped_by_reason": dict(sorted(drops.items())),
-           "items_per_s": None, "tokens_per_s": None, "eta_s": None,
-           "job": task.get("job"), "host": task.get("host"), "restarts": task.get("restarts", 0),
-           "exit_code": task.get("rc"), "slurm_state": live_state}
+    out = {
+        "state": state,
+        "done": len(data) + sum(drops.values()),
+        "kept": len(data),
+        "dropped": sum(drops.values()),
+        "dropped_by_reason": dict(sorted(drops.items())),
+        "items_per_s": None,
+        "tokens_per_s": None,
+        "eta_s": None,
+        "job": task.get("job"),
+        "host": task.get("host"),
+        "restarts": task.get("restarts", 0),
+        "exit_code": task.get("rc"),
+        "slurm_state": live_state,
+    }
     if progress:
         out["items_per_s"], out["tokens_per_s"], out["eta_s"] = progress
     return out
@@ -126,8 +140,10 @@ def shard_status(shard_dir: Path, live_state: str | None, squeue_known: bool) ->
 def status(run_dir: Path) -> dict:
     s = settings.load(run_dir)
     if s is None:
-        raise ValueError(f"{run_dir}: no {settings.FILE}, not a `sysgen slurm` run directory. Fix: give the "
-                         "--out of a `sysgen slurm` submission")
+        raise ValueError(
+            f"{run_dir}: no {settings.FILE}, not a `sysgen slurm` run directory. Fix: give the "
+            "--out of a `sysgen slurm` submission"
+        )
     live = live_tasks(run_dir)
     shards = {}
     for i in range(s.shards):
@@ -153,47 +169,62 @@ def status(run_dir: Path) -> dict:
         eta = max(eta or 0, left / rate)
     unfinished = sorted(i for i, v in shards.items() if v["state"] in ("failed",))
     return {
-        "run_dir": str(run_dir), "shards": s.shards, "finished": finished,
+        "run_dir": str(run_dir),
+        "shards": s.shards,
+        "finished": finished,
         "merged": str(merged) if finished else None,
         "states": {k: counts.get(k, 0) for k in ("finished", "running", "pending", "failed", "not started")},
-        "done": sum(v["done"] for v in shards.values()), "kept": sum(v["kept"] for v in shards.values()),
+        "done": sum(v["done"] for v in shards.values()),
+        "kept": sum(v["kept"] for v in shards.values()),
         "dropped": sum(v["dropped"] for v in shards.values()),
         "dropped_by_reason": dict(sorted(drops.items())),
         "tokens_per_s": sum(v["tokens_per_s"] or 0 for v in running) if running else None,
         # The longer of the running shards' own ETAs and the work left (shards sized as the finished
         # ones) at the running shards' rate: an estimate, as the shards' sizes differ.
         "eta_s": None if eta is None else round(eta),
-        "squeue": live is not None, "failed_shards": unfinished,
+        "squeue": live is not None,
+        "failed_shards": unfinished,
         "resubmit": f"sysgen slurm --resubmit {run_dir}" if unfinished else None,
-        "finish": finish or None, "per_shard": {str(i): v for i, v in shards.items()},
+        "finish": finish or None,
+        "per_shard": {str(i): v for i, v in shards.items()},
     }
 
 
 def render(st: dict) -> str:
     c = st["states"]
-    lines = [f"{st['run_dir']}: {st['shards']} shards: {c['finished']} finished, {c['running']} running, "
-             f"{c['pending']} pending, {c['failed']} failed, {c['not started']} not started"
-             + ("" if st["squeue"] else " (squeue not available: states from the tasks' own records)")]
+    lines = [
+        f"{st['run_dir']}: {st['shards']} shards: {c['finished']} finished, {c['running']} running, "
+        f"{c['pending']} pending, {c['failed']} failed, {c['not started']} not started"
+        + ("" if st["squeue"] else " (squeue not available: states from the tasks' own records)")
+    ]
     tok = "n/a" if st["tokens_per_s"] is None else f"{st['tokens_per_s']:,.0f}"
     eta = fmt_eta(st["eta_s"]) if st["eta_s"] is not None else "n/a"
-    lines.append(f"done {st['done']:,}: kept {st['kept']:,}, dropped {st['dropped']:,}; "
-                 f"{tok} out tok/s; ETA {eta}{' (estimated)' if st['eta_s'] is not None else ''}")
+    lines.append(
+        f"done {st['done']:,}: kept {st['kept']:,}, dropped {st['dropped']:,}; "
+        f"{tok} out tok/s; ETA {eta}{' (estimated)' if st['eta_s'] is not None else ''}"
+    )
     if st["dropped_by_reason"]:
         by = st["dropped_by_reason"].items()
         lines.append("dropped by reason: " + ", ".join(f"{k} {v:,}" for k, v in by))
-    lines.append(f"{'shard':>5} {'state':<11} {'done':>9} {'kept':>9} {'dropped':>8} {'tok/s':>8} "
-                 f"{'ETA':>8} {'restarts':>8}  job@host")
+    lines.append(
+        f"{'shard':>5} {'state':<11} {'done':>9} {'kept':>9} {'dropped':>8} {'tok/s':>8} "
+        f"{'ETA':>8} {'restarts':>8}  job@host"
+    )
     for i, v in st["per_shard"].items():
         tok = "" if v["tokens_per_s"] is None else f"{v['tokens_per_s']:,.0f}"
         eta = "" if v["eta_s"] is None else fmt_eta(v["eta_s"])
         where = f"{v['job']}@{v['host']}" if v["job"] else ""
-        lines.append(f"{i:>5} {v['state']:<11} {v['done']:>9,} {v['kept']:>9,} {v['dropped']:>8,} {tok:>8} "
-                     f"{eta:>8} {v['restarts']:>8}  {where}")
+        lines.append(
+            f"{i:>5} {v['state']:<11} {v['done']:>9,} {v['kept']:>9,} {v['dropped']:>8,} {tok:>8} "
+            f"{eta:>8} {v['restarts']:>8}  {where}"
+        )
     if st["finished"]:
         lines.append(f"finished: merged into {st['merged']}")
     elif st["finish"] and st["finish"].get("message"):
         lines.append(f"finishing job: {st['finish']['message']}")
     if st["resubmit"]:
-        lines.append(f"shards {', '.join(map(str, st['failed_shards']))} stopped unfinished; once nothing of "
-                     f"this run is pending or running: {st['resubmit']}")
+        lines.append(
+            f"shards {', '.join(map(str, st['failed_shards']))} stopped unfinished; once nothing of "
+            f"this run is pending or running: {st['resubmit']}"
+        )
     return "\n".join(lines)

@@ -26,8 +26,7 @@ class SlurmError(RuntimeError):
 
 def require_sbatch(cmd: str = "sbatch") -> None:
     if shutil.which(cmd) is None:
-        raise SlurmError(f"{cmd} not found: run on a Slurm login node (or pass --dry-run to see the "
-                         "scripts)")
+        raise SlurmError(f"{cmd} not found: run on a Slurm login node (or pass --dry-run to see the scripts)")
 
 
 def _slurm(cmd: list[str]) -> str:
@@ -62,14 +61,17 @@ def chunks(shards: list[int], limit: int) -> list[tuple[int, list[int]]]:
     return out
 
 
-def submit(s: SlurmSettings, run_dir: Path, shards: list[int], dry_run: bool,
-           say: Callable[[str], None] = print) -> dict:
+def submit(
+    s: SlurmSettings, run_dir: Path, shards: list[int], dry_run: bool, say: Callable[[str], None] = print
+) -> dict:
     """Write the scripts and submit them (or print them). Returns the jobs.jsonl record."""
     limit, source = max_array_size()
     groups = chunks(shards, limit)
     if len(groups) > 1:
-        say(f"sysgen slurm: {len(shards)} shards exceed MaxArraySize={limit} ({source}): split into "
-            f"{len(groups)} arrays, each starting after the one before")
+        say(
+            f"sysgen slurm: {len(shards)} shards exceed MaxArraySize={limit} ({source}): split into "
+            f"{len(groups)} arrays, each starting after the one before"
+        )
     scripts = run_dir / "scripts"
     if not dry_run:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -93,12 +95,16 @@ def submit(s: SlurmSettings, run_dir: Path, shards: list[int], dry_run: bool,
             except SlurmError as e:
                 if arrays:  # recorded, so status and --resubmit know them
                     _record(run_dir, {"at": time.time(), "arrays": arrays, "finish_job": None})
-                    raise SlurmError(f"{e}. Submitted before it: array job(s) "
-                                     f"{', '.join(a['array_job'] for a in arrays)}; once the cause is "
-                                     f"fixed: sysgen slurm --resubmit {run_dir}") from None
+                    raise SlurmError(
+                        f"{e}. Submitted before it: array job(s) "
+                        f"{', '.join(a['array_job'] for a in arrays)}; once the cause is "
+                        f"fixed: sysgen slurm --resubmit {run_dir}"
+                    ) from None
                 raise
-            say(f"sysgen slurm: submitted array job {job}: shards {_ranges(members)} of {s.shards}, "
-                f"at most {s.concurrent} at once")
+            say(
+                f"sysgen slurm: submitted array job {job}: shards {_ranges(members)} of {s.shards}, "
+                f"at most {s.concurrent} at once"
+            )
         arrays.append({"array_job": job, "offset": offset, "shards": members})
         previous = job
     text = finish_script(s, run_dir)
@@ -112,8 +118,10 @@ def submit(s: SlurmSettings, run_dir: Path, shards: list[int], dry_run: bool,
     path.write_text(text)
     finish = _slurm(["sbatch", "--parsable", *after, str(path)]).strip()
     finish = finish.split(";")[0]
-    say(f"sysgen slurm: submitted finishing job {finish} (runs after every task; merges into "
-        f"{run_dir / 'merged'} when all shards are finished)")
+    say(
+        f"sysgen slurm: submitted finishing job {finish} (runs after every task; merges into "
+        f"{run_dir / 'merged'} when all shards are finished)"
+    )
     record = {"at": time.time(), "arrays": arrays, "finish_job": finish}
     _record(run_dir, record)
     return record

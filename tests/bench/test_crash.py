@@ -31,8 +31,17 @@ def test_check_finds_lost_duplicated_and_corrupt_lines(tmp_path):
 
 @pytest.mark.kill
 def test_kills_during_merge_and_export_lose_and_duplicate_nothing(tmp_path):
-    res = crash.measure(3000, 0, tmp_path, window=(0.1, 0.2), seed=2, variants={"zero-latency": {}},
-                        timeout_s=120, merge_kills=3, export_kills=3)
+    res = crash.measure(
+        3000,
+        0,
+        tmp_path,
+        window=(0.1, 0.2),
+        seed=2,
+        variants={"zero-latency": {}},
+        timeout_s=120,
+        merge_kills=3,
+        export_kills=3,
+    )
     by = {v["variant"]: v for v in res["variants"]}
     assert by["merge"]["kills"] == 3 and by["export"]["kills"] == 3
     assert (res["lost"], res["duplicated"], res["corrupt"]) == (0, 0, 0) and res["accounted"]

@@ -48,8 +48,16 @@ def test_without_model_or_profile_it_says_what_to_pass(capsys):
 
 
 def results(n: int, out_tokens: int, cached: int) -> list[Result]:
-    return [Result(text="x", finish_reason="stop", prompt_tokens=100, completion_tokens=out_tokens,
-                   cached_tokens=cached) for _ in range(n)]
+    return [
+        Result(
+            text="x",
+            finish_reason="stop",
+            prompt_tokens=100,
+            completion_tokens=out_tokens,
+            cached_tokens=cached,
+        )
+        for _ in range(n)
+    ]
 
 
 def test_part_stats_and_ratio():
@@ -71,14 +79,22 @@ class StandInEngine:
         self.loop = asyncio.new_event_loop()
         self.flushes = 0
         self.outstanding = self.peak = 0
-        self.tokenizer_manager = types.SimpleNamespace(tokenizer=object(), context_len=4096,
-                                                       abort_request=lambda rid: None)
+        self.tokenizer_manager = types.SimpleNamespace(
+            tokenizer=object(), context_len=4096, abort_request=lambda rid: None
+        )
 
     @staticmethod
     def _out(ids, sp):
         n = 7 if sp.get("regex") else 9
-        return {"text": "t" * n, "meta_info": {"finish_reason": {"type": "stop"}, "prompt_tokens": len(ids),
-                                               "completion_tokens": n, "cached_tokens": len(ids) // 2}}
+        return {
+            "text": "t" * n,
+            "meta_info": {
+                "finish_reason": {"type": "stop"},
+                "prompt_tokens": len(ids),
+                "completion_tokens": n,
+                "cached_tokens": len(ids) // 2,
+            },
+        }
 
     def generate(self, input_ids, sampling_params):  # SGLang's: one 400 abort raises for the whole list
         sps = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(input_ids)
@@ -121,13 +137,35 @@ def test_measure_end_to_end_on_a_stand_in_engine(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sglang", mod)
 
     def fake_requests(n, *, constrain, **kw):
-        return [Request(prompt=(1, 2, 3, i), sampling=SamplingParams(max_new_tokens=16), model="m",
-                        regex="[a-z]+" if constrain else None) for i in range(n)]
+        return [
+            Request(
+                prompt=(1, 2, 3, i),
+                sampling=SamplingParams(max_new_tokens=16),
+                model="m",
+                regex="[a-z]+" if constrain else None,
+            )
+            for i in range(n)
+        ]
 
     monkeypatch.setattr(gpu, "build_requests", fake_requests)
     out = tmp_path / "bench.json"
-    assert gpu.main(["--model", str(tmp_path), "--profile", "h100-80gb", "--n", "30", "--warmup", "4",
-                     "--json", str(out)]) == 0
+    assert (
+        gpu.main(
+            [
+                "--model",
+                str(tmp_path),
+                "--profile",
+                "h100-80gb",
+                "--n",
+                "30",
+                "--warmup",
+                "4",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     info = orjson.loads(out.read_bytes())
     by = {r["part"]: r for r in info["results"]}
     assert set(by) == {"raw_free", "raw_regex", "sysgen_regex"}
@@ -157,8 +195,15 @@ def test_baseline_runs_in_the_same_window_and_survives_an_abort(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "sglang", mod)
 
     def fake_requests(n, *, constrain, **kw):
-        return [Request(prompt=(1, 2, 3, i), sampling=SamplingParams(max_new_tokens=16), model="m",
-                        regex="[a-z]+" if constrain else None) for i in range(n)]
+        return [
+            Request(
+                prompt=(1, 2, 3, i),
+                sampling=SamplingParams(max_new_tokens=16),
+                model="m",
+                regex="[a-z]+" if constrain else None,
+            )
+            for i in range(n)
+        ]
 
     monkeypatch.setattr(gpu, "build_requests", fake_requests)
     out = tmp_path / "bench.json"
@@ -172,8 +217,24 @@ def test_baseline_runs_in_the_same_window_and_survives_an_abort(tmp_path, monkey
         return got
 
     monkeypatch.setattr(gpu, "run_raw", spy)
-    assert gpu.main(["--model", str(tmp_path), "--profile", "h100-80gb", "--n", "40", "--warmup", "0",
-                     "--batch-baseline", "--json", str(out)]) == 0
+    assert (
+        gpu.main(
+            [
+                "--model",
+                str(tmp_path),
+                "--profile",
+                "h100-80gb",
+                "--n",
+                "40",
+                "--warmup",
+                "0",
+                "--batch-baseline",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     info = orjson.loads(out.read_bytes())
     by = {r["part"]: r for r in info["results"]}
     assert all(by[p]["failed"] == 1 for p in ("raw_free", "raw_regex", "sysgen_regex", "raw_batch"))
@@ -185,13 +246,19 @@ def test_baseline_runs_in_the_same_window_and_survives_an_abort(tmp_path, monkey
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif("SYSGEN_GPU_TEST_MODEL" not in os.environ,
-                    reason="set SYSGEN_GPU_TEST_MODEL=/path/to/a/local/instruct/model")
+@pytest.mark.skipif(
+    "SYSGEN_GPU_TEST_MODEL" not in os.environ,
+    reason="set SYSGEN_GPU_TEST_MODEL=/path/to/a/local/instruct/model",
+)
 @pytest.mark.skipif(not (sglang_installed() and detect_gpu()), reason="needs a CUDA GPU and SGLang")
 def test_real_engine_small_run(tmp_path):
     out = tmp_path / "bench.json"
-    assert gpu.main(["--model", os.environ["SYSGEN_GPU_TEST_MODEL"], "--n", "64", "--warmup", "8",
-                     "--json", str(out)]) == 0
+    assert (
+        gpu.main(
+            ["--model", os.environ["SYSGEN_GPU_TEST_MODEL"], "--n", "64", "--warmup", "8", "--json", str(out)]
+        )
+        == 0
+    )
     info = orjson.loads(out.read_bytes())
     assert all(r["failed"] == 0 for r in info["results"])
     # Our path may cost something, but not half the engine's throughput.

@@ -26,10 +26,22 @@ P3 = "".join(f"{t}: (?:Good|Bad|None)\n" for t in grammar.TAGS)
 
 
 def _run(**kw):
-    shapes = {"branch_star": grammar.p1_branching(grammar.PHRASES["star"]),
-              "optional_bound100": grammar.p1_optional(grammar.PHRASES["bound100"])}
-    return grammar.run(_byte_vocab(), _encode, eos_id=EOS, shapes=shapes, p3=P3,
-                       texts=grammar.TAGGED_OUTPUTS[:2], batch=8, steps=3, threads=(1, 2), **kw)
+    shapes = {
+        "branch_star": grammar.p1_branching(grammar.PHRASES["star"]),
+        "optional_bound100": grammar.p1_optional(grammar.PHRASES["bound100"]),
+    }
+    return grammar.run(
+        _byte_vocab(),
+        _encode,
+        eos_id=EOS,
+        shapes=shapes,
+        p3=P3,
+        texts=grammar.TAGGED_OUTPUTS[:2],
+        batch=8,
+        steps=3,
+        threads=(1, 2),
+        **kw,
+    )
 
 
 def _positive_finite(x: object) -> bool:
@@ -38,8 +50,14 @@ def _positive_finite(x: object) -> bool:
 
 def test_core_reports_required_keys_as_positive_finite_numbers():
     res = _run()
-    for key in ("mask_us_p50", "mask_us_p90", "step_ms_bs8", "predicted_constrained_ratio",
-                "predicted_constrained_ratio_overlapped", "gpu_step_ms"):
+    for key in (
+        "mask_us_p50",
+        "mask_us_p90",
+        "step_ms_bs8",
+        "predicted_constrained_ratio",
+        "predicted_constrained_ratio_overlapped",
+        "gpu_step_ms",
+    ):
         assert _positive_finite(res[key]), (key, res[key])
     assert res["mask_us_p90"] >= res["mask_us_p50"]
     assert res["predicted_constrained_ratio"] >= res["predicted_constrained_ratio_overlapped"] >= 1.0
@@ -59,8 +77,16 @@ def test_batch_256_names_the_key_the_brief_asks_for():
     assert res["reference_shape"] == "optional_bound100"
     assert "step_ms_bs256" not in res  # batch 8 here; the key appears only for the real batch size
     shapes = {"s": grammar.p1_optional(grammar.PHRASES["star"])}
-    full = grammar.run(_byte_vocab(), _encode, eos_id=EOS, shapes=shapes, p3=P3,
-                       texts=grammar.TAGGED_OUTPUTS[:1], steps=1, threads=(1,))
+    full = grammar.run(
+        _byte_vocab(),
+        _encode,
+        eos_id=EOS,
+        shapes=shapes,
+        p3=P3,
+        texts=grammar.TAGGED_OUTPUTS[:1],
+        steps=1,
+        threads=(1,),
+    )
     assert _positive_finite(full["step_ms_bs256"])
 
 
@@ -75,8 +101,17 @@ def test_walk_texts_are_in_every_shape_and_shapes_require_a_tag():
 
 def test_a_shape_that_admits_no_walk_text_is_an_error():
     with pytest.raises(ValueError, match="admits none"):
-        grammar.run(_byte_vocab(), _encode, eos_id=EOS, shapes={"tiny": grammar.p1_optional(r"[a-z]{1,3}")},
-                    p3=P3, texts=grammar.TAGGED_OUTPUTS[:1], batch=2, steps=1, threads=(1,))
+        grammar.run(
+            _byte_vocab(),
+            _encode,
+            eos_id=EOS,
+            shapes={"tiny": grammar.p1_optional(r"[a-z]{1,3}")},
+            p3=P3,
+            texts=grammar.TAGGED_OUTPUTS[:1],
+            batch=2,
+            steps=1,
+            threads=(1,),
+        )
 
 
 def test_walk_rejects_text_outside_the_grammar():

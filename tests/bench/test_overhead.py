@@ -29,8 +29,21 @@ def test_overhead_measures_a_small_run(tmp_path):
 
 
 def test_overhead_cli_writes_json(tmp_path):
-    assert overhead.main(["--instances", "300", "--row-bytes", "800", "--json", str(tmp_path / "o.json"),
-                          "--workdir", str(tmp_path / "w")]) == 0
+    assert (
+        overhead.main(
+            [
+                "--instances",
+                "300",
+                "--row-bytes",
+                "800",
+                "--json",
+                str(tmp_path / "o.json"),
+                "--workdir",
+                str(tmp_path / "w"),
+            ]
+        )
+        == 0
+    )
     res = json.loads((tmp_path / "o.json").read_text())
     assert res["instances"] == 300 and res["accounted"]
 
@@ -56,6 +69,7 @@ def test_tokenized_mode_builds_prompts_with_the_real_tokenizer(tmp_path):
     assert res["accounted_tokenized"] and res["requests_per_s_tokenized"] > 0
     assert "SmolLM2" in res["tokenizer"]
     assert 200 < res["prompt_tokens_mean_tokenized"] < 5000  # the P1 template alone is hundreds of tokens
+
     # The prompts really were token ids: every request differs from the plain run's chat messages.
     def p1_keys(out: str) -> dict:
         lines = (tmp_path / out / "data.jsonl").read_text().splitlines()

@@ -172,8 +172,9 @@ def test_workload_markers(tmp_path, shared_data, smol_tokenizer):
     assert len(lines) == 30 and sum(d["drawn"] for d in wl.datasets.values()) == 30
     assert parse_marker(lines[7]) is not None and "[#7.0]" in lines[7]
     assert all(len(a) <= 2 for a in wl.answers)
-    longer = build(tmp_path / "p.jsonl", 30, smol_tokenizer, data_dir=shared_data, turns=2,
-                   paper_answers=True)
+    longer = build(
+        tmp_path / "p.jsonl", 30, smol_tokenizer, data_dir=shared_data, turns=2, paper_answers=True
+    )
     assert sum(a[0] for a in longer.answers) > 1.3 * sum(a[0] for a in wl.answers)  # samples answer shorter
 
 

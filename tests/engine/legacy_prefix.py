@@ -1,5 +1,6 @@
 """ChatPrompter as of commit 715e7f5 (before multi-turn), kept verbatim as the reference that today's
 prompts must still equal: `--turns first` reproduces earlier runs, request keys included."""
+
 from __future__ import annotations
 
 import logging
@@ -53,8 +54,9 @@ class ChatPrompter:
             split.checked += 1
             whole = tuple(self.encode(self.render(system, user)))
             if whole != ids:
-                log.warning("prefix split disagrees with whole-prompt tokenization; "
-                            "disabled for this template")
+                log.warning(
+                    "prefix split disagrees with whole-prompt tokenization; disabled for this template"
+                )
                 split.ok = False
                 return whole
         return ids

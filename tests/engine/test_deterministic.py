@@ -47,7 +47,18 @@ def test_cli_refuses_deterministic_on_the_cpu_engine_with_exit_2(tmp_path, capsy
     from sysgen.cli import main
 
     sample = Path(__file__).resolve().parents[2] / "sysgen" / "samples" / "demo_mixed.jsonl"
-    code = main(["run", str(sample), "--out", str(tmp_path / "out"), "--engine", "openvino",
-                 "--deterministic", "--no-progress", "--no-report"])
+    code = main(
+        [
+            "run",
+            str(sample),
+            "--out",
+            str(tmp_path / "out"),
+            "--engine",
+            "openvino",
+            "--deterministic",
+            "--no-progress",
+            "--no-report",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--deterministic is not offered with --engine openvino" in err

@@ -63,9 +63,23 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             regex = (body.get("structured_outputs") or {}).get("regex") or body.get("regex")
             text = "12345" if srv.honours_regex and regex == PROBE_REGEX else "Verdict: A"
-            status, answer = 200, {"choices": [{"index": 0, "finish_reason": "length", "message": {
-                "role": "assistant", "content": text}}], "usage": {
-                "prompt_tokens": 20, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 16}}}
+            status, answer = (
+                200,
+                {
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "length",
+                            "message": {"role": "assistant", "content": text},
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": 20,
+                        "completion_tokens": 4,
+                        "prompt_tokens_details": {"cached_tokens": 16},
+                    },
+                },
+            )
         raw = json.dumps(answer).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -75,9 +89,13 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def chat() -> Request:
-    return Request(prompt=messages_prompt([{"role": "system", "content": "Judge."},
-                                           {"role": "user", "content": "A or B?"}]),
-                   sampling=SamplingParams(temperature=0.0, max_new_tokens=4, stop=("\n",)), model="judge")
+    return Request(
+        prompt=messages_prompt(
+            [{"role": "system", "content": "Judge."}, {"role": "user", "content": "A or B?"}]
+        ),
+        sampling=SamplingParams(temperature=0.0, max_new_tokens=4, stop=("\n",)),
+        model="judge",
+    )
 
 
 def call(url: str, request: Request, key: str | None = KEY):
@@ -91,18 +109,23 @@ def call(url: str, request: Request, key: str | None = KEY):
 def test_chat_completion_maps_to_result_and_sends_the_key():
     with StandInOpenAIServer() as srv:
         r = call(srv.url, chat())
-    (body, auth), = srv.seen
+    ((body, auth),) = srv.seen
     assert auth == f"Bearer {KEY}"
     assert body["model"] == "judge-7b" and body["messages"][1] == {"role": "user", "content": "A or B?"}
     assert body["max_tokens"] == 4 and body["stop"] == ["\n"] and body["temperature"] == 0.0
-    assert (r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.cached_tokens) == \
-        ("Verdict: A", "length", 20, 4, 16)
+    assert (r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.cached_tokens) == (
+        "Verdict: A",
+        "length",
+        20,
+        4,
+        16,
+    )
 
 
 def test_string_prompt_is_one_user_message_and_no_key_sends_no_header():
     with StandInOpenAIServer() as srv:
         call(srv.url, Request(prompt="Say hi", sampling=SamplingParams(), model="j"), key=None)
-    (body, auth), = srv.seen
+    ((body, auth),) = srv.seen
     assert body["messages"] == [{"role": "user", "content": "Say hi"}] and auth is None
 
 
@@ -114,8 +137,10 @@ def test_capabilities_and_model_id():
         b.payload(Request(prompt=(1, 2), sampling=SamplingParams(), model="m"))
 
 
-@pytest.mark.parametrize("status,error", [(401, EngineAuthError), (400, RequestRejected),
-                                          (429, EngineOverloaded), (503, EngineOverloaded)])
+@pytest.mark.parametrize(
+    "status,error",
+    [(401, EngineAuthError), (400, RequestRejected), (429, EngineOverloaded), (503, EngineOverloaded)],
+)
 def test_errors_by_status_never_show_the_key(status, error, caplog):
     caplog.set_level(logging.DEBUG)
     with StandInOpenAIServer(status) as srv, pytest.raises(error) as e:
@@ -130,6 +155,7 @@ def test_key_absent_from_repr_logs_and_connection_errors(caplog):
     b = OpenAIBackend("http://127.0.0.1:9", model="m", api_key=KEY)
     assert KEY not in repr(b) and "api_key=<set>" in repr(b)
     assert KEY not in str(vars(b).get("api_key", ""))
+
     async def go():
         async with b:
             await b.generate(chat())
@@ -142,8 +168,10 @@ def test_key_absent_from_repr_logs_and_connection_errors(caplog):
 
 def answer(finish: str = "stop", content="fine", **usage) -> dict:
     message = {"role": "assistant", "content": content}
-    return {"choices": [{"index": 0, "finish_reason": finish, "message": message}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 1, **usage}}
+    return {
+        "choices": [{"index": 0, "finish_reason": finish, "message": message}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, **usage},
+    }
 
 
 def test_content_filter_is_a_drop_with_its_reason_not_a_success():
@@ -156,21 +184,28 @@ def test_content_filter_is_a_drop_with_its_reason_not_a_success():
         async def go():
             async with OpenAIBackend(srv.url, model="m", api_key=None) as b:
                 s = Scheduler(b, None, SchedulerConfig(failure_streak=5))
-                return await asyncio.gather(*(s.submit(Request(prompt=f"q{i}", sampling=SamplingParams(),
-                                                               model="m")) for i in range(40)))
+                return await asyncio.gather(
+                    *(
+                        s.submit(Request(prompt=f"q{i}", sampling=SamplingParams(), model="m"))
+                        for i in range(40)
+                    )
+                )
 
         results = asyncio.run(go())  # forty filtered answers: forty drops, not a stopped run
     assert all(not r.ok and "content_filter" in r.error and r.error.startswith("rejected") for r in results)
 
 
-@pytest.mark.parametrize("body,why", [
-    (answer(content=12345), "content is a int"),
-    (answer(completion_tokens="twelve"), "completion_tokens is 'twelve'"),
-    ({"choices": []}, "no choices"),
-    ("a string", "a JSON str, not an object"),
-    ([], "a JSON list, not an object"),
-    (b"<html>", "not JSON"),
-])
+@pytest.mark.parametrize(
+    "body,why",
+    [
+        (answer(content=12345), "content is a int"),
+        (answer(completion_tokens="twelve"), "completion_tokens is 'twelve'"),
+        ({"choices": []}, "no choices"),
+        ("a string", "a JSON str, not an object"),
+        ([], "a JSON list, not an object"),
+        (b"<html>", "not JSON"),
+    ],
+)
 def test_malformed_completion_is_transient(body, why):
     with StandInOpenAIServer() as srv:
         srv.inject("/v1/chat/completions", Canned(200, body))
@@ -180,8 +215,10 @@ def test_malformed_completion_is_transient(body, why):
 
 def test_429_is_retried_after_retry_after():
     with StandInOpenAIServer() as srv:
-        srv.inject("/v1/chat/completions", *[Canned(429, {"error": {"message": "rate limited"}},
-                                                    headers={"Retry-After": "0.3"})] * 2)
+        srv.inject(
+            "/v1/chat/completions",
+            *[Canned(429, {"error": {"message": "rate limited"}}, headers={"Retry-After": "0.3"})] * 2,
+        )
 
         async def go():
             async with OpenAIBackend(srv.url, model="m", api_key=KEY) as b:
@@ -203,8 +240,9 @@ P1_REGEX = "(<Role>[^<>\\n]{1,300}</Role>\\n)"
 
 
 def constrained(regex: str | None = P1_REGEX) -> Request:
-    return Request(prompt="Write a system message.", sampling=SamplingParams(max_new_tokens=8), model="m",
-                   regex=regex)
+    return Request(
+        prompt="Write a system message.", sampling=SamplingParams(max_new_tokens=8), model="m", regex=regex
+    )
 
 
 @pytest.mark.parametrize("server", ["vllm", "sglang"])
@@ -237,7 +275,7 @@ def test_a_self_hosted_server_gets_the_regex_in_its_own_field(server):
 def test_a_hosted_endpoint_stays_unconstrained():
     with StandInOpenAIServer() as srv:
         call(srv.url, constrained())
-    (body, _), = srv.seen
+    ((body, _),) = srv.seen
     assert "structured_outputs" not in body and "regex" not in body
     assert OpenAIBackend(srv.url, model="m", api_key=None).capabilities.regex is False
     with pytest.raises(ValueError, match="expected 'vllm' or 'sglang'"):
@@ -254,9 +292,26 @@ def test_cli_openai_server_flag_constrains_p1_on_a_self_hosted_vllm(tmp_path):
 
     sample = Path(__file__).resolve().parents[2] / "sysgen" / "samples" / "demo_mixed.jsonl"
     with StandInOpenAIServer() as srv:
-        code = main(["run", str(sample), "--out", str(tmp_path / "out"), "--engine", "openai",
-                     "--url", srv.url, "--model", "llama-8b", "--openai-server", "vllm", "--limit", "2",
-                     "--no-progress", "--no-report"])
+        code = main(
+            [
+                "run",
+                str(sample),
+                "--out",
+                str(tmp_path / "out"),
+                "--engine",
+                "openai",
+                "--url",
+                srv.url,
+                "--model",
+                "llama-8b",
+                "--openai-server",
+                "vllm",
+                "--limit",
+                "2",
+                "--no-progress",
+                "--no-report",
+            ]
+        )
     # --p1-max-tokens default; an unparsable P1 answer is retried once, sampled
     p1 = [b for b, _ in srv.seen if b["max_tokens"] == 320]
     assert code == 0 and len(p1) >= 2
@@ -284,8 +339,22 @@ def test_cli_with_a_mistyped_url_fails_at_once_with_exit_2(tmp_path, capsys):
         url = srv.url
     sample = Path(__file__).resolve().parents[2] / "sysgen" / "samples" / "demo_mixed.jsonl"
     t0 = time.monotonic()
-    code = main(["run", str(sample), "--out", str(tmp_path / "out"), "--engine", "openai", "--url", url,
-                 "--model", "m", "--no-progress", "--no-report"])
+    code = main(
+        [
+            "run",
+            str(sample),
+            "--out",
+            str(tmp_path / "out"),
+            "--engine",
+            "openai",
+            "--url",
+            url,
+            "--model",
+            "m",
+            "--no-progress",
+            "--no-report",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and f"nothing answers at {url}" in err and "check --url" in err
     assert time.monotonic() - t0 < 15 and "Traceback" not in err
@@ -343,11 +412,29 @@ def test_cli_stops_when_a_router_drops_the_regex_field(tmp_path, capsys):
     with StandInOpenAIServer() as srv:
         # The start-up probe (five digits) is answered within the regex, as a router whose first worker
         # honours it would; every row's P1 after it comes back free text.
-        srv.inject("/v1/chat/completions", Canned(200, answer("stop", "12345")),
-                   *[Canned(200, answer("stop", "Sure! A system message."))] * 40)
-        code = main(["run", str(sample), "--out", str(tmp_path / "out"), "--engine", "openai",
-                     "--url", srv.url, "--model", "llama-8b", "--openai-server", "vllm", "--no-progress",
-                     "--no-report"])
+        srv.inject(
+            "/v1/chat/completions",
+            Canned(200, answer("stop", "12345")),
+            *[Canned(200, answer("stop", "Sure! A system message."))] * 40,
+        )
+        code = main(
+            [
+                "run",
+                str(sample),
+                "--out",
+                str(tmp_path / "out"),
+                "--engine",
+                "openai",
+                "--url",
+                srv.url,
+                "--model",
+                "llama-8b",
+                "--openai-server",
+                "vllm",
+                "--no-progress",
+                "--no-report",
+            ]
+        )
         answered = 41 - len(srv._canned["/v1/chat/completions"]) - 1  # the probe is not a row
     err = capsys.readouterr().err
     assert code == 1 and "ignoring the regex field" in err and srv.url in err, err
@@ -358,11 +445,14 @@ def test_cli_stops_when_a_router_drops_the_regex_field(tmp_path, capsys):
 def test_a_chat_route_that_drops_the_regex_is_refused_at_start(server):
     """sglang-router forwards chat requests without vLLM's structured_outputs: the run stops before
     its first row, naming the launch line that keeps the regex."""
+
     async def go():
         async with OpenAIBackend(srv.url, model="m", api_key=None, server=server):
             raise AssertionError("started against a server that ignores the regex")
 
-    with StandInOpenAIServer(honours_regex=False) as srv, pytest.raises(
-            EngineDied, match=r"ignores the regex field.*smg launch --backend vllm"):
+    with (
+        StandInOpenAIServer(honours_regex=False) as srv,
+        pytest.raises(EngineDied, match=r"ignores the regex field.*smg launch --backend vllm"),
+    ):
         asyncio.run(go())
     assert len(srv.seen) == 1  # the probe only: no row was spent

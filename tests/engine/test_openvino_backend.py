@@ -22,6 +22,7 @@ ov = pytest.importorskip("openvino_genai")
 
 # -- plain functions ---------------------------------------------------------------------------------
 
+
 def test_kv_cache_is_a_tenth_of_available_memory_within_bounds():
     gib = 2**30
     assert default_kv_cache_gb(20 * gib) == 2
@@ -36,8 +37,9 @@ def test_generation_config_maps_sampling_regex_and_stops():
     assert cfg.max_new_tokens == 7 and cfg.is_greedy_decoding() and cfg.eos_token_id == 2
     assert cfg.stop_token_ids == {2, 5} and cfg.structured_output_config is None and not cfg.stop_strings
 
-    sampled = Request((1, 2), SamplingParams(temperature=0.7, top_p=0.9, seed=11, stop=("END",)), "m",
-                      regex="(yes|no)")
+    sampled = Request(
+        (1, 2), SamplingParams(temperature=0.7, top_p=0.9, seed=11, stop=("END",)), "m", regex="(yes|no)"
+    )
     cfg = generation_config(ov, sampled, 2, {2})
     assert cfg.is_multinomial() and cfg.rng_seed == 11 and abs(cfg.temperature - 0.7) < 1e-6
     assert abs(cfg.top_p - 0.9) < 1e-6 and cfg.stop_strings == {"END"} and not cfg.include_stop_str_in_output
@@ -45,6 +47,7 @@ def test_generation_config_maps_sampling_regex_and_stops():
 
 
 # -- the real model ----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def backend(smol_gguf):
@@ -72,9 +75,11 @@ def _run(coro):
 @pytest.mark.model
 def test_token_ids_in_text_out_with_counts_and_finish_reasons(backend):
     async def go():
-        return await asyncio.gather(backend.generate(_req(backend, "What is the capital of France?",
-                                                          max_new_tokens=64)),
-                                    backend.generate(_req(backend, max_new_tokens=5)))
+        return await asyncio.gather(
+            backend.generate(_req(backend, "What is the capital of France?", max_new_tokens=64)),
+            backend.generate(_req(backend, max_new_tokens=5)),
+        )
+
     free, short = _run(go())
     assert free.ok and free.finish_reason == "stop" and "Paris" in free.text
     assert free.prompt_tokens == len(_ids(backend, "What is the capital of France?"))
@@ -86,11 +91,20 @@ def test_token_ids_in_text_out_with_counts_and_finish_reasons(backend):
 def test_regex_constrains_the_output(backend):
     from sysgen import tags
 
-    yes_no = _run(backend.generate(_req(backend, "Is water wet? Answer yes or no.", max_new_tokens=8,
-                                        regex="(yes|no)")))
+    yes_no = _run(
+        backend.generate(_req(backend, "Is water wet? Answer yes or no.", max_new_tokens=8, regex="(yes|no)"))
+    )
     assert yes_no.text in ("yes", "no") and yes_no.finish_reason == "stop"
-    p1 = _run(backend.generate(_req(backend, "Write tagged lines describing a math tutor.",
-                                    max_new_tokens=200, regex=tags.p1_regex())))
+    p1 = _run(
+        backend.generate(
+            _req(
+                backend,
+                "Write tagged lines describing a math tutor.",
+                max_new_tokens=200,
+                regex=tags.p1_regex(),
+            )
+        )
+    )
     if p1.finish_reason == "stop":
         assert re.fullmatch(tags.p1_regex(), p1.text), p1.text
     assert p1.text.startswith("<"), p1.text
@@ -98,8 +112,9 @@ def test_regex_constrains_the_output(backend):
 
 @pytest.mark.model
 def test_stop_string_ends_the_output_and_is_not_returned(backend):
-    r = _run(backend.generate(_req(backend, "List five fruits, one per line.", max_new_tokens=60,
-                                   stop=("\n",))))
+    r = _run(
+        backend.generate(_req(backend, "List five fruits, one per line.", max_new_tokens=60, stop=("\n",)))
+    )
     assert r.finish_reason == "stop" and "\n" not in r.text and r.completion_tokens < 60
 
 
@@ -111,9 +126,13 @@ def test_requests_run_as_one_batch_and_text_and_message_prompts_work(backend):
     async def go():
         reqs = [_req(backend, p, max_new_tokens=12) for p in prompts]
         reqs.append(Request("Once upon a time", SamplingParams(max_new_tokens=6), backend.model_id))
-        reqs.append(Request((( ("role", "user"), ("content", "Hi!")),), SamplingParams(max_new_tokens=6),
-                            backend.model_id))
+        reqs.append(
+            Request(
+                ((("role", "user"), ("content", "Hi!")),), SamplingParams(max_new_tokens=6), backend.model_id
+            )
+        )
         return await asyncio.gather(*(backend.generate(r) for r in reqs))
+
     results = _run(go())
     assert all(r.ok and r.text and r.completion_tokens <= 12 for r in results)
     assert backend.stats["peak_running"] >= max(before, 4), "requests were not decoded together"
@@ -138,6 +157,7 @@ def test_bad_requests_fail_alone_before_reaching_the_engine(backend):
         ]
         errors = await asyncio.gather(*(backend.generate(r) for r in bad), return_exceptions=True)
         return await good, errors
+
     good, errors = _run(go())
     assert good.ok and good.completion_tokens > 0
     assert all(isinstance(e, RequestRejected) for e in errors), errors
@@ -147,8 +167,11 @@ def test_bad_requests_fail_alone_before_reaching_the_engine(backend):
 @pytest.mark.model
 def test_a_cancelled_request_is_dropped_from_the_engine(backend):
     async def go():
-        task = asyncio.create_task(backend.generate(_req(backend, "Write a very long story.",
-                                                         max_new_tokens=2000, regex="(la ){1000}")))
+        task = asyncio.create_task(
+            backend.generate(
+                _req(backend, "Write a very long story.", max_new_tokens=2000, regex="(la ){1000}")
+            )
+        )
         while backend.stats["live"] == 0:  # wait until it runs in the engine
             await asyncio.sleep(0.05)
         task.cancel()
@@ -160,6 +183,7 @@ def test_a_cancelled_request_is_dropped_from_the_engine(backend):
         # The engine keeps serving: a new request completes, not queued behind 2,000 tokens.
         after = await asyncio.wait_for(backend.generate(_req(backend, max_new_tokens=4)), 60)
         return after
+
     after = _run(go())
     assert backend.stats["live"] == 0 and after.completion_tokens == 4
 
@@ -168,11 +192,13 @@ def test_a_cancelled_request_is_dropped_from_the_engine(backend):
 def test_timeout_through_wait_for_also_drops_the_request(backend):
     async def go():
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(backend.generate(_req(backend, max_new_tokens=2000, regex="(la ){1000}")),
-                                   0.5)
+            await asyncio.wait_for(
+                backend.generate(_req(backend, max_new_tokens=2000, regex="(la ){1000}")), 0.5
+            )
         t0 = time.monotonic()
         while backend.stats["live"] and time.monotonic() - t0 < 10:
             await asyncio.sleep(0.05)
+
     _run(go())
     assert backend.stats["live"] == 0
 
@@ -181,14 +207,16 @@ def test_timeout_through_wait_for_also_drops_the_request(backend):
 def test_prefix_cache_serves_a_long_shared_prefix(backend):
     """The second prompt shares a ~2,500-token prefix (like a conversation so far) with the first:
     its prefill must come from the cache, so it finishes much faster than the cold first one."""
-    history = " ".join(f"Turn {i}: the user asked about topic number {i} and got an answer."
-                       for i in range(160))
+    history = " ".join(
+        f"Turn {i}: the user asked about topic number {i} and got an answer." for i in range(160)
+    )
 
     def timed(suffix: str) -> float:
         t0 = time.perf_counter()
         r = _run(backend.generate(_req(backend, prompt=_ids(backend, history + suffix), max_new_tokens=1)))
         assert r.prompt_tokens > 2000
         return time.perf_counter() - t0
+
     cold = timed(" Now summarise turn 3.")
     warm = timed(" Now summarise turn 7.")
     assert warm < cold / 2, (cold, warm)
@@ -208,6 +236,7 @@ def test_close_fails_waiting_requests_and_refuses_new_ones(smol_gguf):
         with pytest.raises(EngineDied):
             await b.generate(_req(b, max_new_tokens=2))
         await b.close()  # idempotent
+
     _run(go())
     assert not b._stepper.thread.is_alive()
 
@@ -219,8 +248,15 @@ def test_a_failed_step_fails_the_batch_retryably_and_the_engine_goes_on():
 
     class Handle:
         def __init__(self):
-            self.reads = [{0: type("Out", (), {"generated_ids": [7], "finish_reason":
-                                                type("R", (), {"name": "LENGTH"})()})()}]
+            self.reads = [
+                {
+                    0: type(
+                        "Out",
+                        (),
+                        {"generated_ids": [7], "finish_reason": type("R", (), {"name": "LENGTH"})()},
+                    )()
+                }
+            ]
 
         def can_read(self):
             return bool(self.reads)
@@ -255,6 +291,7 @@ def test_a_failed_step_fails_the_batch_retryably_and_the_engine_goes_on():
 
     def finish(job, status):
         from engine.request import Result
+
         return Result(text="x", finish_reason="length", completion_tokens=len(job.out))
 
     stepper = Stepper(Pipe, finish, lambda ids: ids, "RUNNING")
@@ -271,6 +308,7 @@ def test_a_failed_step_fails_the_batch_retryably_and_the_engine_goes_on():
         second = Job(req, (1,), None, loop.create_future(), loop)
         stepper.submit(second)
         return await asyncio.wait_for(second.future, 10)
+
     result = _run(go())
     stepper.stop()
     stepper.thread.join(10)
@@ -324,6 +362,7 @@ def test_the_stepper_keeps_the_reason_a_later_empty_output_does_not_carry():
 
     def finish(job, status):
         from engine.request import Result
+
         seen.append((job.finish, list(job.out)))
         return Result(text="x", finish_reason="stop")
 

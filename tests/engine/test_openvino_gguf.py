@@ -43,9 +43,14 @@ def _fields(reader) -> dict:
 def test_q4_1_tensors_become_their_exact_values_in_f16_and_the_rest_is_copied(tmp_path):
     rng = np.random.default_rng(0)
     src = tmp_path / "m.gguf"
-    _write(src, {"blk.0.attn_q.weight": (rng.standard_normal((8, 64)).astype(np.float32), Q.Q4_1),
-                 "token_embd.weight": (rng.standard_normal((4, 64)).astype(np.float32), Q.Q8_0),
-                 "output_norm.weight": (rng.standard_normal(64).astype(np.float32), Q.F32)})
+    _write(
+        src,
+        {
+            "blk.0.attn_q.weight": (rng.standard_normal((8, 64)).astype(np.float32), Q.Q4_1),
+            "token_embd.weight": (rng.standard_normal((4, 64)).astype(np.float32), Q.Q8_0),
+            "output_norm.weight": (rng.standard_normal(64).astype(np.float32), Q.F32),
+        },
+    )
     assert _types(src) == {"Q4_1", "Q8_0", "F32"}
 
     out, kind = openvino_gguf(src, cache_root=tmp_path / "cache")
@@ -110,6 +115,7 @@ def test_a_gguf_without_q4_1_is_loaded_as_it_is(tmp_path):
 
 # -- the real model ----------------------------------------------------------------------------------
 
+
 @pytest.mark.model
 def test_openvino_runs_the_model_the_gguf_holds(smol_gguf, smol_dir):
     """Teacher-forced greedy choices of OpenVINO (fp32 compute) against transformers on the exact
@@ -122,18 +128,22 @@ def test_openvino_runs_the_model_the_gguf_holds(smol_gguf, smol_dir):
 
     tok = AutoTokenizer.from_pretrained(smol_dir)
     model = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32).eval()
-    msgs = [{"role": "system", "content": "You are a running coach. Give practical advice."},
-            {"role": "user", "content": "I want to start running. How far should I run in my first week?"}]
+    msgs = [
+        {"role": "system", "content": "You are a running coach. Give practical advice."},
+        {"role": "user", "content": "I want to start running. How far should I run in my first week?"},
+    ]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     ids = tok.encode(ids, add_special_tokens=False)
 
     def agreement(path) -> float:
         pipe = og.LLMPipeline(str(path), "CPU", INFERENCE_PRECISION_HINT="f32", KV_CACHE_PRECISION="f32")
-        out = pipe.generate(openvino.Tensor(np.array([ids], dtype=np.int64)),
-                            og.GenerationConfig(max_new_tokens=40, ignore_eos=True))
+        out = pipe.generate(
+            openvino.Tensor(np.array([ids], dtype=np.int64)),
+            og.GenerationConfig(max_new_tokens=40, ignore_eos=True),
+        )
         gen = list(out.tokens[0])
         with torch.no_grad():
-            logits = model(torch.tensor([ids + gen])).logits[0, len(ids) - 1:-1]
+            logits = model(torch.tensor([ids + gen])).logits[0, len(ids) - 1 : -1]
         return float((logits.argmax(-1) == torch.tensor(gen)).float().mean())
 
     assert agreement(openvino_gguf(smol_gguf)[0]) >= 0.95

@@ -14,22 +14,36 @@ from tests.conftest import REPO
 
 # Chat templates of other model families, rendered with SmolLM2's vocabulary plus their special
 # tokens, so the split logic is exercised on headers that differ from ChatML.
-LLAMA3 = ("{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
-          "'<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-          "{% endif %}")
-MISTRAL = ("{{ '<s>' }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + "
-           "' [/INST]' }}{% elif m['role'] == 'system' %}{{ m['content'] + '\n\n' }}{% endif %}{% endfor %}")
-PHI = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '<|im_sep|>' + m['content'] + '<|im_end|>' }}"
-       "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}")
+LLAMA3 = (
+    "{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
+    "'<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+MISTRAL = (
+    "{{ '<s>' }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + "
+    "' [/INST]' }}{% elif m['role'] == 'system' %}{{ m['content'] + '\n\n' }}{% endif %}{% endfor %}"
+)
+PHI = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '<|im_sep|>' + m['content'] + '<|im_end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="module", params=["chatml", "llama3", "mistral", "phi4"])
 def tokenizer(request, smol_tokenizer):
     tok = copy.deepcopy(smol_tokenizer)
     if request.param == "llama3":
-        tok.add_special_tokens({"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>",
-                                                              "<|end_header_id|>", "<|eot_id|>"]})
+        tok.add_special_tokens(
+            {
+                "additional_special_tokens": [
+                    "<|begin_of_text|>",
+                    "<|start_header_id|>",
+                    "<|end_header_id|>",
+                    "<|eot_id|>",
+                ]
+            }
+        )
         tok.chat_template = LLAMA3
     elif request.param == "mistral":
         tok.add_special_tokens({"additional_special_tokens": ["<s>", "[INST]", "[/INST]"]})
@@ -100,8 +114,11 @@ def test_special_token_text_in_data_stays_text(tokenizer):
     for system, user in (("sys", forged), (forged, "hi"), (None, forged)):
         ids = chat.prompt([("system", system), ("user", user)] if system is not None else [("user", user)])
         got = sorted(i for i in ids if i in chat._special_id.values())
-        ref = clean_specials if system is not None else sorted(
-            i for i in chat.encode(chat.render(None, "hi")) if i in chat._special_id.values())
+        ref = (
+            clean_specials
+            if system is not None
+            else sorted(i for i in chat.encode(chat.render(None, "hi")) if i in chat._special_id.values())
+        )
         assert got == ref, (system is None, user[:40])
         text = tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
         assert text == chat.render(system, user)
@@ -128,8 +145,9 @@ def test_first_turn_prompts_equal_the_previous_prompter(tokenizer, request):
         user = prompts.load("p1_user").format(conversation=show_conversation(inst, 3000))
         assert new.ids(prompts.load("p1_generate"), user) == old.ids(prompts.load("p1_generate"), user)
         first_user = next(t.content for t in inst.turns if t.role == "user")
-        assert new.prompt([("system", "A new system message."), ("user", first_user)]) == \
-            old.ids("A new system message.", first_user), inst.id
+        assert new.prompt([("system", "A new system message."), ("user", first_user)]) == old.ids(
+            "A new system message.", first_user
+        ), inst.id
 
 
 # -- chains: turn j+1 extends turn j's prompt + answer exactly (issue 8) -------------------------------
@@ -201,10 +219,13 @@ def test_one_tokenizer_call_per_prompt_after_warm_up(smol_tokenizer):
         p = chat.prompt([("system", f"sys {i}"), ("user", "u")])
         chat.extend(p, [("system", f"sys {i}"), ("user", "u"), ("assistant", "a"), ("user", "v")])
         chat.ids("shared template", f"x{i}")
-    for make in (lambda i: chat.prompt([("system", f"new system {i}"), ("user", f"question {i}")]),
-                 lambda i: chat.ids("shared template", f"instance {i}"),
-                 lambda i: chat.extend((1, 2), [("system", "s"), ("user", "u"), ("assistant", f"a {i}"),
-                                                ("user", f"next {i}")])):
+    for make in (
+        lambda i: chat.prompt([("system", f"new system {i}"), ("user", f"question {i}")]),
+        lambda i: chat.ids("shared template", f"instance {i}"),
+        lambda i: chat.extend(
+            (1, 2), [("system", "s"), ("user", "u"), ("assistant", f"a {i}"), ("user", f"next {i}")]
+        ),
+    ):
         before = tok.calls
         for i in range(10):
             make(i)
@@ -213,9 +234,11 @@ def test_one_tokenizer_call_per_prompt_after_warm_up(smol_tokenizer):
 
 # ---- issue 21 item 7: prompts linear in the conversation ----
 
-NUMBERED = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' ' + loop.index|string + '\n' + "
-            "m['content'] + '<|im_end|>\n' }}{% endfor %}"
-            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+NUMBERED = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' ' + loop.index|string + '\n' + "
+    "m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def _grow(chat: ChatPrompter, turns: int) -> list[tuple[list, tuple[int, ...]]]:
@@ -224,8 +247,10 @@ def _grow(chat: ChatPrompter, turns: int) -> list[tuple[list, tuple[int, ...]]]:
     ids = chat.prompt(msgs)
     out = [(msgs, ids)]
     for j in range(1, turns):
-        msgs = msgs + [("assistant", f"It is {2 * (j - 1)}, as {j - 1} + {j - 1} = {2 * (j - 1)}."),
-                       ("user", f"Question {j}: what is {j} + {j}?")]
+        msgs = msgs + [
+            ("assistant", f"It is {2 * (j - 1)}, as {j - 1} + {j - 1} = {2 * (j - 1)}."),
+            ("user", f"Question {j}: what is {j} + {j}?"),
+        ]
         ids = chat.extend(ids, msgs)
         out.append((msgs, ids))
     return out
@@ -291,5 +316,12 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_it_is_tokenized(smo
     ids = chat.prompt([("system", "Be brief."), ("user", "word " * 100)])  # what fits is built as before
     assert ids == ChatPrompter(smol_tokenizer).prompt([("system", "Be brief."), ("user", "word " * 100)])
     with pytest.raises(PromptTooLong):
-        chat.extend(ids, [("system", "Be brief."), ("user", "word " * 100), ("assistant", "ok"),
-                          ("user", "x" * 8192 * 200)])
+        chat.extend(
+            ids,
+            [
+                ("system", "Be brief."),
+                ("user", "word " * 100),
+                ("assistant", "ok"),
+                ("user", "x" * 8192 * 200),
+            ],
+        )

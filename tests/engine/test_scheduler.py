@@ -25,13 +25,15 @@ from engine.request import Request, SamplingParams, request_key
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.store import Store
 
-FAST = SchedulerConfig(max_inflight=4, max_retries=2, timeout_s=0.2,
-                       backoff_base_s=0.001, backoff_max_s=0.002)
+FAST = SchedulerConfig(
+    max_inflight=4, max_retries=2, timeout_s=0.2, backoff_base_s=0.001, backoff_max_s=0.002
+)
 
 
 def req(i: int, regex: str | None = None) -> Request:
-    return Request(prompt=f"prompt {i}", sampling=SamplingParams(max_new_tokens=8), model="m", regex=regex,
-                   group="g")
+    return Request(
+        prompt=f"prompt {i}", sampling=SamplingParams(max_new_tokens=8), model="m", regex=regex, group="g"
+    )
 
 
 def run(coro):
@@ -196,6 +198,7 @@ def test_sampling_dict_matches_the_dataclass_so_request_keys_never_drift():
 
 # --- an engine that goes away, sheds load, or fails the same way every time ----------------------
 
+
 class Flaky(StandInBackend):
     """A stand-in engine whose answer is decided per call by `outcome(call_no)`: an exception
     instance to raise, or None to answer. Records when each call came."""
@@ -212,8 +215,9 @@ class Flaky(StandInBackend):
         return await super().generate(request)
 
 
-BREAKER = dataclasses.replace(FAST, max_retries=0, timeout_s=5, backoff_base_s=0.05, probe_max_s=0.1,
-                              engine_down_s=30)
+BREAKER = dataclasses.replace(
+    FAST, max_retries=0, timeout_s=5, backoff_base_s=0.05, probe_max_s=0.1, engine_down_s=30
+)
 
 
 def test_while_the_engine_is_unreachable_requests_wait_without_spending_retries():
@@ -309,8 +313,10 @@ def test_window_shrinks_to_what_the_engines_kv_cache_runs():
     async def go():
         s = Scheduler(backend, None, SchedulerConfig(timeout_s=5))
         before = s.window
-        big = [Request(prompt=tuple(range(899)) + (i,), sampling=SamplingParams(max_new_tokens=8), model="m")
-               for i in range(RESIZE_EVERY)]
+        big = [
+            Request(prompt=tuple(range(899)) + (i,), sampling=SamplingParams(max_new_tokens=8), model="m")
+            for i in range(RESIZE_EVERY)
+        ]
         await asyncio.gather(*(s.submit(r) for r in big))
         return before, s.window, s._gate.size
 
@@ -318,8 +324,10 @@ def test_window_shrinks_to_what_the_engines_kv_cache_runs():
     assert before == 64 + 16 and after == gate == 20 + 5
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="the sweeper needs Task.uncancel (3.11+); "
-                                                       "3.10 times attempts out with wait_for")
+@pytest.mark.skipif(
+    sys.version_info < (3, 11),
+    reason="the sweeper needs Task.uncancel (3.11+); 3.10 times attempts out with wait_for",
+)
 def test_timeouts_share_one_sweeper_and_outside_cancels_stay_cancels():
     """Per-attempt timeouts come from one sweeper task, not a timer per attempt: a hung attempt
     becomes a timeout, a cancel from outside stays a cancel, and the sweeper ends with the work."""
@@ -353,22 +361,34 @@ def _key_by_whole_dict(model, prompt, sampling, regex) -> bytes:
     return xxhash.xxh3_128_digest(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS))
 
 
-@pytest.mark.parametrize("model,prompt,sampling,regex", [
-    ("m", "plain text", SamplingParams(), None),
-    ("Llama-3.1-8B+fp8", (1, 2, 3, 128000), SamplingParams(temperature=0.7, seed=3, stop=("</s>", "\n")),
-     "(a|b)"),
-    ("m", ((("role", "system"), ("content", "é \n \"q\"")), (("role", "user"), ("content", "x"))),
-     SamplingParams(max_new_tokens=320), "<Role>[^<>\n]*</Role>\n"),
-    ("m", "p", SamplingParams(temperature=0), None),  # int 0, then float 0.0 and -0.0: spelled apart
-    ("m", "p", SamplingParams(temperature=0.0), None),
-    ("m", "p", SamplingParams(temperature=-0.0), None),
-    ("m", "p", SamplingParams(seed=True), ""),
-])
+@pytest.mark.parametrize(
+    "model,prompt,sampling,regex",
+    [
+        ("m", "plain text", SamplingParams(), None),
+        (
+            "Llama-3.1-8B+fp8",
+            (1, 2, 3, 128000),
+            SamplingParams(temperature=0.7, seed=3, stop=("</s>", "\n")),
+            "(a|b)",
+        ),
+        (
+            "m",
+            ((("role", "system"), ("content", 'é \n "q"')), (("role", "user"), ("content", "x"))),
+            SamplingParams(max_new_tokens=320),
+            "<Role>[^<>\n]*</Role>\n",
+        ),
+        ("m", "p", SamplingParams(temperature=0), None),  # int 0, then float 0.0 and -0.0: spelled apart
+        ("m", "p", SamplingParams(temperature=0.0), None),
+        ("m", "p", SamplingParams(temperature=-0.0), None),
+        ("m", "p", SamplingParams(seed=True), ""),
+    ],
+)
 def test_request_key_assembled_from_parts_equals_the_whole_dict_hash(model, prompt, sampling, regex):
     assert request_key(model, prompt, sampling, regex) == _key_by_whole_dict(model, prompt, sampling, regex)
 
 
 # --- guards on the first requests of a run (engine/canary.py) ----------------------------------
+
 
 def test_a_server_ignoring_the_regex_stops_the_run_on_the_first_answers():
     from engine.canary import ConstraintIgnored
@@ -406,8 +426,9 @@ def test_the_canary_skips_cut_answers_unconstrained_ones_and_engines_without_reg
 def test_the_first_requests_all_rejected_the_same_way_stop_the_run_whatever_the_streak_limit():
     from engine.canary import FirstRequestsFailed
 
-    refusing = Flaky(lambda n: RequestRejected("400 data did not match any variant of StringOrArray",
-                                               status=400))
+    refusing = Flaky(
+        lambda n: RequestRejected("400 data did not match any variant of StringOrArray", status=400)
+    )
 
     async def go(backend, n):
         s = Scheduler(backend, None, BREAKER)  # failure_streak 25
@@ -454,8 +475,9 @@ def test_the_first_window_resize_comes_early():
         s = Scheduler(backend, None, SchedulerConfig(timeout_s=5))
         before = s.window
         for i in range(FIRST_RESIZE):
-            await s.submit(Request(prompt=tuple(range(899)) + (i,), sampling=SamplingParams(max_new_tokens=8),
-                                   model="m"))
+            await s.submit(
+                Request(prompt=tuple(range(899)) + (i,), sampling=SamplingParams(max_new_tokens=8), model="m")
+            )
         return before, s.window
 
     before, after = run(go())

@@ -12,8 +12,15 @@ from engine.backends import select
 from engine.backends.select import choose_backend, detect_gpu
 
 
-@pytest.mark.parametrize("cuda,sgl,want", [(True, True, "sglang"), (True, False, "openvino"),
-                                           (False, True, "openvino"), (False, False, "openvino")])
+@pytest.mark.parametrize(
+    "cuda,sgl,want",
+    [
+        (True, True, "sglang"),
+        (True, False, "openvino"),
+        (False, True, "openvino"),
+        (False, False, "openvino"),
+    ],
+)
 def test_auto(cuda, sgl, want):
     name, reason = choose_backend("auto", cuda_available=cuda, sglang_available=sgl)
     assert name == want

@@ -60,8 +60,10 @@ class StandInTokenizerManager:
 
     async def get_internal_state(self):
         # Shaped like sglang 0.5.23 managers/scheduler_components/internal_state.py, one per DP rank.
-        return [{"effective_max_running_requests_per_dp": 48, "memory_usage": {"token_capacity": 200_000}}
-                for _ in range(2)]
+        return [
+            {"effective_max_running_requests_per_dp": 48, "memory_usage": {"token_capacity": 200_000}}
+            for _ in range(2)
+        ]
 
     def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
         self.aborted.append(rid)
@@ -92,16 +94,28 @@ def stand_in_sglang(behaviour="ok", child_pids=(), shutdown_error=None):
             if behaviour == "hang":
                 await asyncio.sleep(3600)
             if behaviour == "reject":
-                raise ValueError("The input (9000 tokens) is longer than the model's context length "
-                                 "(8192 tokens).")
+                raise ValueError(
+                    "The input (9000 tokens) is longer than the model's context length (8192 tokens)."
+                )
             if behaviour == "grammar_timeout":
                 first = len(calls["generate"]) == 1
                 raise ValueError(GRAMMAR_TIMEOUT_FIRST if first else GRAMMAR_TIMEOUT_CACHED)
-            reason = {"type": "abort", "message": "server busy"} if behaviour == "abort" else \
-                {"type": "length", "length": 5}
-            return {"text": "<Role>x</Role>\n", "meta_info": {
-                "id": kwargs.get("rid"), "finish_reason": reason, "prompt_tokens": 12,
-                "completion_tokens": 5, "cached_tokens": 8, "e2e_latency": 0.1}}
+            reason = (
+                {"type": "abort", "message": "server busy"}
+                if behaviour == "abort"
+                else {"type": "length", "length": 5}
+            )
+            return {
+                "text": "<Role>x</Role>\n",
+                "meta_info": {
+                    "id": kwargs.get("rid"),
+                    "finish_reason": reason,
+                    "prompt_tokens": 12,
+                    "completion_tokens": 5,
+                    "cached_tokens": 8,
+                    "e2e_latency": 0.1,
+                },
+            }
 
         def shutdown(self):
             calls["shutdown"] += 1
@@ -122,8 +136,12 @@ def make(monkeypatch, behaviour="ok", child_pids=(), shutdown_error=None, **kw):
 
 
 def req(regex=None, temperature=0.0, prompt=(1, 2, 3)) -> Request:
-    return Request(prompt=prompt, sampling=SamplingParams(temperature=temperature, max_new_tokens=5, seed=7,
-                                                          stop=("</s>",)), model="m", regex=regex)
+    return Request(
+        prompt=prompt,
+        sampling=SamplingParams(temperature=temperature, max_new_tokens=5, seed=7, stop=("</s>",)),
+        model="m",
+        regex=regex,
+    )
 
 
 def test_calls_match_the_pinned_sglang_signatures(monkeypatch, pinned):
@@ -143,11 +161,22 @@ def test_calls_match_the_pinned_sglang_signatures(monkeypatch, pinned):
     assert kwargs["input_ids"] == [1, 2, 3]
     sp = kwargs["sampling_params"]
     assert set(sp) <= pinned.sampling, f"unknown sampling params: {set(sp) - pinned.sampling}"
-    assert sp == {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 5, "stop": ["</s>"], "regex": "(a|b)",
-                  "sampling_seed": 7}
+    assert sp == {
+        "temperature": 0.7,
+        "top_p": 1.0,
+        "max_new_tokens": 5,
+        "stop": ["</s>"],
+        "regex": "(a|b)",
+        "sampling_seed": 7,
+    }
     assert {"prompt_tokens", "completion_tokens", "cached_tokens", "finish_reason"} <= pinned.meta_info
-    assert (result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens,
-            result.cached_tokens) == ("<Role>x</Role>\n", "length", 12, 5, 8)
+    assert (
+        result.text,
+        result.finish_reason,
+        result.prompt_tokens,
+        result.completion_tokens,
+        result.cached_tokens,
+    ) == ("<Role>x</Role>\n", "length", 12, 5, 8)
     assert calls["shutdown"] == 1
 
 
@@ -221,11 +250,16 @@ def test_validation_error_is_a_rejection(monkeypatch):
 
 def test_abort_finish_is_transient_and_4xx_abort_is_rejection():
     with pytest.raises(TransientEngineError, match="server busy"):
-        result_from_output({"text": "", "meta_info": {
-            "finish_reason": {"type": "abort", "message": "server busy"}}})
+        result_from_output(
+            {"text": "", "meta_info": {"finish_reason": {"type": "abort", "message": "server busy"}}}
+        )
     with pytest.raises(RequestRejected, match="bad regex"):
-        result_from_output({"text": "", "meta_info": {
-            "finish_reason": {"type": "abort", "message": "bad regex", "status_code": 400}}})
+        result_from_output(
+            {
+                "text": "",
+                "meta_info": {"finish_reason": {"type": "abort", "message": "bad regex", "status_code": 400}},
+            }
+        )
     r = result_from_output({"text": "ok", "meta_info": {"finish_reason": {"type": "stop", "matched": 2}}})
     assert r.finish_reason == "stop" and r.ok
 
@@ -342,8 +376,12 @@ def test_grammar_timeout_is_the_engines_failure_not_the_requests():
     (400): stored as RequestRejected, one slow compile would reject every remaining P1 request."""
     for message in (GRAMMAR_TIMEOUT_FIRST, GRAMMAR_TIMEOUT_CACHED):
         with pytest.raises(GrammarTimeout) as info:
-            result_from_output({"text": "", "meta_info": {
-                "finish_reason": {"type": "abort", "message": message, "status_code": 400}}})
+            result_from_output(
+                {
+                    "text": "",
+                    "meta_info": {"finish_reason": {"type": "abort", "message": message, "status_code": 400}},
+                }
+            )
         assert info.value.retryable and not isinstance(info.value, RequestRejected)
 
 
@@ -356,8 +394,9 @@ def test_repeated_grammar_timeout_stops_the_run_instead_of_rejecting_requests(mo
     async def run():
         async with backend:
             with Store.open(tmp_path / "s.db") as store:
-                scheduler = Scheduler(backend, store, max_retries=3, backoff_base_s=0.001,
-                                      backoff_max_s=0.002)
+                scheduler = Scheduler(
+                    backend, store, max_retries=3, backoff_base_s=0.001, backoff_max_s=0.002
+                )
                 with pytest.raises(EngineDied, match="SGLANG_GRAMMAR_MAX_POLL_ITERATIONS"):
                     await scheduler.submit(req(regex="(a|b)"))
                 with pytest.raises(EngineDied):  # the engine is unusable for the rest of the run
@@ -384,6 +423,7 @@ def test_sigquit_is_ignored_during_shutdown_not_reset_to_core_dump(monkeypatch):
     backend, _ = make(monkeypatch)
     before = signal.getsignal(signal.SIGQUIT)
     try:
+
         async def run():
             async with backend:
                 pass
@@ -415,7 +455,8 @@ def test_request_timeout_follows_the_schedulers(monkeypatch):
 
     mod, _ = stand_in_sglang()
     monkeypatch.setitem(sys.modules, "sglang", mod)
-    backend = make_backend("sglang", model="/models/Llama-3.1-8B-Instruct", gpu_profile="h100-80gb",
-                           timeout_s=1234.0)
+    backend = make_backend(
+        "sglang", model="/models/Llama-3.1-8B-Instruct", gpu_profile="h100-80gb", timeout_s=1234.0
+    )
     assert backend.request_timeout_s == 1234.0
     assert SGLangBackend("/m", server_args={}).request_timeout_s == SchedulerConfig().timeout_s

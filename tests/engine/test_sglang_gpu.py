@@ -39,19 +39,33 @@ def test_backend_constrained_output_token_counts_and_prefix_cache():
 
     async def go():
         async with SGLangBackend(MODEL, server_args=args) as be:
+
             def req(q: str) -> Request:
                 chat = be.tokenizer.apply_chat_template(
                     [{"role": "system", "content": shared}, {"role": "user", "content": q}],
-                    add_generation_prompt=True, tokenize=False)
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
                 ids = be.tokenizer.encode(chat, add_special_tokens=False)
-                return Request(prompt=tuple(ids), sampling=SamplingParams(max_new_tokens=200),
-                               model=be.model_id, regex=tags.p1_regex(), group="p1")
+                return Request(
+                    prompt=tuple(ids),
+                    sampling=SamplingParams(max_new_tokens=200),
+                    model=be.model_id,
+                    regex=tags.p1_regex(),
+                    group="p1",
+                )
 
             first = await be.generate(req("Write the tagged system message for: how do I sort a list?"))
-            rest = await asyncio.gather(*(be.generate(req(f"Tagged system message for question {i}."))
-                                          for i in range(8)))
-            text = await be.generate(Request(prompt=messages_prompt([{"role": "user", "content": "Say hi."}]),
-                                             sampling=SamplingParams(max_new_tokens=16), model=be.model_id))
+            rest = await asyncio.gather(
+                *(be.generate(req(f"Tagged system message for question {i}.")) for i in range(8))
+            )
+            text = await be.generate(
+                Request(
+                    prompt=messages_prompt([{"role": "user", "content": "Say hi."}]),
+                    sampling=SamplingParams(max_new_tokens=16),
+                    model=be.model_id,
+                )
+            )
             return first, rest, text
 
     first, rest, text = asyncio.run(go())
@@ -68,8 +82,21 @@ def test_backend_constrained_output_token_counts_and_prefix_cache():
 def test_cli_run_on_sglang_then_rerun_makes_no_engine_call(tmp_path):
     out = tmp_path / "out"
     samples = [str(REPO / "sysgen/samples/demo_mixed.jsonl"), str(REPO / "sysgen/samples/demo_code.jsonl")]
-    cmd = [sys.executable, "-m", "sysgen", "run", *samples, "--out", str(out), "--engine", "sglang",
-           "--model", MODEL, "--no-progress", "--no-report"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sysgen",
+        "run",
+        *samples,
+        "--out",
+        str(out),
+        "--engine",
+        "sglang",
+        "--model",
+        MODEL,
+        "--no-progress",
+        "--no-report",
+    ]
     subprocess.run(cmd, check=True, timeout=1200)
     st = json.loads((out / "stats.json").read_text())
     assert st["accounted"] and st["input"] == 8

@@ -64,11 +64,19 @@ class _Handler(BaseHTTPRequestHandler):
         srv = self.server
         if srv.canned(self):
             return
-        routes = {"/model_info": {"model_path": "/models/Llama-3.1-8B-Instruct", "is_generation": True},
-                  "/server_info": {"max_running_requests": 200, "dp_size": 2, "grammar_backend": "xgrammar",
-                                   "context_length": 4096, "internal_states": [
-                                       {"effective_max_running_requests_per_dp": 100},
-                                       {"effective_max_running_requests_per_dp": 100}]}}
+        routes = {
+            "/model_info": {"model_path": "/models/Llama-3.1-8B-Instruct", "is_generation": True},
+            "/server_info": {
+                "max_running_requests": 200,
+                "dp_size": 2,
+                "grammar_backend": "xgrammar",
+                "context_length": 4096,
+                "internal_states": [
+                    {"effective_max_running_requests_per_dp": 100},
+                    {"effective_max_running_requests_per_dp": 100},
+                ],
+            },
+        }
         path = self.path.replace("/get_", "/") if srv.router else self.path
         if srv.router and self.path in routes:  # a router serving only the older /get_* paths
             return self._send(404, {"detail": "Not Found"})
@@ -96,17 +104,32 @@ class _Handler(BaseHTTPRequestHandler):
             if first == DOWN:
                 return self._send(503, {"error": {"message": "server is shutting down"}})
             n = len(body.get("input_ids") or body.get("text", ""))
-            self._send(200, {"text": "<Role>A tutor.</Role>\n", "meta_info": {
-                "id": "abc", "finish_reason": {"type": "stop", "matched": 128009}, "prompt_tokens": n,
-                "completion_tokens": 6, "cached_tokens": max(0, n - 1), "e2e_latency": 0.01}})
+            self._send(
+                200,
+                {
+                    "text": "<Role>A tutor.</Role>\n",
+                    "meta_info": {
+                        "id": "abc",
+                        "finish_reason": {"type": "stop", "matched": 128009},
+                        "prompt_tokens": n,
+                        "completion_tokens": 6,
+                        "cached_tokens": max(0, n - 1),
+                        "e2e_latency": 0.01,
+                    },
+                },
+            )
         finally:
             with srv.lock:
                 srv.inflight -= 1
 
 
 def req(first: int = 1, regex: str | None = "(<Role>[^<>\\n]{1,300}</Role>\\n)") -> Request:
-    return Request(prompt=(first, 2, 3), sampling=SamplingParams(temperature=0.0, max_new_tokens=64),
-                   model="m", regex=regex)
+    return Request(
+        prompt=(first, 2, 3),
+        sampling=SamplingParams(temperature=0.0, max_new_tokens=64),
+        model="m",
+        regex=regex,
+    )
 
 
 def run(coro):
@@ -122,6 +145,7 @@ def test_generate_sends_sglangs_schema_and_maps_meta_info():
     request_fields = class_field_names(api, "GenerateRequest")
     sampling_fields = class_field_names(api, "SamplingParams")  # the server rejects unknown keys
     with StandInSGLangServer() as srv:
+
         async def go():
             async with SGLangHTTPBackend(srv.url, model_path=None) as b:
                 return b, await b.generate(req())
@@ -131,8 +155,12 @@ def test_generate_sends_sglangs_schema_and_maps_meta_info():
     assert set(body) <= request_fields, f"not GenerateRequest fields: {set(body) - request_fields}"
     assert set(body["sampling_params"]) <= sampling_fields
     assert body["input_ids"] == [1, 2, 3] and body["sampling_params"]["regex"].startswith("(<Role>")
-    assert (result.text, result.finish_reason, result.prompt_tokens, result.cached_tokens) == \
-        ("<Role>A tutor.</Role>\n", "stop", 3, 2)
+    assert (result.text, result.finish_reason, result.prompt_tokens, result.cached_tokens) == (
+        "<Role>A tutor.</Role>\n",
+        "stop",
+        3,
+        2,
+    )
     assert backend.capabilities.max_running == 200  # 2 DP ranks x 100, as /server_info reports
     assert backend.capabilities.max_context == 4096
     assert backend.model_id == "Llama-3.1-8B-Instruct"
@@ -141,6 +169,7 @@ def test_generate_sends_sglangs_schema_and_maps_meta_info():
 
 def test_router_paths_fallback_and_concurrency_cap():
     with StandInSGLangServer(router=True, delay_s=0.1) as srv:
+
         async def go():
             async with SGLangHTTPBackend(srv.url, model_path=None, max_concurrency=3) as b:
                 results = await asyncio.gather(*(b.generate(req()) for _ in range(12)))
@@ -166,6 +195,7 @@ def test_client_cap_follows_a_big_servers_capacity_unless_set():
 
 def test_400_is_rejected_with_the_servers_message():
     with StandInSGLangServer() as srv:
+
         async def go():
             async with SGLangHTTPBackend(srv.url, model_path=None) as b:
                 await b.generate(req(BAD))
@@ -176,6 +206,7 @@ def test_400_is_rejected_with_the_servers_message():
 
 def test_503_is_transient():
     with StandInSGLangServer() as srv:
+
         async def go():
             async with SGLangHTTPBackend(srv.url, model_path=None) as b:
                 await b.generate(req(DOWN))
@@ -186,6 +217,7 @@ def test_503_is_transient():
 
 def test_slow_answer_times_out_as_transient():
     with StandInSGLangServer() as srv:
+
         async def go():
             async with SGLangHTTPBackend(srv.url, model_path=None, timeout_s=0.3) as b:
                 t0 = time.monotonic()
@@ -213,12 +245,16 @@ def test_unreachable_server_fails_fast_with_the_fix():
 
 def test_text_prompt_and_messages_without_tokenizer():
     with StandInSGLangServer() as srv:
+
         async def go():
             async with SGLangHTTPBackend(srv.url, model_path=None) as b:
                 text = Request(prompt="hello", sampling=SamplingParams(), model="m")
                 r = await b.generate(text)
-                chat = Request(prompt=messages_prompt([{"role": "user", "content": "hi"}]),
-                               sampling=SamplingParams(), model="m")
+                chat = Request(
+                    prompt=messages_prompt([{"role": "user", "content": "hi"}]),
+                    sampling=SamplingParams(),
+                    model="m",
+                )
                 with pytest.raises(RequestRejected, match="--model"):
                     await b.generate(chat)
                 return r
@@ -230,11 +266,15 @@ def test_text_prompt_and_messages_without_tokenizer():
 def test_tokenizer_from_a_local_model_dir(tmp_path):
     tiny_tokenizer_dir(tmp_path)
     with StandInSGLangServer() as srv:
+
         async def go():
             async with SGLangHTTPBackend(srv.url, model_path=str(tmp_path)) as b:
                 ids = tuple(b.tokenizer.encode("hi there", add_special_tokens=False))
-                chat = Request(prompt=messages_prompt([{"role": "user", "content": "there hi"}]),
-                               sampling=SamplingParams(), model="m")
+                chat = Request(
+                    prompt=messages_prompt([{"role": "user", "content": "there hi"}]),
+                    sampling=SamplingParams(),
+                    model="m",
+                )
                 await b.generate(chat)  # the chat template is applied here, ids go out
                 return b, await b.generate(Request(prompt=ids, sampling=SamplingParams(), model="m"))
 
@@ -247,10 +287,24 @@ def test_tokenizer_from_a_local_model_dir(tmp_path):
 
 # --- faults: each against the stand-in server, each a way a run used to lose rows or crash ---------
 
-OK_ANSWER = {"text": "fine", "meta_info": {"finish_reason": {"type": "stop"}, "prompt_tokens": 3,
-                                           "completion_tokens": 1, "cached_tokens": 0}}
-QUICK = SchedulerConfig(max_inflight=8, max_retries=2, timeout_s=5, backoff_base_s=0.01, backoff_max_s=0.05,
-                        probe_max_s=0.2, engine_down_s=20)
+OK_ANSWER = {
+    "text": "fine",
+    "meta_info": {
+        "finish_reason": {"type": "stop"},
+        "prompt_tokens": 3,
+        "completion_tokens": 1,
+        "cached_tokens": 0,
+    },
+}
+QUICK = SchedulerConfig(
+    max_inflight=8,
+    max_retries=2,
+    timeout_s=5,
+    backoff_base_s=0.01,
+    backoff_max_s=0.05,
+    probe_max_s=0.2,
+    engine_down_s=20,
+)
 
 
 def generate_once(srv, request: Request | None = None, **kw):
@@ -263,6 +317,7 @@ def generate_once(srv, request: Request | None = None, **kw):
 
 def through_scheduler(srv, n: int, config: SchedulerConfig = QUICK, during=None):
     """n distinct requests through a Scheduler; `during(srv)` runs in a thread once they are going."""
+
     async def go():
         async with SGLangHTTPBackend(srv.url, model_path=None) as b:
             return await scheduled(b, [req(1000 + i) for i in range(n)], config, srv, during)
@@ -311,6 +366,7 @@ def test_auth_failure_stops_the_run_with_the_fix(status):
 
 def test_api_key_is_sent_and_never_shown():
     with StandInSGLangServer() as srv:
+
         class Seen(_Handler):
             def do_POST(self):
                 srv.auth = self.headers.get("Authorization")
@@ -322,16 +378,21 @@ def test_api_key_is_sent_and_never_shown():
     assert "sk-secret" not in repr(SGLangHTTPBackend(srv.url, model_path=None, api_key="sk-secret-123456789"))
 
 
-@pytest.mark.parametrize("body,why", [
-    ({"text": 12345, "meta_info": OK_ANSWER["meta_info"]}, "text is a int"),
-    ({"text": "x", "meta_info": {**OK_ANSWER["meta_info"], "completion_tokens": "twelve"}},
-     "completion_tokens"),
-    ({"text": "x", "meta_info": {**OK_ANSWER["meta_info"], "prompt_tokens": True}}, "prompt_tokens"),
-    ("just a string", "a JSON str"),
-    ([], "a JSON list"),
-    ({"text": "x", "meta_info": "done"}, "meta_info is not an object"),
-    (b"<html>502 Bad Gateway</html>", "not JSON"),
-])
+@pytest.mark.parametrize(
+    "body,why",
+    [
+        ({"text": 12345, "meta_info": OK_ANSWER["meta_info"]}, "text is a int"),
+        (
+            {"text": "x", "meta_info": {**OK_ANSWER["meta_info"], "completion_tokens": "twelve"}},
+            "completion_tokens",
+        ),
+        ({"text": "x", "meta_info": {**OK_ANSWER["meta_info"], "prompt_tokens": True}}, "prompt_tokens"),
+        ("just a string", "a JSON str"),
+        ([], "a JSON list"),
+        ({"text": "x", "meta_info": "done"}, "meta_info is not an object"),
+        (b"<html>502 Bad Gateway</html>", "not JSON"),
+    ],
+)
 def test_malformed_answer_is_transient_never_a_success(body, why):
     with StandInSGLangServer() as srv:
         srv.inject("/generate", Canned(200, body))
@@ -374,22 +435,27 @@ def test_absurd_or_malformed_server_info_is_clamped_or_ignored():
         caps, conc = run(go())
         assert caps.max_running == MAX_REPORTED_RUNNING and conc == MAX_REPORTED_RUNNING + 128
         assert caps.max_context == 1 << 20
-        srv.inject("/server_info", Canned(200, {"max_running_requests": 100, "dp_size": "eight",
-                                               "internal_states": "n/a"}))
+        srv.inject(
+            "/server_info",
+            Canned(200, {"max_running_requests": 100, "dp_size": "eight", "internal_states": "n/a"}),
+        )
         caps, _ = run(go())
         assert caps.max_running == 100  # dp_size ignored, no traceback
 
 
 def test_html_server_info_is_not_sglang():
     with StandInSGLangServer() as srv:
-        srv.inject("/model_info", Canned(200, b"<!doctype html><title>Welcome to nginx</title>",
-                                         content_type="text/html"))
+        srv.inject(
+            "/model_info",
+            Canned(200, b"<!doctype html><title>Welcome to nginx</title>", content_type="text/html"),
+        )
         with pytest.raises(EngineDied, match=r"answered something that is not SGLang.*text/html"):
             generate_once(srv)
 
 
 def test_connection_refused_is_unreachable():
     with StandInSGLangServer() as srv:
+
         async def go():
             async with SGLangHTTPBackend(srv.url, model_path=None) as b:
                 srv.down()
@@ -411,8 +477,9 @@ def test_an_engine_that_stays_down_stops_the_run_instead_of_dropping():
     with StandInSGLangServer(delay_s=0.02) as srv:
         t0 = time.monotonic()
         with pytest.raises(EngineDown, match=r"unreachable for 1.5s.*re-run the same command"):
-            through_scheduler(srv, 40, dataclasses.replace(QUICK, engine_down_s=1.5),
-                              during=lambda s: s.down())
+            through_scheduler(
+                srv, 40, dataclasses.replace(QUICK, engine_down_s=1.5), during=lambda s: s.down()
+            )
         assert time.monotonic() - t0 < 6
 
 
@@ -460,6 +527,7 @@ def test_retry_after_as_seconds_or_an_http_date():
 
 # --- SGLang's own signals over HTTP: per-rank capacity, grammar compile timeouts ------------------
 
+
 def server_capabilities(srv, info: dict):
     srv.inject("/server_info", Canned(200, info))
 
@@ -473,8 +541,10 @@ def server_capabilities(srv, info: dict):
 def test_internal_states_give_dp_ranks_and_kv_capacity():
     """/server_info's internal_states, one per DP rank (sglang 0.5.23 http_server.server_info):
     the scheduler sizes its window per rank and by KV cache, so both must reach Capabilities."""
-    ranks = [{"effective_max_running_requests_per_dp": 48, "memory_usage": {"token_capacity": 300_000}},
-             {"effective_max_running_requests_per_dp": 48, "memory_usage": {"token_capacity": 280_000}}]
+    ranks = [
+        {"effective_max_running_requests_per_dp": 48, "memory_usage": {"token_capacity": 300_000}},
+        {"effective_max_running_requests_per_dp": 48, "memory_usage": {"token_capacity": 280_000}},
+    ]
     with StandInSGLangServer() as srv:
         caps = server_capabilities(srv, {"max_running_requests": 48, "dp_size": 2, "internal_states": ranks})
     assert (caps.max_running, caps.dp_size, caps.kv_tokens) == (96, 2, 280_000)  # the smallest rank's KV
@@ -482,19 +552,53 @@ def test_internal_states_give_dp_ranks_and_kv_capacity():
 
 def test_absurd_or_malformed_internal_states_are_clamped_or_ignored():
     with StandInSGLangServer() as srv:
-        caps = server_capabilities(srv, {"internal_states": [
-            {"effective_max_running_requests_per_dp": 10**9, "memory_usage": "lots"}] * 8})
+        caps = server_capabilities(
+            srv,
+            {
+                "internal_states": [{"effective_max_running_requests_per_dp": 10**9, "memory_usage": "lots"}]
+                * 8
+            },
+        )
         assert (caps.max_running, caps.dp_size, caps.kv_tokens) == (MAX_REPORTED_RUNNING, 8, 0)
-        caps = server_capabilities(srv, {"max_running_requests": 64, "dp_size": 4, "internal_states": [
-            {"effective_max_running_requests_per_dp": True}, {"effective_max_running_requests_per_dp": 32}]})
+        caps = server_capabilities(
+            srv,
+            {
+                "max_running_requests": 64,
+                "dp_size": 4,
+                "internal_states": [
+                    {"effective_max_running_requests_per_dp": True},
+                    {"effective_max_running_requests_per_dp": 32},
+                ],
+            },
+        )
         assert (caps.max_running, caps.dp_size, caps.kv_tokens) == (256, 4, 0)  # the flat fields instead
 
 
-GRAMMAR_400 = Canned(400, {"error": {"message": "Grammar preprocessing timed out: req.grammar_key=('regex', "
-                                                "'(a|b)')", "type": "invalid_request_error", "code": 400}})
-GRAMMAR_ABORT = Canned(200, {"text": "", "meta_info": {"finish_reason": {
-    "type": "abort", "message": "Failed to compile regex grammar: Grammar preprocessing timed out"},
-    "prompt_tokens": 3, "completion_tokens": 0, "cached_tokens": 0}})
+GRAMMAR_400 = Canned(
+    400,
+    {
+        "error": {
+            "message": "Grammar preprocessing timed out: req.grammar_key=('regex', '(a|b)')",
+            "type": "invalid_request_error",
+            "code": 400,
+        }
+    },
+)
+GRAMMAR_ABORT = Canned(
+    200,
+    {
+        "text": "",
+        "meta_info": {
+            "finish_reason": {
+                "type": "abort",
+                "message": "Failed to compile regex grammar: Grammar preprocessing timed out",
+            },
+            "prompt_tokens": 3,
+            "completion_tokens": 0,
+            "cached_tokens": 0,
+        },
+    },
+)
 
 
 @pytest.mark.parametrize("timeout", [GRAMMAR_400, GRAMMAR_ABORT], ids=["400", "abort-in-200"])
@@ -527,6 +631,7 @@ def test_an_ordinary_400_is_still_rejected_and_does_not_count_as_a_grammar_timeo
     """Only SGLang's grammar-timeout text is the engine's failure: other 400s (a bad regex, a prompt
     too long) stay the request's, and do not bring the same regex closer to stopping the run."""
     with StandInSGLangServer() as srv:
+
         async def go():
             async with SGLangHTTPBackend(srv.url, model_path=None) as b:
                 sched = Scheduler(b, None, QUICK)

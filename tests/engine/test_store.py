@@ -261,10 +261,16 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     import sys
 
     db = tmp_path / "store.db"
-    code = ("import sys, time; from engine.store import Store; s = Store.open(sys.argv[1]); "
-            "print('open', flush=True); time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(db)], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
+    code = (
+        "import sys, time; from engine.store import Store; s = Store.open(sys.argv[1]); "
+        "print('open', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(db)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     try:
         assert proc.stdout.readline().strip() == "open"
         with pytest.raises(StoreError, match=f"pid {proc.pid}"):
@@ -300,8 +306,12 @@ def test_drop_lines_removes_lines_and_done_markers_in_one_step(tmp_path):
         for i in range(5):
             st.finish_item(bytes([i]), None, (("d", b'{"n": %d}\n' % i),))
         st.set_meta("watermark", b"x")
-        assert st.drop_lines("d", lambda line: b"3" in line or b"1" in line, [b"\x01", b"\x03"],
-                             meta_keys=("watermark",)) == 2
+        assert (
+            st.drop_lines(
+                "d", lambda line: b"3" in line or b"1" in line, [b"\x01", b"\x03"], meta_keys=("watermark",)
+            )
+            == 2
+        )
         st.finish_item(b"\x03", None, (("d", b'{"n": 33}\n'),))  # re-done, appended as usual
         st.flush()
         assert st.get_meta("watermark") is None and not st.has_item(b"\x01")
@@ -311,6 +321,7 @@ def test_drop_lines_removes_lines_and_done_markers_in_one_step(tmp_path):
 
 
 # ---- outputs proved by content (engine/sink_log.py) ----
+
 
 def _three_commits(tmp_path) -> Path:
     sink = tmp_path / "data.jsonl"
@@ -355,6 +366,7 @@ def test_an_untouched_sink_hashes_only_its_last_commit(tmp_path, monkeypatch):
 
 def test_a_reset_killed_before_its_truncate_is_finished_at_the_next_open(tmp_path, monkeypatch):
     sink = _three_commits(tmp_path)
+
     class DiesAtTruncate:
         def __init__(self, real):
             self.real = real

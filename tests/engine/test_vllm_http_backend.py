@@ -47,8 +47,15 @@ class StandInVLLMServer(LocalHTTPServer):
     canned text, real shapes. `details` plays --enable-prompt-tokens-details, `engines` the data
     parallel ranks /metrics shows, `dev` VLLM_SERVER_DEV_MODE=1, `api_key` --api-key."""
 
-    def __init__(self, *, details: bool = True, engines: int = 0, dev: bool = False,
-                 api_key: str | None = None, kv_blocks: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        details: bool = True,
+        engines: int = 0,
+        dev: bool = False,
+        api_key: str | None = None,
+        kv_blocks: int = 0,
+    ) -> None:
         super().__init__(_Handler)
         self.details, self.engines, self.dev, self.api_key = details, engines, dev, api_key
         self.kv_blocks = kv_blocks  # num_gpu_blocks in /metrics' cache_config_info (0: not shown)
@@ -93,26 +100,50 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return
         if self.path == "/v1/models":
-            lora = {"id": "tutor-lora", "object": "model", "root": "/loras/tutor", "parent": "llama-8b",
-                    "max_model_len": None}
-            base = {"id": "llama-8b", "object": "model", "owned_by": "vllm", "created": 0,
-                    "root": "/models/Llama-3.1-8B-Instruct", "parent": None, "max_model_len": 8192,
-                    "permission": []}
+            lora = {
+                "id": "tutor-lora",
+                "object": "model",
+                "root": "/loras/tutor",
+                "parent": "llama-8b",
+                "max_model_len": None,
+            }
+            base = {
+                "id": "llama-8b",
+                "object": "model",
+                "owned_by": "vllm",
+                "created": 0,
+                "root": "/models/Llama-3.1-8B-Instruct",
+                "parent": None,
+                "max_model_len": 8192,
+                "permission": [],
+            }
             return self._send(200, {"object": "list", "data": [lora, base]})
         if self.path == "/version":
             return self._send(200, {"version": VLLM_PIN})
         if self.path == "/metrics" and srv.engines:
             # prometheus_client's order: label names as declared (model_name, engine)
-            lines = [f'vllm:num_requests_running{{model_name="llama-8b",engine="{i}"}} 0.0'
-                     for i in range(srv.engines)]
-            lines += [f'vllm:cache_config_info{{block_size="16",cache_dtype="auto",'
-                      f'enable_prefix_caching="True",engine="{i}",num_cpu_blocks="None",'
-                      f'num_gpu_blocks="{srv.kv_blocks + i}"}} 1.0'
-                      for i in range(srv.engines) if srv.kv_blocks]
+            lines = [
+                f'vllm:num_requests_running{{model_name="llama-8b",engine="{i}"}} 0.0'
+                for i in range(srv.engines)
+            ]
+            lines += [
+                f'vllm:cache_config_info{{block_size="16",cache_dtype="auto",'
+                f'enable_prefix_caching="True",engine="{i}",num_cpu_blocks="None",'
+                f'num_gpu_blocks="{srv.kv_blocks + i}"}} 1.0'
+                for i in range(srv.engines)
+                if srv.kv_blocks
+            ]
             return self._send(200, ("# TYPE vllm:num_requests_running gauge\n" + "\n".join(lines)).encode())
         if self.path.startswith("/server_info") and srv.dev:
-            return self._send(200, {"vllm_config": {"scheduler_config": {"max_num_seqs": 384},
-                                                    "parallel_config": {"data_parallel_size": 2}}})
+            return self._send(
+                200,
+                {
+                    "vllm_config": {
+                        "scheduler_config": {"max_num_seqs": 384},
+                        "parallel_config": {"data_parallel_size": 2},
+                    }
+                },
+            )
         self._send(404, {"detail": "Not Found"})
 
     def do_POST(self):
@@ -134,15 +165,17 @@ class _Handler(BaseHTTPRequestHandler):
         prompt = body.get("prompt")
         ids = prompt if isinstance(prompt, list) else [ord(c) for c in prompt]
         first = ids[0]
-        reply = {BAD: lambda: self._error(400, "Invalid regex: unbalanced parenthesis"),
-                 MISSING: lambda: self._error(404, "The model `x` does not exist.", "NotFoundError"),
-                 BUSY: lambda: self._error(429, "Too many requests", "RateLimitError",
-                                           **{"Retry-After": "3"}),
-                 CRASH: lambda: self._error(500, "Internal server error", "InternalServerError"),
-                 DOWN: lambda: self._error(503, "Service Unavailable", "ServiceUnavailableError"),
-                 NOTJSON: lambda: self._send(200, b"<html>502 Bad Gateway</html>"),
-                 JUNK: lambda: self._send(200, {"choices": [{"text": 7, "finish_reason": "stop"}],
-                                                "usage": {"prompt_tokens": 3}})}.get(first)
+        reply = {
+            BAD: lambda: self._error(400, "Invalid regex: unbalanced parenthesis"),
+            MISSING: lambda: self._error(404, "The model `x` does not exist.", "NotFoundError"),
+            BUSY: lambda: self._error(429, "Too many requests", "RateLimitError", **{"Retry-After": "3"}),
+            CRASH: lambda: self._error(500, "Internal server error", "InternalServerError"),
+            DOWN: lambda: self._error(503, "Service Unavailable", "ServiceUnavailableError"),
+            NOTJSON: lambda: self._send(200, b"<html>502 Bad Gateway</html>"),
+            JUNK: lambda: self._send(
+                200, {"choices": [{"text": 7, "finish_reason": "stop"}], "usage": {"prompt_tokens": 3}}
+            ),
+        }.get(first)
         if reply is not None:
             return reply()
         if first == SLOW:
@@ -151,26 +184,56 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(srv.delay_s)
         reason = {ABORT: "abort", ERROR: "error", LENGTH: "length", REPEAT: "repetition"}.get(first, "stop")
         previous = srv.prompts[-1] if srv.prompts else []
-        cached = next((i for i, (a, b) in enumerate(zip(previous, ids, strict=False)) if a != b),
-                      min(len(previous), len(ids)))
+        cached = next(
+            (i for i, (a, b) in enumerate(zip(previous, ids, strict=False)) if a != b),
+            min(len(previous), len(ids)),
+        )
         srv.prompts.append(ids)
-        usage = {"prompt_tokens": len(ids), "total_tokens": len(ids) + 6, "completion_tokens": 6,
-                 "prompt_tokens_details": {"cached_tokens": cached} if srv.details else None}
-        self._send(200, {"id": "cmpl-1", "object": "text_completion", "created": 0,
-                         "model": body.get("model"),
-                         "choices": [{"index": 0, "text": "<Role>A tutor.</Role>\n", "logprobs": None,
-                                      "finish_reason": reason, "stop_reason": None}],
-                         "usage": usage})
+        usage = {
+            "prompt_tokens": len(ids),
+            "total_tokens": len(ids) + 6,
+            "completion_tokens": 6,
+            "prompt_tokens_details": {"cached_tokens": cached} if srv.details else None,
+        }
+        self._send(
+            200,
+            {
+                "id": "cmpl-1",
+                "object": "text_completion",
+                "created": 0,
+                "model": body.get("model"),
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": "<Role>A tutor.</Role>\n",
+                        "logprobs": None,
+                        "finish_reason": reason,
+                        "stop_reason": None,
+                    }
+                ],
+                "usage": usage,
+            },
+        )
 
 
-def req(*ids: int, regex: str | None = "(<Role>[^<>\\n]{1,300}</Role>\\n)", stop: tuple[str, ...] = (),
-        temperature: float = 0.0, seed: int = 0) -> Request:
-    return Request(prompt=ids or (1, 2, 3), model="m", regex=regex,
-                   sampling=SamplingParams(temperature=temperature, max_new_tokens=64, seed=seed, stop=stop))
+def req(
+    *ids: int,
+    regex: str | None = "(<Role>[^<>\\n]{1,300}</Role>\\n)",
+    stop: tuple[str, ...] = (),
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> Request:
+    return Request(
+        prompt=ids or (1, 2, 3),
+        model="m",
+        regex=regex,
+        sampling=SamplingParams(temperature=temperature, max_new_tokens=64, seed=seed, stop=stop),
+    )
 
 
 def serve_and_run(srv: StandInVLLMServer, body, **kw):
     """Enter a backend on `srv`, await body(backend), return (backend, its result)."""
+
     async def go():
         async with VLLMHTTPBackend(srv.url, **kw) as b:
             return b, await body(b)
@@ -197,23 +260,30 @@ def test_vllm_pin_is_one_version_in_pyproject_readme_fields_and_backend():
 def test_vllm_shipped_field_list_matches_the_pinned_source():
     source = vllm_fields.find_source()
     if source is None:
-        pytest.skip(f"no vLLM source here (the wheel is ~340 MB): pip download --no-deps vllm=={VLLM_PIN} "
-                    "-d /tmp/vllm, then SYSGEN_VLLM_SOURCE=/tmp/vllm/vllm-*.whl")
+        pytest.skip(
+            f"no vLLM source here (the wheel is ~340 MB): pip download --no-deps vllm=={VLLM_PIN} "
+            "-d /tmp/vllm, then SYSGEN_VLLM_SOURCE=/tmp/vllm/vllm-*.whl"
+        )
     got = vllm_fields.extract(source)
     assert got["vllm"] == VLLM_PIN, f"{source} is vLLM {got['vllm']}, the pin is {VLLM_PIN}"
-    assert got == vllm_fields.shipped(), "regenerate: python -m tests.engine.vllm_fields WHEEL > " \
-                                         "tests/engine/vllm_fields.json"
+    assert got == vllm_fields.shipped(), (
+        "regenerate: python -m tests.engine.vllm_fields WHEEL > tests/engine/vllm_fields.json"
+    )
 
 
 def test_vllm_field_reader_on_a_synthetic_wheel(tmp_path):
     """The extractor, without the real wheel: pydantic models, a dataclass with private fields,
     ClassVar left out, the finish-reason tuple and the version."""
-    model = ("from typing import ClassVar\nclass A(Base):\n    names: ClassVar[set] = None\n"
-             "    x: int = 0\n    y: str | None = Field(None)\n    def f(self): z: int = 1\n")
-    files = {"_version.py": "__version__ = version = '9.9.9'\n",
-             "sampling_params.py": "class StructuredOutputsParams:\n    regex: str | None = None\n"
-                                   "    _backend: str | None = field(default=None)\n",
-             "v1/engine/__init__.py": "FINISH_REASON_STRINGS = ('stop', 'length')\n"}
+    model = (
+        "from typing import ClassVar\nclass A(Base):\n    names: ClassVar[set] = None\n"
+        "    x: int = 0\n    y: str | None = Field(None)\n    def f(self): z: int = 1\n"
+    )
+    files = {
+        "_version.py": "__version__ = version = '9.9.9'\n",
+        "sampling_params.py": "class StructuredOutputsParams:\n    regex: str | None = None\n"
+        "    _backend: str | None = field(default=None)\n",
+        "v1/engine/__init__.py": "FINISH_REASON_STRINGS = ('stop', 'length')\n",
+    }
     for cls, rel in vllm_fields.CLASSES.items():
         files.setdefault(rel, "")
         if cls != "StructuredOutputsParams":
@@ -232,15 +302,22 @@ def test_vllm_token_ids_regex_and_sampling_reach_the_server_in_pinned_fields():
     srv = StandInVLLMServer()
     ids = (128000, 128006, 9125, 128007, 271, 42, 0, 7)  # template first, as our prefix split builds
     _backend, result = serve_and_run(
-        srv, lambda b: b.generate(req(*ids, stop=("</Role>",), temperature=0.7, seed=11)))
+        srv, lambda b: b.generate(req(*ids, stop=("</Role>",), temperature=0.7, seed=11))
+    )
     (body,) = srv.bodies
-    assert set(body) <= set(FIELDS["CompletionRequest"]), \
+    assert set(body) <= set(FIELDS["CompletionRequest"]), (
         f"not CompletionRequest fields of vLLM {VLLM_PIN}: {set(body) - set(FIELDS['CompletionRequest'])}"
+    )
     assert set(body["structured_outputs"]) <= set(FIELDS["StructuredOutputsParams"])
     assert body["prompt"] == list(ids) and all(type(i) is int for i in body["prompt"])
     assert body["structured_outputs"] == {"regex": "(<Role>[^<>\\n]{1,300}</Role>\\n)"}
-    assert (body["model"], body["max_tokens"], body["temperature"], body["seed"], body["stop"]) == \
-        ("llama-8b", 64, 0.7, 11, ["</Role>"])
+    assert (body["model"], body["max_tokens"], body["temperature"], body["seed"], body["stop"]) == (
+        "llama-8b",
+        64,
+        0.7,
+        11,
+        ["</Role>"],
+    )
     assert not any(k.startswith("guided_") for k in body)  # removed in vLLM: silently ignored
     # Sent, not left to the model's generation_config.json: the same request as on SGLang and OpenVINO.
     assert (body["top_k"], body["min_p"], body["repetition_penalty"]) == (0, 0.0, 1.0)
@@ -253,8 +330,9 @@ def test_vllm_unconstrained_and_text_prompts():
     async def body(b):
         await b.generate(req(regex=None))
         await b.generate(Request(prompt="hello", sampling=SamplingParams(), model="m"))
-        chat = Request(prompt=messages_prompt([{"role": "user", "content": "hi"}]), sampling=SamplingParams(),
-                       model="m")
+        chat = Request(
+            prompt=messages_prompt([{"role": "user", "content": "hi"}]), sampling=SamplingParams(), model="m"
+        )
         with pytest.raises(RequestRejected, match="--model"):
             await b.generate(chat)  # no local tokenizer: ids cannot be built
 
@@ -279,8 +357,12 @@ def test_vllm_finish_reasons_and_token_counts_map():
         return first, second, length, repeat, errors
 
     _, (first, second, length, repeat, errors) = serve_and_run(srv, body)
-    assert (first.finish_reason, first.prompt_tokens, first.completion_tokens, first.cached_tokens) == \
-        ("stop", 4, 6, 0)
+    assert (first.finish_reason, first.prompt_tokens, first.completion_tokens, first.cached_tokens) == (
+        "stop",
+        4,
+        6,
+        0,
+    )
     assert (second.prompt_tokens, second.cached_tokens) == (5, 3)
     assert length.finish_reason == "length" and repeat.finish_reason == "length"
     assert all(e.retryable for e in errors)
@@ -290,15 +372,18 @@ def test_vllm_finish_reasons_and_token_counts_map():
     assert plain.ok and plain.cached_tokens == 0 and plain.prompt_tokens == 2
 
 
-@pytest.mark.parametrize("code,kind,match", [
-    (BAD, RequestRejected, "400 Invalid regex: unbalanced parenthesis"),
-    (MISSING, RequestRejected, "404 The model"),
-    (BUSY, EngineOverloaded, "429 Too many requests"),
-    (CRASH, TransientEngineError, "500 Internal server error"),
-    (DOWN, EngineOverloaded, "503 Service Unavailable"),
-    (JUNK, TransientEngineError, "malformed answer \\(text is not a string\\)"),
-    (NOTJSON, TransientEngineError, "answer is not JSON"),
-])
+@pytest.mark.parametrize(
+    "code,kind,match",
+    [
+        (BAD, RequestRejected, "400 Invalid regex: unbalanced parenthesis"),
+        (MISSING, RequestRejected, "404 The model"),
+        (BUSY, EngineOverloaded, "429 Too many requests"),
+        (CRASH, TransientEngineError, "500 Internal server error"),
+        (DOWN, EngineOverloaded, "503 Service Unavailable"),
+        (JUNK, TransientEngineError, "malformed answer \\(text is not a string\\)"),
+        (NOTJSON, TransientEngineError, "answer is not JSON"),
+    ],
+)
 def test_vllm_http_errors_map_to_their_kinds(code, kind, match):
     async def body(b):
         with pytest.raises(kind, match=match) as e:
@@ -325,8 +410,7 @@ def test_vllm_slow_answer_times_out_as_transient():
 def test_vllm_api_key_never_in_logs_errors_or_repr(caplog):
     caplog.set_level(logging.DEBUG)  # aiohttp's loggers and ours, at their most verbose
     srv = StandInVLLMServer(api_key=KEY)
-    backend, result = serve_and_run(srv, lambda b: b.generate(req()),
-                                    api_key=KEY)
+    backend, result = serve_and_run(srv, lambda b: b.generate(req()), api_key=KEY)
     assert result.ok and set(srv.auth) == {f"Bearer {KEY}"}  # every call, /metrics included
     assert KEY not in repr(backend) and "api_key=<set>" in repr(backend)
     wrong = "sk-wrong-key-9876543210"
@@ -352,8 +436,9 @@ def test_vllm_served_model_context_and_capacity_read_from_the_server():
     assert dev.capabilities.max_running == 384 * 2  # max_num_seqs x data_parallel_size
     capped, _ = serve_and_run(StandInVLLMServer(engines=8), lambda b: asyncio.sleep(0), max_concurrency=40)
     assert capped.capabilities.max_running == 40 and capped.max_concurrency == 40
-    lora, _ = serve_and_run(StandInVLLMServer(), lambda b: asyncio.sleep(0), tokenizer=object(),
-                            model_path="/elsewhere/tutor")
+    lora, _ = serve_and_run(
+        StandInVLLMServer(), lambda b: asyncio.sleep(0), tokenizer=object(), model_path="/elsewhere/tutor"
+    )
     assert lora.served_model == "tutor-lora" and lora.capabilities.token_ids
 
 
@@ -382,12 +467,20 @@ def test_vllm_unreachable_server_fails_fast_with_the_fix():
     assert time.monotonic() - t0 < 5
 
 
-QUICK = SchedulerConfig(max_inflight=8, max_retries=2, timeout_s=5, backoff_base_s=0.01, backoff_max_s=0.05,
-                        probe_max_s=0.2, engine_down_s=20)
+QUICK = SchedulerConfig(
+    max_inflight=8,
+    max_retries=2,
+    timeout_s=5,
+    backoff_base_s=0.01,
+    backoff_max_s=0.05,
+    probe_max_s=0.2,
+    engine_down_s=20,
+)
 
 
 def through_scheduler(srv: StandInVLLMServer, n: int, config: SchedulerConfig = QUICK, during=None):
     """n distinct requests through a Scheduler; `during(srv)` runs in a thread once they are going."""
+
     async def go():
         async with VLLMHTTPBackend(srv.url) as b:
             return await scheduled(b, [req(1000 + i) for i in range(n)], config, srv, during)
@@ -398,8 +491,10 @@ def through_scheduler(srv: StandInVLLMServer, n: int, config: SchedulerConfig = 
 
 def test_vllm_load_shedding_is_retried_after_retry_after_without_spending_retries():
     srv = StandInVLLMServer()
-    srv.inject("/v1/completions", *[Canned(429, {"error": {"message": "slow down"}},
-                                           headers={"Retry-After": "0.4"})] * 3)
+    srv.inject(
+        "/v1/completions",
+        *[Canned(429, {"error": {"message": "slow down"}}, headers={"Retry-After": "0.4"})] * 3,
+    )
     t0 = time.monotonic()
     (result,), m = through_scheduler(srv, 1, dataclasses.replace(QUICK, max_retries=0))
     assert result.ok and result.text == "<Role>A tutor.</Role>\n"
@@ -475,8 +570,9 @@ def test_vllm_and_sglang_regex_fields_for_the_openai_route():
 
     root = sglang_root()
     if root is not None:  # the pinned SGLang's OpenAI chat route takes a top-level `regex`
-        assert "regex" in class_field_names(root / "srt" / "entrypoints" / "openai" / "protocol.py",
-                                            "ChatCompletionRequest")
+        assert "regex" in class_field_names(
+            root / "srt" / "entrypoints" / "openai" / "protocol.py", "ChatCompletionRequest"
+        )
     with pytest.raises(ValueError, match="vllm"):
         openai_regex_body("tgi", "a+")
 
@@ -484,8 +580,11 @@ def test_vllm_and_sglang_regex_fields_for_the_openai_route():
 def test_vllm_chat_prompts_become_token_ids_with_a_local_tokenizer(tmp_path):
     model = tiny_tokenizer_dir(tmp_path / "Llama-3.1-8B-Instruct")
     srv = StandInVLLMServer()
-    chat = Request(prompt=messages_prompt([{"role": "user", "content": "there hi"}]),
-                   sampling=SamplingParams(), model="m")
+    chat = Request(
+        prompt=messages_prompt([{"role": "user", "content": "there hi"}]),
+        sampling=SamplingParams(),
+        model="m",
+    )
     backend, result = serve_and_run(srv, lambda b: b.generate(chat), model_path=str(model))
     assert backend.capabilities.token_ids and result.ok and srv.bodies[-1]["prompt"] == [2, 1]
     assert backend.served_model == "llama-8b"  # matched by the model directory's name (the card's root)
@@ -500,8 +599,12 @@ def test_vllm_bench_gpu_url_mode_drives_a_running_server(tmp_path, capsys):
     out = tmp_path / "bench.json"
     srv = StandInVLLMServer(dev=True)
     with srv:
-        assert gpu.main(["--url", srv.url, "--model", str(model), "--n", "5", "--warmup", "2",
-                         "--json", str(out)]) == 0
+        assert (
+            gpu.main(
+                ["--url", srv.url, "--model", str(model), "--n", "5", "--warmup", "2", "--json", str(out)]
+            )
+            == 0
+        )
     info = orjson.loads(out.read_bytes())
     assert [r["part"] for r in info["results"]] == ["raw_free", "raw_regex", "sysgen_regex"]
     assert all(r["requests"] == 5 and r["failed"] == 0 and r["output_tokens"] == 30 for r in info["results"])
@@ -524,13 +627,31 @@ def test_vllm_cli_run_sends_token_ids_and_the_p1_regex(tmp_path, caplog):
     srv = StandInVLLMServer()
     with srv:
         sample = str(REPO / "sysgen" / "samples" / "demo_mixed.jsonl")
-        code = main(["run", sample, "--out", str(tmp_path / "out"),
-                     "--engine", "vllm_http", "--url", srv.url, "--model", str(model), "--limit", "3",
-                     "--no-progress", "--no-report", "--api-key", KEY])
+        code = main(
+            [
+                "run",
+                sample,
+                "--out",
+                str(tmp_path / "out"),
+                "--engine",
+                "vllm_http",
+                "--url",
+                srv.url,
+                "--model",
+                str(model),
+                "--limit",
+                "3",
+                "--no-progress",
+                "--no-report",
+                "--api-key",
+                KEY,
+            ]
+        )
     assert code == 0 and srv.bodies and KEY not in caplog.text
     p1 = [b for b in srv.bodies if b["max_tokens"] == 320]  # --p1-max-tokens default
-    assert len(p1) == 3 and all(isinstance(b["prompt"], list) and "<Role>" in b["structured_outputs"]["regex"]
-                                for b in p1)
+    assert len(p1) == 3 and all(
+        isinstance(b["prompt"], list) and "<Role>" in b["structured_outputs"]["regex"] for b in p1
+    )
     assert set(srv.auth) == {f"Bearer {KEY}"}
 
 
@@ -561,26 +682,41 @@ def test_vllm_window_is_sized_from_the_kv_blocks_in_metrics():
 def test_vllm_kv_cache_tokens_reads_each_engine_and_skips_unprofiled_ones():
     from engine.backends.vllm_http import kv_cache_tokens
 
-    text = ('vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="100"} 1.0\n'
-            'vllm:cache_config_info{block_size="32",engine="1",num_gpu_blocks="None"} 1.0\n')
+    text = (
+        'vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="100"} 1.0\n'
+        'vllm:cache_config_info{block_size="32",engine="1",num_gpu_blocks="None"} 1.0\n'
+    )
     assert kv_cache_tokens(text) == (1, 1600)
     # kv_cache_size_tokens, where the engine set it, is the exact figure; odd values elsewhere are skipped.
-    text = ('vllm:cache_config_info{block_size="16",engine="0",kv_cache_size_tokens="1500",'
-            'mode="{\\"a\\": \\"}\\"}",num_gpu_blocks="100",skip_layers="[]"} 1.0\n')
+    text = (
+        'vllm:cache_config_info{block_size="16",engine="0",kv_cache_size_tokens="1500",'
+        'mode="{\\"a\\": \\"}\\"}",num_gpu_blocks="100",skip_layers="[]"} 1.0\n'
+    )
     assert kv_cache_tokens(text) == (1, 1500)
     assert kv_cache_tokens("vllm:num_requests_running 0.0") == (0, 0)
 
 
 # -- through a router (smg / sglang-router shapes, checked against the real ones in tests/real) ------
 
-SMG_WORKERS = {"workers": [
-    {"url": f"http://w{i}:8000", "is_healthy": True, "labels": {"max_model_len": "4096"},
-     "models": [{"id": "llama-8b", "context_length": 4096 if i else 6144}],
-     "engine_load": {"dp_rank_count": 1, "loads": [{"dp_rank": 0, "max_running_requests": 0}]}}
-    for i in range(3)] + [{"url": "http://sick:8000", "is_healthy": False}], "total": 4}
+SMG_WORKERS = {
+    "workers": [
+        {
+            "url": f"http://w{i}:8000",
+            "is_healthy": True,
+            "labels": {"max_model_len": "4096"},
+            "models": [{"id": "llama-8b", "context_length": 4096 if i else 6144}],
+            "engine_load": {"dp_rank_count": 1, "loads": [{"dp_rank": 0, "max_running_requests": 0}]},
+        }
+        for i in range(3)
+    ]
+    + [{"url": "http://sick:8000", "is_healthy": False}],
+    "total": 4,
+}
 ROUTER_MODELS = {"object": "list", "data": [{"id": "llama-8b", "object": "model", "owned_by": "self_hosted"}]}
-STRING_OR_ARRAY = ("Failed to deserialize the JSON body into the target type: prompt: data did not match any "
-                   "variant of untagged enum StringOrArray")
+STRING_OR_ARRAY = (
+    "Failed to deserialize the JSON body into the target type: prompt: data did not match any "
+    "variant of untagged enum StringOrArray"
+)
 
 
 def test_through_a_router_prompts_go_as_text_and_the_fleet_is_summed(tmp_path):
@@ -588,10 +724,14 @@ def test_through_a_router_prompts_go_as_text_and_the_fleet_is_summed(tmp_path):
     srv.inject("/v1/models", Canned(200, ROUTER_MODELS))  # a router's card: no max_model_len
     srv.inject("/workers", Canned(200, SMG_WORKERS))
     srv.inject("/v1/completions", Canned(400, {"error": {"message": STRING_OR_ARRAY}}))  # the id probe
-    chat = Request(prompt=messages_prompt([{"role": "user", "content": "hi there"}]), model="m",
-                   sampling=SamplingParams(max_new_tokens=8))
-    backend, result = serve_and_run(srv, lambda b: b.generate(chat),
-                                    model_path=str(tiny_tokenizer_dir(tmp_path)))
+    chat = Request(
+        prompt=messages_prompt([{"role": "user", "content": "hi there"}]),
+        model="m",
+        sampling=SamplingParams(max_new_tokens=8),
+    )
+    backend, result = serve_and_run(
+        srv, lambda b: b.generate(chat), model_path=str(tiny_tokenizer_dir(tmp_path))
+    )
     assert result.ok and backend.prompt_form == "text"
     (sent,) = srv.bodies  # the canned 400 answered the token-id probe, unrecorded
     assert isinstance(sent["prompt"], str) and "hi there" in sent["prompt"]
@@ -602,8 +742,9 @@ def test_through_a_router_prompts_go_as_text_and_the_fleet_is_summed(tmp_path):
 
 def test_a_server_that_takes_token_ids_keeps_them(tmp_path):
     srv = StandInVLLMServer()
-    backend, _ = serve_and_run(srv, lambda b: b.generate(req(5, 6, 7)),
-                               model_path=str(tiny_tokenizer_dir(tmp_path)))
+    backend, _ = serve_and_run(
+        srv, lambda b: b.generate(req(5, 6, 7)), model_path=str(tiny_tokenizer_dir(tmp_path))
+    )
     assert backend.prompt_form == "ids" and srv.bodies[-1]["prompt"] == [5, 6, 7]
 
 

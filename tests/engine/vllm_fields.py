@@ -62,31 +62,40 @@ def class_fields(source_text: str, class_name: str) -> list[str]:
     """Public annotated attributes of a pydantic model or dataclass (ClassVar and _private left out)."""
     for node in ast.parse(source_text).body:
         if isinstance(node, ast.ClassDef) and node.name == class_name:
-            return [s.target.id for s in node.body
-                    if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
-                    and not s.target.id.startswith("_") and not _is_classvar(s.annotation)]
+            return [
+                s.target.id
+                for s in node.body
+                if isinstance(s, ast.AnnAssign)
+                and isinstance(s.target, ast.Name)
+                and not s.target.id.startswith("_")
+                and not _is_classvar(s.annotation)
+            ]
     raise LookupError(f"class {class_name} not found")
 
 
 def module_tuple(source_text: str, name: str) -> list[str]:
     for node in ast.parse(source_text).body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name
-                                                for t in node.targets):
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == name for t in node.targets
+        ):
             return list(ast.literal_eval(node.value))
     raise LookupError(f"{name} not found")
 
 
 def extract(where: Path) -> dict:
     src = Source(where)
-    return {"vllm": _version(src.read("_version.py")),
-            "classes": {cls: class_fields(src.read(rel), cls) for cls, rel in CLASSES.items()},
-            "finish_reasons": module_tuple(src.read(FINISH_FILE), "FINISH_REASON_STRINGS")}
+    return {
+        "vllm": _version(src.read("_version.py")),
+        "classes": {cls: class_fields(src.read(rel), cls) for cls, rel in CLASSES.items()},
+        "finish_reasons": module_tuple(src.read(FINISH_FILE), "FINISH_REASON_STRINGS"),
+    }
 
 
 def _version(text: str) -> str:
     for node in ast.parse(text).body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__version__"
-                                                for t in node.targets):
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__version__" for t in node.targets
+        ):
             return ast.literal_eval(node.value)
     raise LookupError("__version__ not found")
 

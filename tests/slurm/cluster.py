@@ -20,7 +20,7 @@ def unavailable() -> str | None:
     """Why a cluster cannot start here, or None."""
     missing = [b for b in BINARIES if shutil.which(b) is None]
     if missing:
-        return (f"{', '.join(missing)} not installed (apt-get install slurm-wlm munge; .ci/run does this)")
+        return f"{', '.join(missing)} not installed (apt-get install slurm-wlm munge; .ci/run does this)"
     if os.geteuid() != 0:
         return "not root: slurmd must run as root to start jobs"
     return None
@@ -109,9 +109,18 @@ PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=2
     def start(self, timeout_s: float = 30.0) -> None:
         self._write_config()
         r = self.root
-        self._spawn(["munged", "-F", "--force", f"--socket={r}/munge/munge.socket",
-                     f"--key-file={r}/munge/munge.key", f"--pid-file={r}/munge/munged.pid",
-                     f"--seed-file={r}/munge/munged.seed", f"--log-file={r}/log/munged.log"])
+        self._spawn(
+            [
+                "munged",
+                "-F",
+                "--force",
+                f"--socket={r}/munge/munge.socket",
+                f"--key-file={r}/munge/munge.key",
+                f"--pid-file={r}/munge/munged.pid",
+                f"--seed-file={r}/munge/munged.seed",
+                f"--log-file={r}/log/munged.log",
+            ]
+        )
         self._wait(lambda: (r / "munge" / "munge.socket").exists(), timeout_s, "munged's socket")
         self._spawn(["slurmctld", "-D", "-i", "-f", str(self.conf)])
         self._wait(lambda: self._ok(["scontrol", "ping"], "UP"), timeout_s, "slurmctld answering")
@@ -120,8 +129,11 @@ PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=2
 
     def _spawn(self, cmd: list[str]) -> None:
         with open(self.root / "log" / f"{cmd[0]}.out", "ab") as log:  # the child keeps its own copy
-            self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                               start_new_session=True))
+            self.procs.append(
+                subprocess.Popen(
+                    cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
 
     def _ok(self, cmd: list[str], want: str) -> bool:
         p = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=10)
@@ -132,8 +144,9 @@ PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=2
         while time.monotonic() < end:
             for p in self.procs:
                 if p.poll() is not None:
-                    raise RuntimeError(f"{p.args[0]} exited ({p.returncode}) waiting for {what}: "
-                                       f"{self.log_tail()}")
+                    raise RuntimeError(
+                        f"{p.args[0]} exited ({p.returncode}) waiting for {what}: {self.log_tail()}"
+                    )
             if cond():
                 return
             time.sleep(0.2)
@@ -156,8 +169,9 @@ PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=2
         # Jobs first, and wait until they are gone while slurmctld and munged still run: a job step
         # that cannot report its end keeps retrying (slurmd waits for it, then it is orphaned).
         if all(p.poll() is None for p in self.procs):
-            subprocess.run(["scancel", "--full", "--quiet", "-u", "root"], env=self.env, capture_output=True,
-                           timeout=30)
+            subprocess.run(
+                ["scancel", "--full", "--quiet", "-u", "root"], env=self.env, capture_output=True, timeout=30
+            )
             end = time.monotonic() + 30
             while time.monotonic() < end and self.run("squeue", "-h", check=False).strip():
                 time.sleep(0.2)

@@ -20,30 +20,70 @@ def _inputs(tmp: Path, rows: int) -> Path:
     path = tmp / "in.jsonl"
     with open(path, "w") as f:
         for i in range(rows):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"question number {i}"},
-                                             {"role": "assistant", "content": f"answer {i}"}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"question number {i}"},
+                            {"role": "assistant", "content": f"answer {i}"},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
 class Run:
-    def __init__(self, slurm, tmp: Path, shards: int, concurrent: int, delay: str = "0.15",
-                 submit: bool = True, rows: int = ROWS) -> None:
+    def __init__(
+        self,
+        slurm,
+        tmp: Path,
+        shards: int,
+        concurrent: int,
+        delay: str = "0.15",
+        submit: bool = True,
+        rows: int = ROWS,
+    ) -> None:
         self.slurm, self.dir, self.shards, self.rows = slurm, tmp / "run", shards, rows
         self.data = _inputs(tmp, rows)
         # A rejected request now and then: drops with a reason for status and the merge to count.
-        self.env = {**slurm.env, "PYTHONPATH": str(ROOT), "SYSGEN_STANDIN_DELAY": delay,
-                    "SYSGEN_STANDIN_FAULTS": "reject=0.02"}
+        self.env = {
+            **slurm.env,
+            "PYTHONPATH": str(ROOT),
+            "SYSGEN_STANDIN_DELAY": delay,
+            "SYSGEN_STANDIN_FAULTS": "reject=0.02",
+        }
         if submit:
             self.submit(concurrent)
 
     def submit(self, concurrent: int) -> None:
-        self.sysgen("slurm", str(self.data), "--out", str(self.dir), "--shards", str(self.shards),
-                    "--concurrent", str(concurrent), "--engine", "standin", "--max-inflight", "4",
-                    "--max-retries", "0")
+        self.sysgen(
+            "slurm",
+            str(self.data),
+            "--out",
+            str(self.dir),
+            "--shards",
+            str(self.shards),
+            "--concurrent",
+            str(concurrent),
+            "--engine",
+            "standin",
+            "--max-inflight",
+            "4",
+            "--max-retries",
+            "0",
+        )
 
     def sysgen(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        p = subprocess.run([sys.executable, "-m", "sysgen", *args], env=self.env, capture_output=True,
-                           text=True, timeout=120, cwd=self.dir.parent)
+        p = subprocess.run(
+            [sys.executable, "-m", "sysgen", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=self.dir.parent,
+        )
         if check:
             assert p.returncode == 0, p.stderr
         return p
@@ -73,15 +113,23 @@ class Run:
             if got is not None and got is not False:
                 return got
             time.sleep(0.3)
-        raise AssertionError(f"timed out waiting for {what}: {self.slurm.run('squeue', check=False)}"
-                             f"\n{self.sysgen('status', str(self.dir), check=False).stdout}")
+        raise AssertionError(
+            f"timed out waiting for {what}: {self.slurm.run('squeue', check=False)}"
+            f"\n{self.sysgen('status', str(self.dir), check=False).stdout}"
+        )
 
     def running_shards(self, k: int = 1) -> list[int]:
         """k shards mid-run at once: their tasks running, some instances done and many left."""
+
         def mid():
-            found = [i for i in range(self.shards) if self.task(i).get("state") == "running"
-                     and 2 <= self.lines(i) <= self.rows // self.shards // 2]
+            found = [
+                i
+                for i in range(self.shards)
+                if self.task(i).get("state") == "running"
+                and 2 <= self.lines(i) <= self.rows // self.shards // 2
+            ]
             return found[:k] if len(found) >= k else None
+
         return self.wait(mid, f"{k} shard(s) mid-run")
 
     def array_task(self, shard: int) -> str:
@@ -96,20 +144,29 @@ class Run:
             except (FileNotFoundError, json.JSONDecodeError):
                 return None
             return rec if rec["at"] > after else None
+
         return self.wait(done, "the finishing job", timeout_s=240)
 
     def check_exactly_once(self) -> None:
         """Every input row once in the merged result, and once across the shards' own outputs."""
         merged = self.dir / "merged"
-        ids = [json.loads(line)["id"] for name in ("data.jsonl", "dropped.jsonl")
-               for line in (merged / name).read_text().splitlines()]
-        per_shard = [json.loads(line)["id"] for i in range(self.shards)
-                     for name in ("data.jsonl", "dropped.jsonl")
-                     for line in (self.shard(i) / name).read_text().splitlines()]
+        ids = [
+            json.loads(line)["id"]
+            for name in ("data.jsonl", "dropped.jsonl")
+            for line in (merged / name).read_text().splitlines()
+        ]
+        per_shard = [
+            json.loads(line)["id"]
+            for i in range(self.shards)
+            for name in ("data.jsonl", "dropped.jsonl")
+            for line in (self.shard(i) / name).read_text().splitlines()
+        ]
         lost = len(set(range(1, self.rows + 1)) - {int(i.split(":")[1]) for i in ids})
         repeated = len(per_shard) - len(set(per_shard))
-        print(f"rows {self.rows}, merged {len(ids)}, lines across shards {len(per_shard)}: lost {lost}, "
-              f"repeated {repeated}")
+        print(
+            f"rows {self.rows}, merged {len(ids)}, lines across shards {len(per_shard)}: lost {lost}, "
+            f"repeated {repeated}"
+        )
         assert lost == 0 and repeated == 0 and len(per_shard) == self.rows
         assert sorted(ids) == sorted(f"in:{i}" for i in range(1, self.rows + 1)), "lost or repeated rows"
         stats = json.loads((merged / "stats.json").read_text())
@@ -124,6 +181,7 @@ def test_array_runs_to_a_merged_accounted_result_with_status_mid_run(slurm, tmp_
     def mid():
         st = run.status()
         return st if st["states"]["finished"] >= 1 and st["states"]["running"] >= 1 else None
+
     st = run.wait(mid, "status with shards finished and running")
     assert st["finished"] is False and st["merged"] is None
     assert sum(st["states"].values()) == 8 and st["states"]["running"] <= 2
@@ -149,8 +207,9 @@ def test_array_runs_to_a_merged_accounted_result_with_status_mid_run(slurm, tmp_
     assert (run.dir / "merged" / "export" / "messages.jsonl").read_text().count("\n") == st["kept"]
 
     # The same run directory again with another N: refused, naming why.
-    p = run.sysgen("slurm", str(run.data), "--out", str(run.dir), "--shards", "4", "--engine", "standin",
-                   check=False)
+    p = run.sysgen(
+        "slurm", str(run.data), "--out", str(run.dir), "--shards", "4", "--engine", "standin", check=False
+    )
     assert p.returncode == 2 and "--shards 4" in p.stderr and "--resubmit" in p.stderr
 
 
@@ -189,8 +248,24 @@ def test_time_limit_warning_stops_the_task_which_requeues_and_resumes(slurm, tmp
     # A 1-minute limit and the warning 50 s before it: Slurm sends USR1 (--signal=B:USR1@50) within
     # its next periodic check, the task stops cleanly and requeues itself, the next start resumes.
     run = Run(slurm, tmp_path, shards=1, concurrent=1, delay="0.3", submit=False, rows=200)
-    run.sysgen("slurm", str(run.data), "--out", str(run.dir), "--shards", "1", "--concurrent", "1",
-               "--engine", "standin", "--max-inflight", "4", "--time", "1", "--signal-s", "50")
+    run.sysgen(
+        "slurm",
+        str(run.data),
+        "--out",
+        str(run.dir),
+        "--shards",
+        "1",
+        "--concurrent",
+        "1",
+        "--engine",
+        "standin",
+        "--max-inflight",
+        "4",
+        "--time",
+        "1",
+        "--signal-s",
+        "50",
+    )
     rec = run.finished()
     assert rec["merged"] is True, rec
     task = run.task(0)
@@ -205,13 +280,32 @@ def test_preempted_task_is_requeued_by_slurm_and_resumes(slurm, tmp_path):
     # The test cluster's `urgent` partition preempts `debug` with PreemptMode=REQUEUE: Slurm sends the
     # task SIGTERM, the task stops cleanly, and Slurm itself puts it back in the queue.
     run = Run(slurm, tmp_path, shards=1, concurrent=1, delay="0.3", submit=False, rows=80)
-    run.sysgen("slurm", str(run.data), "--out", str(run.dir), "--shards", "1", "--concurrent", "1",
-               "--engine", "standin", "--max-inflight", "4", "--cpus-per-task", str(slurm.cpus))
+    run.sysgen(
+        "slurm",
+        str(run.data),
+        "--out",
+        str(run.dir),
+        "--shards",
+        "1",
+        "--concurrent",
+        "1",
+        "--engine",
+        "standin",
+        "--max-inflight",
+        "4",
+        "--cpus-per-task",
+        str(slurm.cpus),
+    )
     run.running_shards(1)
     urgent = tmp_path / "urgent.sh"
     urgent.write_text("#!/bin/bash\nsleep 1\n")
-    slurm.run("sbatch", "--partition=urgent", f"--cpus-per-task={slurm.cpus}",
-              f"--output={tmp_path}/urgent.out", str(urgent))
+    slurm.run(
+        "sbatch",
+        "--partition=urgent",
+        f"--cpus-per-task={slurm.cpus}",
+        f"--output={tmp_path}/urgent.out",
+        str(urgent),
+    )
     run.wait(lambda: run.task(0).get("state") == "stopped", "the preempted task to stop")
     rec = run.finished()
     assert rec["merged"] is True, rec

@@ -20,9 +20,26 @@ def test_each_task_starts_its_engine_and_stops_it(slurm, tmp_path, tokenizer_dir
     url = f"http://127.0.0.1:{port}"
     engine = f"{sys.executable} -m bench.http_server --port {port} --delay 0.01"
     run = Run(slurm, tmp_path, shards=2, concurrent=1, submit=False, rows=40)
-    run.sysgen("slurm", str(run.data), "--out", str(run.dir), "--shards", "2", "--concurrent", "1",
-               "--engine", "sglang_http", "--url", url, "--model", str(tokenizer_dir),
-               "--engine-cmd", engine, "--engine-ready", f"{url}/get_model_info")
+    run.sysgen(
+        "slurm",
+        str(run.data),
+        "--out",
+        str(run.dir),
+        "--shards",
+        "2",
+        "--concurrent",
+        "1",
+        "--engine",
+        "sglang_http",
+        "--url",
+        url,
+        "--model",
+        str(tokenizer_dir),
+        "--engine-cmd",
+        engine,
+        "--engine-ready",
+        f"{url}/get_model_info",
+    )
     rec = run.finished()
     assert rec["merged"] is True, rec
     run.check_exactly_once()

@@ -19,9 +19,20 @@ from sysgen.slurm.settings import SlurmSettings
 @pytest.fixture
 def data(tmp_path) -> Path:
     path = tmp_path / "in.jsonl"
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
-                                                      {"role": "assistant", "content": f"a{i}"}]}) + "\n"
-                            for i in range(20)))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"q{i}"},
+                        {"role": "assistant", "content": f"a{i}"},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(20)
+        )
+    )
     return path
 
 
@@ -33,14 +44,44 @@ def no_slurm(monkeypatch):
 
 def test_dry_run_prints_the_array_and_finishing_job_and_writes_nothing(data, tmp_path, capsys, no_slurm):
     run = tmp_path / "run"
-    rc = main(["slurm", str(data), "--out", str(run), "--shards", "16", "--concurrent", "4", "--engine",
-               "standin", "--temperature", "0.5", "--no-constrain", "--gpus-per-task", "1", "--time",
-               "4:00:00", "--partition", "gpu", "--sbatch=--account=proj", "--dry-run"])
+    rc = main(
+        [
+            "slurm",
+            str(data),
+            "--out",
+            str(run),
+            "--shards",
+            "16",
+            "--concurrent",
+            "4",
+            "--engine",
+            "standin",
+            "--temperature",
+            "0.5",
+            "--no-constrain",
+            "--gpus-per-task",
+            "1",
+            "--time",
+            "4:00:00",
+            "--partition",
+            "gpu",
+            "--sbatch=--account=proj",
+            "--dry-run",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and not run.exists()
-    for line in ("#SBATCH --array=0-15%4", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120",
-                 "#SBATCH --gres=gpu:1", "#SBATCH --time=4:00:00", "#SBATCH --partition=gpu",
-                 "#SBATCH --account=proj", "--dependency=afterany:<array 0>", "-m sysgen slurm --finish"):
+    for line in (
+        "#SBATCH --array=0-15%4",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@120",
+        "#SBATCH --gres=gpu:1",
+        "#SBATCH --time=4:00:00",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj",
+        "--dependency=afterany:<array 0>",
+        "-m sysgen slurm --finish",
+    ):
         assert line in out
     run_line = next(line for line in out.splitlines() if " -m sysgen run " in line)
     assert f"{data} --engine standin --no-constrain --temperature 0.5" in run_line
@@ -49,8 +90,21 @@ def test_dry_run_prints_the_array_and_finishing_job_and_writes_nothing(data, tmp
 
 def test_arrays_over_max_array_size_are_split_and_chained(data, tmp_path, capsys, monkeypatch, no_slurm):
     monkeypatch.setattr(submit, "max_array_size", lambda: (1001, "the cluster's MaxArraySize"))
-    rc = main(["slurm", str(data), "--out", str(tmp_path / "run"), "--shards", "2500", "--concurrent", "64",
-               "--engine", "standin", "--dry-run"])
+    rc = main(
+        [
+            "slurm",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "--shards",
+            "2500",
+            "--concurrent",
+            "64",
+            "--engine",
+            "standin",
+            "--dry-run",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "2500 shards exceed MaxArraySize=1001 (the cluster's MaxArraySize): split into 3 arrays" in out
@@ -65,10 +119,16 @@ def test_chunks_and_array_spec():
     assert array_spec([3, 4, 5, 9, 11, 12], 3, 2) == "0-2,6,8-9%2"
 
 
-@pytest.mark.parametrize("bad, says", [
-    (["--shard", "0/2"], "--shard"), (["--api-key", "k"], "--api-key"),
-    (["--temperature", "-1"], "--temperature"), (["--shards", "0"], "--shards"),
-    (["--engine-cmd", "serve"], "--engine-ready")])
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        (["--shard", "0/2"], "--shard"),
+        (["--api-key", "k"], "--api-key"),
+        (["--temperature", "-1"], "--temperature"),
+        (["--shards", "0"], "--shards"),
+        (["--engine-cmd", "serve"], "--engine-ready"),
+    ],
+)
 def test_bad_submission_is_refused_before_anything_is_written(data, tmp_path, capsys, bad, says, no_slurm):
     run = tmp_path / "run"
     assert main(["slurm", str(data), "--out", str(run), "--engine", "standin", *bad]) == 2
@@ -87,16 +147,26 @@ def test_without_sbatch_nothing_is_written(data, tmp_path, capsys, no_slurm):
 
 
 def _submitted(run: Path, data: Path, shards: int = 3, run_args=("--engine", "standin")) -> SlurmSettings:
-    s = SlurmSettings(inputs=[str(data)], run_args=list(run_args), shards=shards, concurrent=2, python="py",
-                      input_stamps=settings.stamps([str(data)]))
+    s = SlurmSettings(
+        inputs=[str(data)],
+        run_args=list(run_args),
+        shards=shards,
+        concurrent=2,
+        python="py",
+        input_stamps=settings.stamps([str(data)]),
+    )
     settings.save(run, s)
     return s
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--shards", "4"], "--shards 4 (it was submitted with --shards 3)"),
-    (["--shards", "3", "--temperature", "0.3"], "other run options"),
-    (["--shards", "3"], "it already holds this submission")])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--shards", "4"], "--shards 4 (it was submitted with --shards 3)"),
+        (["--shards", "3", "--temperature", "0.3"], "other run options"),
+        (["--shards", "3"], "it already holds this submission"),
+    ],
+)
 def test_second_submission_into_a_run_dir_is_refused_with_the_reason(data, tmp_path, capsys, args, says):
     run = tmp_path / "run"
     _submitted(run, data)
@@ -122,9 +192,12 @@ def _shard(run: Path, i: int, task: dict | None, kept: int, drops: list[str], lo
     d = run / "shards" / str(i)
     d.mkdir(parents=True)
     (d / "data.jsonl").write_text("".join(json.dumps({"id": f"in:{i}-{k}"}) + "\n" for k in range(kept)))
-    (d / "dropped.jsonl").write_text("".join(json.dumps({"id": f"d{i}-{k}", "phase": r.split(":")[0],
-                                                          "reason": r.split(":")[1]}) + "\n"
-                                             for k, r in enumerate(drops)))
+    (d / "dropped.jsonl").write_text(
+        "".join(
+            json.dumps({"id": f"d{i}-{k}", "phase": r.split(":")[0], "reason": r.split(":")[1]}) + "\n"
+            for k, r in enumerate(drops)
+        )
+    )
     if task is not None:
         (d / "task.json").write_text(json.dumps(task))
     (d / "task.log").write_text(log)
@@ -136,11 +209,16 @@ def test_status_reads_figures_from_shard_folders_without_opening_stores(data, tm
     _submitted(run, data, shards=4)
     done = {"state": "finished", "rc": 0, "job": "7", "host": "n1", "restarts": 1}
     _shard(run, 0, done, 5, ["p1:unparsed"])
-    d1 = _shard(run, 1, {"state": "running", "job": "8", "host": "n2", "restarts": 0}, 3,
-                ["p3:bad_verdict", "p1:unparsed"],
-                "[ 40.0%] 4 done (3 kept) | 2.0 inst/s | 1,500 out tok/s | in-flight 4 | store hits 0% | "
-                "ETA 0:00:10\n[ 50.0%] 5 done (3 kept) | 2.5 inst/s | 1,234 out tok/s | in-flight 4 | "
-                "store hits 0% | ETA 0:01:05\n")
+    d1 = _shard(
+        run,
+        1,
+        {"state": "running", "job": "8", "host": "n2", "restarts": 0},
+        3,
+        ["p3:bad_verdict", "p1:unparsed"],
+        "[ 40.0%] 4 done (3 kept) | 2.0 inst/s | 1,500 out tok/s | in-flight 4 | store hits 0% | "
+        "ETA 0:00:10\n[ 50.0%] 5 done (3 kept) | 2.5 inst/s | 1,234 out tok/s | in-flight 4 | "
+        "store hits 0% | ETA 0:01:05\n",
+    )
     with open(d1 / "data.jsonl", "a") as f:
         f.write('{"id": "in:half')  # a line being written: not counted yet
     _shard(run, 2, {"state": "stopped", "rc": 130, "job": "9", "host": "n3"}, 2, [])
@@ -186,8 +264,7 @@ def test_resubmit_runs_only_unfinished_shards_with_saved_settings(data, tmp_path
 
 
 def test_fs_type_and_the_unsafe_file_systems(tmp_path, monkeypatch):
-    table = ("/dev/sda1 / ext4 rw 0 0\nserver:/share /shared nfs4 rw 0 0\n"
-             "//nas/x /shared/smb cifs rw 0 0\n")
+    table = "/dev/sda1 / ext4 rw 0 0\nserver:/share /shared nfs4 rw 0 0\n//nas/x /shared/smb cifs rw 0 0\n"
     assert fsys.mount_type("/shared/runs/x", table) == "nfs4"
     assert fsys.mount_type("/shared/smb/runs", table) == "cifs"
     assert fsys.mount_type("/sharedx", table) == "ext4"
@@ -233,5 +310,6 @@ def test_cluster_unavailable_names_what_is_missing(monkeypatch):
     from tests.slurm import cluster
 
     monkeypatch.setattr(cluster.shutil, "which", lambda name: None if name == "slurmd" else "/usr/bin/x")
-    assert cluster.unavailable() == ("slurmd not installed (apt-get install slurm-wlm munge; .ci/run does "
-                                     "this)")
+    assert cluster.unavailable() == (
+        "slurmd not installed (apt-get install slurm-wlm munge; .ci/run does this)"
+    )

@@ -15,8 +15,9 @@ from sysgen import standin
 from sysgen.config import RunConfig
 from sysgen.run.pipeline import run_stream
 
-FAST = SchedulerConfig(max_inflight=8, max_retries=2, timeout_s=0.3,
-                       backoff_base_s=0.001, backoff_max_s=0.002)
+FAST = SchedulerConfig(
+    max_inflight=8, max_retries=2, timeout_s=0.3, backoff_base_s=0.001, backoff_max_s=0.002
+)
 
 
 def write_rows(path: Path, n: int, start: int = 0) -> list[bytes]:
@@ -24,10 +25,12 @@ def write_rows(path: Path, n: int, start: int = 0) -> list[bytes]:
     rows = []
     for i in range(start, start + n):
         q, a = f"Question number {i}: how do I sort a list of {i} items?", f"Use sorted(); item {i}."
-        row = [{"instruction": q, "output": a},
-               {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]},
-               {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
-               {"question": q, "answer": a}][i % 4]
+        row = [
+            {"instruction": q, "output": a},
+            {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]},
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+            {"question": q, "answer": a},
+        ][i % 4]
         rows.append(orjson.dumps(row))
     path.write_bytes(b"\n".join(rows) + b"\n")
     return rows

@@ -56,8 +56,22 @@ def test_report_missing_dir_exits_2(tmp_path, capsys):
 def test_eval_metrics_and_judges_into_eval_json_and_report(tmp_path, standin_judge, monkeypatch, capsys):
     monkeypatch.setenv("SYSGEN_JUDGE_API_KEY", "sk-secret-123")
     out = build_run(tmp_path / "run")
-    assert _main(["eval", str(out), "--no-bertscore", "--judge-engine", "openai", "--judge-model", "m",
-                  "--judge-url", "http://127.0.0.1:9"]) == 0
+    assert (
+        _main(
+            [
+                "eval",
+                str(out),
+                "--no-bertscore",
+                "--judge-engine",
+                "openai",
+                "--judge-model",
+                "m",
+                "--judge-url",
+                "http://127.0.0.1:9",
+            ]
+        )
+        == 0
+    )
     name, kw = standin_judge[0]
     assert name == "openai" and kw["api_key"] == "sk-secret-123" and kw["model"] == "m"
     ev = orjson.loads((out / "eval.json").read_bytes())
@@ -90,18 +104,52 @@ def test_eval_same_engine_reads_stats(tmp_path, standin_judge):
 @pytest.mark.slow
 def test_eval_judges_on_vllm_http_and_a_self_hosted_openai_route(tmp_path, standin_judge):
     out = build_run(tmp_path / "run")
-    assert _main(["eval", str(out), "--no-bertscore", "--judge-engine", "vllm_http", "--judge-model",
-                  "/m/llama", "--judge-url", "http://127.0.0.1:8000", "--judge-limit", "1"]) == 0
+    assert (
+        _main(
+            [
+                "eval",
+                str(out),
+                "--no-bertscore",
+                "--judge-engine",
+                "vllm_http",
+                "--judge-model",
+                "/m/llama",
+                "--judge-url",
+                "http://127.0.0.1:8000",
+                "--judge-limit",
+                "1",
+            ]
+        )
+        == 0
+    )
     name, kw = standin_judge[-1]
-    assert (name, kw["model"], kw["url"], kw["openai_server"]) == ("vllm_http", "/m/llama",
-                                                                  "http://127.0.0.1:8000", None)
+    assert (name, kw["model"], kw["url"], kw["openai_server"]) == (
+        "vllm_http",
+        "/m/llama",
+        "http://127.0.0.1:8000",
+        None,
+    )
     conf = {"engine": "openai", "model": "llama-8b", "url": "http://h:8000", "openai_server": "sglang"}
     out = build_run(tmp_path / "run2", stats={"engine": "openai", "model": "x", "config": conf})
     assert _main(["eval", str(out), "--no-bertscore", "--judge-limit", "1"]) == 0  # 'same': the run's server
-    assert standin_judge[-1] == ("openai", {**standin_judge[-1][1], "openai_server": "sglang",
-                                            "url": "http://h:8000", "model": "llama-8b"})
-    assert _main(["eval", str(out), "--no-bertscore", "--judge-engine", "openvino",
-                  "--judge-openai-server", "vllm"]) == 1  # the judges fail: the flag is for openai only
+    assert standin_judge[-1] == (
+        "openai",
+        {**standin_judge[-1][1], "openai_server": "sglang", "url": "http://h:8000", "model": "llama-8b"},
+    )
+    assert (
+        _main(
+            [
+                "eval",
+                str(out),
+                "--no-bertscore",
+                "--judge-engine",
+                "openvino",
+                "--judge-openai-server",
+                "vllm",
+            ]
+        )
+        == 1
+    )  # the judges fail: the flag is for openai only
     ev = orjson.loads((out / "eval.json").read_bytes())
     assert "--judge-openai-server applies to --judge-engine openai only" in ev["judges"]["reason"]
 
@@ -123,8 +171,19 @@ def test_eval_judge_failure_keeps_metrics_and_exits_1(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_eval_no_judges_and_bad_limit(tmp_path):
     out = build_run(tmp_path / "run")
-    assert _main(["eval", str(out), "--no-bertscore", "--no-judges",
-                  "--bleurt-checkpoint", str(tmp_path / "no-such-ckpt")]) == 0
+    assert (
+        _main(
+            [
+                "eval",
+                str(out),
+                "--no-bertscore",
+                "--no-judges",
+                "--bleurt-checkpoint",
+                str(tmp_path / "no-such-ckpt"),
+            ]
+        )
+        == 0
+    )
     ev = orjson.loads((out / "eval.json").read_bytes())
     assert ev["judges"]["reason"] == "--no-judges"
     assert ev["metrics"]["bleurt"]["status"] == "skipped" and "not found" in ev["metrics"]["bleurt"]["reason"]

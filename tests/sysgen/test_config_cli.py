@@ -5,23 +5,41 @@ from sysgen.config import RunConfig
 
 
 def test_every_config_field_is_a_flag():
-    args = build_parser().parse_args(["run", "a.jsonl", "b.jsonl", "--out", "o", "--limit", "3",
-                                      "--no-constrain",
-                                      "--shard", "1/4", "--p4-max-tokens", "64", "--engine", "hf"])
+    args = build_parser().parse_args(
+        [
+            "run",
+            "a.jsonl",
+            "b.jsonl",
+            "--out",
+            "o",
+            "--limit",
+            "3",
+            "--no-constrain",
+            "--shard",
+            "1/4",
+            "--p4-max-tokens",
+            "64",
+            "--engine",
+            "hf",
+        ]
+    )
     assert args.inputs == ["a.jsonl", "b.jsonl"] and args.limit == 3 and args.constrain is False
     assert args.shard == "1/4" and args.p4_max_tokens == 64 and args.engine == "hf"
 
 
-@pytest.mark.parametrize("kw, msg", [
-    ({"inputs": ()}, "no input files"),
-    ({"engine": "vllm"}, "unknown"),
-    ({"engine": "sglang_http"}, "needs --url"),
-    ({"engine": "hf", "openai_server": "vllm"}, "--openai-server applies to --engine openai only"),
-    ({"shard": "3/2"}, "0 <= i < N"),
-    ({"shard": "x"}, "expected i/N"),
-    ({"limit": -1}, "--limit"),
-    ({"p1_max_tokens": 0}, "--p1-max-tokens"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"inputs": ()}, "no input files"),
+        ({"engine": "vllm"}, "unknown"),
+        ({"engine": "sglang_http"}, "needs --url"),
+        ({"engine": "hf", "openai_server": "vllm"}, "--openai-server applies to --engine openai only"),
+        ({"shard": "3/2"}, "0 <= i < N"),
+        ({"shard": "x"}, "expected i/N"),
+        ({"limit": -1}, "--limit"),
+        ({"p1_max_tokens": 0}, "--p1-max-tokens"),
+    ],
+)
 def test_config_errors_say_what_to_fix(kw, msg):
     base = {"inputs": ("a.jsonl",), "out": "o"}
     with pytest.raises(ValueError, match=msg):
@@ -43,8 +61,18 @@ def test_missing_input_is_reported_before_any_model_loads(tmp_path, capsys):
 
 def test_a_model_path_that_is_not_a_model_is_a_clean_error(tmp_path, capsys):
     (tmp_path / "in.jsonl").write_text('{"instruction": "q", "output": "a"}\n')
-    rc = main(["run", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o"), "--engine", "hf",
-               "--model", str(tmp_path / "not-a-model")])
+    rc = main(
+        [
+            "run",
+            str(tmp_path / "in.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+            "--engine",
+            "hf",
+            "--model",
+            str(tmp_path / "not-a-model"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert "not-a-model" in err and "fix: pass a .gguf file or an OpenVINO model folder" in err

@@ -82,9 +82,11 @@ def test_a_generic_phrase_is_a_copy_only_when_the_prompt_shows_it():
 
 
 def test_p2_drops_copies_with_their_own_reason_and_keeps_them_on_request():
-    text = ("<Role>You are a friendly math tutor for school students.</Role>\n"
-            "<Task>Explain the proof of the triangle inequality.</Task>\n"
-            "<Tool>use python 3 with type hints</Tool>\n")
+    text = (
+        "<Role>You are a friendly math tutor for school students.</Role>\n"
+        "<Task>Explain the proof of the triangle inequality.</Task>\n"
+        "<Tool>use python 3 with type hints</Tool>\n"
+    )
     f = tags.filter_tags(text, OLD)
     assert f.tags == {"Task": "Explain the proof of the triangle inequality."}
     assert f.dropped == [("Role", "copied_example"), ("Tool", "copied_example")]
@@ -130,8 +132,11 @@ def test_a_run_drops_copies_and_counts_them_everywhere(tmp_path):
     assert all_copies[0]["p2_copied"]["Format"] == {"phrase": last.lower().rstrip("."), "example": last}
 
     st = stats.write(out, {}, rows_read=12)
-    assert st["p2_copied"] == {"instances": 12, "phrases": 24,
-                               "by_tag": {t: 12 if t in ("Role", "Format") else 0 for t in tags.TAGS}}
+    assert st["p2_copied"] == {
+        "instances": 12,
+        "phrases": 24,
+        "by_tag": {t: 12 if t in ("Role", "Format") else 0 for t in tags.TAGS},
+    }
     assert st["p2_tag_drops_by_tag"]["Role"] == {"copied_example": 12}
     assert st["dropped"]["p2:copied_example"] == 4
     assert example_copies(load_run(out))["with_example_phrase"] == 0
@@ -161,12 +166,20 @@ def test_malformed_lines_share_one_row_of_the_p2_table(tmp_path):
     from sysgen.eval import funnel
     from sysgen.publish.report import p2_section
 
-    row = {"id": "a:1", "source": "a", "phase": "p2", "reason": "copied_example", "p1_well_formed": False,
-           "p2_dropped": {"Role": "copied_example", "<Rol>You are": "malformed", "Sty": "malformed"},
-           "p2_copied": {"Role": {"phrase": "x", "example": "x"}}}
+    row = {
+        "id": "a:1",
+        "source": "a",
+        "phase": "p2",
+        "reason": "copied_example",
+        "p1_well_formed": False,
+        "p2_dropped": {"Role": "copied_example", "<Rol>You are": "malformed", "Sty": "malformed"},
+        "p2_copied": {"Role": {"phrase": "x", "example": "x"}},
+    }
     (tmp_path / "dropped.jsonl").write_bytes(orjson.dumps(row) + b"\n")
-    assert stats.compute(tmp_path)["p2_tag_drops_by_tag"] == {"Role": {"copied_example": 1},
-                                                              "other": {"malformed": 2}}
+    assert stats.compute(tmp_path)["p2_tag_drops_by_tag"] == {
+        "Role": {"copied_example": 1},
+        "other": {"malformed": 2},
+    }
     lines = "\n".join(p2_section(funnel.summarize([], [row]).tags))
     assert "| other lines | 2 | 0 |" in lines and "| Role | 0 | 1 |" in lines
 

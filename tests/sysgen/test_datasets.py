@@ -237,8 +237,12 @@ def test_shared_capybara_is_multi_turn():
 
 def test_known_rows_are_passed_unconverted_in_their_place(tmp_path):
     path = tmp_path / "k.jsonl"
-    rows = [b'{"instruction": "q1", "output": "a1"}\n', b"not json\n",
-            b'{"instruction": "q3", "output": "a3"}\n', b'{"instruction": "q4", "output": "a4"}\n']
+    rows = [
+        b'{"instruction": "q1", "output": "a1"}\n',
+        b"not json\n",
+        b'{"instruction": "q3", "output": "a3"}\n',
+        b'{"instruction": "q4", "output": "a4"}\n',
+    ]
     path.write_bytes(b"".join(rows))
     asked = []
 

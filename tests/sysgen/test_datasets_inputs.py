@@ -39,11 +39,18 @@ def test_same_file_name_in_two_folders_gets_distinct_readable_names(tmp_path):
     jsonl(a, qa(2, "mt"))
     jsonl(b, qa(3, "vi"))
     items = list(iter_instances([a, b]))
-    assert [i.id for i in items] == ["mt_bench/question:1", "mt_bench/question:2", "vicuna_bench/question:1",
-                                     "vicuna_bench/question:2", "vicuna_bench/question:3"]
+    assert [i.id for i in items] == [
+        "mt_bench/question:1",
+        "mt_bench/question:2",
+        "vicuna_bench/question:1",
+        "vicuna_bench/question:2",
+        "vicuna_bench/question:3",
+    ]
     # a name that is unique stays short
-    assert [s.name for s in resolve_inputs([a, tmp_path / "vicuna_bench"])] == ["mt_bench/question",
-                                                                                  "vicuna_bench/question"]
+    assert [s.name for s in resolve_inputs([a, tmp_path / "vicuna_bench"])] == [
+        "mt_bench/question",
+        "vicuna_bench/question",
+    ]
     assert [s.name for s in resolve_inputs([a])] == ["question"]
 
 
@@ -53,8 +60,10 @@ def test_names_are_shortest_suffix_and_earlier_names_stay():
     # same path but the extension: the extension tells them apart
     assert _names(["/d/a/train.jsonl", "/d/a/train.parquet"], {}) == ["train.jsonl", "train.parquet"]
     # a second folder added later does not rename the first run's source (its done markers hold)
-    assert _names(["/d/x/train.jsonl", "/d/y/train.jsonl"], {"/d/x/train.jsonl": "train"}) == ["train",
-                                                                                                "y/train"]
+    assert _names(["/d/x/train.jsonl", "/d/y/train.jsonl"], {"/d/x/train.jsonl": "train"}) == [
+        "train",
+        "y/train",
+    ]
 
 
 def test_folder_reads_every_data_file_in_natural_order_and_skips_the_rest(tmp_path, caplog):
@@ -117,8 +126,9 @@ def test_link_name_is_the_source_name(tmp_path):
 
 
 def test_csv_and_tsv(tmp_path):
-    (tmp_path / "t.csv").write_text('prompt,response\n"Hello, there",hi\n"multi\nline",\n\nlast,x\n',
-                                    encoding="utf-8")
+    (tmp_path / "t.csv").write_text(
+        'prompt,response\n"Hello, there",hi\n"multi\nline",\n\nlast,x\n', encoding="utf-8"
+    )
     items = list(iter_instances([tmp_path / "t.csv"]))
     assert [i.first_user for i in items] == ["Hello, there", "multi\nline", "last"]
     assert [i.original_answer for i in items] == ["hi", None, "x"]  # an empty cell: prompt-only
@@ -128,8 +138,9 @@ def test_csv_and_tsv(tmp_path):
     assert items[0].first_user == "q1" and isinstance(items[1], Rejected)
     assert "1 cells under a header of 3" in items[1].reason
     # resume by record number
-    assert [i.line for i in iter_instances([tmp_path / "t.csv"], start={str(tmp_path / "t.csv"): (2, -1)})] \
-        == [2, 4]
+    assert [
+        i.line for i in iter_instances([tmp_path / "t.csv"], start={str(tmp_path / "t.csv"): (2, -1)})
+    ] == [2, 4]
 
 
 def test_zero_byte_parquet_is_a_bad_file_and_reading_goes_on(tmp_path):
@@ -147,13 +158,16 @@ def save_to_disk(path, rows_by_split: dict[str, list[dict]]):
     if list(rows_by_split) == [""]:
         datasets.Dataset.from_list(rows_by_split[""]).save_to_disk(str(path))
     else:
-        datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows_by_split.items()}) \
-            .save_to_disk(str(path))
+        datasets.DatasetDict(
+            {k: datasets.Dataset.from_list(v) for k, v in rows_by_split.items()}
+        ).save_to_disk(str(path))
 
 
 def test_save_to_disk_dataset(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"u{i}"}, {"role": "assistant", "content": f"a{i}"}]}
-            for i in range(2500)]  # more than one slice
+    rows = [
+        {"messages": [{"role": "user", "content": f"u{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(2500)
+    ]  # more than one slice
     save_to_disk(tmp_path / "saved", {"": rows})
     srcs = resolve_inputs([tmp_path / "saved"])
     assert [(s.name, s.kind) for s in srcs] == [("saved", "hf_disk")]

@@ -53,8 +53,10 @@ CASES = {
         "conversation starts with an assistant turn (turn 2)",
     ),
     # Two user turns in a row are a prompt-only conversation only when no assistant turn is there.
-    "two_users_in_a_row": (conv(("human", "a"), ("gpt", "x"), ("human", "b"), ("human", "c")),
-                           "two user turns in a row (at turn 4)"),
+    "two_users_in_a_row": (
+        conv(("human", "a"), ("gpt", "x"), ("human", "b"), ("human", "c")),
+        "two user turns in a row (at turn 4)",
+    ),
     "system_in_middle": (
         conv(("human", "a"), ("system", "b")),
         "system turn at turn 2; only a leading system turn is supported",

@@ -25,12 +25,20 @@ def jsonl(path, rows) -> None:
 
 def two_benches(tmp_path):
     """mt_bench/question.jsonl and vicuna_bench/question.jsonl, as their projects ship them."""
-    jsonl(tmp_path / "data" / "mt_bench" / "question.jsonl",
-          [{"question_id": i, "category": "writing", "turns": [f"Write about topic {i}.", "Now shorter."]}
-           for i in range(1, 13)])
-    jsonl(tmp_path / "data" / "vicuna_bench" / "question.jsonl",
-          [{"question_id": i, "category": "generic", "turns": [f"How do I learn skill {i}?"]}
-           for i in range(1, 9)])
+    jsonl(
+        tmp_path / "data" / "mt_bench" / "question.jsonl",
+        [
+            {"question_id": i, "category": "writing", "turns": [f"Write about topic {i}.", "Now shorter."]}
+            for i in range(1, 13)
+        ],
+    )
+    jsonl(
+        tmp_path / "data" / "vicuna_bench" / "question.jsonl",
+        [
+            {"question_id": i, "category": "generic", "turns": [f"How do I learn skill {i}?"]}
+            for i in range(1, 9)
+        ],
+    )
     return tmp_path / "data"
 
 
@@ -85,8 +93,13 @@ def test_bad_files_are_recorded_and_the_run_goes_on(tmp_path, capsys):
     (tmp_path / "empty.parquet").write_bytes(b"")
     jsonl(tmp_path / "good.jsonl", [{"question": "q", "answer": "a"}])
     out = tmp_path / "out"
-    args = [str(tmp_path / "cut.jsonl.gz"), str(tmp_path / "empty.parquet"), str(tmp_path / "good.jsonl"),
-            "--out", str(out)]
+    args = [
+        str(tmp_path / "cut.jsonl.gz"),
+        str(tmp_path / "empty.parquet"),
+        str(tmp_path / "good.jsonl"),
+        "--out",
+        str(out),
+    ]
     assert _cli(*args) == 0
     drops = {r["source"]: r for r in records(out)["dropped"] if r["phase"] == "input"}
     assert set(drops) == {"cut", "empty"} and {r["reason"] for r in drops.values()} == {"unreadable_file"}
@@ -111,8 +124,10 @@ def test_stats_name_each_source_and_its_unused_text(tmp_path):
     assert mt["path"].endswith("mt_bench/question.jsonl")
     assert mt["unused_fields"] == {"keys": {"category": 12}, "example": "mt_bench/question:1"}
     assert main(["report", str(out)]) == 0
-    assert "text not read (no format or --columns mapping uses it): `category` (12 rows); e.g. row " \
-           "`mt_bench/question:1`" in (out / "report.md").read_text()
+    assert (
+        "text not read (no format or --columns mapping uses it): `category` (12 rows); e.g. row "
+        "`mt_bench/question:1`" in (out / "report.md").read_text()
+    )
     # a mapping for the odd shape; what it leaves is reported too
     out2 = tmp_path / "out2"
     assert _cli(str(tmp_path / "odd.jsonl"), "--columns", "user=task.text", "--out", str(out2)) == 0
@@ -141,7 +156,8 @@ def test_a_save_to_disk_folder_rewritten_restarts_its_outputs(tmp_path, caplog):
 
     def save(prefix: str) -> None:
         datasets.Dataset.from_list([{"prompt": f"{prefix} {i}"} for i in range(4)]).save_to_disk(
-            str(tmp_path / "saved"))
+            str(tmp_path / "saved")
+        )
 
     save("first")
     out = tmp_path / "out"

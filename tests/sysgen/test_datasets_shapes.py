@@ -41,8 +41,15 @@ def test_mt_bench_turns_are_user_turns_whose_answers_are_to_be_written():
 
 
 def test_messages_and_conversations_without_assistant_turns():
-    m = one({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
-                          {"role": "user", "content": "b"}]})
+    m = one(
+        {
+            "messages": [
+                {"role": "system", "content": "S"},
+                {"role": "user", "content": "a"},
+                {"role": "user", "content": "b"},
+            ]
+        }
+    )
     assert [t.role for t in m.turns] == ["system", "user", "user"] and m.original_answer is None
     c = one({"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]})
     assert [t.role for t in c.turns] == ["user", "user"]
@@ -56,24 +63,33 @@ def test_prompt_with_an_answer_column():
 
 def test_column_mapping_with_nested_paths():
     cmap = ColumnMap.parse("user=instances.0.input, assistant=instances.0.output,system=meta.sys")
-    row = {"instruction": "ignored", "meta": {"sys": "Be brief."},
-           "instances": [{"input": "2+2?", "output": "4"}, {"input": "3+3?", "output": "6"}]}
+    row = {
+        "instruction": "ignored",
+        "meta": {"sys": "Be brief."},
+        "instances": [{"input": "2+2?", "output": "4"}, {"input": "3+3?", "output": "6"}],
+    }
     inst = one(row, columns=cmap)
     assert inst.fmt == "columns"
-    assert [(t.role, t.content) for t in inst.turns] == [("system", "Be brief."), ("user", "2+2?"),
-                                                          ("assistant", "4")]
+    assert [(t.role, t.content) for t in inst.turns] == [
+        ("system", "Be brief."),
+        ("user", "2+2?"),
+        ("assistant", "4"),
+    ]
     # no answer there: prompt-only; no user text: the row is rejected, naming the path
     assert one({"instances": [{"input": "q"}]}, columns=cmap).original_answer is None
     assert "row has no 'instances.0.input'" in one({"instances": []}, columns=cmap).reason
 
 
-@pytest.mark.parametrize("spec, msg", [
-    ("assistant=a", "needs user=FIELD"),
-    ("user=a,user=b", "user is given twice"),
-    ("speaker=a,user=b", "unknown role 'speaker'"),
-    ("user", "is not ROLE=FIELD"),
-    ("user=a..b", "has an empty step"),
-])
+@pytest.mark.parametrize(
+    "spec, msg",
+    [
+        ("assistant=a", "needs user=FIELD"),
+        ("user=a,user=b", "user is given twice"),
+        ("speaker=a,user=b", "unknown role 'speaker'"),
+        ("user", "is not ROLE=FIELD"),
+        ("user=a..b", "has an empty step"),
+    ],
+)
 def test_bad_column_specs_are_argument_errors(spec, msg):
     with pytest.raises(ValueError, match=msg):
         ColumnMap.parse(spec)
@@ -81,11 +97,16 @@ def test_bad_column_specs_are_argument_errors(spec, msg):
 
 def test_mapping_checked_on_the_first_row_lists_the_fields_rows_have(tmp_path):
     path = tmp_path / "odd.jsonl"
-    path.write_bytes(orjson.dumps({"task": "t", "instances": [{"input": "q", "output": "a"}],
-                                   "meta": {"lang": "en"}}) + b"\n")
-    with pytest.raises(DatasetError, match=r"--columns user=instances\.input: the first row of .*odd\.jsonl "
-                                           r"has no such field; its fields are: task, instances\.0\.input, "
-                                           r"instances\.0\.output, meta\.lang") as e:
+    path.write_bytes(
+        orjson.dumps({"task": "t", "instances": [{"input": "q", "output": "a"}], "meta": {"lang": "en"}})
+        + b"\n"
+    )
+    with pytest.raises(
+        DatasetError,
+        match=r"--columns user=instances\.input: the first row of .*odd\.jsonl "
+        r"has no such field; its fields are: task, instances\.0\.input, "
+        r"instances\.0\.output, meta\.lang",
+    ) as e:
         preflight([path], columns="user=instances.input")
     assert e.value.kind == "argument"
     items = list(iter_instances([path], columns="user=instances.0.input,assistant=instances.0.output"))
@@ -96,9 +117,11 @@ def test_mapping_checked_on_the_first_row_lists_the_fields_rows_have(tmp_path):
 
 def test_text_no_format_read_is_counted_per_source_and_logged_once(tmp_path, caplog):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    rows = [{"id": "r1", "question": "q1", "answer": "x", "explanation": "because", "category": "math"},
-            {"id": "r2", "question": "q2", "answer": "y", "explanation": " ", "category": "math", "n": 3},
-            {"id": "r3", "question": "q3", "answer": "z", "references": [{"text": "see [1]"}]}]
+    rows = [
+        {"id": "r1", "question": "q1", "answer": "x", "explanation": "because", "category": "math"},
+        {"id": "r2", "question": "q2", "answer": "y", "explanation": " ", "category": "math", "n": 3},
+        {"id": "r3", "question": "q3", "answer": "z", "references": [{"text": "see [1]"}]},
+    ]
     a.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
     b.write_bytes(orjson.dumps({"instruction": "i", "input": "extra", "output": "o"}) + b"\n")
     unused = UnusedFields()

@@ -13,8 +13,22 @@ pytestmark = pytest.mark.model
 SAMPLES = [str(REPO / "sysgen" / "samples" / "demo_mixed.jsonl")]
 # P1 gets its default budget: SmolLM2 needs ~110 tokens for six tags of its own words (96 only fitted
 # while it copied the old prompt's short examples), and a parse rate needs one P1 answer that ends.
-SMALL = ["--limit", "2", "--p1-max-tokens", "320", "--p3-max-tokens", "40", "--p4-max-tokens", "40",
-         "--no-progress", "--no-report", "--engine", "openvino", "--max-batch", "4"]
+SMALL = [
+    "--limit",
+    "2",
+    "--p1-max-tokens",
+    "320",
+    "--p3-max-tokens",
+    "40",
+    "--p4-max-tokens",
+    "40",
+    "--no-progress",
+    "--no-report",
+    "--engine",
+    "openvino",
+    "--max-batch",
+    "4",
+]
 
 
 def _stats(out):

@@ -138,7 +138,9 @@ def test_export_folder_loads_with_its_card(tmp_path, offline):
     assert not (run_dir / "README.md").exists()  # nothing written into the run
     meta = _front_matter((dest / "README.md").read_text())
     assert {c["config_name"]: c["data_files"][0]["path"] for c in meta["configs"]} == {
-        "messages": "messages.jsonl", "sharegpt": "sharegpt.jsonl"}
+        "messages": "messages.jsonl",
+        "sharegpt": "sharegpt.jsonl",
+    }
     ds = datasets.load_dataset(str(dest), split="train", cache_dir=str(offline))
     assert ds.num_rows == len(RECORDS) and ds[0]["messages"][2]["role"] == "assistant"
     sg = datasets.load_dataset(str(dest), "sharegpt", split="train", cache_dir=str(offline))

@@ -42,8 +42,16 @@ class Server:
         self.port, self.delay_s, self.proc, self.extra = port, delay_s, None, extra
 
     def start(self) -> Server:
-        cmd = [sys.executable, "-m", "bench.http_server", "--port", str(self.port),
-               "--delay", str(self.delay_s), *self.extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.http_server",
+            "--port",
+            str(self.port),
+            "--delay",
+            str(self.delay_s),
+            *self.extra,
+        ]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout.readline().startswith("PORT ")
         return self
@@ -71,9 +79,24 @@ def tokenizer_dir(tmp_path) -> Path:
 
 
 def cli(inp: Path, out: Path, port: int, model: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "sysgen", "run", str(inp), "--out", str(out), "--engine", "sglang_http",
-            "--url", f"http://127.0.0.1:{port}", "--model", str(model), "--no-progress", "--no-report",
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "sysgen",
+        "run",
+        str(inp),
+        "--out",
+        str(out),
+        "--engine",
+        "sglang_http",
+        "--url",
+        f"http://127.0.0.1:{port}",
+        "--model",
+        str(model),
+        "--no-progress",
+        "--no-report",
+        *extra,
+    ]
 
 
 def start(cmd: list[str]) -> subprocess.Popen:
@@ -134,12 +157,18 @@ def test_kill_9_during_an_outage_then_resume_keeps_every_row(tmp_path, tokenizer
         proc.communicate()
         assert 0 < len(ids_once(out)) < N
         # The engine stays down: the resumed run waits its --engine-down-s, then stops resumable.
-        stopped = subprocess.run(cli(inp, out, port, tokenizer_dir, "--engine-down-s", "2"), cwd=REPO,
-                                 capture_output=True, text=True, timeout=60)
+        stopped = subprocess.run(
+            cli(inp, out, port, tokenizer_dir, "--engine-down-s", "2"),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert stopped.returncode != 0
         srv.start()
-        done = subprocess.run(cli(inp, out, port, tokenizer_dir), cwd=REPO, capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run(
+            cli(inp, out, port, tokenizer_dir), cwd=REPO, capture_output=True, text=True, timeout=120
+        )
     finally:
         srv.stop()
     assert done.returncode == 0, done.stderr
@@ -160,8 +189,9 @@ def test_an_engine_that_stays_down_stops_the_run_resumable(tmp_path, tokenizer_d
         assert "unreachable for 2s" in err and "re-run the same command to resume" in err
         assert engine_drops(out) == []
         srv.start()
-        done = subprocess.run(cli(inp, out, port, tokenizer_dir), cwd=REPO, capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run(
+            cli(inp, out, port, tokenizer_dir), cwd=REPO, capture_output=True, text=True, timeout=120
+        )
     finally:
         srv.stop()
     assert done.returncode == 0, done.stderr
@@ -173,10 +203,20 @@ def test_a_refused_api_key_stops_the_run_at_once_and_drops_nothing(tmp_path, tok
     write_rows(inp, N)
     srv = Server(port, 0.0, "--api-key", "right-key").start()
     try:
-        bad = subprocess.run(cli(inp, out, port, tokenizer_dir, "--api-key", "wrong-key"), cwd=REPO,
-                             capture_output=True, text=True, timeout=60)
-        good = subprocess.run(cli(inp, out, port, tokenizer_dir, "--api-key", "right-key"), cwd=REPO,
-                              capture_output=True, text=True, timeout=120)
+        bad = subprocess.run(
+            cli(inp, out, port, tokenizer_dir, "--api-key", "wrong-key"),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        good = subprocess.run(
+            cli(inp, out, port, tokenizer_dir, "--api-key", "right-key"),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         srv.stop()
     assert bad.returncode != 0 and "401" in bad.stderr and "check --api-key" in bad.stderr

@@ -50,6 +50,7 @@ def finished(tmp_path):
 
 # ---- 3: a store.db from another run ----
 
+
 def test_a_store_db_of_another_run_never_cuts_the_outputs(tmp_path, finished, capsys):
     inp, out = finished
     write_rows(tmp_path / "b.jsonl", 5)
@@ -61,6 +62,7 @@ def test_a_store_db_of_another_run_never_cuts_the_outputs(tmp_path, finished, ca
 
 
 # ---- 4: a line inserted, or a byte changed, by hand ----
+
 
 def test_a_line_inserted_by_hand_is_refused_not_cut(finished, capsys):
     inp, out = finished
@@ -74,7 +76,7 @@ def test_a_byte_changed_inside_a_committed_record_is_refused(finished, capsys):
     inp, out = finished
     data = (out / "data.jsonl").read_bytes()
     at = data.index(b'"id":"a:2"') + len('"id":"')
-    (out / "data.jsonl").write_bytes(data[:at] + b"b" + data[at + 1:])  # same size, one id changed
+    (out / "data.jsonl").write_bytes(data[:at] + b"b" + data[at + 1 :])  # same size, one id changed
     _refused(inp, out, capsys, "not the ones store.db committed")
     assert main(["export", str(out)]) == 2  # and export does not write the edited record
     assert "not the ones store.db committed" in capsys.readouterr().err
@@ -109,6 +111,7 @@ def test_repair_moves_the_edited_file_aside_and_the_run_rebuilds_it_from_the_sto
 
 # ---- 5: merge of a shard that lost lines ----
 
+
 def test_merge_of_a_shard_that_lost_ten_lines_is_refused(tmp_path, capsys):
     inp = tmp_path / "in.jsonl"
     write_rows(inp, 80)
@@ -124,6 +127,7 @@ def test_merge_of_a_shard_that_lost_ten_lines_is_refused(tmp_path, capsys):
 
 
 # ---- an unreadable store.db: advice that fits ----
+
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files of mode 000")
 def test_an_unreadable_store_db_says_to_fix_its_permissions(finished, capsys):

@@ -90,9 +90,19 @@ def test_prompts_ask_for_exactly_the_constrained_words():
     assert "exactly one of: yes, no" in judges.load_prompt("alignment")
 
 
-@pytest.mark.parametrize("text,verdict", [
-    ("A", "A"), ("B", "B"), ("tie", "tie"), (" Tie.", "tie"), ("Response B is better.", "B"),
-    ("[[A]]", "A"), ("I think a better one is unclear", None), ("", None)])
+@pytest.mark.parametrize(
+    "text,verdict",
+    [
+        ("A", "A"),
+        ("B", "B"),
+        ("tie", "tie"),
+        (" Tie.", "tie"),
+        ("Response B is better.", "B"),
+        ("[[A]]", "A"),
+        ("I think a better one is unclear", None),
+        ("", None),
+    ],
+)
 def test_parse_pairwise_lenient(text, verdict):
     assert judges.parse_pairwise(text) == verdict
 
@@ -148,9 +158,12 @@ def test_win_rate_arithmetic_over_both_orders():
 
 
 def test_alignment_arithmetic_and_failures():
-    js = [Judgement("1", "s", "alignment", "yes", "yes"), Judgement("2", "s", "alignment", "yes", "yes"),
-          Judgement("3", "s", "alignment", "no", "no"),
-          Judgement("4", "s", "alignment", None, "", error="rejected: too long")]
+    js = [
+        Judgement("1", "s", "alignment", "yes", "yes"),
+        Judgement("2", "s", "alignment", "yes", "yes"),
+        Judgement("3", "s", "alignment", "no", "no"),
+        Judgement("4", "s", "alignment", None, "", error="rejected: too long"),
+    ]
     a = judge_stats.alignment_summary(js)["all"]
     assert (a["yes"], a["no"], a["failed"], a["judged"]) == (2, 1, 1, 3)
     assert a["yes_rate"] == pytest.approx(200 / 3)
@@ -195,8 +208,9 @@ def test_position_biased_judge_shows_in_the_orders(tmp_path):
 
 def test_unconstrained_endpoint_counts_unparseable(tmp_path):
     run = load_run(build_run(tmp_path / "run"))
-    backend = StandInJudgeBackend(lambda t: "Hard to say." if "[Response A]" in t else "Yes.",
-                                  regex=False, token_ids=False)
+    backend = StandInJudgeBackend(
+        lambda t: "Hard to say." if "[Response A]" in t else "Yes.", regex=False, token_ids=False
+    )
     out = asyncio.run(_judge_run(run, backend, tmp_path))
     assert out["regex"] is False
     assert out["pairwise"]["all"]["combined"]["invalid"] == 4

@@ -28,6 +28,7 @@ def sg(inputs, out: Path, *extra: str) -> int:
 
 # ---- item 1: a quoted glob pointing at a run's own folder ----
 
+
 def test_a_quoted_glob_never_reads_the_runs_outputs_after_a_file_is_added(tmp_path, caplog):
     d = tmp_path / "d"
     d.mkdir()
@@ -54,12 +55,15 @@ def test_a_glob_over_several_run_folders_skips_every_runs_outputs(tmp_path):
     (tmp_path / "r2" / "stats.json").write_text("{}")
     (tmp_path / "plain").mkdir()
     write_rows(tmp_path / "plain" / "data.jsonl", 2)  # not a run folder: a user's file of that name
-    got = sorted(Path(s.path).relative_to(tmp_path).as_posix()
-                 for s in resolve_inputs([str(tmp_path / "*" / "*.jsonl")]))
+    got = sorted(
+        Path(s.path).relative_to(tmp_path).as_posix()
+        for s in resolve_inputs([str(tmp_path / "*" / "*.jsonl")])
+    )
     assert got == ["plain/data.jsonl", "r1/in.jsonl", "r2/in.jsonl"]
 
 
 # ---- item 2: every numeric flag of every subcommand, refused by the parser ----
+
 
 def _numeric_flags() -> list[tuple[str, str]]:
     """(subcommand, flag) for every option whose parser type is a number, found in the parser."""
@@ -72,9 +76,14 @@ def _numeric_flags() -> list[tuple[str, str]]:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for cmd, p in sub.choices.items():
         for a in p._actions:
-            if a.option_strings and a.type is not None and (
+            if (
+                a.option_strings
+                and a.type is not None
+                and (
                     getattr(a.type, "__name__", "") in ("whole number", "number", "int", "float")
-                    or a.type is shard):
+                    or a.type is shard
+                )
+            ):
                 found.append((cmd, a.option_strings[0]))
     return found
 
@@ -86,9 +95,12 @@ def test_every_int_or_float_field_of_the_run_config_has_bounds():
     from sysgen.config import RunConfig, config_fields
 
     hints = typing.get_type_hints(RunConfig)
-    numeric = {f.name for f in config_fields()
-               if {int, float} & set(typing.get_args(hints[f.name]) or (hints[f.name],))
-               and not isinstance(f.default, bool)}
+    numeric = {
+        f.name
+        for f in config_fields()
+        if {int, float} & set(typing.get_args(hints[f.name]) or (hints[f.name],))
+        and not isinstance(f.default, bool)
+    }
     assert numeric and numeric <= set(RUN)
     flags = _numeric_flags()
     assert {f for c, f in flags if c == "run"} == {"--" + n.replace("_", "-") for n in RUN}
@@ -110,8 +122,27 @@ def _files(d: Path) -> dict[str, bytes]:
 BAD = st.one_of(
     st.integers(min_value=10**13, max_value=10**40).map(str),  # huge
     st.integers(max_value=-1).map(str),  # negative
-    st.sampled_from(["nan", "NaN", "inf", "-inf", "1e400", "", " ", "abc", "1/0", "0x10", "1.5.2", "١٢",
-                     "99999999999999999999", "0/99999999999999999999", "-1/4", "4/4", "1e9"]),
+    st.sampled_from(
+        [
+            "nan",
+            "NaN",
+            "inf",
+            "-inf",
+            "1e400",
+            "",
+            " ",
+            "abc",
+            "1/0",
+            "0x10",
+            "1.5.2",
+            "١٢",
+            "99999999999999999999",
+            "0/99999999999999999999",
+            "-1/4",
+            "4/4",
+            "1e9",
+        ]
+    ),
     st.text(alphabet="abcxyz!?%", min_size=1, max_size=8),  # non-numeric
 )
 
@@ -123,11 +154,18 @@ def test_an_extreme_numeric_flag_is_one_line_exit_2_and_touches_nothing(finished
     cmd, flag = flags[which % len(flags)]
     out = finished_run / "out"
     before = _files(finished_run)
-    argv = {"run": ["run", str(finished_run / "in.jsonl"), "--out", str(out), *STANDIN],
-            "eval": ["eval", str(out), "--no-bertscore", "--no-judges"],
-            "slurm": ["slurm", str(finished_run / "in.jsonl"), "--out", str(finished_run / "slurm-run"),
-                      *STANDIN, "--dry-run"],
-            }.get(cmd, [cmd, str(out)])
+    argv = {
+        "run": ["run", str(finished_run / "in.jsonl"), "--out", str(out), *STANDIN],
+        "eval": ["eval", str(out), "--no-bertscore", "--no-judges"],
+        "slurm": [
+            "slurm",
+            str(finished_run / "in.jsonl"),
+            "--out",
+            str(finished_run / "slurm-run"),
+            *STANDIN,
+            "--dry-run",
+        ],
+    }.get(cmd, [cmd, str(out)])
     capsys.readouterr()
     code = main([*argv, flag + "=" + value])
     err = capsys.readouterr().err
@@ -136,9 +174,17 @@ def test_an_extreme_numeric_flag_is_one_line_exit_2_and_touches_nothing(finished
     assert _files(finished_run) == before
 
 
-@pytest.mark.parametrize("flag,value", [("--shard", "0/99999999999999999999"), ("--limit", str(10**20)),
-                                        ("--seed", str(10**20)), ("--max-inflight", "-5"),
-                                        ("--p4-budget-cap", "nan"), ("--timeout-s", "inf")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--shard", "0/99999999999999999999"),
+        ("--limit", str(10**20)),
+        ("--seed", str(10**20)),
+        ("--max-inflight", "-5"),
+        ("--p4-budget-cap", "nan"),
+        ("--timeout-s", "inf"),
+    ],
+)
 def test_the_reported_flag_values_are_refused_and_the_outputs_kept(finished_run, capsys, flag, value):
     before = _files(finished_run)
     assert sg([finished_run / "in.jsonl"], finished_run / "out", flag, value) == 2
@@ -148,6 +194,7 @@ def test_the_reported_flag_values_are_refused_and_the_outputs_kept(finished_run,
 
 
 # ---- item 7: a row too long for the context, and a long conversation beside short rows ----
+
 
 def test_a_row_too_long_for_the_context_is_dropped_without_tokenizing_it(tmp_path, smol_tokenizer):
     import time
@@ -161,13 +208,20 @@ def test_a_row_too_long_for_the_context_is_dropped_without_tokenizing_it(tmp_pat
         from pipeline_helpers import records, run
         from test_multiturn_tokens import RadixStandIn
 
-    huge = {"messages": [{"role": "user", "content": "word " * 1_400_000},  # 7 MB
-                         {"role": "assistant", "content": "ok"}]}
+    huge = {
+        "messages": [
+            {"role": "user", "content": "word " * 1_400_000},  # 7 MB
+            {"role": "assistant", "content": "ok"},
+        ]
+    }
     (tmp_path / "in.jsonl").write_bytes(orjson.dumps(huge) + b"\n")
     write_rows(tmp_path / "small.jsonl", 3)
     t0 = time.monotonic()
-    run([tmp_path / "in.jsonl", tmp_path / "small.jsonl"], tmp_path / "out",
-        RadixStandIn(smol_tokenizer, max_context=8192))
+    run(
+        [tmp_path / "in.jsonl", tmp_path / "small.jsonl"],
+        tmp_path / "out",
+        RadixStandIn(smol_tokenizer, max_context=8192),
+    )
     got = records(tmp_path / "out")
     # P1 shows each turn cut at --max-turn-chars; P4's first prompt holds the whole turn.
     assert [(d["phase"], d["reason"]) for d in got["dropped"]] == [("p4", "context@turn1")]
@@ -187,17 +241,35 @@ def test_sigterm_stops_a_run_within_seconds_while_a_long_conversation_is_prompte
     turns = 8000  # its P1 prompt alone is ~1.5 MB of text; P4 would take many minutes
     msgs = []
     for j in range(turns):
-        msgs += [{"role": "user", "content": f"Question {j}: what is {j} plus {j}? Please explain it."},
-                 {"role": "assistant", "content": f"The answer is {2 * j}, as {j} and {j} make {2 * j}."}]
+        msgs += [
+            {"role": "user", "content": f"Question {j}: what is {j} plus {j}? Please explain it."},
+            {"role": "assistant", "content": f"The answer is {2 * j}, as {j} and {j} make {2 * j}."},
+        ]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out"
     inp.write_bytes(orjson.dumps({"messages": msgs}) + b"\n")
     with inp.open("ab") as f:  # short rows behind it: they must not wait for it
         f.write(b"".join(r + b"\n" for r in write_rows(tmp_path / "short.jsonl", 12)))
     repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen([sys.executable, "-m", "sysgen", "run", str(inp), "--out", str(out),
-                             "--engine", "standin", "--no-progress", "--no-report"], cwd=repo,
-                            env={**os.environ, "SYSGEN_STANDIN_TOKENIZER": "default"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sysgen",
+            "run",
+            str(inp),
+            "--out",
+            str(out),
+            "--engine",
+            "standin",
+            "--no-progress",
+            "--no-report",
+        ],
+        cwd=repo,
+        env={**os.environ, "SYSGEN_STANDIN_TOKENIZER": "default"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 45
         while not ((out / "data.jsonl").exists() and (out / "data.jsonl").read_bytes().count(b"\n") >= 12):
@@ -218,6 +290,7 @@ def test_sigterm_stops_a_run_within_seconds_while_a_long_conversation_is_prompte
 
 # ---- item 8: a lowered --limit, and a stray temporary file of a killed export ----
 
+
 def test_a_limit_lowered_below_what_is_done_is_refused_and_changes_nothing(tmp_path, capsys):
     import json
 
@@ -237,6 +310,7 @@ def test_a_limit_lowered_below_what_is_done_is_refused_and_changes_nothing(tmp_p
 
 # ---- item 6: OS errors are one line in every subcommand, temporary files removed ----
 # (Injected: the tests run as root too, which no file mode stops.)
+
 
 def _refuse(monkeypatch, target: Path, modes: str = "rwa", err: int = 13) -> None:
     """open(target) in any of `modes` raises OSError `err` (13: permission denied) from now on."""
@@ -315,8 +389,11 @@ def test_run_report_and_eval_on_a_full_disk_are_one_line_and_leave_no_file(tmp_p
     assert sg([tmp_path / "in.jsonl"], out) == 0
     before = {p.name for p in out.iterdir()}
     _full_disk(monkeypatch)
-    for argv in (["run", str(tmp_path / "in.jsonl"), "--out", str(out), *STANDIN], ["report", str(out)],
-                 ["eval", str(out), "--no-bertscore", "--no-judges"]):
+    for argv in (
+        ["run", str(tmp_path / "in.jsonl"), "--out", str(out), *STANDIN],
+        ["report", str(out)],
+        ["eval", str(out), "--no-bertscore", "--no-judges"],
+    ):
         capsys.readouterr()
         assert main(argv) == 2, argv
         _one_line(capsys.readouterr().err, "No space left on device", "free space")
@@ -351,19 +428,25 @@ def test_a_stray_temporary_file_of_a_killed_export_is_never_loaded(tmp_path):
     assert main(["export", str(out)]) == 0
     (out / "export" / "README.md").unlink()  # a folder without its card: datasets globs the files
     # A second export killed (SIGKILL: no clean-up runs) after two rows of its temporary file.
-    code = ("import os, signal, sys, orjson\n"
-            "import sysgen.publish.export as x\n"
-            "def half(data, path):\n"
-            "    with open(path, 'wb') as fh:\n"
-            "        for i, row in enumerate(data):\n"
-            "            fh.write(orjson.dumps(row) + b'\\n'); fh.flush()\n"
-            "            if i == 1: os.kill(os.getpid(), signal.SIGKILL)\n"
-            "x._write_jsonl = half\n"
-            "from sysgen.cli import main\n"
-            f"main(['export', {str(out)!r}])\n")
+    code = (
+        "import os, signal, sys, orjson\n"
+        "import sysgen.publish.export as x\n"
+        "def half(data, path):\n"
+        "    with open(path, 'wb') as fh:\n"
+        "        for i, row in enumerate(data):\n"
+        "            fh.write(orjson.dumps(row) + b'\\n'); fh.flush()\n"
+        "            if i == 1: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "x._write_jsonl = half\n"
+        "from sysgen.cli import main\n"
+        f"main(['export', {str(out)!r}])\n"
+    )
     repo = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True,
-                          env={**os.environ, "PYTHONPATH": str(repo)})
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=repo,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
     assert done.returncode == -signal.SIGKILL
     assert len(list((out / "export").iterdir())) == 2  # messages.jsonl and the killed one's temporary
     ds = datasets.load_dataset(str(out / "export"), split="train", cache_dir=str(tmp_path / "hf"))

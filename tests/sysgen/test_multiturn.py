@@ -26,9 +26,13 @@ def capybara_rows(n: int, turns: int = 3, answered: int | None = None) -> list[d
     answered = turns if answered is None else answered
     rows = []
     for i in range(n):
-        conv = [{"input": f"Row {i} turn {j}: tell me about topic {i * 10 + j}.",
-                 **({"output": f"Original answer {i}.{j} about topic {i * 10 + j}."}
-                    if j <= answered else {})} for j in range(1, turns + 1)]
+        conv = [
+            {
+                "input": f"Row {i} turn {j}: tell me about topic {i * 10 + j}.",
+                **({"output": f"Original answer {i}.{j} about topic {i * 10 + j}."} if j <= answered else {}),
+            }
+            for j in range(1, turns + 1)
+        ]
         rows.append({"source": "test", "conversation": conv})
     return rows
 
@@ -108,9 +112,11 @@ def test_prompt_only_conversations_get_every_missing_answer(tmp_path):
         roles = ("user", "assistant")
         return {"messages": [{"role": roles[k % 2], "content": t} for k, t in enumerate(texts)]}
 
-    rows = [conv("Row a turn 1: q", "a1", "Row a turn 2: q"),  # ends on a user turn
-            conv("Row b turn 1: only a prompt."),
-            conv("Row c turn 1: q", "a1", "Row c turn 2: q", "a2", "Row c turn 3: q")]
+    rows = [
+        conv("Row a turn 1: q", "a1", "Row a turn 2: q"),  # ends on a user turn
+        conv("Row b turn 1: only a prompt."),
+        conv("Row c turn 1: q", "a1", "Row c turn 2: q", "a2", "Row c turn 3: q"),
+    ]
     write(tmp_path / "in.jsonl", rows)
     run([tmp_path / "in.jsonl"], tmp_path / "out", Recorder().backend)
     data = {r["id"]: r for r in records(tmp_path / "out")["data"]}
@@ -128,8 +134,13 @@ def test_user_turns_pairs_answers_and_gaps():
     from sysgen.datasets.instance import Instance, Turn
     from sysgen.run.phases import user_turns
 
-    turns = (Turn("system", "s"), Turn("user", "u1"), Turn("user", "u2"), Turn("assistant", "a2"),
-             Turn("user", "u3"))
+    turns = (
+        Turn("system", "s"),
+        Turn("user", "u1"),
+        Turn("user", "u2"),
+        Turn("assistant", "a2"),
+        Turn("user", "u3"),
+    )
     assert user_turns(Instance("x", "x", "t", turns)) == [("u1", None), ("u2", "a2"), ("u3", None)]
 
 
@@ -166,8 +177,11 @@ class Looping(Recorder):
         super().__init__(fault=self.fault)
 
     def loops(self, request) -> bool:
-        return request.group == "p4" and turn_of(request) == 1 and (
-            request.sampling.temperature == 0 or self.sampled_loops)
+        return (
+            request.group == "p4"
+            and turn_of(request) == 1
+            and (request.sampling.temperature == 0 or self.sampled_loops)
+        )
 
     def fault(self, request, attempt):
         return "truncate" if self.loops(request) else None
@@ -232,6 +246,12 @@ def test_eval_export_and_judges_see_every_turn(tmp_path):
     jobs = [j for j in iter_plan(rd.records, Recorder().backend) if j[1] == "alignment"]
     assert len(jobs) == 3 and all("[Turn 3]" in str(req.prompt) for _, _, req in jobs)
     # records written before multi-turn (one original_answer) still read
-    old = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                        {"role": "assistant", "content": "a"}], "original_answer": "o"}
+    old = {
+        "messages": [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "a"},
+        ],
+        "original_answer": "o",
+    }
     assert turn_pairs(old) == [("u", "a", "o")]

@@ -59,8 +59,9 @@ def test_kill_9_mid_conversation_then_resume_generates_no_turn_twice(tmp_path):
     data = records(out)["data"]
     assert len(data) == 60 and all(r["answered_turns"] == 4 for r in data)
     # Some conversations were cut mid-way: their first turns were stored before the kill, later ones not.
-    mid = [r for r in data
-           if r["request_keys"]["p4"][0] in before and r["request_keys"]["p4"][-1] not in before]
+    mid = [
+        r for r in data if r["request_keys"]["p4"][0] in before and r["request_keys"]["p4"][-1] not in before
+    ]
     assert mid, f"the kill should land mid-conversation ({len(before)} stored, {n_done} done)"
     # The resumed run asked the engine only for what the store did not hold: nothing twice.
     after = stored_keys(out)

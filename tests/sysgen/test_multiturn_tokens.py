@@ -93,8 +93,9 @@ def test_a_conversation_longer_than_the_context_is_dropped_naming_the_turn(tmp_p
         got = records(out)
         if keep:
             assert not got["dropped"] and len(got["data"]) == 3
-            assert all(r["answered_turns"] == 2 and r["partial"]["reason"] == "p4:context@turn3"
-                       for r in got["data"])
+            assert all(
+                r["answered_turns"] == 2 and r["partial"]["reason"] == "p4:context@turn3" for r in got["data"]
+            )
         else:
             assert not got["data"] and [d["reason"] for d in got["dropped"]] == ["context@turn3"] * 3
 
@@ -114,8 +115,12 @@ def test_turns_first_makes_the_same_requests_as_before_multi_turn(tmp_path, engi
         system = r["messages"][0]["content"]
         assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]
         assert r["original_answers"] == [rows[i]["conversation"][0]["output"]]
-        want = Request(prompt=old.ids(system, first_user), sampling=SamplingParams(max_new_tokens=512),
-                       model=engine.model_id, group="p4")
+        want = Request(
+            prompt=old.ids(system, first_user),
+            sampling=SamplingParams(max_new_tokens=512),
+            model=engine.model_id,
+            group="p4",
+        )
         assert r["request_keys"]["p4"] == want.key.hex()
         assert "user_turns" not in r and "partial" not in r
     st = stats.write(tmp_path / "out", {})

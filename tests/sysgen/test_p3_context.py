@@ -48,7 +48,7 @@ def test_continued_p3_ids_extend_p1_prompt_and_answer(tmp_path, smol_tokenizer):
     answer = build.chat.encode_data([P1_TEXT])[0]
     n = len(req1.prompt)
     assert req3.prompt[:n] == req1.prompt
-    assert list(req3.prompt[n:n + len(answer)]) == answer
+    assert list(req3.prompt[n : n + len(answer)]) == answer
     end = smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert req3.prompt[n + len(answer)] == end  # the answer's turn is closed, then the P3 turn
     # The whole P3 instructions and the message ride in the new user turn; regex and budget as standalone.
@@ -86,8 +86,8 @@ def test_chat_puts_p3_instructions_in_p1_system_and_p3_sends_only_the_message(tm
     answer = build.chat.encode_data([P1_TEXT])[0]
     filtered = tags.filter_tags(P1_TEXT)  # P2 changes nothing: the annotated message is P1's answer above
     req3 = p3_request(filtered, build, s, P1Turn(req1.prompt, p1_user_text(inst, s), P1_TEXT))
-    assert req3.prompt[:n] == req1.prompt and list(req3.prompt[n:n + len(answer)]) == answer
-    turn = smol_tokenizer.decode(list(req3.prompt[n + len(answer):]))
+    assert req3.prompt[:n] == req1.prompt and list(req3.prompt[n : n + len(answer)]) == answer
+    turn = smol_tokenizer.decode(list(req3.prompt[n + len(answer) :]))
     assert prompts.load("p3_verify") not in turn and tags.strip_tags(filtered.tags) in turn
     assert filtered.render() not in turn and "you wrote above" in turn
     standalone = p3_request(filtered, build, PhaseSettings(model_id="m"))
@@ -97,8 +97,10 @@ def test_chat_puts_p3_instructions_in_p1_system_and_p3_sends_only_the_message(tm
     assert new_chat < new_alone + 40  # about what standalone adds after its template, not P3's template
 
     # P2 reordered and dropped a tag: the message as judged differs from the answer, so it is sent.
-    messy = ("<Task>Explain sorting step by step.</Task>\n<Role>You are a patient tutor.</Role>\n"
-             "<Bogus>x</Bogus>\n")
+    messy = (
+        "<Task>Explain sorting step by step.</Task>\n<Role>You are a patient tutor.</Role>\n"
+        "<Bogus>x</Bogus>\n"
+    )
     filtered = tags.filter_tags(messy)
     req3 = p3_request(filtered, build, s, P1Turn(req1.prompt, p1_user_text(inst, s), messy))
     assert filtered.render() in smol_tokenizer.decode(list(req3.prompt[n:]))
@@ -112,8 +114,10 @@ def test_chat_is_served_from_the_cache_of_p1_and_keeps_every_row(tmp_path, smol_
         counters = run([tmp_path / "in.jsonl"], tmp_path / mode, eng, turns="first", p3_context=mode)
         assert len(records(tmp_path / mode)["data"]) == 6
         by = counters["scheduler"]["by_phase"]
-        ratio[mode] = (by["p3"]["cached_tokens"] / by["p3"]["prompt_tokens"],
-                       by["p3"]["prompt_tokens"] - by["p3"]["cached_tokens"])
+        ratio[mode] = (
+            by["p3"]["cached_tokens"] / by["p3"]["prompt_tokens"],
+            by["p3"]["prompt_tokens"] - by["p3"]["cached_tokens"],
+        )
     assert ratio["chat"][0] > 0.8 > ratio["standalone"][0]
     assert ratio["chat"][1] < ratio["standalone"][1] * 1.5  # new P3 tokens: the message, not the template
 
@@ -121,12 +125,17 @@ def test_chat_is_served_from_the_cache_of_p1_and_keeps_every_row(tmp_path, smol_
 def test_standalone_p3_is_the_request_sysgen_always_made(smol_tokenizer):
     build = PromptBuilder(smol_tokenizer)
     filtered = tags.filter_tags(P1_TEXT)
-    user = prompts.load("p3_user").format(filtered=tags.strip_tags(filtered.tags),
-                                          annotated=filtered.render())
+    user = prompts.load("p3_user").format(
+        filtered=tags.strip_tags(filtered.tags), annotated=filtered.render()
+    )
     present = list(filtered.tags)
-    want = Request(prompt=build.chat.ids(prompts.load("p3_verify"), user),
-                   sampling=SamplingParams(max_new_tokens=tags.p3_token_bound(present)), model="m",
-                   regex=tags.p3_regex(present), group="p3")
+    want = Request(
+        prompt=build.chat.ids(prompts.load("p3_verify"), user),
+        sampling=SamplingParams(max_new_tokens=tags.p3_token_bound(present)),
+        model="m",
+        regex=tags.p3_regex(present),
+        group="p3",
+    )
     for s in (PhaseSettings(model_id="m"), PhaseSettings(model_id="m", p3_context="standalone")):
         assert p3_request(filtered, build, s).key == want.key
     # `continue` without P1's turn at hand (never in a run) is standalone, not a half-built chat
@@ -144,7 +153,9 @@ def test_fingerprint_keeps_earlier_runs_for_standalone_and_names_continue(tmp_pa
     assert fingerprint(cfg, old) == fingerprint(cfg, Legacy())  # type: ignore[arg-type]
     assert fingerprint(cfg, PhaseSettings(model_id="m", p3_context="continue")) != fingerprint(cfg, old)
     assert fingerprint(cfg, PhaseSettings(model_id="m", p3_context="chat")) not in (
-        fingerprint(cfg, old), fingerprint(cfg, PhaseSettings(model_id="m", p3_context="continue")))
+        fingerprint(cfg, old),
+        fingerprint(cfg, PhaseSettings(model_id="m", p3_context="continue")),
+    )
 
 
 def test_continue_is_served_from_the_cache_of_p1(tmp_path, smol_tokenizer):
@@ -168,13 +179,14 @@ def test_continue_is_served_from_the_cache_of_p1(tmp_path, smol_tokenizer):
         assert len(p1) == len(p3) == 6
         by = counters["scheduler"]["by_phase"]
         ratios[mode] = (by["p1"]["cached_tokens"] + by["p3"]["cached_tokens"]) / (
-            by["p1"]["prompt_tokens"] + by["p3"]["prompt_tokens"])
+            by["p1"]["prompt_tokens"] + by["p3"]["prompt_tokens"]
+        )
         for prompt, cached in p3:
-            mine = [(pp, n) for pp, n in p1 if prompt[:len(pp)] == pp]
+            mine = [(pp, n) for pp, n in p1 if prompt[: len(pp)] == pp]
             if mode == "standalone":
                 assert not mine and cached < min(len(pp) for pp, _ in p1)
             else:
-                (pp, n_ans), = mine
+                ((pp, n_ans),) = mine
                 assert cached >= len(pp) + n_ans  # P1's prompt and answer, all from cache
     assert ratios["continue"] > ratios["standalone"]
 

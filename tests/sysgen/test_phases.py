@@ -5,8 +5,10 @@ from __future__ import annotations
 from sysgen import tags
 from sysgen.run.phases import PhaseSettings, PromptBuilder, p3_request
 
-FILTERED = tags.filter_tags("<Role>You are a tutor.</Role>\n<Background>The user is ten.</Background>\n"
-                            "<Format>Numbered steps.</Format>\n")
+FILTERED = tags.filter_tags(
+    "<Role>You are a tutor.</Role>\n<Background>The user is ten.</Background>\n"
+    "<Format>Numbered steps.</Format>\n"
+)
 
 
 def test_constrained_p3_budget_is_the_bound_of_its_verdict_form():
@@ -17,6 +19,7 @@ def test_constrained_p3_budget_is_the_bound_of_its_verdict_form():
 
 
 def test_unconstrained_p3_uses_the_configured_budget():
-    req = p3_request(FILTERED, PromptBuilder(None), PhaseSettings(model_id="m", constrain=False,
-                                                                 p3_max_tokens=77))
+    req = p3_request(
+        FILTERED, PromptBuilder(None), PhaseSettings(model_id="m", constrain=False, p3_max_tokens=77)
+    )
     assert req.regex is None and req.sampling.max_new_tokens == 77

@@ -204,9 +204,18 @@ def test_a_store_failure_stops_the_run_and_a_rerun_finishes_exactly_once(tmp_pat
 
 def test_shard_split_is_stable_across_processes(tmp_path):
     rows = write_rows(tmp_path / "in.jsonl", 30)
-    code = ("import sys, orjson; from sysgen.datasets import iter_instances; "
-            "print([i.content_hash % 7 for i in iter_instances([sys.argv[1]])])")
-    outs = {subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.jsonl")], capture_output=True,
-                           text=True, env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout
-            for seed in ("1", "2")}
+    code = (
+        "import sys, orjson; from sysgen.datasets import iter_instances; "
+        "print([i.content_hash % 7 for i in iter_instances([sys.argv[1]])])"
+    )
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "in.jsonl")],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            check=True,
+        ).stdout
+        for seed in ("1", "2")
+    }
     assert len(outs) == 1 and len(orjson.loads(outs.pop())) == len(rows)

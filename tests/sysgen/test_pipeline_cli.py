@@ -24,13 +24,26 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(inp: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "sysgen", "run", str(inp), "--out", str(out), "--engine", "standin",
-            "--no-progress", "--no-report", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "sysgen",
+        "run",
+        str(inp),
+        "--out",
+        str(out),
+        "--engine",
+        "standin",
+        "--no-progress",
+        "--no-report",
+        *extra,
+    ]
 
 
 def start(cmd: list[str], **env: str) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for_output(out: Path, proc: subprocess.Popen, min_bytes: int = 1, timeout: float = 30) -> None:
@@ -44,8 +57,9 @@ def wait_for_output(out: Path, proc: subprocess.Popen, min_bytes: int = 1, timeo
 
 
 def finish(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     return done
 
@@ -71,8 +85,11 @@ def test_sigterm_with_hung_requests_exits_within_10s_and_says_how_to_resume(tmp_
     inp, out = tmp_path / "in.jsonl", tmp_path / "out"
     write_rows(inp, 300)
     # Some requests hang (the engine never answers, the per-request timeout is long), the rest are slow.
-    proc = start(cli(inp, out, "--timeout-s", "600"), SYSGEN_STANDIN_DELAY="0.01:0.02",
-                 SYSGEN_STANDIN_FAULTS="hang=0.2")
+    proc = start(
+        cli(inp, out, "--timeout-s", "600"),
+        SYSGEN_STANDIN_DELAY="0.01:0.02",
+        SYSGEN_STANDIN_FAULTS="hang=0.2",
+    )
     wait_for_output(out, proc)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -89,8 +106,11 @@ def test_sigterm_with_hung_requests_exits_within_10s_and_says_how_to_resume(tmp_
 def test_a_second_ctrl_c_skips_the_drain(tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out"
     write_rows(inp, 300)
-    proc = start(cli(inp, out, "--timeout-s", "600"), SYSGEN_STANDIN_DELAY="0.01:0.02",
-                 SYSGEN_STANDIN_FAULTS="hang=0.2")  # hung requests would hold the drain its full time
+    proc = start(
+        cli(inp, out, "--timeout-s", "600"),
+        SYSGEN_STANDIN_DELAY="0.01:0.02",
+        SYSGEN_STANDIN_FAULTS="hang=0.2",
+    )  # hung requests would hold the drain its full time
     wait_for_output(out, proc)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
@@ -117,8 +137,13 @@ def test_engine_errors_through_the_cli_are_retried_and_accounted(tmp_path):
 def test_a_bad_standin_spec_is_a_clear_cli_error(tmp_path):
     inp = tmp_path / "in.jsonl"
     write_rows(inp, 2)
-    done = subprocess.run(cli(inp, tmp_path / "out"), cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "SYSGEN_STANDIN_FAULTS": "explode=0.5"})
+    done = subprocess.run(
+        cli(inp, tmp_path / "out"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SYSGEN_STANDIN_FAULTS": "explode=0.5"},
+    )
     assert done.returncode == 2 and "stand-in fault 'explode' unknown" in done.stderr
 
 
@@ -127,15 +152,26 @@ def test_a_run_whose_every_engine_request_failed_does_not_exit_0(tmp_path):
     nothing, and says so with the engine's message instead of exiting 0."""
     inp, out = tmp_path / "in.jsonl", tmp_path / "out"
     write_rows(inp, 3)
-    done = subprocess.run(cli(inp, out), cwd=REPO, env={**os.environ, "SYSGEN_STANDIN_FAULTS": "reject=1"},
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        cli(inp, out),
+        cwd=REPO,
+        env={**os.environ, "SYSGEN_STANDIN_FAULTS": "reject=1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1, done.stderr
     assert "kept nothing: all 3 engine requests of this run failed" in done.stderr
     assert "injected rejection" in done.stderr and "Traceback" not in done.stderr
     # Seven: the first five rejections stop the run with the engine's message.
     write_rows(inp, 7)
-    done = subprocess.run(cli(inp, tmp_path / "out7"), cwd=REPO,
-                          env={**os.environ, "SYSGEN_STANDIN_FAULTS": "reject=1"},
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        cli(inp, tmp_path / "out7"),
+        cwd=REPO,
+        env={**os.environ, "SYSGEN_STANDIN_FAULTS": "reject=1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1 and "first 5 engine requests" in done.stderr, done.stderr
     assert "injected rejection" in done.stderr and "Traceback" not in done.stderr

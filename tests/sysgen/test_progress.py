@@ -17,8 +17,18 @@ def _rows(path, n: int) -> list[Instance]:
     for line in lines:
         offsets.append(acc)
         acc += len(line)
-    return [Instance(id=f"s:{i + 1}", source="s", fmt="alpaca", turns=(Turn("user", "q"),), path=str(path),
-                     line=i + 1, offset=o) for i, o in enumerate(offsets)]
+    return [
+        Instance(
+            id=f"s:{i + 1}",
+            source="s",
+            fmt="alpaca",
+            turns=(Turn("user", "q"),),
+            path=str(path),
+            line=i + 1,
+            offset=o,
+        )
+        for i, o in enumerate(offsets)
+    ]
 
 
 def test_total_is_estimated_from_bytes_then_exact_when_input_is_exhausted(tmp_path):

@@ -30,6 +30,7 @@ def snapshot(d: Path) -> dict[str, bytes]:
 
 # ---- 1, 2: inputs that are the run's own outputs ----
 
+
 def test_an_input_named_like_a_sink_inside_out_is_refused_and_left_intact(tmp_path, capsys):
     t = tmp_path / "t"
     t.mkdir()
@@ -63,6 +64,7 @@ def test_a_glob_that_matches_the_outputs_does_not_feed_on_itself(tmp_path, capsy
 
 
 # ---- 3, 4: merge ----
+
 
 def _shards(tmp_path: Path, n: int, **kw) -> list[Path]:
     inp = tmp_path / "in.jsonl"
@@ -125,6 +127,7 @@ def test_an_interrupted_shard_is_refused(tmp_path, monkeypatch, capsys):
 
 # ---- 5: --retry-failed ----
 
+
 def test_retry_failed_reprocesses_engine_failures_exactly_once(tmp_path, monkeypatch, capsys):
     write_rows(tmp_path / "in.jsonl", 60)
     out = tmp_path / "out"
@@ -146,6 +149,7 @@ def test_retry_failed_reprocesses_engine_failures_exactly_once(tmp_path, monkeyp
 
 # ---- 6: the store deleted ----
 
+
 def test_deleting_the_store_does_not_silently_empty_the_outputs(tmp_path, capsys):
     write_rows(tmp_path / "in.jsonl", 10)
     out = tmp_path / "out"
@@ -159,6 +163,7 @@ def test_deleting_the_store_does_not_silently_empty_the_outputs(tmp_path, capsys
 
 
 # ---- 7, 8: inputs changed under a run ----
+
 
 def test_a_row_appended_to_a_file_without_a_final_newline_is_not_lost(tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out"
@@ -193,8 +198,17 @@ def test_a_same_size_edit_with_the_mtime_restored_is_detected(tmp_path):
 
 # ---- 11, 12: errors, one line, before anything is touched ----
 
-@pytest.mark.parametrize("flag", [["--temperature", "-1"], ["--temperature", "nan"], ["--max-inflight", "0"],
-                                  ["--timeout-s", "0"], ["--max-retries", "-1"]])
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        ["--temperature", "-1"],
+        ["--temperature", "nan"],
+        ["--max-inflight", "0"],
+        ["--timeout-s", "0"],
+        ["--max-retries", "-1"],
+    ],
+)
 def test_a_bad_flag_on_a_finished_run_touches_nothing(tmp_path, capsys, flag):
     write_rows(tmp_path / "in.jsonl", 6)
     out = tmp_path / "out"
@@ -289,6 +303,7 @@ def test_merge_on_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 # ---- 13: true messages ----
+
 
 def test_stats_are_marked_unfinished_when_a_run_stops(tmp_path, monkeypatch):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out"

@@ -36,9 +36,18 @@ def test_tag_counts_generated_kept_and_verdicts():
     t = fn.tag_stats(RECORDS)
     assert t["all"].instances == 3
     assert {k: t["all"].generated[k] for k in ("Role", "Task", "Style", "Format", "Tool")} == {
-        "Role": 2, "Task": 2, "Style": 2, "Format": 1, "Tool": 0}
+        "Role": 2,
+        "Task": 2,
+        "Style": 2,
+        "Format": 1,
+        "Tool": 0,
+    }
     assert {k: t["all"].kept[k] for k in ("Role", "Task", "Style", "Format")} == {
-        "Role": 2, "Task": 2, "Style": 0, "Format": 1}
+        "Role": 2,
+        "Task": 2,
+        "Style": 0,
+        "Format": 1,
+    }
     assert t["capybara_test"].generated["Style"] == 1 and t["gsm_prompts"].generated["Role"] == 0
     assert t["all"].verdicts["Style"] == {"Bad": 1, "None": 1}
     assert t["all"].p2_dropped["Tool"] == {"empty": 1}
@@ -101,8 +110,11 @@ def test_missing_dir_says_what_to_pass(tmp_path):
 
 
 def test_empty_run_still_reports(tmp_path):
-    out = build_run(tmp_path / "run", records=[], dropped=[
-        {"id": "a:1", "source": "a", "phase": "p1", "reason": "unparseable", "detail": ""}])
+    out = build_run(
+        tmp_path / "run",
+        records=[],
+        dropped=[{"id": "a:1", "source": "a", "phase": "p1", "reason": "unparseable", "detail": ""}],
+    )
     md = write_report(out).read_text()
     assert "1 → 0 (0.0%) → 0 (0.0%)" in md
     assert orjson.loads((out / "stats.json").read_bytes())["funnel"]["p4_kept"] == 3

@@ -9,7 +9,8 @@ from sysgen.tags import PHRASE_MAX, TAGS, filter_tags, p1_regex, p3_regex, parse
 
 phrase = st.from_regex(tags.PHRASE_RE, fullmatch=True)
 tag_subset = st.lists(st.sampled_from(TAGS), min_size=1, unique=True).map(
-    lambda ts: [t for t in TAGS if t in ts])
+    lambda ts: [t for t in TAGS if t in ts]
+)
 
 
 @st.composite
@@ -61,29 +62,35 @@ def test_p2_of_p2_is_p2(text):
     assert not twice.dropped
 
 
-@pytest.mark.parametrize("bad", [
-    "",
-    "<Format>x</Format>\n<Role>y</Role>\n",  # out of order
-    "<Role>a</Role>\n<Role>b</Role>\n",  # duplicate
-    "<Role>a\nb</Role>\n",  # newline inside
-    "<Role>a</Role>",  # no final newline
-    "<Role> </Role>\n",  # blank phrase
-    "<Role>a <b></Role>\n",  # nested markup
-    "<Persona>a</Persona>\n",  # unknown tag
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "<Format>x</Format>\n<Role>y</Role>\n",  # out of order
+        "<Role>a</Role>\n<Role>b</Role>\n",  # duplicate
+        "<Role>a\nb</Role>\n",  # newline inside
+        "<Role>a</Role>",  # no final newline
+        "<Role> </Role>\n",  # blank phrase
+        "<Role>a <b></Role>\n",  # nested markup
+        "<Persona>a</Persona>\n",  # unknown tag
+    ],
+)
 def test_p1_regex_rejects(bad):
     assert re.fullmatch(p1_regex(), bad) is None
 
 
 def test_filter_drops_with_reasons_and_reorders():
-    text = ("<Format>Use a list.</Format>\n<Role>You are a chef.</Role>\n<Role>Again.</Role>\n"
-            "<Style></Style>\n<Persona>x</Persona>\n<Task>Cook</Tsk>\nsome chatter\n<Tool>a <b> c</Tool>\n")
+    text = (
+        "<Format>Use a list.</Format>\n<Role>You are a chef.</Role>\n<Role>Again.</Role>\n"
+        "<Style></Style>\n<Persona>x</Persona>\n<Task>Cook</Tsk>\nsome chatter\n<Tool>a <b> c</Tool>\n"
+    )
     f = filter_tags(text)
     assert list(f.tags) == ["Role", "Format"]
     assert f.tags["Role"] == "You are a chef."
     reasons = sorted(r for _, r in f.dropped)
-    assert reasons == sorted(["duplicate", "empty", "unknown_tag", "mismatched_close", "malformed",
-                              "nested_markup"])
+    assert reasons == sorted(
+        ["duplicate", "empty", "unknown_tag", "mismatched_close", "malformed", "nested_markup"]
+    )
     assert not f.well_formed
 
 
@@ -122,9 +129,13 @@ _line_piece = st.one_of(
 )
 
 
-@given(st.one_of(st.from_regex(p1_regex(), fullmatch=True),
-                 st.lists(_line_piece, max_size=24).map("".join),
-                 tagged().map(lambda d: "".join(f"<{t}>{p}</{t}>\n" for t, p in d.items()) * 2)))
+@given(
+    st.one_of(
+        st.from_regex(p1_regex(), fullmatch=True),
+        st.lists(_line_piece, max_size=24).map("".join),
+        tagged().map(lambda d: "".join(f"<{t}>{p}</{t}>\n" for t, p in d.items()) * 2),
+    )
+)
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @pytest.mark.slow
 def test_the_one_pass_parse_agrees_with_the_line_by_line_parse(text):
@@ -145,8 +156,11 @@ def _verdicts_line_by_line(text, present):  # the reference: every line through 
 
 
 _verdict_piece = st.one_of(
-    st.builds(lambda t, v: f"{t}: {v}", st.sampled_from(TAGS + ("role", "Tone")),
-              st.sampled_from(("Good", "Bad", "None", "good", "BAD", "Goodish"))),
+    st.builds(
+        lambda t, v: f"{t}: {v}",
+        st.sampled_from(TAGS + ("role", "Tone")),
+        st.sampled_from(("Good", "Bad", "None", "good", "BAD", "Goodish")),
+    ),
     st.sampled_from(["\n", "\r\n", "\u2028", " ", "**", "-", ":", ""]),
 )
 
