@@ -236,10 +236,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"sysgen run: error: {e}", file=sys.stderr)
         return 2
     cfg, out = plan.cfg, plan.out
-    stats.mark_stale(
-        out, "a run started after these figures were written; they are rewritten when it finishes or stops"
-    )
-    with store:
+    with store:  # closed on any error from here on, a full disk at the stale mark included
+        stats.mark_stale(
+            out,
+            "a run started after these figures were written; they are rewritten when it finishes or stops",
+        )
         try:
             counters = _event_loop_runner()(_run_async(plan, backend, store))
         except RunInterrupted as e:
