@@ -93,8 +93,9 @@ KV_SIZED_RUNNING = 1024
 # vLLM fills every sampling parameter a request leaves out from the model's generation_config.json
 # (`--generation-config auto`, its default): these are sent explicitly, so a request means the same
 # on vLLM as on SGLang and OpenVINO (whose defaults these are: no top-k, no min-p, no penalty).
-# top_k 0 is "disabled" in vLLM 0.33 (sampling_params.py; -1 is still accepted).
-NEUTRAL_SAMPLING = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+# top_k -1: "disabled" to vLLM (which prefers 0 but accepts -1, sampling_params.py) and the only
+# "disabled" the routers take (smg 1.13 refuses 0: "top_k must be -1 (disabled) or at least 1").
+NEUTRAL_SAMPLING = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 class VLLMHTTPBackend(HTTPEndpoint, BackendBase):

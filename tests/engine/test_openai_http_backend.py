@@ -265,7 +265,7 @@ def test_a_self_hosted_server_gets_the_regex_in_its_own_field(server):
         assert not unknown, unknown
         assert body["structured_outputs"] == {"regex": P1_REGEX}
         assert set(body["structured_outputs"]) <= set(fields["StructuredOutputsParams"])
-        assert (body["top_k"], body["min_p"], body["repetition_penalty"]) == (0, 0.0, 1.0)
+        assert (body["top_k"], body["min_p"], body["repetition_penalty"]) == (-1, 0.0, 1.0)
     else:  # SGLang 0.5.23's ChatCompletionRequest.regex
         assert body["regex"] == P1_REGEX
         assert "top_k" not in body

@@ -320,7 +320,7 @@ def test_vllm_token_ids_regex_and_sampling_reach_the_server_in_pinned_fields():
     )
     assert not any(k.startswith("guided_") for k in body)  # removed in vLLM: silently ignored
     # Sent, not left to the model's generation_config.json: the same request as on SGLang and OpenVINO.
-    assert (body["top_k"], body["min_p"], body["repetition_penalty"]) == (0, 0.0, 1.0)
+    assert (body["top_k"], body["min_p"], body["repetition_penalty"]) == (-1, 0.0, 1.0)
     assert result.ok and result.text == "<Role>A tutor.</Role>\n"
 
 
