@@ -204,7 +204,12 @@ class Scheduler:
         self._pending: dict[bytes, asyncio.Future | None] = {}
         self._deadlines = _Deadlines(self.config.timeout_s) if sys.version_info >= (3, 11) else None
         self.metrics = Metrics()
-        self.breaker = Breaker(self.config.engine_down_s, self.config.backoff_base_s, self.config.probe_max_s)
+        self.breaker = Breaker(
+            self.config.engine_down_s,
+            self.config.backoff_base_s,
+            self.config.probe_max_s,
+            ping=getattr(backend, "ping", None),  # a cheap probe where the backend has one
+        )
         self._streak = Streak(self.config.failure_streak)
         self._first = FirstFailures(self.config.first_failures)
         url = getattr(backend, "base_url", None)  # the HTTP backends': the message names the server

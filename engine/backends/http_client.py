@@ -248,6 +248,8 @@ class HTTPEndpoint:
     text, `_key_shown` is what a repr may say of it."""
 
     max_concurrency: int
+    ping_path = "/health"  # answered by vLLM and SGLang without touching the engine
+    ping_timeout_s = 5.0
 
     def _init_endpoint(self, base_url: str, api_key: str | None, timeout_s: float) -> None:
         self.base_url = base_url.rstrip("/")
@@ -268,6 +270,19 @@ class HTTPEndpoint:
         if self._client is None:
             raise RuntimeError(f"{type(self).__name__} used before start() or after close()")
         return self._client
+
+    async def ping(self) -> bool:
+        """Whether the server answers anything at all at `ping_path` within `ping_timeout_s`: the
+        engine breaker's probe (engine/breaker.py). A server still starting, or a front end hung in
+        shutdown, accepts the connection and never answers."""
+        client = self._client
+        if client is None:
+            return False
+        try:
+            await client.get(self.ping_path, max_bytes=1 << 20, timeout_s=self.ping_timeout_s)
+        except EngineError:
+            return False
+        return True
 
     def _client_for(self, url: str) -> HTTPClient:
         """A client of its own for another server of the same deployment (a router's worker), with

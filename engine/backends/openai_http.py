@@ -60,6 +60,7 @@ _CACHE_REPORT_HINT = {
 class OpenAIBackend(HTTPEndpoint, BackendBase):
     name = "openai"
     tokenizer = None
+    ping_path = "/v1/models"  # the one GET every OpenAI-compatible server answers
 
     def __init__(
         self,

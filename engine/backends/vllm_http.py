@@ -83,6 +83,9 @@ _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "repetit
 # Before start(), or while nothing has said (a router's /v1/models has no max_model_len): never
 # planned with, start() replaces it or stops.
 UNKNOWN_CONTEXT = 1 << 20
+# The liveness check's wait for /metrics: a server still starting (a new one on the port) or a
+# front end hung in shutdown accepts the connection and never answers; two such checks resubmit.
+STALL_CHECK_TIMEOUT_S = 5.0
 _ENGINE_LABEL = re.compile(r'^vllm:num_requests_running\{[^}]*engine="(\d+)"', re.M)
 _CACHE_INFO = re.compile(r"^vllm:cache_config_info\{(.*)\}\s+\S+\s*$", re.M)
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')  # a value may hold escaped quotes
@@ -538,7 +541,7 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         if self._client is None:
             return None
         try:
-            reply = await self._client.get("/metrics", timeout_s=10.0)
+            reply = await self._client.get("/metrics", timeout_s=STALL_CHECK_TIMEOUT_S)
         except EngineError as e:
             return f"{self.base_url}/metrics does not answer ({e})"
         if reply.status != 200:

@@ -482,3 +482,58 @@ def test_the_first_window_resize_comes_early():
 
     before, after = run(go())
     assert before == 1024 + 64 and after == 20 + 5
+
+
+class Pinged(Flaky):
+    """A stand-in engine with a ping (the breaker's cheap probe) and answers that take `answer_s`."""
+
+    def __init__(self, outcome, up, answer_s: float) -> None:
+        super().__init__(outcome)
+        self.up, self.answer_s, self.pings = up, answer_s, 0
+
+    async def ping(self) -> bool:
+        self.pings += 1
+        return self.up()
+
+    async def generate(self, request):
+        result = await super().generate(request)
+        await asyncio.sleep(self.answer_s)
+        return result
+
+
+def test_a_ping_closes_the_breaker_without_waiting_for_a_whole_answer():
+    """Every waiting request goes once the ping answers: nobody waits behind one probe request's
+    whole (slow) answer, which is what a new CPU server after a restart stood idle for."""
+    down_until = time.monotonic() + 0.4
+    backend = Pinged(
+        lambda n: EngineUnreachable("refused") if time.monotonic() < down_until else None,
+        up=lambda: time.monotonic() >= down_until,
+        answer_s=1.0,
+    )
+
+    async def go():
+        s = Scheduler(backend, None, BREAKER)
+        results = await asyncio.gather(*(s.submit(req(i)) for i in range(FAST.max_inflight)))
+        await s.__aexit__(None, None, None)
+        return results, s.metrics
+
+    results, m = run(go())
+    assert all(r.ok and r.attempts == 1 for r in results) and m.unreachable >= 1 and backend.pings >= 1
+    after = sorted(t for t in backend.times if t >= down_until)
+    assert len(after) == FAST.max_inflight  # each resubmitted once, not one probe then the rest
+    assert after[-1] - down_until < 0.5  # all within a probe interval of the ping, not after 1 s
+
+
+def test_a_ping_that_answers_while_requests_cannot_connect_still_ends_in_engine_down():
+    """/health answers, the generate route never connects: the outage clock is not reset by the
+    ping, so the run still stops after --engine-down-s instead of looping forever."""
+    backend = Pinged(lambda n: EngineUnreachable("refused"), up=lambda: True, answer_s=0.0)
+
+    async def go():
+        s = Scheduler(backend, None, dataclasses.replace(BREAKER, engine_down_s=0.6))
+        return await asyncio.gather(*(s.submit(req(i)) for i in range(3)), return_exceptions=True)
+
+    t0 = time.monotonic()
+    outcomes = run(go())
+    assert all(isinstance(o, EngineDown) for o in outcomes), outcomes
+    assert time.monotonic() - t0 < 3 and backend.pings >= 2

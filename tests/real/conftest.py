@@ -5,6 +5,8 @@ when the install itself is impossible here, with the installer's own words."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -64,6 +66,15 @@ class Served:
     def wait_ready(self) -> Served:
         self.process.wait_ready(f"{self.url}/v1/models", SERVER_START_S)
         return self
+
+    def terminate_front_end(self) -> Process:
+        """SIGTERM to the API server's process alone, as `kill PID` sends it. vLLM 0.32 then kills
+        its engine, closes its listening socket and waits, without limit, for the open connections
+        to close ("Waiting for connections to close"): requests in flight hang and a new server can
+        take the port. Returns the old process, still alive: the caller stops it."""
+        old, self.process = self.process, None
+        os.kill(old.proc.pid, signal.SIGTERM)
+        return old
 
     def stop(self, grace_s: float = 30.0) -> None:
         if self.process is not None:

@@ -4,6 +4,8 @@ spent. With --max-retries 0 a single spent retry would drop its row as an engine
 
 from __future__ import annotations
 
+import re
+import signal
 import time
 
 import pytest
@@ -11,10 +13,12 @@ import pytest
 try:
     from tests.real.checks import ids_once, stats
     from tests.real.runs import start, sysgen_cmd, write_inputs
+    from tests.real.servers import get
     from tests.real.test_vllm_run import stored_results
 except ImportError:
     from checks import ids_once, stats
     from runs import start, sysgen_cmd, write_inputs
+    from servers import get
     from test_vllm_run import stored_results
 
 pytestmark = pytest.mark.real_engine
@@ -51,3 +55,70 @@ def test_a_server_restart_mid_run_drops_nothing_and_spends_no_retries(vllm, mode
     assert len(ids_once(out)) == ROWS and set(ids_once(out).values()) == {1}
     assert "retrying" not in err  # the scheduler's line for a spent retry
     assert "unreachable" in err or "stalled" in err, err[-2000:]
+
+
+def _served_any(url: str) -> bool:
+    """Whether the vLLM server at `url` has taken any request yet (its /metrics counters)."""
+    text = get(f"{url}/metrics", timeout=2.0)[1].decode("utf-8", "replace")
+    seen = re.findall(
+        r"^vllm:(?:num_requests_running|num_requests_waiting|prompt_tokens_total)\{[^}]*\}\s+(\S+)",
+        text,
+        re.M,
+    )
+    return any(float(v) > 0 for v in seen)
+
+
+def test_a_front_end_hung_in_shutdown_stalls_the_run_under_a_minute(vllm, model_dir, tmp_path):
+    """The old server's front end keeps our connections open with nothing behind them while a new
+    server answers on the same port: the liveness probe gives those requests up and resubmits
+    them, so the new server stands idle for well under a minute (it was 10 minutes: --timeout-s)."""
+    inp, out = write_inputs(tmp_path / "in.jsonl", ROWS), tmp_path / "out"
+    proc = start(
+        sysgen_cmd(
+            inp,
+            out,
+            vllm.url,
+            model_dir,
+            "--p1-max-tokens",
+            "96",
+            "--max-retries",
+            "0",
+            "--max-inflight",
+            "2",
+        )
+    )
+    deadline = time.monotonic() + 600
+    while stored_results(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before the server went away"
+    old = vllm.terminate_front_end()
+    try:
+        freed = time.monotonic() + 60
+        while get(f"{vllm.url}/v1/models", timeout=1.0)[0] and time.monotonic() < freed:
+            time.sleep(0.2)
+        vllm.start().wait_ready()
+        ready, before = time.monotonic(), stored_results(out)
+        assert old.proc.poll() is None, (
+            "the old vLLM front end exited: it no longer hangs in shutdown, so this test no longer "
+            f"sets up what it names. Its log: {old.tail()}"
+        )
+        while not _served_any(vllm.url) and proc.poll() is None and time.monotonic() < ready + 180:
+            time.sleep(0.2)
+        idle_s = time.monotonic() - ready
+        while stored_results(out) == before and proc.poll() is None and time.monotonic() < ready + 300:
+            time.sleep(0.2)
+        progress_s = time.monotonic() - ready
+        print(
+            f"the new server stood idle {idle_s:.1f}s; the next result came {progress_s:.1f}s after it was up"
+        )
+    finally:
+        old.stop(signal.SIGKILL, grace_s=10.0)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    assert idle_s < 40, f"the new server stood idle {idle_s:.0f}s beside the hung one: {err[-2000:]}"
+    assert progress_s < 90, f"no result for {progress_s:.0f}s after the new server was up: {err[-2000:]}"
+    s = stats(out)
+    assert not any("engine" in k for k in s["dropped"]), s["dropped"]
+    assert len(ids_once(out)) == ROWS and set(ids_once(out).values()) == {1}
+    assert "retrying" not in err
+    assert "resubmitting" in err, err[-2000:]  # the liveness probe's line, not a timeout's
