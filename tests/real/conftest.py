@@ -49,6 +49,19 @@ def model_dir(smol_dir) -> Path:
     return smol_dir
 
 
+def group_members(pgid: int) -> list[int]:
+    """The live processes of process group `pgid` (from /proc)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) == pgid:
+                    members.append(int(entry))
+            except ProcessLookupError:
+                pass
+    return members
+
+
 class Served:
     """The vLLM server of the session: one process, restartable on the same port."""
 
@@ -68,12 +81,19 @@ class Served:
         return self
 
     def terminate_front_end(self) -> Process:
-        """SIGTERM to the API server's process alone, as `kill PID` sends it. vLLM 0.32 then kills
-        its engine, closes its listening socket and waits, without limit, for the open connections
-        to close ("Waiting for connections to close"): requests in flight hang and a new server can
-        take the port. Returns the old process, still alive: the caller stops it."""
+        """The engine dies while the API server shuts down: its engine processes are stopped
+        (SIGSTOP), then the API server alone gets SIGTERM, as `kill PID` sends it. vLLM 0.32 then
+        kills its engine, closes its listening socket and waits, without limit, for the open
+        connections to close ("Waiting for connections to close"): requests in flight hang and a
+        new server can take the port. Without the SIGSTOP the engine sometimes answers them
+        `abort` first (a race), and nothing hangs. Returns the old process, still alive: the
+        caller stops it."""
         old, self.process = self.process, None
-        os.kill(old.proc.pid, signal.SIGTERM)
+        leader = old.proc.pid
+        for pid in group_members(leader):
+            if pid != leader:
+                os.kill(pid, signal.SIGSTOP)
+        os.kill(leader, signal.SIGTERM)
         return old
 
     def stop(self, grace_s: float = 30.0) -> None:
