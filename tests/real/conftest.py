@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,12 +35,30 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [i for i in items if i not in mine]
 
 
+_SETUPS: dict[str, tuple[subprocess.Popen, Path]] = {}
+
+
+def _begin_setup(what: str) -> None:
+    """Start tests/real/setup.sh `what` in the background (once per session), logging to a file (a
+    pipe would fill with pip's warnings and stall it until read)."""
+    if what not in _SETUPS:
+        fd, name = tempfile.mkstemp(prefix=f"sysgen-setup-{what}-", suffix=".log")
+        os.close(fd)
+        log = Path(name)
+        with open(log, "w") as f:
+            proc = subprocess.Popen(["bash", str(SETUP), what], cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        _SETUPS[what] = (proc, log)
+
+
 def _setup(what: str) -> None:
-    proc = subprocess.run(["bash", str(SETUP), what], cwd=REPO, capture_output=True, text=True)
+    """Wait for tests/real/setup.sh `what`; skip, with the installer's words, where it failed."""
+    _begin_setup(what)
+    proc, log = _SETUPS[what]
+    proc.wait()
     if proc.returncode != 0:
         pytest.skip(
             f"{SETUP.relative_to(REPO)} {what} failed (exit {proc.returncode}), so no real "
-            f"{what} here: {(proc.stderr or proc.stdout)[-600:]}"
+            f"{what} here: {log.read_text(errors='replace')[-600:]}"
         )
 
 
@@ -104,6 +123,7 @@ class Served:
 
 @pytest.fixture(scope="session")
 def vllm(model_dir, tmp_path_factory) -> Served:
+    _begin_setup("routers")  # beside the vLLM install and start: the router tests come later
     _setup("vllm")
     served = Served(model_dir, tmp_path_factory.mktemp("vllm-logs")).start()
     try:
