@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from engine.backend import EngineDied, EngineError
+from engine.backend import EngineConfigError, EngineError
 
 PROBE_REGEX = "[0-9]{5}"
 
@@ -26,8 +26,8 @@ def probe_body(model: str, regex_fields: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def ignored_regex_error(url: str, server: str, answer: str) -> EngineDied:
-    return EngineDied(
+def ignored_regex_error(url: str, server: str, answer: str) -> EngineConfigError:
+    return EngineConfigError(
         f"{url}/v1/chat/completions ignores the regex field of --openai-server {server} (asked for "
         f"{PROBE_REGEX!r}, got {answer[:60]!r}): a router in front of the server drops it (sglang-router "
         "does). Fix: put the server behind `smg launch --backend vllm --worker-urls URL ...` or "
@@ -39,9 +39,9 @@ def ignored_regex_error(url: str, server: str, answer: str) -> EngineDied:
 async def check_regex_honoured(
     client: Any, url: str, server: str, model: str, regex_fields: dict[str, Any]
 ) -> None:
-    """Raise EngineDied (the run stops at start) when the chat route answers outside PROBE_REGEX;
-    nothing when it honours it, or when the probe gets no usable answer (the run's own requests
-    will meet whatever went wrong, with its usual handling)."""
+    """Raise EngineConfigError (the run stops at start, exit 2) when the chat route answers
+    outside PROBE_REGEX; nothing when it honours it, or when the probe gets no usable answer (the
+    run's own requests will meet whatever went wrong, with its usual handling)."""
     try:
         reply = await client.post(
             "/v1/chat/completions", probe_body(model, regex_fields), max_bytes=1 << 20, timeout_s=60.0

@@ -15,7 +15,7 @@ import pytest
 from engine.backend import (
     ContentFiltered,
     EngineAuthError,
-    EngineDied,
+    EngineConfigError,
     EngineOverloaded,
     NeverAnswered,
     RequestRejected,
@@ -452,7 +452,7 @@ def test_a_chat_route_that_drops_the_regex_is_refused_at_start(server):
 
     with (
         StandInOpenAIServer(honours_regex=False) as srv,
-        pytest.raises(EngineDied, match=r"ignores the regex field.*smg launch --backend vllm"),
+        pytest.raises(EngineConfigError, match=r"ignores the regex field.*smg launch --backend vllm"),
     ):
         asyncio.run(go())
     assert len(srv.seen) == 1  # the probe only: no row was spent
