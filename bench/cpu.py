@@ -23,6 +23,7 @@ import orjson
 
 from engine.backends.openvino import OpenVINOBackend
 from engine.request import Request, SamplingParams
+from sysgen.run_argv import run_argv
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 _BUILTIN = (
@@ -289,7 +290,6 @@ def _pipeline(engine: str, url: str | None, rows: int) -> dict:
     """`sysgen run` P1-P4 over `rows` built-in instructions: wall time and output tok/s from stats.json."""
     import json
     import subprocess
-    import sys
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="bench-cpu-pipeline-") as tmp:
@@ -301,21 +301,7 @@ def _pipeline(engine: str, url: str | None, rows: int) -> dict:
                 for i in range(rows)
             )
         )
-        cmd = [
-            sys.executable,
-            "-m",
-            "sysgen",
-            "run",
-            str(inp),
-            "--out",
-            f"{tmp}/out",
-            "--engine",
-            engine,
-            "--p4-max-tokens",
-            "128",
-            "--no-progress",
-            "--no-report",
-        ]
+        cmd = run_argv(inp, f"{tmp}/out", "--p4-max-tokens", "128", engine=engine)
         if url:
             from engine.backends.model_cache import default_model_dir
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import orjson
 
 from bench import synthetic
+from sysgen.run_argv import run_argv
 
 VARIANTS = {
     "zero-latency": {},
@@ -92,21 +93,7 @@ def run_variant(
     rng: random.Random,
     timeout_s: float,
 ) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "sysgen",
-        "run",
-        str(inp),
-        "--out",
-        str(out),
-        "--engine",
-        "standin",
-        "--no-progress",
-        "--no-report",
-        "--timeout-s",
-        "5",
-    ]
+    cmd = run_argv(inp, out, "--timeout-s", "5")
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SYSGEN_STANDIN")}, **env_extra}
     done_kills, early, moments, rows_at_kill = 0, 0, [], []
     t0 = time.perf_counter()
@@ -234,19 +221,7 @@ def measure_merge_export(
     shards = [workdir / f"shard{i}" for i in range(2)]
     for i, d in enumerate(shards):
         shutil.rmtree(d, ignore_errors=True)
-        cmd = [
-            *py,
-            "run",
-            str(inp),
-            "--out",
-            str(d),
-            "--shard",
-            f"{i}/2",
-            "--engine",
-            "standin",
-            "--no-progress",
-            "--no-report",
-        ]
+        cmd = run_argv(inp, d, "--shard", f"{i}/2")
         subprocess.run(cmd, env=env, capture_output=True, check=True, timeout=timeout_s)
     merged = workdir / "merged"
     shutil.rmtree(merged, ignore_errors=True)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import synthetic
+from sysgen.run_argv import run_argv
 
 TARGETS = {
     "requests_per_s": (">=", 10_000),
@@ -54,7 +55,7 @@ RSS_EVERY_S = 0.5
 class CliRun:
     seconds: float
     rss_samples: list[tuple[float, float]]  # (seconds since start, resident MB)
-    hwm_mb: float  # the child's own peak resident memory (VmHWM) at the last sample before it exited
+    peak_mb: float  # the child's own peak resident memory (its ru_maxrss, from wait4)
 
 
 def _memory_mb(pid: int) -> tuple[float, float] | None:
@@ -71,43 +72,34 @@ def _memory_mb(pid: int) -> tuple[float, float] | None:
 
 
 def _run_cli(inp: Path, out: Path, tokenizer: str | None = None) -> CliRun:
-    cmd = [
-        sys.executable,
-        "-m",
-        "sysgen",
-        "run",
-        str(inp),
-        "--out",
-        str(out),
-        "--engine",
-        "standin",
-        "--no-progress",
-        "--no-report",
-    ]
+    cmd = run_argv(inp, out)
     # Zero latency and no injected faults, whatever the caller's environment says.
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYSGEN_STANDIN")}
     if tokenizer:
         env["SYSGEN_STANDIN_TOKENIZER"] = tokenizer
     samples: list[tuple[float, float]] = []
-    hwm = 0.0
-    t0 = time.perf_counter()
+    t0 = next_sample = time.perf_counter()
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        while proc.poll() is None:
-            mem = _memory_mb(proc.pid)
-            if mem is not None:
-                samples.append((round(time.perf_counter() - t0, 2), round(mem[0], 1)))
-                hwm = max(hwm, mem[1])
-            try:
-                proc.wait(RSS_EVERY_S)
-            except subprocess.TimeoutExpired:
-                pass
+        # Reaped with wait4: its rusage is this child's own peak (RUSAGE_CHILDREN's ru_maxrss is the
+        # largest of every child this process ever waited for, a test's earlier runs included).
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                break
+            if time.perf_counter() >= next_sample:
+                mem = _memory_mb(proc.pid)
+                if mem is not None:
+                    samples.append((round(time.perf_counter() - t0, 2), round(mem[0], 1)))
+                next_sample += RSS_EVERY_S
+            time.sleep(0.02)
         seconds = time.perf_counter() - t0
         err.seek(0)
         stderr = err.read().decode(errors="replace")
     if proc.returncode != 0:
         raise SystemExit(f"bench.overhead: sysgen run failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return CliRun(seconds, samples, round(hwm, 1))
+    return CliRun(seconds, samples, round(usage.ru_maxrss / 1024, 1))
 
 
 def rss_growth_per_100k(samples: list[tuple[float, float]], instances: int) -> float | None:
@@ -155,7 +147,6 @@ def measure(
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     cli_s = run.seconds
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     st = json.loads((out / "stats.json").read_text())
     sched = st["this_run"]["scheduler"]
     resume_s, again = resume_seconds(inp, out)
@@ -174,7 +165,7 @@ def measure(
         # CPU seconds of the whole run process (all threads, start-up included): on a shared machine
         # wall time measures the neighbours too, this does not.
         "requests_per_cpu_s": round(sched["submitted"] / cpu_s, 1) if cpu_s > 0 else None,
-        "peak_rss_mb": round(peak_rss_mb, 1),
+        "peak_rss_mb": run.peak_mb,
         "rss_growth_mb_per_100k": rss_growth_per_100k(run.rss_samples, n),
         "resume_s": round(resume_s, 3),
         "cli_total_s": round(cli_s, 2),
@@ -204,8 +195,7 @@ def measure_tokenized(inp: Path, out: Path, n: int, plain_rate: float, tokenizer
     rate = round(sched["submitted"] / st["wall_s"], 1)
     return {
         "requests_per_s_tokenized": rate,
-        # This child's own high-water mark (ru_maxrss of RUSAGE_CHILDREN also covers the plain run).
-        "peak_rss_mb_tokenized": run.hwm_mb,
+        "peak_rss_mb_tokenized": run.peak_mb,
         "rss_growth_mb_per_100k_tokenized": rss_growth_per_100k(run.rss_samples, n),
         "rss_mb_samples_tokenized": _thin(run.rss_samples, 12),
         "tokenized_vs_plain": round(rate / plain_rate, 4) if plain_rate else None,

@@ -11,12 +11,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from engine.backends.select import detect_gpu, sglang_installed
+from sysgen.run_argv import run_argv
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = os.environ.get("SYSGEN_GPU_TEST_MODEL")
@@ -82,21 +82,7 @@ def test_backend_constrained_output_token_counts_and_prefix_cache():
 def test_cli_run_on_sglang_then_rerun_makes_no_engine_call(tmp_path):
     out = tmp_path / "out"
     samples = [str(REPO / "sysgen/samples/demo_mixed.jsonl"), str(REPO / "sysgen/samples/demo_code.jsonl")]
-    cmd = [
-        sys.executable,
-        "-m",
-        "sysgen",
-        "run",
-        *samples,
-        "--out",
-        str(out),
-        "--engine",
-        "sglang",
-        "--model",
-        MODEL,
-        "--no-progress",
-        "--no-report",
-    ]
+    cmd = run_argv(samples, out, "--model", MODEL, engine="sglang")
     subprocess.run(cmd, check=True, timeout=1200)
     st = json.loads((out / "stats.json").read_text())
     assert st["accounted"] and st["input"] == 8

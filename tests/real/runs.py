@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
+
+from sysgen.run_argv import run_argv
 
 try:
     from tests.real.servers import REPO
@@ -14,7 +15,7 @@ except ImportError:
 
 # Budgets small enough for 2 shared cores: most P1 answers are cut and checked as regex prefixes;
 # the ones that finish go on through P3 and P4.
-SMALL = ("--p1-max-tokens", "128", "--p4-max-tokens", "32", "--no-progress", "--no-report")
+SMALL = ("--p1-max-tokens", "128", "--p4-max-tokens", "32")
 QUESTIONS = [
     "How do I reverse a list in Python?",
     "What is the capital of France?",
@@ -43,23 +44,7 @@ def write_inputs(path: Path, n: int, turns: int = 1) -> Path:
 def sysgen_cmd(
     inp: Path, out: Path, url: str, model: Path | str, *extra: str, engine: str = "vllm_http"
 ) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "sysgen",
-        "run",
-        str(inp),
-        "--out",
-        str(out),
-        "--engine",
-        engine,
-        "--url",
-        url,
-        "--model",
-        str(model),
-        *SMALL,
-        *extra,
-    ]
+    return run_argv(inp, out, "--url", url, "--model", str(model), *SMALL, *extra, engine=engine)
 
 
 def start(cmd: list[str]) -> subprocess.Popen:

@@ -18,6 +18,7 @@ except ImportError:  # tests/sysgen is not a package: pytest put its folder on s
     from pipeline_helpers import ids_once, write_rows
 
 from sysgen.cli import main
+from sysgen.run_argv import run_argv
 
 STANDIN = ["--engine", "standin", "--no-progress", "--no-report"]
 
@@ -233,7 +234,6 @@ def test_sigterm_stops_a_run_within_seconds_while_a_long_conversation_is_prompte
     import os
     import signal
     import subprocess
-    import sys
     import time
 
     import orjson
@@ -251,19 +251,7 @@ def test_sigterm_stops_a_run_within_seconds_while_a_long_conversation_is_prompte
         f.write(b"".join(r + b"\n" for r in write_rows(tmp_path / "short.jsonl", 12)))
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sysgen",
-            "run",
-            str(inp),
-            "--out",
-            str(out),
-            "--engine",
-            "standin",
-            "--no-progress",
-            "--no-report",
-        ],
+        run_argv(inp, out),
         cwd=repo,
         env={**os.environ, "SYSGEN_STANDIN_TOKENIZER": "default"},
         stdout=subprocess.PIPE,

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,26 +17,14 @@ except ImportError:  # tests/sysgen is not a package: pytest put its folder on s
 import pytest
 
 from sysgen.run.pipeline import DRAIN_S
+from sysgen.run_argv import run_argv
 
 pytestmark = pytest.mark.kill  # runs `sysgen run` in subprocesses and signals them
 REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(inp: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "sysgen",
-        "run",
-        str(inp),
-        "--out",
-        str(out),
-        "--engine",
-        "standin",
-        "--no-progress",
-        "--no-report",
-        *extra,
-    ]
+    return run_argv(inp, out, *extra)
 
 
 def start(cmd: list[str], **env: str) -> subprocess.Popen:
