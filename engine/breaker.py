@@ -73,9 +73,9 @@ class Breaker:
         self._last = error
         if self.open_since is not None or self.fatal is not None:
             return
-        self.open_since = self.clock()
+        self.open_since = now = self.clock()
         if self._unconfirmed is not None:  # the ping answered, the requests still cannot connect
-            self._probe_from(self._unconfirmed)
+            self._probe_from(now, self._unconfirmed)
             return
         self.outages += 1
         log.warning(
@@ -84,10 +84,9 @@ class Breaker:
             error,
             self.down_limit_s,
         )
-        self._probe_from(self.open_since)
+        self._probe_from(now, now)
 
-    def _probe_from(self, outage_start: float) -> None:
-        since = self.open_since
+    def _probe_from(self, since: float, outage_start: float) -> None:
         self._prober = asyncio.get_running_loop().create_task(self._probe(since, outage_start))
 
     def reached(self) -> None:

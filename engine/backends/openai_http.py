@@ -37,7 +37,7 @@ from engine.backend import (
 )
 from engine.backends.http_client import HTTPEndpoint, error_message, max_body_bytes, status_error
 from engine.backends.regex_probe import PROBE_REGEX, check_regex_honoured
-from engine.backends.vllm_http import NEUTRAL_SAMPLING, openai_regex_body
+from engine.backends.vllm_wire import NEUTRAL_SAMPLING, openai_regex_body
 from engine.request import FinishReason, Request, Result, prompt_messages
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,8 @@ from engine.backend import (
     RequestRejected,
     TransientEngineError,
 )
-from engine.backends.vllm_http import VLLM_PIN, VLLMHTTPBackend, openai_regex_body
+from engine.backends.vllm_http import VLLM_PIN, VLLMHTTPBackend
+from engine.backends.vllm_wire import openai_regex_body
 from engine.request import Request, SamplingParams, messages_prompt
 from engine.scheduler import SchedulerConfig
 from tests.engine import vllm_fields
@@ -680,7 +681,7 @@ def test_vllm_window_is_sized_from_the_kv_blocks_in_metrics():
 
 
 def test_vllm_kv_cache_tokens_reads_each_engine_and_skips_unprofiled_ones():
-    from engine.backends.vllm_http import kv_cache_tokens
+    from engine.backends.vllm_wire import kv_cache_tokens
 
     text = (
         'vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="100"} 1.0\n'
