@@ -12,6 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slurm  # a real single-node cluster: make test-fast leaves it out
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = 240
 

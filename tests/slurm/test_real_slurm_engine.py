@@ -14,6 +14,8 @@ from tests.slurm.cluster import _free_ports
 from tests.slurm.test_real_slurm import Run
 from tests.sysgen.test_http_outage_cli import tokenizer_dir  # noqa: F401  (a fixture)
 
+pytestmark = pytest.mark.slurm  # a real single-node cluster: make test-fast leaves it out
+
 
 def test_each_task_starts_its_engine_and_stops_it(slurm, tmp_path, tokenizer_dir):  # noqa: F811
     port = _free_ports(1)[0]

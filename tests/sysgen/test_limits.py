@@ -148,6 +148,7 @@ BAD = st.one_of(
 )
 
 
+@pytest.mark.slow  # 120 examples, ~10 s
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(which=st.integers(min_value=0, max_value=10**6), value=BAD)
 def test_an_extreme_numeric_flag_is_one_line_exit_2_and_touches_nothing(finished_run, capsys, which, value):
@@ -230,6 +231,7 @@ def test_a_row_too_long_for_the_context_is_dropped_without_tokenizing_it(tmp_pat
     assert time.monotonic() - t0 < 15  # it took 20 s (and 3.3 GB) to tokenize it before dropping it
 
 
+@pytest.mark.kill
 def test_sigterm_stops_a_run_within_seconds_while_a_long_conversation_is_prompted(tmp_path):
     import os
     import signal
