@@ -175,3 +175,17 @@ def check_file(db: Path, name: str, path: Path) -> int:
         return check(conn, name, path, full=True)[0]
     finally:
         conn.close()
+
+
+def committed_lengths(db: Path, names: tuple[str, ...]) -> dict[str, int] | None:
+    """For a store that has committed outputs (a run's), each of `names`' committed length once
+    every committed byte of NAME.jsonl beside `db` is proved (`check_file`); None for a store that
+    has committed none (`sysgen eval`'s judgement cache beside records copied from elsewhere).
+    Raises SinkMismatch, or sqlite3.DatabaseError when `db` cannot be read."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        if all(_meta(conn, f"sink:{name}") is None for name in names):
+            return None
+        return {name: check(conn, name, db.parent / f"{name}.jsonl", full=True)[0] for name in names}
+    finally:
+        conn.close()

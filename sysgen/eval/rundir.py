@@ -1,11 +1,15 @@
 """Read a run's output directory (data.jsonl, dropped.jsonl, stats.json) into plain data.
 
 Every consumer (report, eval, export, card) reads through here, so a malformed line fails once,
-with its file and line number and what to do about it.
+with its file and line number and what to do about it. Where the folder holds the run's store.db,
+`load_run` first proves both outputs are the bytes the store committed (engine/sink_log.py, every
+byte): a record edited by hand is refused, not reported, judged or exported as it stands; and only
+the committed bytes are read, so a run still writing is reported as of its last commit.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -13,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from engine import sink_log
+from engine.store_errors import SinkMismatch
 
 DATA = "data.jsonl"
 DROPPED = "dropped.jsonl"
@@ -30,10 +37,13 @@ class RunDir:
 
     path: Path
     stats: dict[str, Any] = field(default_factory=dict)
+    # Each output's bytes its store committed, proved by load_run ("data", "dropped"); an output
+    # not named here (no store.db: records copied elsewhere) is read whole.
+    committed: dict[str, int] = field(default_factory=dict)
 
     def iter_records(self) -> Iterator[dict[str, Any]]:
         data = self.path / DATA
-        for i, rec in enumerate(iter_jsonl(data), 1):
+        for i, rec in enumerate(iter_jsonl(data, self.committed.get("data")), 1):
             if not isinstance(rec.get("messages"), list):
                 raise RunDirError(f"{data}: record {i} (id {rec.get('id')!r}) has no 'messages' list")
             yield rec
@@ -41,7 +51,7 @@ class RunDir:
     def iter_dropped(self) -> Iterator[dict[str, Any]]:
         path = self.path / DROPPED
         if path.is_file():
-            yield from iter_jsonl(path)
+            yield from iter_jsonl(path, self.committed.get("dropped"))
 
     @cached_property
     def records(self) -> list[dict[str, Any]]:
@@ -56,10 +66,15 @@ class RunDir:
         return str(first.get("model") or "unknown") if first else "unknown"
 
 
-def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Objects of a .jsonl file, one per non-blank line; a bad line raises naming file and line."""
+def iter_jsonl(path: Path, limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """Objects of a .jsonl file, one per non-blank line, from its first `limit` bytes (all of it
+    when None); a bad line raises naming file and line."""
+    read = 0
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, 1):
+            read += len(raw)
+            if limit is not None and read > limit:  # past the last commit: a write in progress
+                return
             if not raw.strip():
                 continue
             try:
@@ -75,7 +90,8 @@ def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def load_run(path: Path | str) -> RunDir:
-    """Open DIR: data.jsonl must exist (read lazily); stats.json is read now when present."""
+    """Open DIR: data.jsonl must exist (read lazily); stats.json is read now when present; with a
+    store.db, both outputs are proved to be what it committed (see the module docstring)."""
     root = Path(path)
     data = root / DATA
     if not data.is_file():
@@ -89,7 +105,24 @@ def load_run(path: Path | str) -> RunDir:
             raise RunDirError(
                 f"{stats_path}: not valid JSON ({exc}); delete it to report without it"
             ) from exc
-    return RunDir(path=root, stats=stats)
+    return RunDir(path=root, stats=stats, committed=_proved_lengths(root))
+
+
+def _proved_lengths(root: Path) -> dict[str, int]:
+    """The committed length of each output, once every committed byte is proved to be the store's;
+    {} without a run's store.db (none, or only eval's judgement cache)."""
+    db = root / "store.db"
+    if not db.is_file():
+        return {}
+    try:
+        return sink_log.committed_lengths(db, ("data", "dropped")) or {}
+    except SinkMismatch as e:
+        raise RunDirError(str(e)) from None
+    except sqlite3.DatabaseError as e:
+        raise RunDirError(
+            f"{db}: cannot read the run's store ({e}), so its outputs cannot be checked. Fix: "
+            f"restore store.db, or copy {DATA} and {DROPPED} to a folder of their own and use that"
+        ) from e
 
 
 def message(record: dict[str, Any], role: str) -> str | None:

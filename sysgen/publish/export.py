@@ -17,7 +17,6 @@ inside it (the default, DIR/export).
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -25,10 +24,8 @@ from typing import Any, Literal
 
 import orjson
 
-from engine import sink_log
-from engine.store import SinkMismatch
 from sysgen.atomic import atomic_path
-from sysgen.eval.rundir import DATA, RunDir
+from sysgen.eval.rundir import RunDir
 
 Format = Literal["messages", "sharegpt", "parquet"]
 FORMATS: tuple[str, ...] = ("messages", "sharegpt", "parquet")
@@ -85,23 +82,6 @@ def _check_one_file_type(folder: Path, fmt: str) -> None:
         )
 
 
-def _check_records(run: RunDir) -> None:
-    """data.jsonl must be what the run's store committed (an edited record would be exported as it
-    stands); a folder without store.db (records copied elsewhere) is exported as it is."""
-    db = run.path / "store.db"
-    if not db.is_file():
-        return
-    try:
-        sink_log.check_file(db, "data", run.path / DATA)
-    except SinkMismatch as e:
-        raise ExportError(f"not exported: {e}") from None
-    except sqlite3.DatabaseError as e:
-        raise ExportError(
-            f"{db}: cannot read the run's store ({e}), so its data.jsonl cannot be checked. "
-            "Fix: restore store.db, or copy data.jsonl to a folder of its own and export that"
-        ) from e
-
-
 def _check_readme(out: Path) -> None:
     readme = out / "README.md"
     if readme.is_file() and "- sysgen\n" not in readme.read_text(encoding="utf-8", errors="replace"):
@@ -155,11 +135,11 @@ def rows(run: RunDir, fmt: str) -> Iterator[dict[str, Any]]:
 
 def export(run: RunDir, fmt: str, out: Path | None = None) -> tuple[Path, int]:
     """Write the export file into the export folder `out` (default: default_dir) atomically: a reader
-    never sees half a file; return it and its row count."""
+    never sees half a file; return it and its row count. `run` comes from load_run, which proved its
+    records are the bytes its store committed."""
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} unknown; choose one of {', '.join(FORMATS)}")
     folder = export_dir(run.path, out, fmt)
-    _check_records(run)
     _check_readme(folder)
     _check_one_file_type(folder, fmt)
     path = folder / DEFAULT_NAMES[fmt]

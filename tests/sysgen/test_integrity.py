@@ -78,9 +78,38 @@ def test_a_byte_changed_inside_a_committed_record_is_refused(finished, capsys):
     at = data.index(b'"id":"a:2"') + len('"id":"')
     (out / "data.jsonl").write_bytes(data[:at] + b"b" + data[at + 1 :])  # same size, one id changed
     _refused(inp, out, capsys, "not the ones store.db committed")
-    assert main(["export", str(out)]) == 2  # and export does not write the edited record
-    assert "not the ones store.db committed" in capsys.readouterr().err
+    # Nor is the edited record exported, reported or judged as it stands.
+    for cmd in (
+        ["export", str(out)],
+        ["report", str(out)],
+        ["eval", str(out), "--no-judges", "--no-bertscore"],
+    ):
+        assert main(cmd) == 2, cmd
+        err = capsys.readouterr().err
+        assert "not the ones store.db committed" in err and "sysgen repair" in err, (cmd, err)
     assert not (out / "export" / "messages.jsonl").exists()
+    assert not (out / "report.md").exists() and not (out / "eval.json").exists()
+
+
+def test_report_reads_a_live_run_as_of_its_last_commit(finished, capsys):
+    """Bytes a run has written but not yet committed (announced in store.db's pending range, as a
+    writer does before each batch) are not reported: the report counts what the store vouches for."""
+    import sqlite3
+
+    _, out = finished
+    assert main(["report", str(out)]) == 0
+    committed = (out / "report.md").read_text()
+    data = out / "data.jsonl"
+    size = data.stat().st_size
+    extra = data.read_bytes().splitlines(keepends=True)[0].replace(b'"id":"', b'"id":"in-flight-')
+    with sqlite3.connect(out / "store.db") as db:  # what the writer announces before a batch
+        db.execute(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)", ("pending:data", f"{size}:{size + len(extra)}")
+        )
+    with open(data, "ab") as f:
+        f.write(extra)
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text() == committed
 
 
 def test_a_line_appended_by_hand_is_refused_not_cut(finished, capsys):
