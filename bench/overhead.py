@@ -58,16 +58,12 @@ class CliRun:
     peak_mb: float  # the child's own peak resident memory (its ru_maxrss, from wait4)
 
 
-def _memory_mb(pid: int) -> tuple[float, float] | None:
-    """(VmRSS, VmHWM) of a live process, in MB."""
+def _rss_mb(pid: int) -> float | None:
+    """VmRSS of a live process, in MB."""
     try:
-        fields = dict(
-            line.split(":", 1)
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-            if line.startswith(("VmRSS:", "VmHWM:"))
-        )
-        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-    except (OSError, ValueError, KeyError, IndexError):
+        line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, ValueError, StopIteration, IndexError):
         return None
 
 
@@ -89,9 +85,9 @@ def _run_cli(inp: Path, out: Path, tokenizer: str | None = None) -> CliRun:
                 proc.returncode = os.waitstatus_to_exitcode(status)
                 break
             if time.perf_counter() >= next_sample:
-                mem = _memory_mb(proc.pid)
-                if mem is not None:
-                    samples.append((round(time.perf_counter() - t0, 2), round(mem[0], 1)))
+                rss = _rss_mb(proc.pid)
+                if rss is not None:
+                    samples.append((round(time.perf_counter() - t0, 2), round(rss, 1)))
                 next_sample += RSS_EVERY_S
             time.sleep(0.02)
         seconds = time.perf_counter() - t0

@@ -90,17 +90,18 @@ class Breaker:
         self._prober = asyncio.get_running_loop().create_task(self._probe(since, outage_start))
 
     def reached(self) -> None:
-        """The engine answered a request (anything at all): close."""
-        self._unconfirmed = None
+        """The engine answered a request (anything at all): close; the outage is over."""
         self._close()
+        self._unconfirmed = None
 
     def _close(self) -> None:
+        """Let every waiter go. The outage's start stays in `_unconfirmed` when a ping closed it."""
         if self.open_since is None:
             return
-        down = self.clock() - self.open_since
-        self.down_s += down
-        if self._unconfirmed is None:
-            log.warning("the engine answers again after %.1fs; resuming", down)
+        now = self.clock()
+        self.down_s += now - self.open_since
+        start = self.open_since if self._unconfirmed is None else self._unconfirmed
+        log.warning("the engine answers again after %.1fs; resuming", now - start)
         self.open_since, self._permits = None, 0
         self._notify()
 
@@ -132,6 +133,5 @@ class Breaker:
                 self._permits = 1  # one waiting request goes as the probe
                 self._notify()
             elif await self.ping() and self.open_since == since:
-                log.warning("the engine answers again after %.1fs; resuming", self.clock() - outage_start)
                 self._unconfirmed = outage_start
                 self._close()

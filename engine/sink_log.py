@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import xxhash
@@ -167,14 +169,21 @@ def check(conn: sqlite3.Connection, name: str, path: Path, *, full: bool = False
     return committed, size
 
 
-def check_file(db: Path, name: str, path: Path) -> int:
-    """`check` in full through a read-only connection (merge and export write nothing to the store).
-    Returns the committed length; sqlite3.DatabaseError when `db` cannot be read."""
+@contextmanager
+def _read_only(db: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to `db` (the readers write nothing to the store)."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return check(conn, name, path, full=True)[0]
+        yield conn
     finally:
         conn.close()
+
+
+def check_file(db: Path, name: str, path: Path) -> int:
+    """`check` in full through a read-only connection (merge writes nothing to a shard's store).
+    Returns the committed length; sqlite3.DatabaseError when `db` cannot be read."""
+    with _read_only(db) as conn:
+        return check(conn, name, path, full=True)[0]
 
 
 def committed_lengths(db: Path, names: tuple[str, ...]) -> dict[str, int] | None:
@@ -182,10 +191,7 @@ def committed_lengths(db: Path, names: tuple[str, ...]) -> dict[str, int] | None
     every committed byte of NAME.jsonl beside `db` is proved (`check_file`); None for a store that
     has committed none (`sysgen eval`'s judgement cache beside records copied from elsewhere).
     Raises SinkMismatch, or sqlite3.DatabaseError when `db` cannot be read."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
+    with _read_only(db) as conn:
         if all(_meta(conn, f"sink:{name}") is None for name in names):
             return None
         return {name: check(conn, name, db.parent / f"{name}.jsonl", full=True)[0] for name in names}
-    finally:
-        conn.close()

@@ -165,13 +165,14 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
                     self._name_from(worker)
                 if self.capabilities.max_context == UNKNOWN_CONTEXT:
                     self._context_from(fleet, worker)
+            metrics = await self._metrics_text()
             if self._cap is None:
                 if fleet:
                     self._size_from_fleet(fleet)
                 else:
-                    await self._size_from_server()
+                    await self._size_from_server(metrics)
             await self._choose_prompt_form()
-            self._process_start = process_start(await self._metrics_text())
+            self._process_start = process_start(metrics)
         except BaseException:
             await self.close()  # no pool left open: __aexit__ does not run when __aenter__ fails
             self.served_model = None
@@ -403,10 +404,10 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
             self.capabilities, max_running=running, dp_size=dp_size, kv_tokens=kv_tokens
         )
 
-    async def _size_from_server(self) -> None:
+    async def _size_from_server(self, metrics: str) -> None:
         """The running capacity from /server_info (dev mode) and /metrics (see vllm_wire.server_capacity)."""
         config = await self._optional_json("/server_info?config_format=json", "vllm_config")
-        capacity = server_capacity(config, await self._metrics_text())
+        capacity = server_capacity(config, metrics)
         if capacity is not None:
             self._set_running(capacity.running, capacity.source, capacity.dp_size, capacity.kv_tokens)
 

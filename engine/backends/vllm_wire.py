@@ -29,7 +29,7 @@ from engine.request import FinishReason, Request, Result
 DEFAULT_RUNNING = 256
 # v1 FinishReason strings. "repetition" (repetition_detection, which we never request) ends a
 # looping output early: treated as running out of tokens, so a constrained phase retries sampled.
-FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "repetition": "length"}
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "repetition": "length"}
 _ENGINE_LABEL = re.compile(r'^vllm:num_requests_running\{[^}]*engine="(\d+)"', re.M)
 _CACHE_INFO = re.compile(r"^vllm:cache_config_info\{(.*)\}\s+\S+\s*$", re.M)
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')  # a value may hold escaped quotes
@@ -115,11 +115,11 @@ def completion_result(
         raise bad("cached_tokens is not an integer")
     if reason in ("abort", "error"):  # "abort": the server is shutting down
         raise TransientEngineError(f"vLLM ended the request with finish_reason {reason!r}", request)
-    if reason not in FINISH:
+    if reason not in _FINISH:
         raise TransientEngineError(f"vLLM returned no known finish reason (got {reason!r})", request)
     result = Result(
         text=text,
-        finish_reason=FINISH[reason],
+        finish_reason=_FINISH[reason],
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         cached_tokens=cached,
