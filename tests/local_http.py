@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.scheduler import SchedulerConfig
+
 
 @dataclass
 class Canned:
@@ -121,6 +123,18 @@ class LocalHTTPServer(ThreadingHTTPServer):
         timer.daemon = True
         timer.start()
         return timer
+
+
+# The scheduler settings of the stand-in server tests: millisecond backoffs and probes.
+QUICK = SchedulerConfig(
+    max_inflight=8,
+    max_retries=2,
+    timeout_s=5,
+    backoff_base_s=0.01,
+    backoff_max_s=0.05,
+    probe_max_s=0.2,
+    engine_down_s=20,
+)
 
 
 async def scheduled(backend, requests, config, srv=None, during=None):

@@ -30,7 +30,7 @@ from engine.backends.sglang_http import MAX_REPORTED_RUNNING, SGLangHTTPBackend
 from engine.request import Request, SamplingParams, messages_prompt
 from engine.scheduler import Scheduler, SchedulerConfig
 from kernels_cfg.fields import class_field_names, sglang_root
-from tests.local_http import Canned, LocalHTTPServer, scheduled, tiny_tokenizer_dir
+from tests.local_http import QUICK, Canned, LocalHTTPServer, scheduled, tiny_tokenizer_dir
 
 pytest.importorskip("aiohttp", reason="the sglang_http backend needs aiohttp: pip install -e '.[http]'")
 
@@ -296,15 +296,6 @@ OK_ANSWER = {
         "cached_tokens": 0,
     },
 }
-QUICK = SchedulerConfig(
-    max_inflight=8,
-    max_retries=2,
-    timeout_s=5,
-    backoff_base_s=0.01,
-    backoff_max_s=0.05,
-    probe_max_s=0.2,
-    engine_down_s=20,
-)
 
 
 def generate_once(srv, request: Request | None = None, **kw):

@@ -32,7 +32,7 @@ from engine.backends.vllm_wire import openai_regex_body
 from engine.request import Request, SamplingParams, messages_prompt
 from engine.scheduler import SchedulerConfig
 from tests.engine import vllm_fields
-from tests.local_http import Canned, LocalHTTPServer, scheduled, tiny_tokenizer_dir
+from tests.local_http import QUICK, Canned, LocalHTTPServer, scheduled, tiny_tokenizer_dir
 
 pytest.importorskip("aiohttp", reason="the vllm_http backend needs aiohttp: pip install -e '.[http]'")
 
@@ -466,17 +466,6 @@ def test_vllm_unreachable_server_fails_fast_with_the_fix():
     with pytest.raises(EngineDied, match=r"no vLLM server answers.*vllm serve"):
         asyncio.run(go())
     assert time.monotonic() - t0 < 5
-
-
-QUICK = SchedulerConfig(
-    max_inflight=8,
-    max_retries=2,
-    timeout_s=5,
-    backoff_base_s=0.01,
-    backoff_max_s=0.05,
-    probe_max_s=0.2,
-    engine_down_s=20,
-)
 
 
 def through_scheduler(srv: StandInVLLMServer, n: int, config: SchedulerConfig = QUICK, during=None):
