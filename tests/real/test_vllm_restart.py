@@ -6,10 +6,14 @@ connections while the new server answers beside it."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import signal
 import subprocess
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -55,15 +59,31 @@ def test_a_server_restart_mid_run_drops_nothing_and_spends_no_retries(vllm, mode
     assert "unreachable" in err or "stalled" in err, err[-2000:]
 
 
-def _served_any(url: str) -> bool:
-    """Whether the vLLM server at `url` has taken any request yet (its /metrics counters)."""
+def _metric_sum(url: str, names: tuple[str, ...]) -> float:
+    """The sum of the vLLM server's /metrics samples named `names` (vllm:NAME{...} VALUE)."""
     text = get(f"{url}/metrics", timeout=2.0)[1].decode("utf-8", "replace")
-    seen = re.findall(
-        r"^vllm:(?:num_requests_running|num_requests_waiting|prompt_tokens_total)\{[^}]*\}\s+(\S+)",
-        text,
-        re.M,
+    pattern = rf"^vllm:(?:{'|'.join(names)})\{{[^}}]*\}}\s+(\S+)"
+    return sum(float(v) for v in re.findall(pattern, text, re.M))
+
+
+IN_FLIGHT = ("num_requests_running", "num_requests_waiting")
+
+
+def _long_request(url: str, model: str) -> None:
+    """A 1,500-token completion, left to hang or fail with the server it went to."""
+    body = json.dumps(
+        {"model": model, "prompt": "Tell a long story.", "max_tokens": 1500, "ignore_eos": True}
     )
-    return any(float(v) > 0 for v in seen)
+    request = urllib.request.Request(
+        f"{url}/v1/completions", body.encode(), {"Content-Type": "application/json"}
+    )
+    with contextlib.suppress(OSError):
+        urllib.request.urlopen(request, timeout=600).read()
+
+
+def _served_any(url: str) -> bool:
+    """Whether the vLLM server at `url` has taken any request yet."""
+    return _metric_sum(url, (*IN_FLIGHT, "prompt_tokens_total")) > 0
 
 
 def test_a_front_end_hung_in_shutdown_stalls_the_run_under_a_minute(vllm, model_dir, tmp_path):
@@ -71,6 +91,17 @@ def test_a_front_end_hung_in_shutdown_stalls_the_run_under_a_minute(vllm, model_
     server answers on the same port: the liveness probe gives those requests up and resubmits
     them, so the new server stands idle for well under a minute (it was 10 minutes: --timeout-s)."""
     proc, out = run_with_a_result(vllm, model_dir, tmp_path)
+    # The first result came as a request ended (its twin, same prompt size and budget, often with
+    # it): the hang needs requests in flight, so wait until the server shows some on two reads in
+    # a row (a read just after a finish may still show the step before it).
+    seen, busy = 0, time.monotonic() + 60
+    while seen < 2 and proc.poll() is None and time.monotonic() < busy:
+        seen = seen + 1 if _metric_sum(vllm.url, IN_FLIGHT) > 0 else 0
+        time.sleep(0.3)
+    # And one long request of the test's own, so the front end surely has one to wait for.
+    holder = threading.Thread(target=_long_request, args=(vllm.url, str(model_dir)), daemon=True)
+    holder.start()
+    time.sleep(1.0)
     old = vllm.terminate_front_end()
     try:
         freed = time.monotonic() + 60
