@@ -11,6 +11,8 @@ breaker then closes within one probe interval of the server answering. Without a
 one waiting request, and everything else waits for its whole answer: on a CPU server a P1 answer
 takes ~30 s, which a real restart test measured as 30 s of a new, idle server. A ping that answers
 while requests still cannot connect does not reset the outage clock: `down_limit_s` still bounds it.
+Such a failure comes within a connect timeout of the ping; a trip later than `confirm_s` after it
+is a new outage (requests got through in between: the liveness probe's stall needs 20 s of quiet).
 """
 
 from __future__ import annotations
@@ -34,12 +36,15 @@ class Breaker:
         probe_max_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         ping: Callable[[], Awaitable[bool]] | None = None,
+        confirm_s: float = 15.0,
     ) -> None:
         self.down_limit_s = down_limit_s
         self.ping = ping
-        # Start of an outage that a ping closed and no request has confirmed yet: a trip before
-        # a real answer continues it.
+        # Start of an outage that a ping closed (at `_pinged_at`) and no request has confirmed yet:
+        # a trip within `confirm_s` of that ping continues it.
         self._unconfirmed: float | None = None
+        self._pinged_at = 0.0
+        self.confirm_s = confirm_s
         self.probe_base_s, self.probe_max_s = probe_base_s, probe_max_s
         self.clock = clock
         self.open_since: float | None = None
@@ -74,9 +79,10 @@ class Breaker:
         if self.open_since is not None or self.fatal is not None:
             return
         self.open_since = now = self.clock()
-        if self._unconfirmed is not None:  # the ping answered, the requests still cannot connect
-            self._probe_from(now, self._unconfirmed)
+        if self._unconfirmed is not None and now - self._pinged_at <= self.confirm_s:
+            self._probe_from(now, self._unconfirmed)  # the ping answered, requests still cannot connect
             return
+        self._unconfirmed = None
         self.outages += 1
         log.warning(
             "the engine is unreachable (%s): requests wait and one probe goes every few seconds, "
@@ -133,5 +139,5 @@ class Breaker:
                 self._permits = 1  # one waiting request goes as the probe
                 self._notify()
             elif await self.ping() and self.open_since == since:
-                self._unconfirmed = outage_start
+                self._unconfirmed, self._pinged_at = outage_start, self.clock()
                 self._close()

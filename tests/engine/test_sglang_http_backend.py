@@ -97,8 +97,8 @@ class _Handler(BaseHTTPRequestHandler):
             first = (body.get("input_ids") or [0])[0]
             if srv.delay_s:
                 time.sleep(srv.delay_s)
-            if first == SLOW:
-                time.sleep(1.0)
+            if first == SLOW:  # far past any timeout a test sets: one that did not fire shows
+                time.sleep(3.0)
             if first == BAD:
                 return self._send(400, {"error": {"message": "Invalid regex: unbalanced parenthesis"}})
             if first == DOWN:
@@ -225,7 +225,7 @@ def test_slow_answer_times_out_as_transient():
                     await b.generate(req(SLOW))
                 return time.monotonic() - t0
 
-        assert run(go()) < 0.9
+        assert run(go()) < 2.0  # 0.3 s, with room for a loaded machine
 
 
 def test_unreachable_server_fails_fast_with_the_fix():

@@ -179,8 +179,8 @@ class _Handler(BaseHTTPRequestHandler):
         }.get(first)
         if reply is not None:
             return reply()
-        if first == SLOW:
-            time.sleep(1.0)
+        if first == SLOW:  # far past any timeout a test sets: one that did not fire shows
+            time.sleep(3.0)
         if srv.delay_s:
             time.sleep(srv.delay_s)
         reason = {ABORT: "abort", ERROR: "error", LENGTH: "length", REPEAT: "repetition"}.get(first, "stop")
@@ -405,7 +405,7 @@ def test_vllm_slow_answer_times_out_as_transient():
         return time.monotonic() - t0
 
     _, seconds = serve_and_run(StandInVLLMServer(), body, timeout_s=0.3)
-    assert seconds < 0.9
+    assert seconds < 2.0  # 0.3 s, with room for a loaded machine
 
 
 def test_vllm_api_key_never_in_logs_errors_or_repr(caplog):
