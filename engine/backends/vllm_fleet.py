@@ -5,12 +5,14 @@ Routers (checked against smg 1.13.0, sglang-router 0.3.2 and vllm-router 0.1.17 
 `GET /workers` lists the fleet, {"workers": [{"url", "is_healthy", "models": [{"context_length"}],
 "labels": {"max_model_len"}, "engine_load": {"dp_rank_count", "loads": [{"max_running_requests"}]}}]}
 (smg fills all of it; sglang-router and vllm-router only url and is_healthy). A router forwards
-`/metrics` and `/server_info` to one worker, so capacity read there is one worker's share.
+`/metrics` and `/server_info` to one worker, so capacity read there is one worker's share, and
+liveness is read from each worker directly (vllm_watch).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 # sglang-router's name for its workers' model: it never asks them, and forwards whatever we send.
@@ -70,13 +72,38 @@ def process_start(metrics: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def stall_reason(metrics: str, known_start: float | None, outstanding: int, url: str) -> str | None:
-    """Why a server whose /metrics reads `metrics` is not serving our `outstanding` requests (a new
-    process behind the URL, or nothing running or waiting), else None."""
-    start = process_start(metrics)
-    if start is not None and known_start is not None and start != known_start:
-        return f"a new server process answers at {url}"
-    queued = _QUEUED.findall(metrics)
-    if queued and sum(float(x) for x in queued) == 0:
-        return f"{url} reports nothing running or waiting while {outstanding} of ours are out"
-    return None
+def worker_urls(fleet: list[dict]) -> list[str]:
+    """The http(s) URLs of a fleet's workers, once each, in order."""
+    urls = [w.get("url") for w in fleet]
+    return list(dict.fromkeys(u.rstrip("/") for u in urls if isinstance(u, str) and u.startswith("http")))
+
+
+def stall_reason(
+    readings: Mapping[str, str | Exception | None],
+    starts: Mapping[str, float | None],
+    outstanding: int,
+    gone: Sequence[str] = (),
+) -> str | None:
+    """Why the servers read are not serving our `outstanding` requests, else None. `readings` maps
+    each server (the one behind the URL, or each worker of a router) to its /metrics text, None when
+    it answered without metrics (a proxy: nothing to judge by), or the error when it did not answer;
+    `starts` to the process start seen before; `gone`: workers that left the router's healthy list.
+    Not serving: one left or does not answer, one is a new process, or none runs or queues anything."""
+    if gone:
+        return f"{', '.join(gone)} left the router's healthy workers"
+    silent = [f"{u}/metrics does not answer ({r})" for u, r in readings.items() if isinstance(r, Exception)]
+    if silent:
+        return "; ".join(silent)
+    texts = {url: r for url, r in readings.items() if isinstance(r, str)}
+    for url, text in texts.items():
+        start, known = process_start(text), starts.get(url)
+        if start is not None and known is not None and start != known:
+            return f"a new server process answers at {url}"
+    queued = [_QUEUED.findall(text) for text in texts.values()]
+    if not texts or len(texts) < len(readings) or not all(queued):
+        return None
+    if sum(float(x) for q in queued for x in q) > 0:
+        return None
+    (only, *others) = texts
+    where = f"{only} reports" if not others else f"none of the {len(texts)} workers reports anything:"
+    return f"{where} nothing running or waiting while {outstanding} of ours are out"

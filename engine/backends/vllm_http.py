@@ -55,9 +55,8 @@ from engine.backends.vllm_fleet import (
     fleet_running,
     healthy_workers,
     positive_int,
-    process_start,
-    stall_reason,
 )
+from engine.backends.vllm_watch import MetricsWatch
 from engine.backends.vllm_wire import (
     DEFAULT_RUNNING,
     NEUTRAL_SAMPLING,
@@ -74,9 +73,6 @@ VLLM_PIN = "0.33.0"  # the version whose request/response fields this module spe
 # Before start(), or while nothing has said (a router's /v1/models has no max_model_len): never
 # planned with, start() replaces it or stops.
 UNKNOWN_CONTEXT = 1 << 20
-# The liveness check's wait for /metrics: a server still starting (a new one on the port) or a
-# front end hung in shutdown accepts the connection and never answers; two such checks resubmit.
-STALL_CHECK_TIMEOUT_S = 5.0
 
 
 class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
@@ -120,9 +116,9 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
         # Set behind a router that refuses token-id prompts (smg, sglang-router: 400/422 "did not
         # match any variant of untagged enum StringOrArray"): prompts then go out as text.
         self.ids_refused = False
-        self.liveness = Liveness(self._stall_reason)
+        self.watch = MetricsWatch(self.base_url, lambda: self._client, self._client_for)
+        self.liveness = Liveness(self.watch)
         self.request_timeout = LatencyTimeout(timeout_s)
-        self._process_start: float | None = None
 
     def __repr__(self) -> str:
         return (
@@ -172,7 +168,7 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
                 else:
                     await self._size_from_server(metrics)
             await self._choose_prompt_form()
-            self._process_start = process_start(metrics)
+            await self.watch.begin(metrics, fleet)
         except BaseException:
             await self.close()  # no pool left open: __aexit__ does not run when __aenter__ fails
             self.served_model = None
@@ -487,22 +483,6 @@ class VLLMHTTPBackend(HTTPEndpoint, BackendBase):
     async def _metrics_text(self) -> str:
         reply = await self._optional("/metrics")
         return reply.body.decode("utf-8", "replace") if reply is not None else ""
-
-    async def _stall_reason(self, outstanding: int) -> str | None:
-        """The liveness check (engine/liveness.py): why the server is not serving our `outstanding`
-        requests, or None while it looks busy with them."""
-        if self._client is None:
-            return None
-        try:
-            reply = await self._client.get("/metrics", timeout_s=STALL_CHECK_TIMEOUT_S)
-        except EngineError as e:
-            return f"{self.base_url}/metrics does not answer ({e})"
-        if reply.status != 200:
-            return None  # no metrics here (a proxy): nothing to judge by
-        text = reply.body.decode("utf-8", "replace")
-        why = stall_reason(text, self._process_start, outstanding, self.base_url)
-        self._process_start = process_start(text) or self._process_start  # a restart is reported once
-        return why
 
     def result_from_completion(self, body: Any, request: Request | None = None) -> Result:
         """The Result of a CompletionResponse (vllm_wire.completion_result); a warning, once, when

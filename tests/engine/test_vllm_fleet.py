@@ -3,7 +3,13 @@
 
 from __future__ import annotations
 
-from engine.backends.vllm_fleet import fleet_context, fleet_running, healthy_workers, stall_reason
+from engine.backends.vllm_fleet import (
+    fleet_context,
+    fleet_running,
+    healthy_workers,
+    stall_reason,
+    worker_urls,
+)
 
 SMG = [
     {
@@ -46,11 +52,31 @@ def test_sglang_router_says_nothing_but_its_worker_card_does():
     assert healthy_workers({"not": "a list"}) == []
 
 
-def test_stall_reasons():
-    url = "http://s"
-    assert stall_reason(METRICS % ("3.0", "1700000000.5"), 1700000000.5, 3, url) is None  # busy: alive
-    idle = stall_reason(METRICS % ("0.0", "1700000000.5"), 1700000000.5, 3, url)
-    assert idle and "nothing running or waiting while 3" in idle
-    new = stall_reason(METRICS % ("0.0", "1700000099.0"), 1700000000.5, 3, url)
-    assert new and "new server process" in new
-    assert stall_reason("# a router's own metrics\n", 1.0, 3, url) is None  # nothing to judge by
+def test_stall_reasons_of_one_server():
+    url, busy, idle = "http://s", METRICS % ("3.0", "1700000000.5"), METRICS % ("0.0", "1700000000.5")
+    starts = {url: 1700000000.5}
+    assert stall_reason({url: busy}, starts, 3) is None  # busy: alive
+    assert "http://s reports nothing running or waiting while 3" in stall_reason({url: idle}, starts, 3)
+    new = stall_reason({url: METRICS % ("0.0", "1700000099.0")}, starts, 3)
+    assert new and "new server process answers at http://s" in new
+    assert stall_reason({url: "# a proxy's own metrics\n"}, starts, 3) is None  # nothing to judge by
+    assert stall_reason({url: None}, starts, 3) is None  # answered, but no metrics route
+    silent = stall_reason({url: TimeoutError("no answer in 5s")}, starts, 3)
+    assert silent == "http://s/metrics does not answer (no answer in 5s)"
+
+
+def test_stall_reasons_of_a_fleet_judge_every_worker():
+    a, b = "http://a", "http://b"
+    starts = {a: 1.0, b: 2.0}
+    one_idle = {a: METRICS % ("0.0", "1.0"), b: METRICS % ("2.0", "2.0")}
+    assert stall_reason(one_idle, starts, 4) is None  # the other worker runs ours: alive
+    both_idle = {a: METRICS % ("0.0", "1.0"), b: METRICS % ("0.0", "2.0")}
+    assert "none of the 2 workers reports anything" in stall_reason(both_idle, starts, 4)
+    restarted = {a: METRICS % ("1.0", "1.0"), b: METRICS % ("1.0", "9.0")}
+    assert "new server process answers at http://b" in stall_reason(restarted, starts, 4)
+    hung = {a: METRICS % ("1.0", "1.0"), b: OSError("refused")}
+    assert stall_reason(hung, starts, 4) == "http://b/metrics does not answer (refused)"
+    assert "http://b left the router's healthy workers" in stall_reason(
+        {a: one_idle[a]}, starts, 4, ["http://b"]
+    )
+    assert worker_urls([{"url": "http://a/"}, {"url": "http://a"}, {"url": "grpc://c"}, {}]) == ["http://a"]

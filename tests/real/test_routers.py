@@ -1,6 +1,7 @@
 """Through each router users put in front of vLLM servers (smg, sglang-router, vllm-router, one
 worker each here: the session's server): `--engine vllm_http` keeps rows with P1 inside its regex
-(prompts go as text where the router refuses token ids) and reads the context through the router;
+(prompts go as text where the router refuses token ids), reads the context through the router and
+watches the worker's own /metrics for stalls;
 `--engine openai --openai-server vllm` works through smg and is refused before any row through
 sglang-router, whose chat route drops the regex field."""
 
@@ -39,6 +40,8 @@ def test_vllm_http_through_a_router_keeps_the_regex(name, router_factory, model_
     assert len(results) == ROWS and p1_violations(results) == []
     # The context comes through the router (its /workers, or a worker's own card), never 1,048,576.
     assert f"(context {MAX_MODEL_LEN}," in done.stderr, done.stderr[-2000:]
+    # Liveness reads the worker behind the router, not the router's pick of /metrics.
+    assert "liveness: watching the 1 worker(s) behind" in done.stderr, done.stderr[-2000:]
     if name in ("smg", "sglang-router"):
         assert "refuses token-id prompts" in done.stderr
 
