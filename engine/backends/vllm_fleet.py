@@ -83,12 +83,15 @@ def stall_reason(
     starts: Mapping[str, float | None],
     outstanding: int,
     gone: Sequence[str] = (),
+    whole: bool = True,
 ) -> str | None:
     """Why the servers read are not serving our `outstanding` requests, else None. `readings` maps
     each server (the one behind the URL, or each worker of a router) to its /metrics text, None when
     it answered without metrics (a proxy: nothing to judge by), or the error when it did not answer;
-    `starts` to the process start seen before; `gone`: workers that left the router's healthy list.
-    Not serving: one left or does not answer, one is a new process, or none runs or queues anything."""
+    `starts` to the process start seen before; `gone`: workers that left the router's healthy list;
+    `whole`: whether those read are all that may hold ours (not when some workers cannot be read from
+    here). Not serving: one left or does not answer, one is a new process, or none runs or queues
+    anything (judged only over the whole fleet)."""
     if gone:
         return f"{', '.join(gone)} left the router's healthy workers"
     silent = [f"{u}/metrics does not answer ({r})" for u, r in readings.items() if isinstance(r, Exception)]
@@ -100,7 +103,7 @@ def stall_reason(
         if start is not None and known is not None and start != known:
             return f"a new server process answers at {url}"
     queued = [_QUEUED.findall(text) for text in texts.values()]
-    if not texts or len(texts) < len(readings) or not all(queued):
+    if not whole or not texts or len(texts) < len(readings) or not all(queued):
         return None
     if sum(float(x) for q in queued for x in q) > 0:
         return None

@@ -37,45 +37,60 @@ class MetricsWatch:
         self.timeout_s = timeout_s
         self.starts: dict[str, float | None] = {}  # each server watched -> its process start
         self.workers = False  # watching a router's workers, not the URL itself
+        self._ignored: set[str] = set()  # workers that did not answer from here when first listed
+        self._reached: set[str] = set()  # workers that did
 
     async def begin(self, metrics: str, fleet: list[dict]) -> None:
         urls = worker_urls(fleet)
         if not urls:
             self.starts = {self.base_url: process_start(metrics)}
             return
-        readings = await self._read_each(urls)
-        answering = {url: process_start(r) for url, r in readings.items() if isinstance(r, str)}
-        if not answering:
+        self.workers = True
+        await self._take(urls)
+        if not self.starts:
             log.warning(
                 "liveness: the workers behind %s do not answer /metrics from here; a worker that "
                 "hangs is noticed only by the request timeout",
                 self.base_url,
             )
-            self.starts = {}
             return
-        self.workers, self.starts = True, answering
-        log.info("liveness: watching the %d worker(s) behind %s directly", len(answering), self.base_url)
+        log.info("liveness: watching the %d worker(s) behind %s directly", len(self.starts), self.base_url)
 
     async def __call__(self, outstanding: int) -> str | None:
-        if self._client() is None or not self.starts:
+        if self._client() is None:
             return None
-        gone: list[str] = []
-        if self.workers:
-            now = worker_urls(healthy_workers(await self._workers_listed()))
-            if now:  # a router that does not answer keeps its last list
-                gone = [url for url in self.starts if url not in now]
-                for url in now:
-                    self.starts.setdefault(url, None)
-                for url in gone:
-                    del self.starts[url]
-            readings = await self._read_each(list(self.starts))
-        else:
+        if not self.workers:
             readings = {self.base_url: await self._read(self._client(), self.base_url)}
-        why = stall_reason(readings, self.starts, outstanding, gone)
+            return self._judged(readings, outstanding, [], whole=True)
+        listed = worker_urls(healthy_workers(await self._workers_listed()))
+        gone = [url for url in self.starts if listed and url not in listed]  # none if the router is silent
+        for url in gone:
+            del self.starts[url]
+        # A worker listed since is watched from now on, if it answers from here.
+        await self._take([url for url in listed if url not in self.starts and url not in self._ignored])
+        if not self.starts and not gone:
+            return None  # nothing to judge by
+        whole = not self._ignored.intersection(listed)  # ours may wait on a worker not read
+        return self._judged(await self._read_each(list(self.starts)), outstanding, gone, whole)
+
+    def _judged(
+        self, readings: dict[str, Reading], outstanding: int, gone: list[str], whole: bool
+    ) -> str | None:
+        why = stall_reason(readings, self.starts, outstanding, gone, whole)
         for url, r in readings.items():  # a restart is reported once
             if isinstance(r, str):
                 self.starts[url] = process_start(r) or self.starts.get(url)
         return why
+
+    async def _take(self, urls: list[str]) -> None:
+        """Watch those of `urls` that answer /metrics from here; never judge the others (a worker
+        on a network this machine cannot reach would read as a stall at every check)."""
+        for url, r in (await self._read_each(urls)).items():
+            if isinstance(r, str) or url in self._reached:  # back after it left: judged at once
+                self.starts[url] = process_start(r) if isinstance(r, str) else None
+                self._reached.add(url)
+            else:
+                self._ignored.add(url)
 
     async def _workers_listed(self) -> object:
         client = self._client()

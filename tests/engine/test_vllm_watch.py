@@ -77,27 +77,52 @@ def test_behind_a_router_each_worker_is_read_not_the_routers_pick():
         again = await watch(3)  # a restart is reported once
         table[f"{ROUTER}/workers"] = workers("http://a")
         left = await watch(3)
-        return alive, idle, hung, restarted, again, left
+        table[f"{ROUTER}/workers"] = workers("http://a", "http://b")
+        table["http://b/metrics"] = EngineUnreachable("no answer in 5s")
+        back = await watch(3)  # listed again but silent: it answered before, so it is judged
+        return alive, idle, hung, restarted, again, left, back
 
-    alive, idle, hung, restarted, again, left = asyncio.run(go())
+    alive, idle, hung, restarted, again, left, back = asyncio.run(go())
     assert watch.workers and alive is None
     assert "none of the 2 workers" in idle
     assert hung.startswith("http://b/metrics does not answer")
     assert "new server process answers at http://b" in restarted and again is None
-    assert "http://b left the router's healthy workers" in left and list(watch.starts) == ["http://a"]
+    assert "http://b left the router's healthy workers" in left
+    assert back.startswith("http://b/metrics does not answer") and list(watch.starts) == [
+        "http://a",
+        "http://b",
+    ]
     assert clients.closed >= 8  # each worker read on a client of its own, closed after
 
 
-def test_a_router_whose_workers_do_not_answer_from_here_is_not_judged():
-    """Workers on a network this machine cannot reach: nothing to judge by, never a false stall."""
-    clients = StandInClients({f"{ROUTER}/metrics": metrics(0, 7.0)})
-    watch = watch_of(clients)
+def test_workers_that_do_not_answer_from_here_are_never_judged():
+    """Workers on a network this machine cannot reach are never judged, whether listed from the
+    start or later, and while any is listed an idle fleet is not judged either (ours may wait
+    there); one listed later that answers is watched."""
+    table = {
+        f"{ROUTER}/metrics": metrics(0, 7.0),
+        f"{ROUTER}/workers": workers("http://unreachable:8000"),
+        "http://unreachable:8000/metrics": EngineUnreachable("cannot connect"),
+    }
+    watch = watch_of(StandInClients(table))
 
     async def go():
         await watch.begin("", [{"url": "http://unreachable:8000"}])
-        return await watch(5)
+        alone = await watch(5)
+        table[f"{ROUTER}/workers"] = workers("http://unreachable:8000", "http://far:8000", "http://c")
+        table["http://far:8000/metrics"] = EngineUnreachable("cannot connect")
+        table["http://c/metrics"] = metrics(0, 3.0)
+        partial = await watch(5)  # http://c idle, but ours may wait on the workers not read
+        table["http://c/metrics"] = metrics(0, 4.0)
+        restarted = await watch(5)
+        table[f"{ROUTER}/workers"] = workers("http://c")
+        whole = await watch(5)
+        return alone, partial, restarted, whole
 
-    assert asyncio.run(go()) is None and not watch.workers
+    alone, partial, restarted, whole = asyncio.run(go())
+    assert alone is None and partial is None and list(watch.starts) == ["http://c"]
+    assert restarted == "a new server process answers at http://c"  # seen on any worker read
+    assert whole == "http://c reports nothing running or waiting while 5 of ours are out"
 
 
 def test_a_plain_server_is_read_at_its_url():
