@@ -142,7 +142,9 @@ def test_restarts_mid_run_drop_nothing_spend_no_retries_and_a_hung_front_end_sta
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
     assert idle_s < 40, f"the new server stood idle {idle_s:.0f}s beside the hung one: {err[-2000:]}"
-    assert progress_s < 90, f"no result for {progress_s:.0f}s after the new server was up: {err[-2000:]}"
+    # The next result needs one P1 generation too (30-38 s on a quiet 2-core machine): room for a
+    # machine twice as slow. The stall itself is idle_s.
+    assert progress_s < 150, f"no result for {progress_s:.0f}s after the new server was up: {err[-2000:]}"
     s = stats(out)
     assert not any("engine" in k for k in s["dropped"]), s["dropped"]
     assert len(ids_once(out)) == ROWS and set(ids_once(out).values()) == {1}
