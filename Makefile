@@ -40,7 +40,7 @@ test: $(STAMP)
 
 # The edit-test loop: no test that loads the real model, needs a GPU, kills a subprocess or takes seconds.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not model and not gpu and not kill and not slow and not slurm"
+	$(PY) -m pytest -q -n 4 -m "not model and not gpu and not kill and not slow and not slurm"
 
 # Debian's Slurm and munge, for tests/slurm: a real single-node cluster started from a temp folder
 # (the tests skip, naming why, without them). apt-get took 17-40 s here.
