@@ -546,13 +546,13 @@ def test_a_trip_long_after_a_ping_closed_the_breaker_is_a_new_outage():
     from engine.breaker import Breaker
 
     async def go():
-        b = Breaker(down_limit_s=60, probe_base_s=0.01, probe_max_s=0.01, ping=_answers, confirm_s=0.3)
+        b = Breaker(down_limit_s=60, probe_base_s=0.01, probe_max_s=0.01, ping=_answers, confirm_s=1.0)
         b.trip(EngineUnreachable("refused"))
         await b.admit()  # the ping closed it
         b.trip(EngineUnreachable("refused at once"))  # within confirm_s: the same outage
         await b.admit()
         same = b.outages
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(1.2)
         b.trip(EngineUnreachable("the server stalled"))
         outages = b.outages
         b.close()
