@@ -156,6 +156,7 @@ def _kill_loop(
         raise SystemExit(f"bench.crash: {' '.join(cmd[3:5])} failed (exit {proc.returncode})")
     clean_s = time.perf_counter() - t
     lo = first if first is not None else 0.3 * clean_s
+    hi = clean_s  # narrowed to the quickest run seen: one clean run may have been slow (a loaded machine)
     shutil.rmtree(output) if output.is_dir() else output.unlink()
     moments, mid_write, early = [], 0, 0
     done = 0
@@ -163,13 +164,16 @@ def _kill_loop(
         if busy is not None:  # a killed run's temporary file: the next run rewrites it anyway
             for stale in busy.parent.glob(busy.name):
                 stale.unlink()
+        started = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        delay = rng.uniform(lo, clean_s)
+        delay = rng.uniform(lo, hi)
         try:
             proc.wait(timeout=delay)
             early += 1
             if early > 4 * kills:
                 break  # the command is too quick to be killed mid-way on this machine
+            hi = min(hi, 0.9 * (time.perf_counter() - started))
+            lo = min(lo, 0.5 * hi)
             continue
         except subprocess.TimeoutExpired:
             mid_write += bool(busy is not None and any(busy.parent.glob(busy.name)))
