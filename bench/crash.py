@@ -142,8 +142,9 @@ def _kill_loop(
     cmd: list[str], kills: int, rng: random.Random, timeout_s: float, output: Path, busy: Path | None = None
 ) -> dict:
     """Time one clean run of `cmd`, delete its `output`, then start it `kills` times and SIGKILL it
-    at a uniform moment within that duration; then let it finish. `busy`: a glob whose match at
-    the kill shows the kill landed mid-write."""
+    at a uniform moment within that duration (narrowed to the quickest run that finished before
+    its kill); then let it finish. `busy`: a glob whose match at the kill shows the kill landed
+    mid-write."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYSGEN_STANDIN")}
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
